@@ -1,0 +1,97 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Head-wise masking for a dense cache.
+
+Head-wise presses (AdaKV, ...) decide to drop a different number of tokens in each KV head. A dense cache cannot
+hold heads of different lengths, so the pruned entries stay in the cache and are neutralised at attention time:
+their keys are replaced by a "fake key" whose dot product with every query is hugely negative, so that its
+softmax weight is exactly 0. The press stores the entries to neutralise in `module.masked_key_indices`, a tuple
+`(batch_idx, head_idx, seq_idx)` of 1-D index tensors.
+
+`patch_attention_functions` wraps every attention function of transformers (sdpa, flash, flex, ...) and, unlike
+upstream, also the `eager_attention_forward` of each supported model, so that head-wise presses work under eager
+attention too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Callable
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+logger = logging.getLogger(__name__)
+
+_PATCHED_FLAG = "_kvpress_patched"
+_EAGER_MODULES = (
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.mistral.modeling_mistral",
+    "transformers.models.phi3.modeling_phi3",
+    "transformers.models.qwen2.modeling_qwen2",
+    "transformers.models.qwen3.modeling_qwen3",
+    "transformers.models.gemma3.modeling_gemma3",
+)
+
+
+def search_hyperplane(X: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
+    """Find a key `k` with `exp(<x, k>) == 0` for every query row `x` of `X` `(bsz, seq, d)`; returns `(bsz, d)`.
+
+    A perceptron looks for a direction `Y` with `<x, Y> > 0` for all rows, then the returned key is `Y` flipped and
+    scaled to a huge norm, so every dot product underflows to 0 after the exponential.
+    """
+    Y = X.mean(dim=1)
+    for _ in range(max_iter):
+        violated = (torch.einsum("bsd,bd->bs", X, Y) <= 0).unsqueeze(-1)
+        if not violated.any():
+            return -1e5 * Y / Y.norm(dim=-1, keepdim=True) ** 2
+        Y = Y + (X * violated).sum(dim=1) / violated.sum(dim=1).clamp(min=1)
+    raise ValueError("Could not find fake keys such that for every query q, exp(<q, k>) = 0")
+
+
+def apply_masked_key_indices(module, query: torch.Tensor, key: torch.Tensor) -> None:
+    """Overwrite the masked cache entries of `key` (in place) with a fake key per (batch, KV head)."""
+    bsz, num_heads, q_len, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    groups = num_heads // num_kv_heads
+    queries = query.reshape(bsz * num_kv_heads, groups * q_len, head_dim)
+    fake_keys = search_hyperplane(queries.float()).to(key.dtype).view(bsz, num_kv_heads, head_dim)
+    batch_idx, head_idx, seq_idx = (idx.to(key.device) for idx in module.masked_key_indices)
+    key[batch_idx, head_idx, seq_idx] = fake_keys[batch_idx, head_idx]
+
+
+def attention_patch(func: Callable) -> Callable:
+    """Wrap an attention function so that it honours `module.masked_key_indices`."""
+    if getattr(func, _PATCHED_FLAG, False):
+        return func
+
+    def wrapper(module, query, key, value, attention_mask, *args, **kwargs):
+        if query.shape[2] == key.shape[2]:
+            # A square attention is a prefill: masks from an earlier context no longer apply.
+            module.masked_key_indices = None
+        elif getattr(module, "masked_key_indices", None) is not None:
+            apply_masked_key_indices(module, query, key)
+        if "cu_seq_lens_k" in kwargs and kwargs["cu_seq_lens_k"] is not None:
+            # flash-attn varlen lengths must follow the (possibly compressed) cache length
+            kwargs["cu_seq_lens_k"][-1] = key.shape[-2]
+        return func(module, query, key, value, attention_mask, *args, **kwargs)
+
+    setattr(wrapper, _PATCHED_FLAG, True)
+    wrapper.__wrapped__ = func  # type: ignore[attr-defined]
+    return wrapper
+
+
+def patch_attention_functions() -> None:
+    """Wrap transformers' attention functions and the supported models' eager attention. Safe to call twice."""
+    for name, func in list(ALL_ATTENTION_FUNCTIONS.items()):
+        ALL_ATTENTION_FUNCTIONS[name] = attention_patch(func)
+    for module_name in _EAGER_MODULES:
+        try:
+            modeling = importlib.import_module(module_name)
+        except ImportError:  # pragma: no cover - every supported model ships with transformers 5.x
+            logger.debug("Could not import %s; its eager attention is not patched", module_name)
+            continue
+        eager = getattr(modeling, "eager_attention_forward", None)
+        if eager is not None:
+            modeling.eager_attention_forward = attention_patch(eager)  # type: ignore[attr-defined]

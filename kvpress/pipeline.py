@@ -1,0 +1,199 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The "kv-press-text-generation" pipeline: compress a context once, then answer one or several questions."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+from transformers import AutoModelForCausalLM, Cache, DynamicCache, Pipeline, QuantizedCache
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from kvpress.presses.base_press import BasePress
+from kvpress.presses.key_rerotation_press import KeyRerotationPress
+from kvpress.utils import restore_cache, snapshot_cache
+
+logger = logging.getLogger(__name__)
+
+
+def _is_decoding_press(press: Optional[BasePress]) -> bool:
+    """Presses that act on the question and answer tokens rather than (only) on the context."""
+    return press is not None and bool(getattr(press, "acts_during_decoding", False))
+
+
+def _uses_rerotated_positions(press: Optional[BasePress]) -> bool:
+    """Presses that re-rotate kept keys to positions 0..n_kept-1, so generation continues at n_kept."""
+    return isinstance(press, KeyRerotationPress) or bool(getattr(press, "rerotate_keys", False))
+
+
+class KVPressTextGenerationPipeline(Pipeline):
+    """Compress a context with a press, then answer questions about it with greedy decoding.
+
+    The context is prefilled (and compressed) once; each question is appended to the compressed cache, answered,
+    and removed again, so several questions share one compression.
+
+    Call as `pipe(context, question=..., questions=[...], answer_prefix=..., press=..., max_new_tokens=...,
+    max_context_length=..., enable_thinking=..., cache=...)`. Returns `{"answer": str}` for a single question and
+    `{"answers": [str, ...]}` when `questions` is given.
+    """
+
+    _load_tokenizer = True
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def _sanitize_parameters(
+        self,
+        question: Optional[str] = None,
+        questions: Optional[list[str]] = None,
+        answer_prefix: Optional[str] = None,
+        press: Optional[BasePress] = None,
+        max_new_tokens: int = 50,
+        max_context_length: Optional[int] = None,
+        enable_thinking: bool = False,
+        cache: Optional[Cache] = None,
+        **kwargs,
+    ):
+        if question is not None and questions is not None:
+            raise ValueError("Either question or questions should be provided, not both.")
+        if questions is not None and (isinstance(questions, str) or len(questions) == 0):
+            raise ValueError("questions must be a non-empty list of strings; use question=... for a single one.")
+        if press is not None and not isinstance(press, BasePress):
+            raise TypeError(f"press must be a kvpress BasePress instance or None, got {type(press).__name__}.")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+        if max_context_length is not None and (not isinstance(max_context_length, int) or max_context_length < 1):
+            raise ValueError(f"max_context_length must be a positive integer or None, got {max_context_length!r}.")
+        if cache is not None and not isinstance(cache, (DynamicCache, QuantizedCache)):
+            raise TypeError(
+                f"cache must be a DynamicCache or a QuantizedCache (presses resize the cache), got {type(cache).__name__}."
+            )
+        if kwargs:
+            logger.warning("Ignoring unknown arguments of the kv-press-text-generation pipeline: %s", sorted(kwargs))
+
+        answer_prefix = answer_prefix or ""
+        postprocess_kwargs = {"single_question": questions is None}
+        questions = questions or ([question] if question else [""])
+        if max_context_length is None:
+            max_context_length = min(self.tokenizer.model_max_length, int(1e10))
+        preprocess_kwargs = {
+            "questions": questions,
+            "answer_prefix": answer_prefix,
+            "max_context_length": max_context_length,
+            "enable_thinking": enable_thinking,
+        }
+        forward_kwargs = {"press": press, "max_new_tokens": max_new_tokens, "cache": cache}
+        return preprocess_kwargs, forward_kwargs, postprocess_kwargs
+
+    def preprocess(
+        self,
+        context: str,
+        questions: list[str],
+        answer_prefix: str,
+        max_context_length: int,
+        enable_thinking: bool = False,
+    ):
+        if not isinstance(context, str) or len(context) == 0:
+            raise ValueError(
+                "The context is empty: the pipeline compresses a context, so pass a non-empty string "
+                "(use a single space ' ' to ask a question with no context)."
+            )
+        if self.tokenizer.chat_template is None:
+            bos_token = getattr(self.tokenizer, "bos_token", None) or ""
+            context = bos_token + context
+            question_suffix = "\n"
+        else:
+            # Split the templated text around a marker that cannot occur in the context.
+            separator = "#" * (len(context) + 10)
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": context + separator}],
+                add_generation_prompt=True,
+                tokenize=False,
+                enable_thinking=enable_thinking,
+            )
+            context, question_suffix = text.split(separator)
+
+        questions = [question + question_suffix + answer_prefix for question in questions]
+        context_ids = self.tokenizer.encode(context, return_tensors="pt", add_special_tokens=False)
+        questions_ids = [
+            self.tokenizer.encode(question, return_tensors="pt", add_special_tokens=False) for question in questions
+        ]
+        if context_ids.shape[1] > max_context_length:
+            logger.warning(
+                f"Context length has been truncated from {context_ids.shape[1]} to {max_context_length} tokens."
+            )
+            context_ids = context_ids[:, :max_context_length]
+        return {"context_ids": context_ids, "questions_ids": questions_ids}
+
+    def _forward(
+        self,
+        input_tensors: dict,
+        max_new_tokens: int = 50,
+        press: Optional[BasePress] = None,
+        cache: Optional[Cache] = None,
+    ):
+        if _is_decoding_press(press) and len(input_tensors["questions_ids"]) > 1:
+            raise ValueError("DecodingPress is not compatible with multiple questions. Please specify a single question.")
+
+        context_ids = input_tensors["context_ids"].to(self.model.device)
+        context_length = context_ids.shape[1]
+        if cache is None:
+            cache = DynamicCache()
+
+        # Prefill the context; the press compresses the cache of each layer as it goes.
+        with press(self.model) if press is not None else contextlib.nullcontext():
+            self.model.model(input_ids=context_ids, past_key_values=cache)
+        logger.debug(f"Context Length: {context_length}")
+        logger.debug(f"Compressed Context Length: {cache.get_seq_length()}")
+
+        decoding_context = press(self.model) if _is_decoding_press(press) else contextlib.nullcontext()
+        answers = []
+        with decoding_context:
+            for question_ids in input_tensors["questions_ids"]:
+                if _uses_rerotated_positions(press):
+                    context_length = cache.get_seq_length()
+                snapshot = snapshot_cache(cache)
+                answers.append(self.generate_answer(question_ids.to(self.model.device), cache, context_length, max_new_tokens))
+                restore_cache(cache, snapshot)
+        return answers
+
+    def generate_answer(self, question_ids: torch.Tensor, cache: Cache, context_length: int, max_new_tokens: int) -> str:
+        """Greedy decoding of one answer. The question continues at position `context_length` (logical positions)."""
+        position_ids = torch.arange(context_length, context_length + question_ids.shape[1], device=self.model.device)
+        position_ids = position_ids.unsqueeze(0)
+        outputs = self.model(input_ids=question_ids, past_key_values=cache, position_ids=position_ids, logits_to_keep=1)
+        position_ids = position_ids[:, -1:] + 1
+        generated = [outputs.logits[0, -1].argmax()]
+
+        eos_token_ids = self.model.generation_config.eos_token_id
+        if eos_token_ids is None:
+            eos_token_ids = []
+        elif not isinstance(eos_token_ids, list):
+            eos_token_ids = [eos_token_ids]
+        for step in range(max_new_tokens - 1):
+            outputs = self.model(
+                input_ids=generated[-1].view(1, 1),
+                past_key_values=cache,
+                position_ids=position_ids + step,
+                logits_to_keep=1,
+            )
+            generated.append(outputs.logits[0, -1].argmax())
+            if generated[-1].item() in eos_token_ids:
+                break
+        return str(self.tokenizer.decode(torch.stack(generated), skip_special_tokens=True))
+
+    def postprocess(self, model_outputs, single_question: bool):
+        if single_question:
+            return {"answer": model_outputs[0]}
+        return {"answers": model_outputs}
+
+
+PIPELINE_REGISTRY.register_pipeline(
+    "kv-press-text-generation",
+    pipeline_class=KVPressTextGenerationPipeline,
+    pt_model=AutoModelForCausalLM,
+)

@@ -1,0 +1,122 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The press contract: hook every attention layer of a model and compress its KV cache after prefill."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Generator
+
+import torch
+from torch import nn
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Phi3ForCausalLM,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
+
+from kvpress.utils import cache_layer_length, extract_keys_and_values, get_language_model, write_keys_and_values
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODELS = (
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Phi3ForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+    Gemma3ForConditionalGeneration,
+    Gemma3ForCausalLM,
+)
+
+
+def is_prefilling(cache_position: torch.Tensor, q_len: int) -> bool:
+    """Upstream's test: the current forward starts at cache position 0."""
+    last = cache_position[-1]
+    return bool((last.item() if isinstance(last, torch.Tensor) else last) + 1 == q_len)
+
+
+def layer_is_prefilling(cache, layer_idx: int, q_len: int) -> bool:
+    """Prefill test used by the hooks: after this forward, the layer holds exactly the tokens it just saw.
+
+    transformers >= 5.3 no longer passes `cache_position` to attention modules, so the cache length is used
+    instead; it gives the same answer as `is_prefilling` (the forward started on an empty cache).
+    """
+    return cache_layer_length(cache, layer_idx) == q_len
+
+
+def get_hook_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
+    """The attention input and the cache, whether the decoder layer passed them by name or by position."""
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    return hidden_states, cache
+
+
+@dataclass
+class BasePress:
+    """Base class of every press.
+
+    `with press(model):` registers `forward_hook` on every attention module of the model; the hook compresses the
+    layer's KV cache right after the layer ran on the context (prefill). Subclasses implement `compress`.
+    """
+
+    def post_init_from_model(self, model: PreTrainedModel) -> None:
+        """Initialise model-dependent state (called each time the press is entered). No-op by default."""
+
+    def compress(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the compressed `(keys, values)` of one layer, `(B, H_kv, T', d)` each."""
+        raise NotImplementedError("compress method must be implemented in subclass")
+
+    def forward_hook(self, module: nn.Module, input: tuple, kwargs: dict, output: tuple):
+        """Compress the layer's cache after its attention ran on the context; decoding steps are left alone."""
+        hidden_states, cache = get_hook_inputs(module, input, kwargs)
+        if cache is None:
+            return output
+        q_len = hidden_states.shape[1]
+        if not layer_is_prefilling(cache, module.layer_idx, q_len):
+            return output
+        keys, values = extract_keys_and_values(cache, module.layer_idx)
+        keys, values = self.compress(module, hidden_states, keys, values, output[1], kwargs)
+        write_keys_and_values(cache, module.layer_idx, keys, values)
+        return output
+
+    @contextmanager
+    def __call__(self, model: PreTrainedModel) -> Generator:
+        """Context manager that applies the press to `model`; hooks are always removed on exit."""
+        language_model = get_language_model(model)
+        if not isinstance(model, SUPPORTED_MODELS):
+            logger.warning(
+                "Model %s not tested, supported models: %s",
+                type(model).__name__,
+                ", ".join(cls.__name__ for cls in SUPPORTED_MODELS),
+            )
+        self.post_init_from_model(model)
+        hooks = []
+        try:
+            for layer in language_model.layers:
+                attention = layer.self_attn
+                if getattr(attention, "is_sliding", False):
+                    # Sliding-window layers already bound their cache; compressing them would evict from the window.
+                    continue
+                # Plain attribute, not a registered submodule: presses need the shared RoPE of the decoder.
+                object.__setattr__(attention, "rotary_emb", language_model.rotary_emb)
+                hooks.append(attention.register_forward_hook(self.forward_hook, with_kwargs=True))
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()

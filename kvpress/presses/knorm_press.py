@@ -1,0 +1,28 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""KnormPress: keep the keys with the smallest L2 norm (https://arxiv.org/abs/2406.11430)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kvpress.presses.scorer_press import ScorerPress
+
+
+@dataclass
+class KnormPress(ScorerPress):
+    """Score = -||k||: keys with a low norm tend to receive high attention, so they are kept."""
+
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        return -keys.norm(dim=-1)

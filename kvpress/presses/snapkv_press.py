@@ -1,0 +1,11 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+# PLACEHOLDER: to be implemented.
+from dataclasses import dataclass
+
+from kvpress.presses.scorer_press import ScorerPress
+
+
+@dataclass
+class SnapKVPress(ScorerPress):
+    pass

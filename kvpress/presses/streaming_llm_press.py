@@ -1,0 +1,40 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""StreamingLLMPress: keep the first `n_sink` tokens and the most recent ones (https://arxiv.org/abs/2309.17453)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kvpress.presses.scorer_press import ScorerPress
+
+
+@dataclass
+class StreamingLLMPress(ScorerPress):
+    """Attention sinks plus a recent window. Keys are not re-rotated; wrap in KeyRerotationPress for the paper's
+    exact setting."""
+
+    n_sink: int = 4
+
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        k_len = keys.shape[2]
+        if k_len <= self.n_sink:
+            raise ValueError(
+                f"StreamingLLMPress needs more cached tokens ({k_len}) than sink tokens (n_sink={self.n_sink}); "
+                "lower n_sink or use a longer context."
+            )
+        n_pruned = k_len - int(k_len * (1 - self.compression_ratio))
+        scores = torch.ones(keys.shape[:3], dtype=keys.dtype, device=keys.device)
+        scores[:, :, self.n_sink : self.n_sink + n_pruned] = 0
+        return scores

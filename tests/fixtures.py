@@ -1,0 +1,173 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Tiny random-weight models and a byte-level tokenizer, all built locally: nothing is downloaded."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3Config,
+    Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SiglipVisionConfig,
+)
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|end|>", "<|assistant|>"]
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|user|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+ARCHITECTURES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma3_text", "gemma3")
+
+# Shared sizes: 4 query heads, 2 KV heads (GQA groups of 2), head_dim 16.
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 64, 4, 2, 16, 2
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_dir(with_chat_template: bool) -> str:
+    """Save a byte-level tokenizer (256 byte tokens + special tokens) and return its directory."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for symbol in sorted(alphabet):
+        vocab[symbol] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=4096,
+    )
+    if with_chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    path = Path(tempfile.mkdtemp(prefix=f"kvpress-tokenizer-{'chat' if with_chat_template else 'plain'}-"))
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def load_tokenizer(with_chat_template: bool = False):
+    return AutoTokenizer.from_pretrained(tokenizer_dir(with_chat_template))
+
+
+def vocab_size() -> int:
+    return len(load_tokenizer(False))
+
+
+def _common(**overrides) -> dict:
+    kwargs = dict(
+        vocab_size=vocab_size(),
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_config(arch: str):
+    if arch == "llama":
+        return LlamaConfig(**_common(head_dim=HEAD_DIM)), LlamaForCausalLM
+    if arch == "mistral":
+        return MistralConfig(**_common(head_dim=HEAD_DIM, sliding_window=None)), MistralForCausalLM
+    if arch == "phi3":
+        return Phi3Config(**_common()), Phi3ForCausalLM
+    if arch == "qwen2":
+        return Qwen2Config(**_common()), Qwen2ForCausalLM
+    if arch == "qwen3":
+        return Qwen3Config(**_common(head_dim=HEAD_DIM)), Qwen3ForCausalLM
+    text_kwargs = _common(
+        head_dim=HEAD_DIM,
+        query_pre_attn_scalar=HEAD_DIM,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    if arch == "gemma3_text":
+        return Gemma3TextConfig(**text_kwargs), Gemma3ForCausalLM
+    if arch == "gemma3":
+        vision = SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+        )
+        n_vocab = text_kwargs["vocab_size"]
+        config = Gemma3Config(
+            text_config=Gemma3TextConfig(**text_kwargs),
+            vision_config=vision,
+            mm_tokens_per_image=4,
+            boi_token_index=n_vocab - 3,
+            eoi_token_index=n_vocab - 2,
+            image_token_index=n_vocab - 1,
+            tie_word_embeddings=False,
+        )
+        return config, Gemma3ForConditionalGeneration
+    raise ValueError(f"Unknown test architecture {arch!r}; known: {ARCHITECTURES}")
+
+
+@functools.lru_cache(maxsize=None)
+def _build_model(arch: str, attn_implementation: str) -> PreTrainedModel:
+    config, model_class = make_config(arch)
+    torch.manual_seed(0)
+    model = model_class._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    return model.eval()
+
+
+def get_model(arch: str = "llama", attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """A tiny random-weight model (cached per architecture and attention backend). Do not modify it in tests."""
+    return _build_model(arch, attn_implementation)
+
+
+@functools.lru_cache(maxsize=None)
+def saved_model_dir(arch: str = "llama", with_chat_template: bool = False) -> str:
+    """Save a tiny model with its tokenizer to a local directory, so it loads through `from_pretrained(path)`."""
+    path = Path(tempfile.mkdtemp(prefix=f"kvpress-{arch}-"))
+    get_model(arch).save_pretrained(path)
+    load_tokenizer(with_chat_template).save_pretrained(path)
+    return str(path)
+
+
+def load_saved_model(path: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation).eval()
+
+
+def random_input_ids(batch_size: int = 1, seq_len: int = 64, seed: int = 0) -> torch.Tensor:
+    """Random ids among the byte tokens (never special tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(len(SPECIAL_TOKENS), vocab_size() - 4, (batch_size, seq_len), generator=generator)
+
+
+def compressed_layers(model: PreTrainedModel) -> list[int]:
+    """Indices of the layers a press compresses (Gemma3's sliding-window layers are left alone)."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [i for i, layer_type in enumerate(layer_types) if layer_type != "sliding_attention"]
