@@ -142,7 +142,9 @@ class KVPressTextGenerationPipeline(Pipeline):
         context_ids = input_tensors["context_ids"].to(self.model.device)
         context_length = context_ids.shape[1]
         if cache is None:
-            cache = DynamicCache()
+            # With the config, the cache knows which layers use sliding-window attention (Gemma3), so that the
+            # attention masks are sized from the layers that presses compress.
+            cache = DynamicCache(config=self.model.config)
 
         # Prefill the context; the press compresses the cache of each layer as it goes.
         with press(self.model) if press is not None else contextlib.nullcontext():
@@ -184,7 +186,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             generated.append(outputs.logits[0, -1].argmax())
             if generated[-1].item() in eos_token_ids:
                 break
-        return str(self.tokenizer.decode(torch.stack(generated), skip_special_tokens=True))
+        return self.tokenizer.decode(torch.stack(generated), skip_special_tokens=True)
 
     def postprocess(self, model_outputs, single_question: bool):
         if single_question:

@@ -206,3 +206,23 @@ def get_language_model(model: nn.Module) -> nn.Module:
             "presses need to score keys."
         )
     return language_model
+
+
+def attention_implementation(model: nn.Module) -> str | None:
+    """The attention backend the language model runs ("eager", "sdpa", ...), composite configs included."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    implementation = getattr(text_config, "_attn_implementation", None)
+    if implementation is None:
+        implementation = getattr(config, "_attn_implementation", None)
+    return implementation
+
+
+def require_eager_attention(model: nn.Module, press_name: str) -> None:
+    """Raise a ValueError unless `model` runs eager attention, the only backend that returns attention weights."""
+    implementation = attention_implementation(model)
+    if implementation != "eager":
+        raise ValueError(
+            f"{press_name} needs the attention weights, which only eager attention returns; load the model with "
+            f"attn_implementation='eager' (got {implementation!r})."
+        )

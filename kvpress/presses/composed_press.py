@@ -1,11 +1,84 @@
 # SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
 # SPDX-License-Identifier: Apache-2.0
-# PLACEHOLDER: to be implemented.
+"""ComposedPress: apply several presses one after the other on each layer's cache."""
+
+from __future__ import annotations
+
+import logging
 from dataclasses import dataclass
+from typing import Optional
 
 from kvpress.presses.base_press import BasePress
+
+logger = logging.getLogger(__name__)
+
+# Presses that cannot be chained, by class name (any class in the MRO), for presses that do not (yet) declare
+# `composable = False`: KVzip-style presses run extra passes in their own context manager, which a ComposedPress
+# never enters.
+_NOT_COMPOSABLE_CLASS_NAMES = ("AdaKVPress", "KVzipPress", "RestoreKVPress")
+
+
+def _composition_problem(press: object) -> Optional[str]:
+    """Why `press` cannot go inside a ComposedPress, or None when it can."""
+    if not isinstance(press, BasePress):
+        return f"{type(press).__name__} is not a kvpress press (a BasePress instance)"
+    class_names = {cls.__name__ for cls in type(press).__mro__}
+    if not getattr(press, "composable", True) or class_names.intersection(_NOT_COMPOSABLE_CLASS_NAMES):
+        return (
+            f"{type(press).__name__} cannot be composed: it either masks cache entries head by head (the masks would "
+            "point at the wrong entries once another press removes tokens) or needs its own context manager"
+        )
+    return None
 
 
 @dataclass
 class ComposedPress(BasePress):
-    pass
+    """Chain presses: each one compresses the cache left by the previous one, layer by layer.
+
+    Every press receives the layer's original hidden states and attention weights, so a press that needs attention
+    weights matching the cache (e.g. ObservedAttentionPress) only works first in the chain.
+    `compression_ratio` is `1 - prod(1 - r_i)` over the inner presses.
+    """
+
+    presses: list[BasePress]
+
+    def __post_init__(self):
+        if isinstance(self.presses, BasePress) or not isinstance(self.presses, (list, tuple)):
+            raise TypeError(f"ComposedPress takes a list of presses, got {type(self.presses).__name__}.")
+        self.presses = list(self.presses)
+        for position, press in enumerate(self.presses):
+            problem = _composition_problem(press)
+            if problem is not None:
+                raise ValueError(f"ComposedPress cannot contain presses[{position}]: {problem}.")
+
+    @property
+    def compression_ratio(self) -> Optional[float]:
+        """`1 - prod(1 - r_i)`, read from the inner presses now; None when one of them has no ratio (yet)."""
+        retained = 1.0
+        for press in self.presses:
+            try:
+                ratio = press.compression_ratio  # type: ignore[attr-defined]
+            except (AttributeError, ValueError, AssertionError):
+                # e.g. presses whose ratio is only known after a forward pass, or decoding presses (no ratio)
+                return None
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+                return None
+            retained *= 1 - ratio
+        return 1 - retained
+
+    @compression_ratio.setter
+    def compression_ratio(self, value: float) -> None:
+        raise AttributeError(
+            "ComposedPress.compression_ratio is computed from the inner presses (1 - prod(1 - r_i)); set the "
+            "compression_ratio of each press in `presses` instead."
+        )
+
+    def post_init_from_model(self, model):
+        for press in self.presses:
+            press.post_init_from_model(model)
+
+    def forward_hook(self, module, input, kwargs, output):
+        for press in self.presses:
+            output = press.forward_hook(module, input, kwargs, output)
+        return output
+

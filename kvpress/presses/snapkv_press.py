@@ -1,11 +1,111 @@
 # SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
 # SPDX-License-Identifier: Apache-2.0
-# PLACEHOLDER: to be implemented.
+"""SnapKVPress: keep the tokens that the last queries of the context attend to (https://arxiv.org/abs/2404.14469)."""
+
+from __future__ import annotations
+
+import logging
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import repeat_kv
+
 from kvpress.presses.scorer_press import ScorerPress
+from kvpress.utils import apply_rope, attention_scaling, get_prerope_query_states
+
+logger = logging.getLogger(__name__)
+
+
+def pad_with_top_score(scores: torch.Tensor, n_pad: int, left: bool = False) -> torch.Tensor:
+    """Add `n_pad` positions scored `max + 1` (always kept) to the right of `scores` (or to the left)."""
+    top = scores.max().item() + 1 if scores.numel() > 0 else 1.0
+    padding = (n_pad, 0) if left else (0, n_pad)
+    return F.pad(scores, padding, value=top)
+
+
+def group_mean(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Reduce per-query-head scores `(B, H, T)` to KV heads `(B, H_kv, T)` by averaging each GQA group."""
+    bsz, num_heads, length = scores.shape
+    return scores.view(bsz, num_kv_heads, num_heads // num_kv_heads, length).mean(dim=2)
 
 
 @dataclass
 class SnapKVPress(ScorerPress):
-    pass
+    """Score each token by the attention it receives from the last `window_size` queries, smoothed by average
+    pooling over `kernel_size` neighbouring tokens. The window itself is always kept.
+
+    Uses the eager attention weights when the model returns them; otherwise it recomputes the window's attention
+    from the pre-RoPE queries.
+    """
+
+    compression_ratio: float = 0.0
+    window_size: int = 64
+    kernel_size: int = 5
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("window_size", "kernel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}.")
+
+    @staticmethod
+    def compute_window_attention(
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        window_size: int,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Attention of the last `window_size` queries over the keys before the window, `(B, H, w, T - w)`.
+
+        The window's queries are rebuilt from `hidden_states` and rotated with the last `window_size` entries of
+        `position_embeddings`; inside the window each query only sees the keys up to its own position.
+        """
+        bsz, num_kv_heads, k_len, _ = keys.shape
+        num_heads = module.config.num_attention_heads
+        cos, sin = position_embeddings
+        queries = get_prerope_query_states(module, hidden_states[:, -window_size:])
+        queries = apply_rope(queries, cos[:, -window_size:], sin[:, -window_size:])
+        logits = queries @ repeat_kv(keys, num_heads // num_kv_heads).transpose(2, 3) * attention_scaling(module)
+        softcap = getattr(module, "attn_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        # Window query i sits at position k_len - window_size + i and must not see the keys after it.
+        future = torch.ones(window_size, k_len, dtype=torch.bool, device=keys.device)
+        future = future.triu(diagonal=k_len - window_size + 1)
+        logits = logits.masked_fill(future, float("-inf"))
+        weights = logits.float().softmax(dim=-1).to(queries.dtype)
+        return weights[..., : k_len - window_size]
+
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        q_len = hidden_states.shape[1]
+        window = self.window_size
+        if q_len <= window:
+            raise ValueError(
+                f"{type(self).__name__} needs a context longer than window_size: got {q_len} tokens with "
+                f"window_size={window}. Use a longer context or a smaller window_size."
+            )
+        if attentions is not None:
+            weights = attentions[..., -window:, :-window]
+        else:
+            weights = self.compute_window_attention(
+                module, hidden_states, keys, window, kwargs["position_embeddings"]
+            )
+        scores = weights.mean(dim=-2)
+        n_scored = scores.shape[-1]
+        scores = F.avg_pool1d(scores, kernel_size=self.kernel_size, padding=self.kernel_size // 2, stride=1)
+        # An even kernel yields one extra position; keep one score per token.
+        scores = scores[..., :n_scored]
+        scores = group_mean(scores, keys.shape[1])
+        return pad_with_top_score(scores, window)
