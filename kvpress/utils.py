@@ -14,8 +14,8 @@ _QK_NORM_MODELS = ("Qwen3Attention", "Gemma3Attention")
 
 def validate_compression_ratio(value: float, name: str = "compression_ratio", allow_one: bool = False) -> None:
     """Raise a ValueError that says what is allowed when a compression ratio is out of range."""
-    upper_ok = value <= 1 if allow_one else value < 1
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 <= value and upper_ok):
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not (0 <= value and (value <= 1 if allow_one else value < 1)):
         allowed = "[0, 1]" if allow_one else "[0, 1)"
         raise ValueError(
             f"{name} must be a number in {allowed}, got {value!r}. It is the fraction of the KV cache that is "
