@@ -70,7 +70,8 @@ class KVPressTextGenerationPipeline(Pipeline):
             raise ValueError(f"max_context_length must be a positive integer or None, got {max_context_length!r}.")
         if cache is not None and not isinstance(cache, (DynamicCache, QuantizedCache)):
             raise TypeError(
-                f"cache must be a DynamicCache or a QuantizedCache (presses resize the cache), got {type(cache).__name__}."
+                "cache must be a DynamicCache or a QuantizedCache (presses resize the cache), "
+                f"got {type(cache).__name__}."
             )
         if kwargs:
             logger.warning("Ignoring unknown arguments of the kv-press-text-generation pipeline: %s", sorted(kwargs))
@@ -137,7 +138,9 @@ class KVPressTextGenerationPipeline(Pipeline):
         cache: Optional[Cache] = None,
     ):
         if _is_decoding_press(press) and len(input_tensors["questions_ids"]) > 1:
-            raise ValueError("DecodingPress is not compatible with multiple questions. Please specify a single question.")
+            raise ValueError(
+                "DecodingPress is not compatible with multiple questions. Please specify a single question."
+            )
 
         context_ids = input_tensors["context_ids"].to(self.model.device)
         context_length = context_ids.shape[1]
@@ -159,11 +162,15 @@ class KVPressTextGenerationPipeline(Pipeline):
                 if _uses_rerotated_positions(press):
                     context_length = cache.get_seq_length()
                 snapshot = snapshot_cache(cache)
-                answers.append(self.generate_answer(question_ids.to(self.model.device), cache, context_length, max_new_tokens))
+                answers.append(
+                    self.generate_answer(question_ids.to(self.model.device), cache, context_length, max_new_tokens)
+                )
                 restore_cache(cache, snapshot)
         return answers
 
-    def generate_answer(self, question_ids: torch.Tensor, cache: Cache, context_length: int, max_new_tokens: int) -> str:
+    def generate_answer(
+        self, question_ids: torch.Tensor, cache: Cache, context_length: int, max_new_tokens: int
+    ) -> str:
         """Greedy decoding of one answer. The question continues at position `context_length` (logical positions)."""
         position_ids = torch.arange(context_length, context_length + question_ids.shape[1], device=self.model.device)
         position_ids = position_ids.unsqueeze(0)
@@ -186,7 +193,8 @@ class KVPressTextGenerationPipeline(Pipeline):
             generated.append(outputs.logits[0, -1].argmax())
             if generated[-1].item() in eos_token_ids:
                 break
-        return self.tokenizer.decode(torch.stack(generated), skip_special_tokens=True)
+        answer: str = self.tokenizer.decode(torch.stack(generated), skip_special_tokens=True)
+        return answer
 
     def postprocess(self, model_outputs, single_question: bool):
         if single_question:

@@ -100,15 +100,19 @@ def rope_inv_freq(module: nn.Module) -> torch.Tensor:
     """The inverse frequencies of the RoPE used by this attention module."""
     rotary_emb = module.rotary_emb
     layer_type = getattr(module, "layer_type", None)
-    if layer_type is not None and hasattr(rotary_emb, f"{layer_type}_inv_freq"):
-        return getattr(rotary_emb, f"{layer_type}_inv_freq")
-    return rotary_emb.inv_freq
+    name = (
+        f"{layer_type}_inv_freq"
+        if layer_type is not None and hasattr(rotary_emb, f"{layer_type}_inv_freq")
+        else "inv_freq"
+    )
+    inv_freq: torch.Tensor = getattr(rotary_emb, name)
+    return inv_freq
 
 
 def attention_scaling(module: nn.Module) -> float:
     """The softmax scale the attention module uses (1/sqrt(d) unless the model says otherwise)."""
     scaling = getattr(module, "scaling", None)
-    return float(scaling) if scaling is not None else module.head_dim**-0.5
+    return float(scaling if scaling is not None else module.head_dim**-0.5)
 
 
 def is_quantized_layer(cache_layer) -> bool:

@@ -118,7 +118,12 @@ def make_config(arch: str):
         return Gemma3TextConfig(**text_kwargs), Gemma3ForCausalLM
     if arch == "gemma3":
         vision = SiglipVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
         )
         n_vocab = text_kwargs["vocab_size"]
         config = Gemma3Config(

@@ -96,7 +96,12 @@ def test_model_generate_compresses_the_prompt_only():
     n_new = 6
     with KnormPress(0.5)(model):
         out = model.generate(
-            ids, max_new_tokens=n_new, do_sample=False, return_dict_in_generate=True, pad_token_id=0, min_new_tokens=n_new
+            ids,
+            max_new_tokens=n_new,
+            do_sample=False,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            min_new_tokens=n_new,
         )
     # The prompt is halved; each generated token but the last is appended uncompressed.
     assert out.past_key_values.get_seq_length() == 20 + n_new - 1

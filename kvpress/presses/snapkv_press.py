@@ -99,9 +99,7 @@ class SnapKVPress(ScorerPress):
         if attentions is not None:
             weights = attentions[..., -window:, :-window]
         else:
-            weights = self.compute_window_attention(
-                module, hidden_states, keys, window, kwargs["position_embeddings"]
-            )
+            weights = self.compute_window_attention(module, hidden_states, keys, window, kwargs["position_embeddings"])
         scores = weights.mean(dim=-2)
         n_scored = scores.shape[-1]
         scores = F.avg_pool1d(scores, kernel_size=self.kernel_size, padding=self.kernel_size // 2, stride=1)

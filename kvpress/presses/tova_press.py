@@ -39,7 +39,9 @@ class TOVAPress(ScorerPress):
         if attentions is not None:
             weights = attentions[..., -1:, :-1]
         else:
-            weights = SnapKVPress.compute_window_attention(module, hidden_states, keys, 1, kwargs["position_embeddings"])
+            weights = SnapKVPress.compute_window_attention(
+                module, hidden_states, keys, 1, kwargs["position_embeddings"]
+            )
         # (B, H, 1, T - 1) -> mean over the query and over every head -> (B, 1, T - 1), shared by all KV heads.
         scores = weights.mean(dim=(1, 2)).unsqueeze(1)
         scores = scores.expand(-1, keys.shape[1], -1)

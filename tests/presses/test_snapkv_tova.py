@@ -44,14 +44,12 @@ def run_cache(model, input_ids, press=None):
 
 
 def score_of(press, call: dict, attentions) -> torch.Tensor:
-    return press.score(
-        call["module"], call["hidden_states"], call["keys"], call["values"], attentions, call["kwargs"]
-    )
+    return press.score(call["module"], call["hidden_states"], call["keys"], call["values"], attentions, call["kwargs"])
 
 
 def kept_indices(full_keys: torch.Tensor, kept_keys: torch.Tensor) -> torch.Tensor:
     """Position in the full cache of every kept key, `(B, H_kv, n)`."""
-    distances = torch.cdist(kept_keys, full_keys)
+    distances = (kept_keys.unsqueeze(3) - full_keys.unsqueeze(2)).norm(dim=-1)
     assert distances.min(dim=-1).values.max() < 1e-5, "a kept key is not in the uncompressed cache"
     return distances.argmin(dim=-1)
 
@@ -121,7 +119,9 @@ def test_snapkv_keeps_window_and_most_attended_tokens():
         reference = reference_snapkv_scores(attention, window, kernel)
         kept = kept_indices(full.layers[layer_idx].keys, compressed.layers[layer_idx].keys)
         for head in range(KV_HEADS):
-            expected = set(reference[0, head].topk(n_kept - window).indices.tolist()) | set(range(length - window, length))
+            expected = set(reference[0, head].topk(n_kept - window).indices.tolist()) | set(
+                range(length - window, length)
+            )
             assert set(kept[0, head].tolist()) == expected
         # Kept tokens stay in positional order.
         assert torch.equal(kept, kept.sort(dim=-1).values)
@@ -226,7 +226,9 @@ def test_kept_token_counts(arch):
         for ratio in RATIOS:
             cache = run_cache(model, input_ids, press_class(ratio, **options))
             for layer_idx, layer in enumerate(cache.layers):
-                expected = int(length * (1 - ratio)) if layer_idx in compressed_layers(model) else full_lengths[layer_idx]
+                expected = (
+                    int(length * (1 - ratio)) if layer_idx in compressed_layers(model) else full_lengths[layer_idx]
+                )
                 assert layer.keys.shape == (1, KV_HEADS, expected, HEAD_DIM)
                 assert layer.values.shape == (1, KV_HEADS, expected, HEAD_DIM)
 

@@ -1,0 +1,174 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""ExpectedAttentionPress against a direct reference computation, sinks, options, short inputs, kept counts."""
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from kvpress import ExpectedAttentionPress
+from kvpress.presses.base_press import BasePress
+from tests.fixtures import ARCHITECTURES, HEAD_DIM, HEADS, KV_HEADS, compressed_layers, get_model, random_input_ids
+
+GROUPS = HEADS // KV_HEADS
+RATIOS = (0.0, 0.25, 0.5, 0.9)
+
+
+@dataclass
+class RecordingPress(BasePress):
+    """Leaves the cache untouched and records what each hooked layer received."""
+
+    calls: dict = field(default_factory=dict)
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        self.calls[module.layer_idx] = dict(
+            module=module, hidden_states=hidden_states, keys=keys, values=values, attentions=attentions, kwargs=kwargs
+        )
+        return keys, values
+
+
+def record_layers(model, input_ids) -> dict:
+    recorder = RecordingPress()
+    with torch.no_grad(), recorder(model):
+        model(input_ids, use_cache=True)
+    return recorder.calls
+
+
+def run_cache(model, input_ids, press=None):
+    with torch.no_grad():
+        if press is None:
+            return model(input_ids, use_cache=True).past_key_values
+        with press(model):
+            return model(input_ids, use_cache=True).past_key_values
+
+
+def score_of(press, call: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return press.score(call["module"], call["hidden_states"], call["keys"], call["values"], None, call["kwargs"])
+
+
+def rope_at(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """`x` (..., d) rotated as RoPE does at each absolute position: (P, ..., d)."""
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1).view(len(positions), *([1] * (x.dim() - 1)), x.shape[-1])
+    half = x.shape[-1] // 2
+    return x * angles.cos() + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * angles.sin()
+
+
+def reference_scores(
+    model, call: dict, n_future_positions: int, n_sink: int, use_covariance=True, use_vnorm=True, epsilon=0.0
+):
+    """Expected attention written out directly, for Llama-like (q_proj) and Qwen3 (q_proj + q_norm) layers."""
+    attention, hidden_states, keys, values = call["module"], call["hidden_states"], call["keys"], call["values"]
+    bsz, length, _ = hidden_states.shape
+    queries = attention.q_proj(hidden_states[:, n_sink:]).view(bsz, length - n_sink, HEADS, HEAD_DIM)
+    if hasattr(attention, "q_norm"):
+        queries = attention.q_norm(queries)
+    queries = queries.transpose(1, 2)[0]  # (H, T', d), batch 1
+    inv_freq = model.model.rotary_emb.inv_freq
+    future = torch.arange(length, length + n_future_positions)
+    # Row i of rope(I) is R_p e_i, so R_p = rope(I)^T.
+    mean_rotation = rope_at(torch.eye(HEAD_DIM), future, inv_freq).transpose(1, 2).mean(dim=0)
+    scores = torch.zeros(KV_HEADS, length - n_sink)
+    for head in range(HEADS):
+        mean = queries[head].mean(dim=0)
+        # Rotating each future query directly and averaging equals rotating the mean by the averaged matrix.
+        rotated_mean = rope_at(mean, future, inv_freq).mean(dim=0)
+        torch.testing.assert_close(rotated_mean, mean_rotation @ mean, rtol=1e-4, atol=1e-6)
+        covariance = torch.cov(queries[head].T, correction=0)
+        rotated_cov = mean_rotation @ covariance @ mean_rotation.T
+        head_keys = keys[0, head // GROUPS, n_sink:]
+        logits = torch.stack(
+            [
+                rotated_mean @ k / HEAD_DIM**0.5 + (k @ rotated_cov @ k / (2 * HEAD_DIM) if use_covariance else 0)
+                for k in head_keys
+            ]
+        )
+        scores[head // GROUPS] += logits.softmax(dim=0) / GROUPS
+    if use_vnorm:
+        scores = (scores + epsilon) * values[0, :, n_sink:].norm(dim=-1)
+    return torch.cat([torch.full((KV_HEADS, n_sink), scores.max().item() + 1), scores], dim=1).unsqueeze(0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(n_future_positions=16, n_sink=4),
+        dict(n_future_positions=512, n_sink=2),
+        dict(n_future_positions=32, n_sink=4, use_covariance=False),
+        dict(n_future_positions=32, n_sink=0, use_vnorm=False),
+        dict(n_future_positions=32, n_sink=3, epsilon=0.01),
+    ],
+)
+def test_scores_match_reference(arch, options):
+    model = get_model(arch)
+    calls = record_layers(model, random_input_ids(1, 24, seed=1))
+    press = ExpectedAttentionPress(0.5, **options)
+    for call in calls.values():
+        with torch.no_grad():
+            expected = reference_scores(model, call, **options)
+        torch.testing.assert_close(score_of(press, call), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_options_change_scores():
+    calls = record_layers(get_model("llama"), random_input_ids(1, 32, seed=2))
+    call = calls[1]
+    base = score_of(ExpectedAttentionPress(0.5, n_future_positions=64), call)
+    for options in (dict(use_covariance=False), dict(use_vnorm=False), dict(epsilon=0.5), dict(n_future_positions=8)):
+        changed = score_of(ExpectedAttentionPress(0.5, **{"n_future_positions": 64, **options}), call)
+        assert not torch.allclose(changed[..., 4:], base[..., 4:]), options
+    # Without value-norm weighting, each head's scores are a group mean of softmaxes: they sum to 1.
+    plain = score_of(ExpectedAttentionPress(0.5, use_vnorm=False), call)
+    torch.testing.assert_close(plain[..., 4:].sum(dim=-1), torch.ones(1, KV_HEADS))
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma3"])
+def test_sinks_always_kept(arch):
+    model, length, n_sink = get_model(arch), 40, 6
+    input_ids = random_input_ids(1, length, seed=3)
+    full = run_cache(model, input_ids)
+    compressed = run_cache(model, input_ids, ExpectedAttentionPress(0.8, n_sink=n_sink))
+    for layer_idx in compressed_layers(model):
+        kept = compressed.layers[layer_idx].keys
+        assert kept.shape[2] == int(length * (1 - 0.8))
+        torch.testing.assert_close(kept[:, :, :n_sink], full.layers[layer_idx].keys[:, :, :n_sink], rtol=0, atol=0)
+
+
+def test_too_short_input_raises():
+    model = get_model("llama")
+    with pytest.raises(ValueError, match="n_sink"):
+        run_cache(model, random_input_ids(1, 4), ExpectedAttentionPress(0.5, n_sink=4))
+    call = record_layers(model, random_input_ids(1, 12))[0]
+    # Fewer cached keys than sinks (e.g. a cache that was already compressed) is refused as well.
+    with pytest.raises(ValueError, match="cache holds only 3 tokens"):
+        ExpectedAttentionPress(0.5).score(
+            call["module"], call["hidden_states"], call["keys"][:, :, :3], call["values"][:, :, :3], None, {}
+        )
+    # One token after the sinks is enough (its covariance is zero, not NaN).
+    scores = score_of(ExpectedAttentionPress(0.5, n_sink=11), call)
+    assert torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_kept_token_counts(arch):
+    model, length = get_model(arch), 48
+    input_ids = random_input_ids(1, length, seed=4)
+    full_lengths = [layer.keys.shape[2] for layer in run_cache(model, input_ids).layers]
+    for ratio in RATIOS:
+        cache = run_cache(model, input_ids, ExpectedAttentionPress(ratio))
+        for layer_idx, layer in enumerate(cache.layers):
+            expected = int(length * (1 - ratio)) if layer_idx in compressed_layers(model) else full_lengths[layer_idx]
+            assert layer.keys.shape == layer.values.shape == (1, KV_HEADS, expected, HEAD_DIM)
+        for layer_idx in compressed_layers(model):
+            assert torch.isfinite(cache.layers[layer_idx].keys).all()
+
+
+def test_fields_and_defaults():
+    press = ExpectedAttentionPress()
+    assert (press.compression_ratio, press.n_future_positions, press.n_sink) == (0.0, 512, 4)
+    assert (press.use_covariance, press.use_vnorm, press.epsilon) == (True, True, 0.0)
+    assert ExpectedAttentionPress(0.25, 64, 2, False, False, 0.1) == ExpectedAttentionPress(
+        compression_ratio=0.25, n_future_positions=64, n_sink=2, use_covariance=False, use_vnorm=False, epsilon=0.1
+    )

@@ -1,0 +1,106 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""ObservedAttentionPress: reference scores from the eager weights, the eager-only requirement, kept counts."""
+
+import pytest
+import torch
+
+from kvpress import ObservedAttentionPress
+from tests.fixtures import ARCHITECTURES, HEAD_DIM, HEADS, KV_HEADS, compressed_layers, get_model, random_input_ids
+
+GROUPS = HEADS // KV_HEADS
+RATIOS = (0.0, 0.25, 0.5, 0.9)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen3", "gemma3_text", "gemma3"])
+def test_scores_are_mean_received_attention(arch):
+    model, length = get_model(arch, "eager"), 24
+    input_ids = random_input_ids(1, length, seed=1)
+    captured = {}
+
+    class RecordingPress(ObservedAttentionPress):
+        def score(self, module, hidden_states, keys, values, attentions, kwargs):
+            scores = super().score(module, hidden_states, keys, values, attentions, kwargs)
+            captured[module.layer_idx] = scores
+            return scores
+
+    with torch.no_grad():
+        with RecordingPress(0.5)(model):
+            model(input_ids, use_cache=True)
+        # The model's own attention weights, returned independently of any press.
+        weights = model(input_ids, output_attentions=True).attentions
+    assert sorted(captured) == compressed_layers(model)
+    for layer_idx, scores in captured.items():
+        attention = weights[layer_idx][0]  # (H, T, T)
+        expected = torch.zeros(KV_HEADS, length)
+        for head in range(HEADS):
+            for key in range(length):
+                # Queries key .. T-1 can see this key; average what they gave it.
+                expected[head // GROUPS, key] += attention[head, key:, key].mean() / GROUPS
+        torch.testing.assert_close(scores, expected.unsqueeze(0), rtol=1e-4, atol=1e-6)
+
+
+def test_scores_on_constructed_attention():
+    # Uniform causal attention: query i gives 1/(i+1) to each of keys 0..i.
+    length = 4
+    attentions = torch.tril(torch.ones(length, length)) / torch.arange(1, length + 1)[:, None]
+    attentions = attentions.expand(1, HEADS, length, length)
+    keys = torch.zeros(1, KV_HEADS, length, HEAD_DIM)
+    scores = ObservedAttentionPress(0.5).score(None, torch.zeros(1, length, 8), keys, keys, attentions, {})
+    received = [1 + 1 / 2 + 1 / 3 + 1 / 4, 1 / 2 + 1 / 3 + 1 / 4, 1 / 3 + 1 / 4, 1 / 4]
+    expected = torch.tensor([total / (length - key) for key, total in enumerate(received)])
+    torch.testing.assert_close(scores, expected.expand(1, KV_HEADS, length))
+    # Without the division by the number of queries that see a key, token 0 would win by far; with it the last
+    # token scores 1/4 and token 0 about 0.52.
+    assert scores[0, 0].argmax() == 0 and scores[0, 0, -1] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sdpa_model_is_refused_when_entering(arch):
+    model = get_model(arch, "sdpa")
+    press = ObservedAttentionPress(0.5)
+    with pytest.raises(ValueError, match="only eager attention returns.*attn_implementation='eager' \\(got 'sdpa'\\)"):
+        with press(model):
+            pytest.fail("the context must not be entered")
+    language_model = model.model.language_model if arch == "gemma3" else model.model
+    assert all(not layer.self_attn._forward_hooks for layer in language_model.layers)
+
+
+def test_missing_attentions_in_score_raise():
+    model = get_model("llama", "eager")
+    keys = torch.zeros(1, KV_HEADS, 8, HEAD_DIM)
+    attention = model.model.layers[0].self_attn
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        ObservedAttentionPress(0.5).score(attention, torch.zeros(1, 8, 64), keys, keys, None, {})
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_kept_token_counts(arch):
+    model, length = get_model(arch, "eager"), 48
+    input_ids = random_input_ids(1, length, seed=2)
+    with torch.no_grad():
+        full_lengths = [layer.keys.shape[2] for layer in model(input_ids, use_cache=True).past_key_values.layers]
+    for ratio in RATIOS:
+        with torch.no_grad(), ObservedAttentionPress(ratio)(model):
+            cache = model(input_ids, use_cache=True).past_key_values
+        for layer_idx, layer in enumerate(cache.layers):
+            expected = int(length * (1 - ratio)) if layer_idx in compressed_layers(model) else full_lengths[layer_idx]
+            assert layer.keys.shape == layer.values.shape == (1, KV_HEADS, expected, HEAD_DIM)
+
+
+def test_keeps_the_most_attended_tokens():
+    model, length = get_model("qwen2", "eager"), 32
+    input_ids = random_input_ids(1, length, seed=3)
+    scores = {}
+
+    class RecordingPress(ObservedAttentionPress):
+        def score(self, module, hidden_states, keys, values, attentions, kwargs):
+            scores[module.layer_idx] = (super().score(module, hidden_states, keys, values, attentions, kwargs), keys)
+            return scores[module.layer_idx][0]
+
+    with torch.no_grad(), RecordingPress(0.75)(model):
+        cache = model(input_ids, use_cache=True).past_key_values
+    for layer_idx, (layer_scores, full_keys) in scores.items():
+        expected = layer_scores.topk(length // 4, dim=-1).indices.sort(dim=-1).values
+        kept = cache.layers[layer_idx].keys
+        torch.testing.assert_close(kept, full_keys.gather(2, expected.unsqueeze(-1).expand(-1, -1, -1, HEAD_DIM)))

@@ -1,0 +1,259 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""ComposedPress, PerLayerCompressionPress and ChunkPress."""
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvpress import (
+    AdaKVPress,
+    BasePress,
+    ChunkPress,
+    ComposedPress,
+    KeyRerotationPress,
+    KnormPress,
+    PerLayerCompressionPress,
+    RandomPress,
+    StreamingLLMPress,
+)
+from kvpress.presses.scorer_press import gather_tokens
+from tests.fixtures import compressed_layers, get_model, random_input_ids
+
+
+def _prefill(model, input_ids, press=None):
+    cache = DynamicCache()
+    with torch.no_grad():
+        if press is None:
+            model(input_ids, past_key_values=cache)
+        else:
+            with press(model):
+                model(input_ids, past_key_values=cache)
+    return cache
+
+
+@dataclass
+class RecordingKnormPress(KnormPress):
+    """KnormPress that records what each `score` call received, and the models it was initialised with."""
+
+    calls: list = field(default_factory=list, repr=False)
+    initialised_with: list = field(default_factory=list, repr=False)
+
+    def post_init_from_model(self, model):
+        self.initialised_with.append(model)
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+        cos, sin = kwargs["position_embeddings"]
+        self.calls.append(
+            {
+                "layer": module.layer_idx,
+                "ratio": self.compression_ratio,
+                "hidden_states": hidden_states,
+                "kwargs_hidden_states": kwargs["hidden_states"],
+                "keys": keys,
+                "cos": cos,
+                "sin": sin,
+                "position_ids": kwargs["position_ids"],
+                "attentions": attentions,
+            }
+        )
+        return super().score(module, hidden_states, keys, values, attentions, kwargs)
+
+
+# ComposedPress
+
+
+def test_composed_chains_presses_on_the_compressed_cache():
+    model = get_model("llama")
+    input_ids = random_input_ids(2, 128)
+    press = ComposedPress([KnormPress(0.5), StreamingLLMPress(0.5, n_sink=4)])
+    assert press.compression_ratio == pytest.approx(1 - 0.5 * 0.5)
+
+    cache = _prefill(model, input_ids, press)
+    knorm_only = _prefill(model, input_ids, KnormPress(0.5))
+    for layer_idx in compressed_layers(model):
+        keys = cache.layers[layer_idx].keys
+        assert keys.shape[2] == int(int(128 * 0.5) * 0.5) == 32
+        # StreamingLLM on Knorm's output (kept in positional order): 4 sinks then the 28 most recent entries
+        knorm_keys = knorm_only.layers[layer_idx].keys
+        torch.testing.assert_close(keys, torch.cat([knorm_keys[:, :, :4], knorm_keys[:, :, -28:]], dim=2))
+    assert press.compression_ratio == pytest.approx(0.75)
+
+
+def test_composed_ratio_follows_inner_presses_and_is_read_only():
+    inner = KnormPress(0.2)
+    press = ComposedPress([inner, RandomPress(0.5)])
+    assert press.compression_ratio == pytest.approx(1 - 0.8 * 0.5)
+    inner.compression_ratio = 0.0
+    assert press.compression_ratio == pytest.approx(0.5)
+    with pytest.raises(AttributeError, match="inner presses"):
+        press.compression_ratio = 0.3
+    assert ComposedPress([KnormPress(0.5), BasePress()]).compression_ratio is None
+
+
+def test_composed_forwards_post_init_and_works_in_generate():
+    model = get_model("qwen3")
+    first, second = RecordingKnormPress(0.25), RecordingKnormPress(0.5)
+    input_ids = random_input_ids(1, 64)
+    with torch.no_grad(), ComposedPress([first, KeyRerotationPress(second)])(model):
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 67)
+    assert first.initialised_with == [model] and second.initialised_with == [model]
+    assert [call["keys"].shape[2] for call in second.calls] == [48] * len(compressed_layers(model))
+
+
+class KVzipPress(KnormPress):
+    """Stands in for upstream's KVzipPress (its own context manager), which ComposedPress must refuse by name."""
+
+
+@dataclass
+class NotComposablePress(KnormPress):
+    composable = False
+
+
+@pytest.mark.parametrize(
+    "press", [AdaKVPress(KnormPress(0.5)), KVzipPress(0.5), NotComposablePress(0.5)], ids=lambda p: type(p).__name__
+)
+def test_composed_rejects_headwise_and_custom_context_presses(press):
+    with pytest.raises(ValueError, match="cannot be composed"):
+        ComposedPress([KnormPress(0.5), press])
+
+
+def test_composed_bad_input():
+    with pytest.raises(TypeError, match="list of presses"):
+        ComposedPress(KnormPress(0.5))
+    with pytest.raises(TypeError, match="not a kvpress press"):
+        ComposedPress([KnormPress(0.5), "knorm"])
+
+
+# PerLayerCompressionPress
+
+
+def test_per_layer_ratios_give_per_layer_lengths():
+    model = get_model("llama")
+    inner = RecordingKnormPress(0.3)
+    press = PerLayerCompressionPress(inner, [0.1, 1.0])
+    assert press.compression_ratio == pytest.approx(0.55)
+    cache = _prefill(model, random_input_ids(5, 256), press)
+    assert cache.layers[0].keys.shape == (5, 2, 230, 16)
+    assert cache.layers[1].keys.shape == (5, 2, 0, 16)
+    assert [(call["layer"], call["ratio"]) for call in inner.calls] == [(0, 0.1), (1, 1.0)]
+    assert inner.compression_ratio == 0.3  # restored after each layer
+    assert inner.initialised_with == [model]  # post_init_from_model is forwarded (upstream does not)
+
+
+def test_per_layer_skips_gemma3_sliding_layers():
+    model = get_model("gemma3")
+    cache = _prefill(model, random_input_ids(1, 64), PerLayerCompressionPress(KnormPress(), [0.5, 0.25]))
+    assert [layer.keys.shape[2] for layer in cache.layers] == [64, 48]
+
+
+def test_per_layer_generate_continues_with_different_layer_lengths():
+    """sdpa single-token decoding (model.generate, no padding) works although layers hold different lengths."""
+    model = get_model("mistral")
+    input_ids = random_input_ids(2, 64)
+    cache = DynamicCache()
+    with torch.no_grad(), PerLayerCompressionPress(KnormPress(), [0.5, 0.25])(model):
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            past_key_values=cache,
+            max_new_tokens=4,
+            do_sample=False,
+        )
+    assert out.shape == (2, 68)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [32 + 3, 48 + 3]
+
+
+def test_per_layer_bad_input():
+    with pytest.raises(ValueError, match=r"compression_ratios\[1\]"):
+        PerLayerCompressionPress(KnormPress(), [0.1, 1.5])
+    with pytest.raises(ValueError, match=r"compression_ratios\[0\]"):
+        PerLayerCompressionPress(KnormPress(), [-0.1, 0.5])
+    with pytest.raises(ValueError, match="empty"):
+        PerLayerCompressionPress(KnormPress(), [])
+    with pytest.raises(TypeError, match="one compression ratio per decoder layer"):
+        PerLayerCompressionPress(KnormPress(), 0.5)
+    with pytest.raises(TypeError, match="ScorerPress"):
+        PerLayerCompressionPress(AdaKVPress(KnormPress(0.5)), [0.1, 0.2])
+    press = PerLayerCompressionPress(KnormPress(), [0.1, 0.2, 0.3])
+    with pytest.raises(AttributeError, match="compression_ratios"):
+        press.compression_ratio = 0.5
+    with pytest.raises(ValueError, match="3 compression_ratios but LlamaForCausalLM has 2 decoder layers"):
+        _prefill(get_model("llama"), random_input_ids(1, 16), press)
+
+
+# ChunkPress
+
+
+@pytest.mark.parametrize("chunk_length", [2, 4, 8, 128])
+def test_chunk_keeps_the_top_scores_of_each_chunk(chunk_length):
+    model = get_model("llama")
+    input_ids = random_input_ids(2, 256)
+    cache = _prefill(model, input_ids, ChunkPress(KnormPress(0.5), chunk_length=chunk_length))
+    full = _prefill(model, input_ids)
+    for layer_idx in compressed_layers(model):
+        keys, values = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
+        assert keys.shape[2] == 128
+        full_keys, full_values = full.layers[layer_idx].keys, full.layers[layer_idx].values
+        scores = -full_keys.norm(dim=-1)
+        indices = []
+        for start in range(0, 256, chunk_length):
+            chunk = scores[..., start : start + chunk_length]
+            indices.append(chunk.topk(chunk_length // 2, dim=-1).indices.sort(dim=-1).values + start)
+        indices = torch.cat(indices, dim=-1)
+        # compare values: equal-norm ties (repeated tokens) may pick either key, but then the kept norms agree
+        torch.testing.assert_close(keys.norm(dim=-1), gather_tokens(full_keys, indices).norm(dim=-1))
+        if chunk_length == 128:
+            torch.testing.assert_close(values.shape, gather_tokens(full_values, indices).shape)
+
+
+def test_chunk_counts_floor_per_chunk_and_keep_at_least_one():
+    model = get_model("llama")
+    cache = _prefill(model, random_input_ids(1, 100), ChunkPress(KnormPress(0.9), chunk_length=4))
+    assert cache.get_seq_length() == 25  # max(1, int(4 * 0.1)) = 1 per chunk
+    cache = _prefill(model, random_input_ids(1, 100), ChunkPress(KnormPress(0.5), chunk_length=32))
+    assert cache.get_seq_length() == 3 * 16 + 2
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_chunk_scorer_sees_its_own_chunk(attn_implementation):
+    """Unlike upstream, each chunk gets its own cos/sin, position_ids and hidden states (and attention under eager)."""
+    model = get_model("llama", attn_implementation)
+    seq_len, chunk_length = 40, 16
+    input_ids = random_input_ids(1, seq_len)
+    inner = RecordingKnormPress(0.5)
+    _prefill(model, input_ids, ChunkPress(inner, chunk_length=chunk_length))
+    full_cos, full_sin = model.model.rotary_emb(torch.zeros(1), torch.arange(seq_len)[None])
+
+    starts = [0, 16, 32]
+    assert [call["layer"] for call in inner.calls] == [0, 0, 0, 1, 1, 1]
+    for call, start in zip(inner.calls, starts * 2):
+        end = min(start + chunk_length, seq_len)
+        torch.testing.assert_close(call["cos"], full_cos[:, start:end])
+        torch.testing.assert_close(call["sin"], full_sin[:, start:end])
+        assert call["position_ids"].tolist() == [list(range(start, end))]
+        assert call["keys"].shape[2] == call["hidden_states"].shape[1] == end - start
+        assert call["kwargs_hidden_states"] is call["hidden_states"] or torch.equal(
+            call["kwargs_hidden_states"], call["hidden_states"]
+        )
+        if attn_implementation == "eager":
+            assert call["attentions"].shape == (1, 4, end - start, end - start)
+        else:
+            assert call["attentions"] is None
+
+
+def test_chunk_delegation_and_bad_input():
+    press = ChunkPress(KnormPress(0.4), chunk_length=8)
+    assert press.compression_ratio == 0.4
+    press.compression_ratio = 0.0
+    assert press.press.compression_ratio == 0.0
+    assert _prefill(get_model("llama"), random_input_ids(1, 20), press).get_seq_length() == 20
+    with pytest.raises(TypeError, match="ScorerPress"):
+        ChunkPress(ComposedPress([KnormPress(0.5)]))
+    with pytest.raises(ValueError, match="chunk_length"):
+        ChunkPress(KnormPress(0.5), chunk_length=0)
+    with pytest.raises(ValueError, match="compression_ratio"):
+        ChunkPress(KnormPress(-0.5))
