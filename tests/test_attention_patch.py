@@ -41,14 +41,17 @@ def test_search_hyperplane_raises_when_no_hyperplane_exists():
 def test_patch_is_applied_once_and_is_idempotent():
     before = dict(ALL_ATTENTION_FUNCTIONS.items())
     eager_before = {name: importlib.import_module(name).eager_attention_forward for name in _EAGER_MODULES}
-    assert before and all(_is_patched(func) for func in before.values())
+    # functions registered by users after `import kvpress` are only wrapped by a later patch call
+    assert all(_is_patched(before[name]) for name in ("sdpa", "flash_attention_2", "flex_attention"))
     assert all(_is_patched(func) for func in eager_before.values())
 
     patch_attention_functions()
     patch_attention_functions()
     for name, func in ALL_ATTENTION_FUNCTIONS.items():
-        assert func is before[name]
+        assert _is_patched(func)
         assert not _is_patched(func.__wrapped__), f"{name} is wrapped twice"
+        if _is_patched(before[name]):
+            assert func is before[name]
     for name, func in eager_before.items():
         assert importlib.import_module(name).eager_attention_forward is func
         assert not _is_patched(func.__wrapped__)

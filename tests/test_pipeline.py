@@ -197,3 +197,17 @@ def test_bad_pipeline_input_gives_clear_errors():
         pipe(CONTEXT, question="a", cache=StaticCache(config=pipe.model.config, max_cache_len=64))
     with pytest.raises(TypeError, match="BasePress"):
         pipe(CONTEXT, question="a", press="knorm")
+
+
+def test_enable_thinking_is_passed_to_the_chat_template():
+    pipe = make_pipeline(chat=True)
+    pipe.tokenizer.chat_template = (
+        "{{ bos_token }}{% for message in messages %}<|user|>{{ message['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% if not enable_thinking %}<think></think>{% endif %}{% endif %}"
+    )
+    thinking = pipe.preprocess("ctx", ["q"], "", 10_000, enable_thinking=True)["questions_ids"][0]
+    no_thinking = pipe.preprocess("ctx", ["q"], "", 10_000, enable_thinking=False)["questions_ids"][0]
+    assert pipe.tokenizer.decode(thinking[0]) == "q<|end|><|assistant|>"
+    assert pipe.tokenizer.decode(no_thinking[0]) == "q<|end|><|assistant|><think></think>"
+    out = pipe(CONTEXT, question="Who?", enable_thinking=True, max_new_tokens=2)
+    assert isinstance(out["answer"], str)

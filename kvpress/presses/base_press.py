@@ -47,9 +47,11 @@ def layer_is_prefilling(cache, layer_idx: int, q_len: int) -> bool:
     """Prefill test used by the hooks: after this forward, the layer holds exactly the tokens it just saw.
 
     transformers >= 5.3 no longer passes `cache_position` to attention modules, so the cache length is used
-    instead; it gives the same answer as `is_prefilling` (the forward started on an empty cache).
+    instead; it gives the same answer as `is_prefilling` (the forward started on an empty cache). The length is
+    smaller than `q_len` only when an earlier press already compressed this layer in the same forward (presses
+    chained by ComposedPress), which is still the prefill.
     """
-    return cache_layer_length(cache, layer_idx) == q_len
+    return cache_layer_length(cache, layer_idx) <= q_len
 
 
 def get_hook_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:

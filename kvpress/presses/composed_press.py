@@ -18,10 +18,8 @@ logger = logging.getLogger(__name__)
 _NOT_COMPOSABLE_CLASS_NAMES = ("AdaKVPress", "KVzipPress", "RestoreKVPress")
 
 
-def _composition_problem(press: object) -> Optional[str]:
+def _composition_problem(press: BasePress) -> Optional[str]:
     """Why `press` cannot go inside a ComposedPress, or None when it can."""
-    if not isinstance(press, BasePress):
-        return f"{type(press).__name__} is not a kvpress press (a BasePress instance)"
     class_names = {cls.__name__ for cls in type(press).__mro__}
     if not getattr(press, "composable", True) or class_names.intersection(_NOT_COMPOSABLE_CLASS_NAMES):
         return (
@@ -47,6 +45,11 @@ class ComposedPress(BasePress):
             raise TypeError(f"ComposedPress takes a list of presses, got {type(self.presses).__name__}.")
         self.presses = list(self.presses)
         for position, press in enumerate(self.presses):
+            if not isinstance(press, BasePress):
+                raise TypeError(
+                    f"ComposedPress takes a list of presses; presses[{position}] is a {type(press).__name__}, not a "
+                    "kvpress press (a BasePress instance)."
+                )
             problem = _composition_problem(press)
             if problem is not None:
                 raise ValueError(f"ComposedPress cannot contain presses[{position}]: {problem}.")
