@@ -10,7 +10,8 @@ softmax weight is exactly 0. The press stores the entries to neutralise in `modu
 
 `patch_attention_functions` wraps every attention function of transformers (sdpa, flash, flex, ...) and, unlike
 upstream, also the `eager_attention_forward` of each supported model, so that head-wise presses work under eager
-attention too.
+attention too. The wrapper also resizes the attention mask of layers whose cache was compressed to another length
+than the layer transformers sized the mask from.
 """
 
 from __future__ import annotations
@@ -61,6 +62,22 @@ def apply_masked_key_indices(module, query: torch.Tensor, key: torch.Tensor) -> 
     key[batch_idx, head_idx, seq_idx] = fake_keys[batch_idx, head_idx]
 
 
+def fit_mask_to_keys(attention_mask, q_len: int, k_len: int):
+    """Resize a 4-D attention mask to this layer's number of keys.
+
+    transformers builds one mask for all layers from one layer's cache length. When presses leave layers with
+    different lengths (PerLayerCompressionPress, PyramidKV, ...), the other layers need a mask of their own width:
+    every cached key stays visible and the new tokens keep their causal block (the last `q_len` columns).
+    """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        return attention_mask
+    if attention_mask.shape[-1] == k_len or k_len < q_len or attention_mask.shape[-1] < q_len:
+        return attention_mask
+    visible = True if attention_mask.dtype == torch.bool else 0.0
+    cached = attention_mask.new_full((*attention_mask.shape[:-1], k_len - q_len), visible)
+    return torch.cat([cached, attention_mask[..., -q_len:]], dim=-1)
+
+
 def attention_patch(func: Callable) -> Callable:
     """Wrap an attention function so that it honours `module.masked_key_indices`."""
     if getattr(func, _PATCHED_FLAG, False):
@@ -75,6 +92,7 @@ def attention_patch(func: Callable) -> Callable:
         if "cu_seq_lens_k" in kwargs and kwargs["cu_seq_lens_k"] is not None:
             # flash-attn varlen lengths must follow the (possibly compressed) cache length
             kwargs["cu_seq_lens_k"][-1] = key.shape[-2]
+        attention_mask = fit_mask_to_keys(attention_mask, query.shape[2], key.shape[2])
         return func(module, query, key, value, attention_mask, *args, **kwargs)
 
     setattr(wrapper, _PATCHED_FLAG, True)

@@ -84,5 +84,6 @@ class AdaKVPress(BasePress):
         pruned = scores.reshape(bsz, num_kv_heads * k_len).topk(n_pruned, dim=-1, largest=False).indices
         batch_idx = torch.arange(bsz, device=pruned.device).repeat_interleave(n_pruned)
         pruned = pruned.reshape(-1)
-        module.masked_key_indices = (batch_idx, pruned // k_len, pruned % k_len)
+        # read by the patched attention at every later (non-prefill) attention call of this layer
+        setattr(module, "masked_key_indices", (batch_idx, pruned // k_len, pruned % k_len))
         return keys, values

@@ -43,15 +43,34 @@ def is_prefilling(cache_position: torch.Tensor, q_len: int) -> bool:
     return bool((last.item() if isinstance(last, torch.Tensor) else last) + 1 == q_len)
 
 
-def layer_is_prefilling(cache, layer_idx: int, q_len: int) -> bool:
-    """Prefill test used by the hooks: after this forward, the layer holds exactly the tokens it just saw.
+_PREFILL_FLAG = "_kvpress_prefilling"
 
-    transformers >= 5.3 no longer passes `cache_position` to attention modules, so the cache length is used
-    instead; it gives the same answer as `is_prefilling` (the forward started on an empty cache). The length is
-    smaller than `q_len` only when an earlier press already compressed this layer in the same forward (presses
-    chained by ComposedPress), which is still the prefill.
+
+def layer_is_prefilling(module: nn.Module, cache, q_len: int) -> bool:
+    """Whether the forward that just ran on this attention layer was a prefill (it started on an empty layer).
+
+    transformers >= 5.3 no longer passes `cache_position` to attention modules, so the state of the cache layer is
+    used instead. Inside `with press(model):` a forward pre-hook records, before the layer runs, whether its cache
+    layer had never been filled; that stays right when presses chained by ComposedPress shrink the layer during the
+    same forward, and when a layer was compressed to 0 tokens (it is not prefilled again by later tokens). Outside
+    (a hook called by hand), the layer is prefilling when it holds no more than the tokens of this forward.
     """
-    return cache_layer_length(cache, layer_idx) <= q_len
+    recorded = getattr(module, _PREFILL_FLAG, None)
+    if recorded is not None:
+        return bool(recorded)
+    return cache_layer_length(cache, module.layer_idx) <= q_len
+
+
+def _record_prefill_state(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: remember whether this layer's cache is still empty, before the attention appends to it."""
+    cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    if cache is None:
+        prefilling = False
+    elif module.layer_idx >= len(cache.layers):
+        prefilling = True
+    else:
+        prefilling = not cache.layers[module.layer_idx].is_initialized
+    object.__setattr__(module, _PREFILL_FLAG, prefilling)
 
 
 def get_hook_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
@@ -90,7 +109,7 @@ class BasePress:
         if cache is None:
             return output
         q_len = hidden_states.shape[1]
-        if not layer_is_prefilling(cache, module.layer_idx, q_len):
+        if not layer_is_prefilling(module, cache, q_len):
             return output
         keys, values = extract_keys_and_values(cache, module.layer_idx)
         keys, values = self.compress(module, hidden_states, keys, values, output[1], kwargs)
@@ -117,8 +136,11 @@ class BasePress:
                     continue
                 # Plain attribute, not a registered submodule: presses need the shared RoPE of the decoder.
                 object.__setattr__(attention, "rotary_emb", language_model.rotary_emb)
+                hooks.append(attention.register_forward_pre_hook(_record_prefill_state, with_kwargs=True))
                 hooks.append(attention.register_forward_hook(self.forward_hook, with_kwargs=True))
             yield
         finally:
             for hook in hooks:
                 hook.remove()
+            for layer in language_model.layers:
+                layer.self_attn.__dict__.pop(_PREFILL_FLAG, None)

@@ -84,4 +84,3 @@ class ComposedPress(BasePress):
         for press in self.presses:
             output = press.forward_hook(module, input, kwargs, output)
         return output
-

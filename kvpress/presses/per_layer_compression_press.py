@@ -20,8 +20,8 @@ class PerLayerCompressionPress(BasePress):
     """Compress layer `i` with `compression_ratios[i]` (one ratio per decoder layer, each in [0, 1]).
 
     Layers end up with caches of different lengths; 1.0 drops a layer's context entirely. `compression_ratio` is
-    the mean of the list and cannot be set. Experimental: see the warning in `__post_init__` for the attention
-    backends that can continue from such a cache.
+    the mean of the list and cannot be set. The attention patch resizes the attention mask of each layer to its own
+    cache length, so later forwards work with sdpa, eager and flash attention alike.
     """
 
     press: ScorerPress
@@ -39,12 +39,6 @@ class PerLayerCompressionPress(BasePress):
             raise ValueError("compression_ratios must hold one compression ratio per decoder layer, got an empty list.")
         for layer_idx, ratio in enumerate(self.compression_ratios):
             validate_compression_ratio(ratio, name=f"compression_ratios[{layer_idx}]", allow_one=True)
-        logger.warning(
-            "PerLayerCompressionPress is experimental: layers end up with caches of different lengths, while "
-            "transformers builds one attention mask for all layers. Later forwards work only when no mask is "
-            "materialised: flash attention, or sdpa with single-token steps on an unpadded batch (model.generate). "
-            "Eager attention and multi-token forwards on the compressed cache (e.g. the pipeline's question) fail."
-        )
 
     @property
     def compression_ratio(self) -> float:
