@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    DynamicCache,
     Gemma3Config,
     Gemma3ForCausalLM,
     Gemma3ForConditionalGeneration,
@@ -31,6 +34,8 @@ from transformers import (
     Qwen3ForCausalLM,
     SiglipVisionConfig,
 )
+
+from kvpress import BasePress
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|end|>", "<|assistant|>"]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -176,3 +181,31 @@ def compressed_layers(model: PreTrainedModel) -> list[int]:
     config = model.config.get_text_config()
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     return [i for i, layer_type in enumerate(layer_types) if layer_type != "sliding_attention"]
+
+
+def prefill(model: PreTrainedModel, input_ids: torch.Tensor, press=None) -> DynamicCache:
+    """Run `input_ids` through the model (inside `press` when given) and return the filled cache."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model) if press is not None else contextlib.nullcontext():
+        model(input_ids, past_key_values=cache)
+    return cache
+
+
+@dataclass
+class RecordingPress(BasePress):
+    """Leaves the cache untouched and records what each hooked layer received."""
+
+    calls: dict = field(default_factory=dict)
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        self.calls[module.layer_idx] = dict(
+            module=module, hidden_states=hidden_states, keys=keys, values=values, attentions=attentions, kwargs=kwargs
+        )
+        return keys, values
+
+
+def record_layers(model: PreTrainedModel, input_ids: torch.Tensor) -> dict:
+    """What every hooked layer's `compress` receives during a prefill of `input_ids`."""
+    recorder = RecordingPress()
+    prefill(model, input_ids, recorder)
+    return recorder.calls

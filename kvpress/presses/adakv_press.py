@@ -11,14 +11,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from kvpress.presses.base_press import BasePress
-from kvpress.presses.scorer_press import ScorerPress, check_scores, require_scorer_press
+from kvpress.presses.scorer_press import ScorerWrapperPress
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class AdaKVPress(BasePress):
+class AdaKVPress(ScorerWrapperPress):
     """Prune the lowest scores of the whole layer instead of the same number of tokens in every KV head.
 
     The layer keeps `H_kv * int(T * (1 - compression_ratio))` entries in total, chosen across heads, so heads with
@@ -28,7 +27,6 @@ class AdaKVPress(BasePress):
     flash and eager attention alike.
     """
 
-    press: ScorerPress
     alpha_safeguard: float = 0.20
 
     # The masks index the cache positions as they are after this press; a later press that removes tokens would
@@ -36,24 +34,13 @@ class AdaKVPress(BasePress):
     composable: ClassVar[bool] = False
 
     def __post_init__(self):
-        require_scorer_press(self, self.press)
+        super().__post_init__()
         alpha = self.alpha_safeguard
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ValueError(
                 f"alpha_safeguard must be a number in [0, 1], got {alpha!r}. It is the fraction of each head's "
                 "uniform budget that the head always keeps (0 lets a head lose everything, 1 disables AdaKV)."
             )
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.press.compression_ratio
-
-    @compression_ratio.setter
-    def compression_ratio(self, value: float) -> None:
-        self.press.compression_ratio = value
-
-    def post_init_from_model(self, model):
-        self.press.post_init_from_model(model)
 
     def compress(
         self,
@@ -66,8 +53,7 @@ class AdaKVPress(BasePress):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compression_ratio == 0:
             return keys, values
-        scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
-        check_scores(self.press, scores, keys)
+        scores = self.inner_scores(module, hidden_states, keys, values, attentions, kwargs)
         bsz, num_kv_heads, k_len = scores.shape
         n_kept = int(k_len * (1 - self.compression_ratio))
         n_safe = int(n_kept * self.alpha_safeguard)

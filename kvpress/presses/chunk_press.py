@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.base_press import BasePress
-from kvpress.presses.scorer_press import ScorerPress, check_scores, gather_tokens, require_scorer_press
+from kvpress.presses.scorer_press import ScorerWrapperPress, gather_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def chunk_kwargs(kwargs: dict, start: int, end: int, q_len: int) -> dict:
 
 
 @dataclass
-class ChunkPress(BasePress):
+class ChunkPress(ScorerWrapperPress):
     """Split the context into chunks of `chunk_length` tokens and let the inner scorer prune each chunk separately.
 
     Every chunk keeps `max(1, int(len(chunk) * (1 - compression_ratio)))` tokens per KV head, so no region of a long
@@ -49,24 +48,12 @@ class ChunkPress(BasePress):
     position_ids) and, under eager attention, the attention of the chunk's queries over the chunk's keys.
     """
 
-    press: ScorerPress
     chunk_length: int = 1024
 
     def __post_init__(self):
-        require_scorer_press(self, self.press)
+        super().__post_init__()
         if isinstance(self.chunk_length, bool) or not isinstance(self.chunk_length, int) or self.chunk_length < 1:
             raise ValueError(f"chunk_length must be a positive integer (tokens per chunk), got {self.chunk_length!r}.")
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.press.compression_ratio
-
-    @compression_ratio.setter
-    def compression_ratio(self, value: float) -> None:
-        self.press.compression_ratio = value
-
-    def post_init_from_model(self, model):
-        self.press.post_init_from_model(model)
 
     def compress(
         self,
@@ -90,7 +77,7 @@ class ChunkPress(BasePress):
         for start in range(0, k_len, self.chunk_length):
             end = min(start + self.chunk_length, k_len)
             chunk_attentions = None if attentions is None else attentions[:, :, start:end, start:end]
-            scores = self.press.score(
+            scores = self.inner_scores(
                 module,
                 hidden_states[:, start:end],
                 keys[:, :, start:end],
@@ -98,7 +85,6 @@ class ChunkPress(BasePress):
                 chunk_attentions,
                 chunk_kwargs(kwargs, start, end, q_len),
             )
-            check_scores(self.press, scores, keys[:, :, start:end])
             n_kept = max(1, int((end - start) * (1 - self.compression_ratio)))
             kept.append(scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values + start)
         indices = torch.cat(kept, dim=-1)

@@ -9,35 +9,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.base_press import BasePress
-from kvpress.presses.scorer_press import ScorerPress, check_scores, gather_tokens, require_scorer_press
+from kvpress.presses.scorer_press import ScorerWrapperPress, gather_tokens
 from kvpress.utils import rope_inv_freq, rotate_half
 
 
 @dataclass
-class KeyRerotationPress(BasePress):
+class KeyRerotationPress(ScorerWrapperPress):
     """Prune with the inner press's scores, then move the kept keys to contiguous positions.
 
     RoPE composes additively, so rotating a key cached at position p by (j - p) gives the key it would have had at
     position j. Generation then continues at position n_kept, as in StreamingLLM's rolling cache. The pipeline
     does this automatically.
     """
-
-    press: ScorerPress
-
-    def __post_init__(self):
-        require_scorer_press(self, self.press)
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.press.compression_ratio
-
-    @compression_ratio.setter
-    def compression_ratio(self, value: float) -> None:
-        self.press.compression_ratio = value
-
-    def post_init_from_model(self, model):
-        self.press.post_init_from_model(model)
 
     @staticmethod
     def _rerotate_cos_sin(
@@ -72,8 +55,7 @@ class KeyRerotationPress(BasePress):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.press.compression_ratio == 0:
             return keys, values
-        scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
-        check_scores(self.press, scores, keys)
+        scores = self.inner_scores(module, hidden_states, keys, values, attentions, kwargs)
         n_kept = int(keys.shape[2] * (1 - self.press.compression_ratio))
         indices = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
         return self.rerotate_keys(module, indices, keys), gather_tokens(values, indices)

@@ -88,3 +88,41 @@ class ScorerPress(BasePress):
         check_scores(self, scores, keys)
         n_kept = int(keys.shape[2] * (1 - self.compression_ratio))
         return keep_top_scores(scores, keys, values, n_kept)
+
+
+@dataclass
+class ScorerWrapperPress(BasePress):
+    """Base of the presses that wrap a ScorerPress (AdaKV, KeyRerotation, Chunk, ...).
+
+    Checks that `press` is a ScorerPress, delegates `compression_ratio` to it and forwards `post_init_from_model`.
+    """
+
+    press: ScorerPress
+
+    def __post_init__(self):
+        require_scorer_press(self, self.press)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.press.compression_ratio
+
+    @compression_ratio.setter
+    def compression_ratio(self, value: float) -> None:
+        self.press.compression_ratio = value
+
+    def post_init_from_model(self, model):
+        self.press.post_init_from_model(model)
+
+    def inner_scores(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        """The inner press's scores `(B, H_kv, T)`, checked for shape."""
+        scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
+        check_scores(self.press, scores, keys)
+        return scores

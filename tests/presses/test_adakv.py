@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache
+from transformers import AttentionInterface
 
 from kvpress import AdaKVPress, ComposedPress, KnormPress, RandomPress
-from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, random_input_ids
+from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, prefill, random_input_ids
 
 REFERENCE_ATTENTION = "kvpress_test_headwise_reference"
 # layer_idx -> bool (B, H_kv, T_prefill): entries the reference attention treats as removed
@@ -36,17 +36,6 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
 AttentionInterface.register(REFERENCE_ATTENTION, _reference_attention)
 
 
-def _prefill(model, input_ids, press=None):
-    cache = DynamicCache()
-    with torch.no_grad():
-        if press is None:
-            model(input_ids, past_key_values=cache)
-        else:
-            with press(model):
-                model(input_ids, past_key_values=cache)
-    return cache
-
-
 def _attention_modules(model):
     language_model = getattr(model.model, "language_model", model.model)
     return [layer.self_attn for layer in language_model.layers]
@@ -65,7 +54,7 @@ def test_masks_prune_the_layerwise_lowest_scores_with_safeguard(compression_rati
     model = get_model("llama")
     bsz, seq_len, alpha = 2, 128, 0.2
     press = AdaKVPress(KnormPress(compression_ratio), alpha_safeguard=alpha)
-    cache = _prefill(model, random_input_ids(bsz, seq_len, seed=1), press)
+    cache = prefill(model, random_input_ids(bsz, seq_len, seed=1), press)
 
     n_kept = int(seq_len * (1 - compression_ratio))
     n_safe = int(n_kept * alpha)
@@ -97,7 +86,7 @@ def test_compression_ratio_delegates_and_ratio_zero_sets_no_mask():
     press.compression_ratio = 0.0
     assert press.press.compression_ratio == 0.0
     model = get_model("llama")
-    cache = _prefill(model, random_input_ids(1, 32), press)
+    cache = prefill(model, random_input_ids(1, 32), press)
     assert all(getattr(m, "masked_key_indices", None) is None for m in _attention_modules(model))
     assert cache.get_seq_length() == 32
 
@@ -107,7 +96,7 @@ def test_eager_attention_gives_masked_entries_zero_weight(arch):
     """Unlike upstream, the attention patch covers eager attention: masked entries get exactly zero weight."""
     model = get_model(arch, attn_implementation="eager")
     bsz, seq_len = 2, 48
-    cache = _prefill(model, random_input_ids(bsz, seq_len, seed=2), AdaKVPress(KnormPress(0.5)))
+    cache = prefill(model, random_input_ids(bsz, seq_len, seed=2), AdaKVPress(KnormPress(0.5)))
     layers = compressed_layers(model)
     masks = {i: _masked_bool(model, i, cache.layers[i].keys.shape[:3]) for i in layers}
 
@@ -130,7 +119,7 @@ def test_decoding_step_equals_truly_removing_entries_per_head(arch):
     logits = {}
     for attn in ("sdpa", "eager"):
         model = get_model(arch, attn_implementation=attn)
-        cache = _prefill(model, context, AdaKVPress(RandomPress(0.6, seed=0), alpha_safeguard=0.1))
+        cache = prefill(model, context, AdaKVPress(RandomPress(0.6, seed=0), alpha_safeguard=0.1))
         masks = {i: _masked_bool(model, i, cache.layers[i].keys.shape[:3]) for i in compressed_layers(model)}
         with torch.no_grad():
             logits[attn] = model(new_token, past_key_values=cache).logits[:, -1]
@@ -138,7 +127,7 @@ def test_decoding_step_equals_truly_removing_entries_per_head(arch):
     reference = copy.deepcopy(get_model(arch))
     reference.set_attn_implementation(REFERENCE_ATTENTION)
     _REMOVED.clear()
-    cache = _prefill(reference, context)
+    cache = prefill(reference, context)
     _REMOVED.update(masks)
     try:
         with torch.no_grad():
@@ -155,14 +144,14 @@ def test_decoding_step_equals_truly_removing_entries_per_head(arch):
 
 def test_masks_reset_at_next_prefill_and_persist_during_decoding():
     model = get_model("llama")
-    cache = _prefill(model, random_input_ids(1, 40), AdaKVPress(KnormPress(0.5)))
+    cache = prefill(model, random_input_ids(1, 40), AdaKVPress(KnormPress(0.5)))
     modules = _attention_modules(model)
     masks = [m.masked_key_indices for m in modules]
     assert all(mask is not None for mask in masks)
     with torch.no_grad():
         model(random_input_ids(1, 2, seed=1), past_key_values=cache)  # decoding keeps the masks
     assert all(m.masked_key_indices is masks[i] for i, m in enumerate(modules))
-    _prefill(model, random_input_ids(1, 40, seed=2))  # a new context without press
+    prefill(model, random_input_ids(1, 40, seed=2))  # a new context without press
     assert all(m.masked_key_indices is None for m in modules)
 
 

@@ -2,45 +2,24 @@
 # SPDX-License-Identifier: Apache-2.0
 """ExpectedAttentionPress against a direct reference computation, sinks, options, short inputs, kept counts."""
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 
 from kvpress import ExpectedAttentionPress
-from kvpress.presses.base_press import BasePress
-from tests.fixtures import ARCHITECTURES, HEAD_DIM, HEADS, KV_HEADS, compressed_layers, get_model, random_input_ids
+from tests.fixtures import (
+    ARCHITECTURES,
+    HEAD_DIM,
+    HEADS,
+    KV_HEADS,
+    compressed_layers,
+    get_model,
+    prefill,
+    random_input_ids,
+    record_layers,
+)
 
 GROUPS = HEADS // KV_HEADS
 RATIOS = (0.0, 0.25, 0.5, 0.9)
-
-
-@dataclass
-class RecordingPress(BasePress):
-    """Leaves the cache untouched and records what each hooked layer received."""
-
-    calls: dict = field(default_factory=dict)
-
-    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
-        self.calls[module.layer_idx] = dict(
-            module=module, hidden_states=hidden_states, keys=keys, values=values, attentions=attentions, kwargs=kwargs
-        )
-        return keys, values
-
-
-def record_layers(model, input_ids) -> dict:
-    recorder = RecordingPress()
-    with torch.no_grad(), recorder(model):
-        model(input_ids, use_cache=True)
-    return recorder.calls
-
-
-def run_cache(model, input_ids, press=None):
-    with torch.no_grad():
-        if press is None:
-            return model(input_ids, use_cache=True).past_key_values
-        with press(model):
-            return model(input_ids, use_cache=True).past_key_values
 
 
 def score_of(press, call: dict) -> torch.Tensor:
@@ -128,8 +107,8 @@ def test_options_change_scores():
 def test_sinks_always_kept(arch):
     model, length, n_sink = get_model(arch), 40, 6
     input_ids = random_input_ids(1, length, seed=3)
-    full = run_cache(model, input_ids)
-    compressed = run_cache(model, input_ids, ExpectedAttentionPress(0.8, n_sink=n_sink))
+    full = prefill(model, input_ids)
+    compressed = prefill(model, input_ids, ExpectedAttentionPress(0.8, n_sink=n_sink))
     for layer_idx in compressed_layers(model):
         kept = compressed.layers[layer_idx].keys
         assert kept.shape[2] == int(length * (1 - 0.8))
@@ -139,7 +118,7 @@ def test_sinks_always_kept(arch):
 def test_too_short_input_raises():
     model = get_model("llama")
     with pytest.raises(ValueError, match="n_sink"):
-        run_cache(model, random_input_ids(1, 4), ExpectedAttentionPress(0.5, n_sink=4))
+        prefill(model, random_input_ids(1, 4), ExpectedAttentionPress(0.5, n_sink=4))
     call = record_layers(model, random_input_ids(1, 12))[0]
     # Fewer cached keys than sinks (e.g. a cache that was already compressed) is refused as well.
     with pytest.raises(ValueError, match="cache holds only 3 tokens"):
@@ -155,9 +134,9 @@ def test_too_short_input_raises():
 def test_kept_token_counts(arch):
     model, length = get_model(arch), 48
     input_ids = random_input_ids(1, length, seed=4)
-    full_lengths = [layer.keys.shape[2] for layer in run_cache(model, input_ids).layers]
+    full_lengths = [layer.keys.shape[2] for layer in prefill(model, input_ids).layers]
     for ratio in RATIOS:
-        cache = run_cache(model, input_ids, ExpectedAttentionPress(ratio))
+        cache = prefill(model, input_ids, ExpectedAttentionPress(ratio))
         for layer_idx, layer in enumerate(cache.layers):
             expected = int(length * (1 - ratio)) if layer_idx in compressed_layers(model) else full_lengths[layer_idx]
             assert layer.keys.shape == layer.values.shape == (1, KV_HEADS, expected, HEAD_DIM)

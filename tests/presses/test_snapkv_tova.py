@@ -2,45 +2,24 @@
 # SPDX-License-Identifier: Apache-2.0
 """SnapKVPress and TOVAPress: recomputed window attention, kept tokens, constructed inputs, kept counts."""
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 
 from kvpress import SnapKVPress, TOVAPress
-from kvpress.presses.base_press import BasePress
-from tests.fixtures import ARCHITECTURES, HEAD_DIM, HEADS, KV_HEADS, compressed_layers, get_model, random_input_ids
+from tests.fixtures import (
+    ARCHITECTURES,
+    HEAD_DIM,
+    HEADS,
+    KV_HEADS,
+    compressed_layers,
+    get_model,
+    prefill,
+    random_input_ids,
+    record_layers,
+)
 
 GROUPS = HEADS // KV_HEADS
 RATIOS = (0.0, 0.25, 0.5, 0.9)
-
-
-@dataclass
-class RecordingPress(BasePress):
-    """Leaves the cache untouched and records what each hooked layer received."""
-
-    calls: dict = field(default_factory=dict)
-
-    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
-        self.calls[module.layer_idx] = dict(
-            module=module, hidden_states=hidden_states, keys=keys, values=values, attentions=attentions, kwargs=kwargs
-        )
-        return keys, values
-
-
-def record_layers(model, input_ids) -> dict:
-    recorder = RecordingPress()
-    with torch.no_grad(), recorder(model):
-        model(input_ids, use_cache=True)
-    return recorder.calls
-
-
-def run_cache(model, input_ids, press=None):
-    with torch.no_grad():
-        if press is None:
-            return model(input_ids, use_cache=True).past_key_values
-        with press(model):
-            return model(input_ids, use_cache=True).past_key_values
 
 
 def score_of(press, call: dict, attentions) -> torch.Tensor:
@@ -110,8 +89,8 @@ def test_snapkv_keeps_window_and_most_attended_tokens():
     model, window, kernel, length = get_model("llama"), 8, 5, 64
     input_ids = random_input_ids(1, length, seed=2)
     calls = record_layers(model, input_ids)
-    full = run_cache(model, input_ids)
-    compressed = run_cache(model, input_ids, SnapKVPress(0.5, window_size=window, kernel_size=kernel))
+    full = prefill(model, input_ids)
+    compressed = prefill(model, input_ids, SnapKVPress(0.5, window_size=window, kernel_size=kernel))
     n_kept = int(length * 0.5)
     for layer_idx, call in calls.items():
         with torch.no_grad():
@@ -141,8 +120,8 @@ def test_tova_keeps_last_token_and_tokens_it_attends_to():
     model, length = get_model("llama"), 64
     input_ids = random_input_ids(1, length, seed=4)
     calls = record_layers(model, input_ids)
-    full = run_cache(model, input_ids)
-    compressed = run_cache(model, input_ids, TOVAPress(0.75))
+    full = prefill(model, input_ids)
+    compressed = prefill(model, input_ids, TOVAPress(0.75))
     n_kept = int(length * 0.25)
     for layer_idx, call in calls.items():
         with torch.no_grad():
@@ -199,7 +178,7 @@ def test_snapkv_even_kernel_keeps_one_score_per_token():
     with torch.no_grad():
         scores = score_of(SnapKVPress(0.5, window_size=8, kernel_size=4), call, None)
     assert scores.shape == (1, KV_HEADS, 40)
-    cache = run_cache(model, input_ids, SnapKVPress(0.5, window_size=8, kernel_size=4))
+    cache = prefill(model, input_ids, SnapKVPress(0.5, window_size=8, kernel_size=4))
     assert all(layer.keys.shape[2] == 20 for layer in cache.layers)
 
 
@@ -221,10 +200,10 @@ def test_tova_averages_over_all_heads():
 def test_kept_token_counts(arch):
     model, length = get_model(arch), 64
     input_ids = random_input_ids(1, length, seed=6)
-    full_lengths = [layer.keys.shape[2] for layer in run_cache(model, input_ids).layers]
+    full_lengths = [layer.keys.shape[2] for layer in prefill(model, input_ids).layers]
     for press_class, options in ((SnapKVPress, dict(window_size=4)), (TOVAPress, {})):
         for ratio in RATIOS:
-            cache = run_cache(model, input_ids, press_class(ratio, **options))
+            cache = prefill(model, input_ids, press_class(ratio, **options))
             for layer_idx, layer in enumerate(cache.layers):
                 expected = (
                     int(length * (1 - ratio)) if layer_idx in compressed_layers(model) else full_lengths[layer_idx]
@@ -236,8 +215,8 @@ def test_kept_token_counts(arch):
 def test_snapkv_default_window_needs_longer_context():
     model = get_model("llama")
     with pytest.raises(ValueError, match="longer than window_size"):
-        run_cache(model, random_input_ids(1, 64), SnapKVPress(0.5))  # default window_size is 64
-    cache = run_cache(model, random_input_ids(1, 80), SnapKVPress(0.5))
+        prefill(model, random_input_ids(1, 64), SnapKVPress(0.5))  # default window_size is 64
+    cache = prefill(model, random_input_ids(1, 80), SnapKVPress(0.5))
     assert cache.layers[0].keys.shape[2] == 40
 
 

@@ -20,18 +20,7 @@ from kvpress import (
     StreamingLLMPress,
 )
 from kvpress.presses.scorer_press import gather_tokens
-from tests.fixtures import compressed_layers, get_model, random_input_ids
-
-
-def _prefill(model, input_ids, press=None):
-    cache = DynamicCache()
-    with torch.no_grad():
-        if press is None:
-            model(input_ids, past_key_values=cache)
-        else:
-            with press(model):
-                model(input_ids, past_key_values=cache)
-    return cache
+from tests.fixtures import compressed_layers, get_model, prefill, random_input_ids
 
 
 @dataclass
@@ -71,8 +60,8 @@ def test_composed_chains_presses_on_the_compressed_cache():
     press = ComposedPress([KnormPress(0.5), StreamingLLMPress(0.5, n_sink=4)])
     assert press.compression_ratio == pytest.approx(1 - 0.5 * 0.5)
 
-    cache = _prefill(model, input_ids, press)
-    knorm_only = _prefill(model, input_ids, KnormPress(0.5))
+    cache = prefill(model, input_ids, press)
+    knorm_only = prefill(model, input_ids, KnormPress(0.5))
     for layer_idx in compressed_layers(model):
         keys = cache.layers[layer_idx].keys
         assert keys.shape[2] == int(int(128 * 0.5) * 0.5) == 32
@@ -136,7 +125,7 @@ def test_per_layer_ratios_give_per_layer_lengths():
     inner = RecordingKnormPress(0.3)
     press = PerLayerCompressionPress(inner, [0.1, 1.0])
     assert press.compression_ratio == pytest.approx(0.55)
-    cache = _prefill(model, random_input_ids(5, 256), press)
+    cache = prefill(model, random_input_ids(5, 256), press)
     assert cache.layers[0].keys.shape == (5, 2, 230, 16)
     assert cache.layers[1].keys.shape == (5, 2, 0, 16)
     assert [(call["layer"], call["ratio"]) for call in inner.calls] == [(0, 0.1), (1, 1.0)]
@@ -146,8 +135,10 @@ def test_per_layer_ratios_give_per_layer_lengths():
 
 def test_per_layer_skips_gemma3_sliding_layers():
     model = get_model("gemma3")
-    cache = _prefill(model, random_input_ids(1, 64), PerLayerCompressionPress(KnormPress(), [0.5, 0.25]))
-    assert [layer.keys.shape[2] for layer in cache.layers] == [64, 48]
+    cache = prefill(model, random_input_ids(1, 64), PerLayerCompressionPress(KnormPress(), [0.5, 0.25]))
+    reference = prefill(model, random_input_ids(1, 64))
+    assert cache.layers[1].keys.shape[2] == 48
+    assert torch.equal(cache.layers[0].keys, reference.layers[0].keys)  # the sliding layer is left as it is
 
 
 def test_per_layer_generate_continues_with_different_layer_lengths():
@@ -182,7 +173,7 @@ def test_per_layer_bad_input():
     with pytest.raises(AttributeError, match="compression_ratios"):
         press.compression_ratio = 0.5
     with pytest.raises(ValueError, match="3 compression_ratios but LlamaForCausalLM has 2 decoder layers"):
-        _prefill(get_model("llama"), random_input_ids(1, 16), press)
+        prefill(get_model("llama"), random_input_ids(1, 16), press)
 
 
 # ChunkPress
@@ -192,8 +183,8 @@ def test_per_layer_bad_input():
 def test_chunk_keeps_the_top_scores_of_each_chunk(chunk_length):
     model = get_model("llama")
     input_ids = random_input_ids(2, 256)
-    cache = _prefill(model, input_ids, ChunkPress(KnormPress(0.5), chunk_length=chunk_length))
-    full = _prefill(model, input_ids)
+    cache = prefill(model, input_ids, ChunkPress(KnormPress(0.5), chunk_length=chunk_length))
+    full = prefill(model, input_ids)
     for layer_idx in compressed_layers(model):
         keys, values = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
         assert keys.shape[2] == 128
@@ -213,9 +204,9 @@ def test_chunk_keeps_the_top_scores_of_each_chunk(chunk_length):
 
 def test_chunk_counts_floor_per_chunk_and_keep_at_least_one():
     model = get_model("llama")
-    cache = _prefill(model, random_input_ids(1, 100), ChunkPress(KnormPress(0.9), chunk_length=4))
+    cache = prefill(model, random_input_ids(1, 100), ChunkPress(KnormPress(0.9), chunk_length=4))
     assert cache.get_seq_length() == 25  # max(1, int(4 * 0.1)) = 1 per chunk
-    cache = _prefill(model, random_input_ids(1, 100), ChunkPress(KnormPress(0.5), chunk_length=32))
+    cache = prefill(model, random_input_ids(1, 100), ChunkPress(KnormPress(0.5), chunk_length=32))
     assert cache.get_seq_length() == 3 * 16 + 2
 
 
@@ -226,7 +217,7 @@ def test_chunk_scorer_sees_its_own_chunk(attn_implementation):
     seq_len, chunk_length = 40, 16
     input_ids = random_input_ids(1, seq_len)
     inner = RecordingKnormPress(0.5)
-    _prefill(model, input_ids, ChunkPress(inner, chunk_length=chunk_length))
+    prefill(model, input_ids, ChunkPress(inner, chunk_length=chunk_length))
     full_cos, full_sin = model.model.rotary_emb(torch.zeros(1), torch.arange(seq_len)[None])
 
     starts = [0, 16, 32]
@@ -249,7 +240,7 @@ def test_chunk_delegation_and_bad_input():
     assert press.compression_ratio == 0.4
     press.compression_ratio = 0.0
     assert press.press.compression_ratio == 0.0
-    assert _prefill(get_model("llama"), random_input_ids(1, 20), press).get_seq_length() == 20
+    assert prefill(get_model("llama"), random_input_ids(1, 20), press).get_seq_length() == 20
     with pytest.raises(TypeError, match="ScorerPress"):
         ChunkPress(ComposedPress([KnormPress(0.5)]))
     with pytest.raises(ValueError, match="chunk_length"):
