@@ -13,6 +13,10 @@ from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, random_i
 SEQ_LEN = 40
 
 CASES = [(entry["cls"], kwargs) for entry in default_presses for kwargs in entry["kwargs"]]
+RATIOS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9)
+RATIO_CASES = [
+    (entry["cls"], {**entry["kwargs"][0], "compression_ratio": r}) for entry in default_presses for r in RATIOS
+]
 
 
 def case_id(case):
@@ -33,7 +37,7 @@ def cache_lengths(cache):
 
 @pytest.mark.core
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+@pytest.mark.parametrize("case", RATIO_CASES, ids=[case_id(c) for c in RATIO_CASES])
 def test_press_alone_keeps_int_t_times_one_minus_ratio(arch, case):
     cls, kwargs = case
     model = get_model(arch)
@@ -69,7 +73,7 @@ def expected_length(wrapper: str, ratio: float) -> int:
     return int(SEQ_LEN * (1 - ratio))
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("wrapper", ["composed", "rerotation", "adakv", "chunk"])
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_press_inside_each_wrapper(arch, wrapper, case):
@@ -90,7 +94,7 @@ def test_press_inside_each_wrapper(arch, wrapper, case):
         assert masked == model.config.get_text_config().num_key_value_heads * (SEQ_LEN - n_kept)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("entry", eager_presses, ids=lambda e: e["cls"].__name__)
 def test_eager_presses(arch, entry):
     model = get_model(arch, "eager")
