@@ -4,6 +4,8 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 # The CPU wheel is what a machine without a GPU needs; on a CUDA machine pass TORCH=torch (or a CUDA build).
 TORCH ?= torch==2.13.0
+# Machines that keep a local CPU wheel of torch (as this project's CI machines do) install it from there.
+TORCH_FIND_LINKS := $(if $(wildcard /opt/wheels/torch-*.whl),--find-links /opt/wheels,)
 # Extra requirement installed after the project, e.g. TRANSFORMERS=transformers==5.2.0 to test the oldest release.
 TRANSFORMERS ?=
 PYTEST_ARGS ?=
@@ -13,7 +15,7 @@ PYTEST_ARGS ?=
 install:
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade "pip>=25.1"
-	$(PYTHON) -m pip install --quiet "$(TORCH)"
+	$(PYTHON) -m pip install --quiet $(TORCH_FIND_LINKS) "$(TORCH)"
 	$(PYTHON) -m pip install --quiet -e . --group dev
 	@if [ -n "$(TRANSFORMERS)" ]; then $(PYTHON) -m pip install --quiet "$(TRANSFORMERS)"; fi
 	$(PYTHON) -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
