@@ -16,7 +16,7 @@ install:
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade "pip>=25.1"
 	$(PYTHON) -m pip install --quiet $(TORCH_FIND_LINKS) "$(TORCH)"
-	$(PYTHON) -m pip install --quiet -e . --group dev
+	$(PYTHON) -m pip install --quiet -e ".[eval]" --group dev
 	@if [ -n "$(TRANSFORMERS)" ]; then $(PYTHON) -m pip install --quiet "$(TRANSFORMERS)"; fi
 	$(PYTHON) -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 
