@@ -20,8 +20,14 @@ logger = logging.getLogger(__name__)
 
 
 def _is_decoding_press(press: Optional[BasePress]) -> bool:
-    """Presses that act on the question and answer tokens rather than (only) on the context."""
-    return press is not None and bool(getattr(press, "acts_during_decoding", False))
+    """Presses that act on the question and answer tokens rather than (only) on the context: decoding presses
+    (`acts_during_decoding`, e.g. DecodingPress or a press with a `cache_budget`), or a ComposedPress holding one."""
+    if press is None:
+        return False
+    if bool(getattr(press, "acts_during_decoding", False)):
+        return True
+    inner = getattr(press, "presses", None)
+    return isinstance(inner, (list, tuple)) and any(_is_decoding_press(p) for p in inner)
 
 
 def _uses_rerotated_positions(press: Optional[BasePress]) -> bool:
@@ -139,7 +145,9 @@ class KVPressTextGenerationPipeline(Pipeline):
     ):
         if _is_decoding_press(press) and len(input_tensors["questions_ids"]) > 1:
             raise ValueError(
-                "DecodingPress is not compatible with multiple questions. Please specify a single question."
+                "DecodingPress is not compatible with multiple questions. Please specify a single question. "
+                f"({type(press).__name__} compresses the cache while answering, so each answer would change the "
+                "context the next question sees; ask one question per call, or use a press without cache_budget.)"
             )
 
         context_ids = input_tensors["context_ids"].to(self.model.device)
@@ -155,7 +163,13 @@ class KVPressTextGenerationPipeline(Pipeline):
         logger.debug(f"Context Length: {context_length}")
         logger.debug(f"Compressed Context Length: {cache.get_seq_length()}")
 
-        decoding_context = press(self.model) if _is_decoding_press(press) else contextlib.nullcontext()
+        if _is_decoding_press(press):
+            decoding_context = press(self.model)
+        elif press is not None and press.latency:
+            # The press does not act while answering, but its telemetry still counts the answer's tokens.
+            decoding_context = press.track_timing(self.model)
+        else:
+            decoding_context = contextlib.nullcontext()
         answers = []
         with decoding_context:
             for question_ids in input_tensors["questions_ids"]:

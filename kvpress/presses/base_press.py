@@ -1,13 +1,17 @@
 # SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
 # SPDX-License-Identifier: Apache-2.0
-"""The press contract: hook every attention layer of a model and compress its KV cache after prefill."""
+"""The press contract: hook every attention layer of a model and compress its KV cache after prefill.
+
+Every registered hook is wrapped by `kvpress.timing`, so any press reports its time and token counts when
+`press.latency = True` (`get_timing_metrics()`, `reset_timing()`).
+"""
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Generator
+from typing import Callable, ClassVar, Generator, Optional
 
 import torch
 from torch import nn
@@ -22,6 +26,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from kvpress.timing import telemetry_of, timed_hook
 from kvpress.utils import cache_layer_length, extract_keys_and_values, get_language_model, write_keys_and_values
 
 logger = logging.getLogger(__name__)
@@ -80,13 +85,52 @@ def get_hook_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch
     return hidden_states, cache
 
 
+def hook_phase(module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[bool, int, torch.device]]:
+    """`(is_prefill, n_tokens, device)` of the forward a hook sees, or None when it runs without a cache."""
+    hidden_states, cache = get_hook_inputs(module, args, kwargs)
+    if cache is None:
+        return None
+    bsz, q_len = hidden_states.shape[:2]
+    return layer_is_prefilling(module, cache, q_len), bsz * q_len, hidden_states.device
+
+
+def _pass_through(module: nn.Module, args: tuple, kwargs: dict, output):
+    return output
+
+
 @dataclass
 class BasePress:
     """Base class of every press.
 
     `with press(model):` registers `forward_hook` on every attention module of the model; the hook compresses the
     layer's KV cache right after the layer ran on the context (prefill). Subclasses implement `compress`.
+
+    Telemetry (the reasoning fork's API): set `press.latency = True`, run, then read `press.get_timing_metrics()`;
+    `press.reset_timing()` zeroes the counters. `press.csv_path` (a file path, default None) turns on the per-step
+    eviction log of the presses that write one (H2O, R-KV, R-KV-LSH).
     """
+
+    # Not dataclass fields: plain attributes a user may set on an instance, as in the fork.
+    csv_path: ClassVar[Optional[str]] = None
+
+    @property
+    def latency(self) -> bool:
+        """Whether telemetry is recorded (default False: no overhead, every metric stays 0)."""
+        return telemetry_of(self).enabled
+
+    @latency.setter
+    def latency(self, value: bool) -> None:
+        telemetry_of(self).enabled = bool(value)
+
+    def get_timing_metrics(self) -> dict:
+        """`prefill_time`, `decoding_time`, `total_time` (seconds of press work), `total_prefill_tokens`,
+        `total_decoding_tokens`, `output_tokens_per_second` (decoding tokens per second of press time, as in the
+        fork) and `peak_memory_bytes` (CUDA peak allocation, 0 without CUDA), accumulated since the last reset."""
+        return telemetry_of(self).metrics()
+
+    def reset_timing(self) -> None:
+        """Zero the telemetry counters (and the CUDA peak-memory statistics when CUDA is in use)."""
+        telemetry_of(self).reset()
 
     def post_init_from_model(self, model: PreTrainedModel) -> None:
         """Initialise model-dependent state (called each time the press is entered). No-op by default."""
@@ -127,20 +171,37 @@ class BasePress:
                 ", ".join(cls.__name__ for cls in SUPPORTED_MODELS),
             )
         self.post_init_from_model(model)
-        hooks = []
+        with self._hooked(language_model, self.forward_hook):
+            yield
+
+    @contextmanager
+    def track_timing(self, model: PreTrainedModel) -> Generator:
+        """Record telemetry (tokens, and zero press time) without applying the press: for the phases a press does not
+        act on, e.g. the pipeline's answer of a press that only compresses the context."""
+        with self._hooked(get_language_model(model), _pass_through):
+            yield
+
+    @contextmanager
+    def _hooked(self, language_model: nn.Module, hook: Callable) -> Generator:
+        """Register `hook` (wrapped by the telemetry) and the prefill pre-hook on every compressed attention layer."""
+        handles = []
+        attentions = [
+            layer.self_attn
+            for layer in language_model.layers
+            # Sliding-window layers already bound their cache; compressing them would evict from the window.
+            if not getattr(layer.self_attn, "is_sliding", False)
+        ]
+        counting_layer = attentions[0].layer_idx if attentions else None
+        timed = timed_hook(self, hook, counting_layer, hook_phase)
         try:
-            for layer in language_model.layers:
-                attention = layer.self_attn
-                if getattr(attention, "is_sliding", False):
-                    # Sliding-window layers already bound their cache; compressing them would evict from the window.
-                    continue
+            for attention in attentions:
                 # Plain attribute, not a registered submodule: presses need the shared RoPE of the decoder.
                 object.__setattr__(attention, "rotary_emb", language_model.rotary_emb)
-                hooks.append(attention.register_forward_pre_hook(_record_prefill_state, with_kwargs=True))
-                hooks.append(attention.register_forward_hook(self.forward_hook, with_kwargs=True))
+                handles.append(attention.register_forward_pre_hook(_record_prefill_state, with_kwargs=True))
+                handles.append(attention.register_forward_hook(timed, with_kwargs=True))
             yield
         finally:
-            for hook in hooks:
-                hook.remove()
+            for handle in handles:
+                handle.remove()
             for layer in language_model.layers:
                 layer.self_attn.__dict__.pop(_PREFILL_FLAG, None)

@@ -14,7 +14,15 @@ from kvpress.presses.scorer_press import ScorerPress
 
 @dataclass
 class KnormPress(ScorerPress):
-    """Score = -||k||: keys with a low norm tend to receive high attention, so they are kept."""
+    """Score = -||k||: keys with a low norm tend to receive high attention, so they are kept.
+
+    With a `cache_budget`, the norms of the cached keys are compared again after every decoding step (the press is
+    stateless: it needs neither hidden states nor attention weights), so the highest-norm key is evicted.
+    """
+
+    @property
+    def decoding_window(self) -> int:
+        return 0
 
     def score(
         self,

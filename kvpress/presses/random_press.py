@@ -15,9 +15,18 @@ from kvpress.presses.scorer_press import ScorerPress
 
 @dataclass
 class RandomPress(ScorerPress):
-    """Uniform random scores. With `seed`, the same scores come back on every call, on CPU and on CUDA alike."""
+    """Uniform random scores. With `seed`, the same scores come back on every call, on CPU and on CUDA alike.
+
+    With a `cache_budget` and a `seed`, each decoding step of each layer draws from its own generator, seeded from
+    `(seed, layer, step)`: reproducible, but not the same scores at every step (which would evict the same cache
+    slot over and over).
+    """
 
     seed: Optional[int] = None
+
+    @property
+    def decoding_window(self) -> int:
+        return 0
 
     def score(
         self,
@@ -32,5 +41,12 @@ class RandomPress(ScorerPress):
         if self.seed is None:
             return torch.rand(shape, dtype=keys.dtype, device=keys.device)
         # Drawn on a CPU generator then moved, so a seeded press also works on GPU tensors.
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self._step_seed(module))
         return torch.rand(shape, generator=generator).to(device=keys.device, dtype=keys.dtype)
+
+    def _step_seed(self, module: nn.Module) -> int:
+        """`seed` for a prefill (upstream); a seed derived from (seed, layer, step) for a decoding step."""
+        state = self.layer_state(getattr(module, "layer_idx", -1)) if self.cache_budget else None
+        if state is None or state.steps == 0:
+            return self.seed
+        return (self.seed * 1_000_003 + state.steps * 10_007 + module.layer_idx) % (2**63 - 1)

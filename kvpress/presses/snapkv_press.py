@@ -38,6 +38,11 @@ class SnapKVPress(ScorerPress):
 
     Uses the eager attention weights when the model returns them; otherwise it recomputes the window's attention
     from the pre-RoPE queries.
+
+    With a `cache_budget` this is the reasoning fork's SnapKV-D: the observation window slides with generation. At
+    every decoding step the window is the last `window_size` tokens (their hidden states, RoPE positions and
+    queries are kept per layer), the cache is scored again, and the window itself is always kept. A decoding step's
+    eager attention has a single query row, so the window's attention is recomputed from the remembered tokens.
     """
 
     compression_ratio: float = 0.0
@@ -45,11 +50,22 @@ class SnapKVPress(ScorerPress):
     kernel_size: int = 5
 
     def __post_init__(self):
-        super().__post_init__()
         for name in ("window_size", "kernel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}.")
+        super().__post_init__()
+
+    @property
+    def decoding_window(self) -> int:
+        return self.window_size
+
+    def check_budget_settings(self, budget: int) -> None:
+        if budget < self.window_size:
+            raise ValueError(
+                f"{type(self).__name__} always keeps its observation window, so cache_budget must be at least "
+                f"window_size; got cache_budget={budget}, window_size={self.window_size}."
+            )
 
     @staticmethod
     def compute_window_attention(
@@ -89,16 +105,21 @@ class SnapKVPress(ScorerPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> torch.Tensor:
-        q_len = hidden_states.shape[1]
+        k_len = keys.shape[2]
         window = self.window_size
-        if q_len <= window:
+        if k_len <= window:
             raise ValueError(
-                f"{type(self).__name__} needs a context longer than window_size: got {q_len} tokens with "
+                f"{type(self).__name__} needs a context longer than window_size: got {k_len} tokens with "
                 f"window_size={window}. Use a longer context or a smaller window_size."
             )
-        if attentions is not None:
+        if attentions is not None and attentions.shape[-2] >= window:
             weights = attentions[..., -window:, :-window]
         else:
+            if hidden_states.shape[1] < window:
+                raise ValueError(
+                    f"{type(self).__name__} recomputes the attention of the last window_size={window} queries but "
+                    f"got the hidden states of only {hidden_states.shape[1]} tokens."
+                )
             weights = self.compute_window_attention(module, hidden_states, keys, window, kwargs["position_embeddings"])
         scores = weights.mean(dim=-2)
         n_scored = scores.shape[-1]

@@ -15,9 +15,24 @@ from kvpress.presses.scorer_press import ScorerPress
 @dataclass
 class StreamingLLMPress(ScorerPress):
     """Attention sinks plus a recent window. Keys are not re-rotated; wrap in KeyRerotationPress for the paper's
-    exact setting."""
+    exact setting.
+
+    With a `cache_budget`, the cache keeps the `n_sink` first tokens and the `cache_budget - n_sink` most recent ones
+    at every step (the kept cache stays in positional order, so "first" and "most recent" are positions).
+    """
 
     n_sink: int = 4
+
+    @property
+    def decoding_window(self) -> int:
+        return 0
+
+    def check_budget_settings(self, budget: int) -> None:
+        if budget <= self.n_sink:
+            raise ValueError(
+                f"StreamingLLMPress keeps the {self.n_sink} sink tokens plus recent ones, so cache_budget must be "
+                f"larger than n_sink; got cache_budget={budget}, n_sink={self.n_sink}."
+            )
 
     def score(
         self,
@@ -34,7 +49,7 @@ class StreamingLLMPress(ScorerPress):
                 f"StreamingLLMPress needs more cached tokens ({k_len}) than sink tokens (n_sink={self.n_sink}); "
                 "lower n_sink or use a longer context."
             )
-        n_pruned = k_len - int(k_len * (1 - self.compression_ratio))
+        n_pruned = k_len - self.n_kept(k_len)
         scores = torch.ones(keys.shape[:3], dtype=keys.dtype, device=keys.device)
         scores[:, :, self.n_sink : self.n_sink + n_pruned] = 0
         return scores

@@ -1,0 +1,370 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""DecodingPress: keep the KV cache at `target_size` tokens while the model generates.
+
+The one idea: a prefill press compresses once, but a reasoning trace can be far longer than its prompt. During
+generation every `compression_interval` steps, each layer's cache is scored by a ScorerPress (from the recent
+hidden states, kept in a small buffer) and pruned back to `target_size` tokens, so it never holds more than
+`target_size + compression_interval - 1` tokens. Same API as upstream kvpress (https://github.com/NVIDIA/kvpress).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar, Generator, Optional
+
+import torch
+from torch import nn
+
+from kvpress.presses.adakv_press import AdaKVPress
+from kvpress.presses.base_press import BasePress, get_hook_inputs, layer_is_prefilling
+from kvpress.presses.scorer_press import ScorerPress, check_scores, gather_tokens
+from kvpress.utils import cache_layer_length, extract_keys_and_values, write_keys_and_values
+
+logger = logging.getLogger(__name__)
+
+# Presses that cannot rank a whole cache during decoding, where only the recent hidden states are at hand.
+CANNOT_SCORE_DURING_DECODING = {
+    "ObservedAttentionPress": "it needs the attention matrix of the whole context, which decoding steps do not produce",
+    "PyramidKVPress": "it sets its own per-layer budgets, which would override the decoding target",
+    "CompactorPress": "it recomputes its scores from the hidden states of every cached token (prefill only)",
+    "LeverageScorePress": "it recomputes its scores from the hidden states of every cached token (prefill only)",
+    "NonCausalAttnPress": "it recomputes its scores from the hidden states of every cached token (prefill only)",
+    "H2OPress": (
+        "it accumulates the attention each token received through its own hook; use H2OPress(cache_budget=...) "
+        "on an eager model instead"
+    ),
+    "KVzapPress": (
+        "it predicts one score per hidden state and decoding keeps only the recent ones; "
+        "use DMSPress(KVzapPress(...), decoding=True) to score each new token instead"
+    ),
+}
+DECODING_SCORERS = (
+    "KnormPress, RandomPress, StreamingLLMPress, SnapKVPress, TOVAPress, ExpectedAttentionPress, KeyDiffPress, "
+    "LagKVPress, CURPress, QFilterPress, CriticalKVPress, RKVPress, RKVLSHPress or your own ScorerPress"
+)
+
+
+def decoding_problem(press: object, table: dict[str, str], honour_flags: bool = True) -> Optional[str]:
+    """Why `press` cannot score during decoding according to `table` (class names in its MRO), or None.
+
+    With `honour_flags`, a press also opts out by declaring `supports_decoding = False` or
+    `scores_during_decoding = False` (it cannot score a whole cache from the recent hidden states).
+    """
+    for cls in type(press).__mro__:
+        if cls.__name__ in table:
+            return table[cls.__name__]
+    if honour_flags:
+        for flag in ("supports_decoding", "scores_during_decoding"):
+            if getattr(press, flag, True) is False:
+                return f"it declares {flag} = False"
+    return None
+
+
+def require_decoding_scorer(wrapper: object, press: object, allow_adakv: bool = True) -> None:
+    """Raise a clear error unless `press` can rank the cache of a layer during decoding."""
+    allowed = f"a ScorerPress that can score during decoding ({DECODING_SCORERS})"
+    if allow_adakv:
+        allowed += ", or an AdaKVPress around one"
+    name = type(wrapper).__name__
+    if isinstance(press, AdaKVPress) and allow_adakv:
+        require_decoding_scorer(wrapper, press.press, allow_adakv=False)
+        return
+    if not isinstance(press, ScorerPress):
+        raise TypeError(f"{name} needs {allowed}; got {type(press).__name__}.")
+    budget = getattr(press, "cache_budget", 0)
+    if budget:
+        raise ValueError(
+            f"{name} sets the size of the cache itself (target_size), so its base press must not have a "
+            f"cache_budget (got {type(press).__name__} with cache_budget={budget}): set cache_budget=0, or use the "
+            "budget press alone."
+        )
+    problem = decoding_problem(press, CANNOT_SCORE_DURING_DECODING)
+    if problem is not None:
+        raise ValueError(f"{name} cannot use {type(press).__name__} during decoding: {problem}. Use {allowed}.")
+
+
+def validate_int(owner: object, name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{type(owner).__name__}.{name} must be {bound}, got {value!r}.")
+
+
+def masked_entries(module: nn.Module, k_len: int) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The head-wise masks of `module` (set by AdaKV, DMS, ...) that point inside a cache of `k_len` tokens."""
+    masked = getattr(module, "masked_key_indices", None)
+    if masked is None:
+        return None
+    batch_idx, head_idx, seq_idx = masked
+    inside = seq_idx < k_len
+    return batch_idx[inside], head_idx[inside], seq_idx[inside]
+
+
+def lower_masked_scores(module: nn.Module, scores: torch.Tensor) -> torch.Tensor:
+    """Give masked entries (already evicted by a head-wise press) the lowest score, so they are removed first."""
+    masked = masked_entries(module, scores.shape[-1])
+    if masked is None or masked[0].numel() == 0:
+        return scores
+    scores = scores.clone()
+    batch_idx, head_idx, seq_idx = (idx.to(scores.device) for idx in masked)
+    scores[batch_idx, head_idx, seq_idx] = float("-inf")
+    return scores
+
+
+def remap_masked_key_indices(module: nn.Module, kept: torch.Tensor, k_len: int) -> None:
+    """After keeping the tokens `kept` `(B, H_kv, n)` (sorted) of a cache of `k_len`, move the layer's head-wise
+    masks to the new positions of the entries they still point at, and drop those that were removed."""
+    masked = masked_entries(module, k_len)
+    if masked is None:
+        return
+    bsz, num_kv_heads, n_kept = kept.shape
+    new_position = torch.full((bsz, num_kv_heads, k_len), -1, dtype=torch.long, device=kept.device)
+    new_position.scatter_(2, kept, torch.arange(n_kept, device=kept.device).expand_as(kept))
+    batch_idx, head_idx, seq_idx = (idx.to(kept.device) for idx in masked)
+    mapped = new_position[batch_idx, head_idx, seq_idx]
+    still_there = mapped >= 0
+    if not still_there.any():
+        setattr(module, "masked_key_indices", None)
+        return
+    setattr(module, "masked_key_indices", (batch_idx[still_there], head_idx[still_there], mapped[still_there]))
+
+
+def merge_masked_key_indices(module: nn.Module, previous, k_len: int) -> None:
+    """Keep masking what `previous` masked in addition to the masks just set (the patched attention rewrites a
+    fresh fake key for every listed entry at each step, so an entry dropped from the list would come back)."""
+    current = getattr(module, "masked_key_indices", None)
+    if previous is None or current is previous:
+        return
+    if current is None:
+        setattr(module, "masked_key_indices", previous)
+        return
+    device = current[0].device
+    parts = [torch.stack([idx.to(device) for idx in masks]) for masks in (previous, current)]
+    union = torch.unique(torch.cat(parts, dim=1), dim=1)
+    setattr(module, "masked_key_indices", (union[0], union[1], union[2]))
+
+
+@dataclass
+class DecodingPress(BasePress):
+    """Compress the cache during generation, every `compression_interval` steps, down to `target_size` tokens.
+
+    `base_press` (a ScorerPress, or an AdaKVPress around one) scores the cached tokens; its `compression_ratio` is
+    set for each compression so that exactly `target_size` tokens are kept (kept tokens stay in positional order).
+    The press is a no-op during prefill; wrap it in PrefillDecodingPress to also compress the prompt. A layer is
+    compressed when `compression_interval` steps passed since its last compression, when a single forward brings
+    `target_size` tokens or more, and as soon as its cache would exceed `target_size + compression_interval - 1`
+    tokens (so that bound holds after every step, also right after a long prompt).
+
+    Scorers see the hidden states of the last `hidden_states_buffer_size` tokens (the prompt's last tokens
+    included), with their own rotary embeddings in `kwargs["position_embeddings"]`, so window scorers (SnapKV,
+    TOVA, ExpectedAttention) observe the recent queries at their true positions.
+    """
+
+    base_press: ScorerPress | AdaKVPress
+    compression_interval: int = 512
+    target_size: int = 2048
+    hidden_states_buffer_size: int = 256
+
+    # The pipeline keeps this press active while it generates the answer.
+    acts_during_decoding: ClassVar[bool] = True
+
+    def __post_init__(self):
+        require_decoding_scorer(self, self.base_press)
+        validate_int(self, "compression_interval", self.compression_interval, 1)
+        validate_int(self, "target_size", self.target_size, 1)
+        validate_int(self, "hidden_states_buffer_size", self.hidden_states_buffer_size, 0)
+        if self.base_press.compression_ratio:
+            logger.warning(
+                "%s sets the compression_ratio of its base press at each compression (to keep target_size tokens); "
+                "the base press's compression_ratio=%s is ignored.",
+                type(self).__name__,
+                self.base_press.compression_ratio,
+            )
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every layer's buffered hidden states and step count (done for each layer at every prefill)."""
+        self.hidden_states_buffer: defaultdict[int, list[torch.Tensor]] = defaultdict(list)
+        self.position_embeddings_buffer: defaultdict[int, list[Optional[tuple[torch.Tensor, torch.Tensor]]]] = (
+            defaultdict(list)
+        )
+        self.layer_step_counts: defaultdict[int, int] = defaultdict(int)
+
+    def reset_layer(self, layer_idx: int) -> None:
+        self.hidden_states_buffer.pop(layer_idx, None)
+        self.position_embeddings_buffer.pop(layer_idx, None)
+        self.layer_step_counts.pop(layer_idx, None)
+
+    def post_init_from_model(self, model):
+        self.base_press.post_init_from_model(model)
+
+    # ----------------------------------------------------------------------------------------- hidden-state buffer
+    def remember(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict, prefill: bool = False) -> None:
+        """Append the hidden states of this forward (and their cos/sin) to the layer's buffer.
+
+        Of a prefill only the last `hidden_states_buffer_size` tokens are kept (copied, so the prompt's full hidden
+        states are freed).
+        """
+        q_len = hidden_states.shape[1]
+        n = min(q_len, self.hidden_states_buffer_size) if prefill else q_len
+        if n == 0:
+            return
+        self.hidden_states_buffer[layer_idx].append(hidden_states[:, q_len - n :].detach().clone())
+        position_embeddings = kwargs.get("position_embeddings")
+        if position_embeddings is None or position_embeddings[0].shape[-2] != q_len:
+            self.position_embeddings_buffer[layer_idx].append(None)  # the scorer then gets the current cos/sin
+            return
+        bsz = hidden_states.shape[0]
+        cos, sin = (t[:, q_len - n :].expand(bsz, -1, -1).detach().clone() for t in position_embeddings)
+        self.position_embeddings_buffer[layer_idx].append((cos, sin))
+
+    def truncate_buffer(self, layer_idx: int, minimum: int = 0) -> None:
+        """Keep the last `max(hidden_states_buffer_size, minimum)` tokens of the layer's buffer."""
+        states = self.hidden_states_buffer[layer_idx]
+        positions = self.position_embeddings_buffer[layer_idx]
+        excess = sum(s.shape[1] for s in states) - max(self.hidden_states_buffer_size, minimum)
+        while excess > 0 and states:
+            first = states[0].shape[1]
+            if first <= excess:
+                states.pop(0)
+                positions.pop(0)
+                excess -= first
+            else:
+                states[0] = states[0][:, excess:].clone()
+                if positions[0] is not None:
+                    cos, sin = positions[0]
+                    positions[0] = (cos[:, excess:].clone(), sin[:, excess:].clone())
+                excess = 0
+
+    def buffered_inputs(self, layer_idx: int, kwargs: dict) -> tuple[torch.Tensor, dict]:
+        """The buffered hidden states `(B, n, hidden)` and the kwargs for the scorer, with matching cos/sin."""
+        states = self.hidden_states_buffer[layer_idx]
+        hidden_states = torch.cat(states, dim=1)
+        kwargs = dict(kwargs)
+        positions = self.position_embeddings_buffer[layer_idx]
+        if all(position is not None for position in positions):
+            kwargs["position_embeddings"] = (
+                torch.cat([position[0] for position in positions], dim=1),  # type: ignore[index]
+                torch.cat([position[1] for position in positions], dim=1),  # type: ignore[index]
+            )
+        return hidden_states, kwargs
+
+    # ------------------------------------------------------------------------------------------------ the hook
+    def cache_length(self, module: nn.Module, cache, bsz: int) -> float:
+        """Tokens per KV head in the layer's cache; with an AdaKV base, the entries not masked (on average)."""
+        length = cache_layer_length(cache, int(module.layer_idx))  # type: ignore[arg-type]
+        if isinstance(self.base_press, AdaKVPress):
+            masked = masked_entries(module, length)
+            if masked is not None:
+                num_kv_heads = int(module.config.num_key_value_heads)  # type: ignore[union-attr]
+                return length - masked[0].numel() / (bsz * num_kv_heads)
+        return float(length)
+
+    def should_compress(self, layer_idx: int, q_len: int, k_len: float, target: int) -> bool:
+        return (
+            self.layer_step_counts[layer_idx] >= self.compression_interval
+            or q_len >= target
+            or k_len >= target + self.compression_interval
+        )
+
+    def forward_hook(self, module: nn.Module, input: tuple, kwargs: dict, output: tuple):
+        hidden_states, cache = get_hook_inputs(module, input, kwargs)
+        if cache is None:
+            return output
+        layer_idx: int = int(module.layer_idx)  # type: ignore[arg-type]
+        q_len = hidden_states.shape[1]
+        if layer_is_prefilling(module, cache, q_len):
+            # A new sequence: forget the previous one, and keep the prompt's last hidden states as observations.
+            self.reset_layer(layer_idx)
+            self.remember(layer_idx, hidden_states, kwargs, prefill=True)
+            return output
+
+        self.remember(layer_idx, hidden_states, kwargs)
+        self.truncate_buffer(layer_idx, minimum=q_len)  # the scorer sees this step's tokens, at least
+        self.layer_step_counts[layer_idx] += 1
+        target = self._resolve_target_size(kwargs)
+        if self.should_compress(layer_idx, q_len, self.cache_length(module, cache, hidden_states.shape[0]), target):
+            keys, values = extract_keys_and_values(cache, layer_idx)
+            buffered_states, buffered_kwargs = self.buffered_inputs(layer_idx, kwargs)
+            attentions = output[1] if len(output) > 1 else None
+            keys, values = self.compress(module, buffered_states, keys, values, attentions, buffered_kwargs)
+            write_keys_and_values(cache, layer_idx, keys, values)
+            self.layer_step_counts[layer_idx] = 0
+        self.truncate_buffer(layer_idx)
+        return output
+
+    # ------------------------------------------------------------------------------------------------ compression
+    @contextmanager
+    def base_ratio(self, ratio: float) -> Generator:
+        """Temporarily set the base press's compression_ratio (StreamingLLM's score, for one, depends on it)."""
+        saved = self.base_press.compression_ratio
+        self.base_press.compression_ratio = ratio
+        try:
+            yield
+        finally:
+            self.base_press.compression_ratio = saved
+
+    def compress(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the `target` best tokens of the layer (positional order), or mask down to it with an AdaKV base.
+
+        The scorer gets `attentions=None`: the current step's attention row is not an observation window, so
+        attention-based scorers recompute theirs from the buffered hidden states under every backend.
+        """
+        target = self._resolve_target_size(kwargs)
+        k_len = keys.shape[2]
+        if k_len <= target:
+            return keys, values
+        ratio = self._find_target_compression_ratio(k_len, target)
+        if isinstance(self.base_press, AdaKVPress):
+            previous = masked_entries(module, k_len)
+            with self.base_ratio(ratio):
+                keys, values = self.base_press.compress(module, hidden_states, keys, values, None, kwargs)
+            merge_masked_key_indices(module, previous, k_len)
+            return keys, values
+        with self.base_ratio(ratio):
+            scores = self.base_press.score(module, hidden_states, keys, values, None, kwargs)
+        check_scores(self.base_press, scores, keys)
+        scores = lower_masked_scores(module, scores)
+        kept = scores.topk(target, dim=-1).indices.sort(dim=-1).values
+        remap_masked_key_indices(module, kept, k_len)
+        return gather_tokens(keys, kept), gather_tokens(values, kept)
+
+    @staticmethod
+    def _find_target_compression_ratio(q_len: int, target_tokens: int) -> float:
+        """The compression ratio r with `int(q_len * (1 - r)) == target_tokens` (0 when nothing must go)."""
+        if q_len <= target_tokens:
+            return 0.0
+        ratio = 1 - target_tokens / q_len
+        low, high = 0.0, 1.0
+        for _ in range(20):
+            n_kept = int(q_len * (1 - ratio))
+            if n_kept == target_tokens:
+                return ratio
+            if n_kept > target_tokens:
+                low, ratio = ratio, (ratio + high) / 2
+            else:
+                high, ratio = ratio, (low + ratio) / 2
+        if int(q_len * (1 - ratio)) != target_tokens:
+            logger.warning(
+                "No compression ratio keeps exactly %d of %d tokens; using %.6f (keeps %d).",
+                target_tokens,
+                q_len,
+                ratio,
+                int(q_len * (1 - ratio)),
+            )
+        return ratio
+
+    def _resolve_target_size(self, kwargs: dict) -> int:
+        """Number of tokens each layer is compressed to."""
+        return self.target_size

@@ -1,0 +1,174 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""DMSPress: threshold eviction with a delay, as in Dynamic Memory Sparsification (https://arxiv.org/abs/2506.05345).
+
+The one idea: score every token once, when it enters the cache, and evict it if its score is below `threshold`,
+but only after `sliding_window_size` newer tokens have arrived, so recent tokens are always visible. Without
+trained eviction heads, any per-token scorer (e.g. KVzapPress, KnormPress) gives the scores. Eviction is head-wise
+(each KV head evicts its own tokens) and simulated by masking (`module.masked_key_indices`). Same API as upstream
+kvpress (https://github.com/NVIDIA/kvpress).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+from torch import nn
+
+from kvpress.presses.base_press import BasePress, get_hook_inputs, layer_is_prefilling
+from kvpress.presses.decoding_press import CANNOT_SCORE_DURING_DECODING, decoding_problem, validate_int
+from kvpress.presses.scorer_press import ScorerPress, require_scorer_press
+from kvpress.utils import extract_keys_and_values
+
+logger = logging.getLogger(__name__)
+
+# With decoding=True each new token is scored on its own (one token per step), which these presses cannot do.
+CANNOT_SCORE_NEW_TOKENS_ALONE = {
+    # KVzapPress scores each token from its own hidden state: it is the intended scorer here.
+    **{name: reason for name, reason in CANNOT_SCORE_DURING_DECODING.items() if name != "KVzapPress"},
+    "StreamingLLMPress": "its score depends on where a token sits in the scored sequence, not on the token",
+    "SnapKVPress": "it needs an observation window of window_size queries before the scored tokens",
+    "TOVAPress": "it scores tokens by the attention of the last scored token",
+    "ExpectedAttentionPress": "it estimates query statistics from more than n_sink scored tokens",
+    "CapPress": "it estimates a query anchor from more than n_sink scored tokens",
+    "LagKVPress": "it compares partitions of lag_size scored tokens",
+    "KeyDiffPress": "it scores a key against the mean of the scored keys, which is the key itself for one token",
+    "CURPress": "it normalises scores over windows of the scored sequence",
+}
+PER_TOKEN_SCORERS = "KnormPress, RandomPress, KVzapPress, QFilterPress or your own per-token ScorerPress"
+
+
+@dataclass
+class DMSPress(BasePress):
+    """Mask the tokens whose `press` score is below `threshold` once `sliding_window_size` newer tokens exist.
+
+    In prefill the prompt's tokens are scored (all but the last `sliding_window_size` are decided at once); with
+    `decoding=True` every new token is scored as it arrives and decided when it leaves the window, so masks
+    accumulate during generation. Masks are reset at the next prefill. `compression_ratio` (read-only) is the
+    fraction of masked entries, averaged over the compressed layers, known after a forward pass.
+    """
+
+    press: ScorerPress
+    threshold: Optional[float] = None
+    sliding_window_size: int = 128
+    decoding: bool = False
+    scores_buffer: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    compression_ratios: dict[int, float] = field(default_factory=dict, init=False, repr=False)
+
+    # Masks index the cache as this press leaves it; a press that removed tokens afterwards would break them.
+    composable: ClassVar[bool] = False
+
+    def __post_init__(self):
+        require_scorer_press(self, self.press)
+        budget = getattr(self.press, "cache_budget", 0)
+        if budget:
+            raise ValueError(
+                f"DMSPress evicts by threshold and only uses its press's score; the cache_budget={budget} of "
+                f"{type(self.press).__name__} would be ignored: set cache_budget=0."
+            )
+        if self.threshold is not None and (
+            isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+        ):
+            raise TypeError(
+                f"DMSPress.threshold must be a number (tokens scored below it are evicted), " f"got {self.threshold!r}."
+            )
+        validate_int(self, "sliding_window_size", self.sliding_window_size, 0)
+        if not isinstance(self.decoding, bool):
+            raise TypeError(f"DMSPress.decoding must be True or False, got {self.decoding!r}.")
+        if self.decoding:
+            problem = decoding_problem(self.press, CANNOT_SCORE_NEW_TOKENS_ALONE, honour_flags=False)
+            if problem is not None:
+                raise ValueError(
+                    f"DMSPress(decoding=True) scores each new token on its own, which {type(self.press).__name__} "
+                    f"cannot do: {problem}. Use a per-token scorer ({PER_TOKEN_SCORERS}), or decoding=False."
+                )
+
+    @property
+    def acts_during_decoding(self) -> bool:
+        """The pipeline keeps the press active while it generates when `decoding` is set."""
+        return self.decoding
+
+    @property
+    def compression_ratio(self) -> float:
+        """Fraction of masked cache entries, averaged over the compressed layers (after a forward pass)."""
+        if not self.compression_ratios:
+            raise ValueError(
+                "DMSPress.compression_ratio is measured, not set: run a forward pass with the press first."
+            )
+        return sum(self.compression_ratios.values()) / len(self.compression_ratios)
+
+    @compression_ratio.setter
+    def compression_ratio(self, value: float) -> None:
+        raise AttributeError(
+            "DMSPress.compression_ratio cannot be set: it is the measured fraction of evicted entries; tune "
+            "`threshold` instead."
+        )
+
+    def post_init_from_model(self, model):
+        self.press.post_init_from_model(model)
+
+    def forward_hook(self, module: nn.Module, input: tuple, kwargs: dict, output: tuple):
+        hidden_states, cache = get_hook_inputs(module, input, kwargs)
+        if cache is None:
+            return output
+        layer_idx: int = int(module.layer_idx)  # type: ignore[arg-type]
+        q_len = hidden_states.shape[1]
+        prefilling = layer_is_prefilling(module, cache, q_len)
+        if prefilling:
+            self.scores_buffer.pop(layer_idx, None)
+            self.compression_ratios.pop(layer_idx, None)
+            setattr(module, "masked_key_indices", None)
+        elif not self.decoding:
+            return output
+        if self.threshold is None:
+            raise ValueError(
+                "DMSPress.threshold is None: set the score below which tokens are evicted, e.g. "
+                "DMSPress(KVzapPress(), threshold=-4.0)."
+            )
+
+        keys, values = extract_keys_and_values(cache, layer_idx)
+        bsz, num_kv_heads, cache_len, _ = keys.shape
+        # In prefill the new tokens are the whole cache, so eager attention weights match them.
+        attentions = output[1] if prefilling and len(output) > 1 else None
+        scores = self.press.score(module, hidden_states, keys[:, :, -q_len:], values[:, :, -q_len:], attentions, kwargs)
+        if scores.shape != (bsz, num_kv_heads, q_len):
+            raise ValueError(
+                f"{type(self.press).__name__}.score returned shape {tuple(scores.shape)}; DMSPress scores the "
+                f"{q_len} new tokens and needs (batch, kv_heads, new_tokens) = {(bsz, num_kv_heads, q_len)}."
+            )
+        previous = self.scores_buffer.get(layer_idx)
+        if prefilling or previous is None:
+            buffer = scores
+        else:
+            buffer = torch.cat([previous.to(scores.device), scores], dim=-1)
+
+        n_decided = buffer.shape[-1] - self.sliding_window_size
+        if n_decided > 0:
+            decided, buffer = buffer[..., :n_decided], buffer[..., n_decided:]
+            batch_idx, head_idx, seq_idx = torch.where(decided < self.threshold)
+            if seq_idx.numel() > 0:
+                # The buffer held the scores of the last n_decided + window cache entries.
+                seq_idx = seq_idx + (cache_len - n_decided - self.sliding_window_size)
+                self._add_masks(module, batch_idx, head_idx, seq_idx)
+        self.scores_buffer[layer_idx] = buffer
+
+        masked = getattr(module, "masked_key_indices", None)
+        n_masked = 0 if masked is None else masked[0].numel()
+        self.compression_ratios[layer_idx] = n_masked / (bsz * num_kv_heads * cache_len)
+        return output
+
+    @staticmethod
+    def _add_masks(module: nn.Module, batch_idx: torch.Tensor, head_idx: torch.Tensor, seq_idx: torch.Tensor) -> None:
+        masked = getattr(module, "masked_key_indices", None)
+        if masked is None:
+            setattr(module, "masked_key_indices", (batch_idx, head_idx, seq_idx))
+            return
+        device = masked[0].device
+        setattr(
+            module,
+            "masked_key_indices",
+            tuple(torch.cat([old, new.to(device)]) for old, new in zip(masked, (batch_idx, head_idx, seq_idx))),
+        )

@@ -1,0 +1,157 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""H2OPress: Heavy-Hitter Oracle, keep the tokens that accumulated the most attention (https://arxiv.org/abs/2306.14048).
+
+The one idea: a few "heavy hitter" tokens receive most of the attention over the whole generation, so the attention
+each cached token has received is accumulated step after step, and the tokens with the least are evicted. This is the
+reasoning fork's H2OPress (https://arxiv.org/abs/2512.12008), with its accumulation kept in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from kvpress.presses.scorer_press import POSITIONS, DecodingState, ScorerPress
+from kvpress.presses.snapkv_press import group_mean
+from kvpress.timing import attention_loss_rows, write_eviction_rows
+from kvpress.utils import require_eager_attention
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_SUM = "attention_sum"
+OBSERVATIONS = "observations"
+
+
+def received_attention(attentions: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention each cached entry received from this forward's queries, and how many of them could see it.
+
+    `attentions` `(B, H, q, T)`: the eager attention weights of the q new tokens over the T cached entries (the new
+    ones last, in positional order). Returns the per-entry sum over the queries, averaged over each GQA group,
+    `(B, H_kv, T)` in float32, and the number of queries that see entry j causally, `min(q, T - j)`, `(T,)`.
+    """
+    q_len, k_len = attentions.shape[-2:]
+    sums = group_mean(attentions.float().sum(dim=-2), num_kv_heads)
+    positions = torch.arange(k_len, device=attentions.device)
+    observers = (k_len - positions).clamp(max=q_len).to(torch.float32)
+    return sums, observers
+
+
+@dataclass
+class H2OPress(ScorerPress):
+    """Score = mean attention a token has received per step since it was cached ("accumulated attention" divided by
+    the number of queries that could see it), averaged over each GQA group; the `n_recent` most recent tokens are
+    always kept. Needs the attention weights: load the model with `attn_implementation="eager"`.
+
+    With `compression_ratio` it prunes the context once after prefill (the score then equals ObservedAttention's).
+    With `cache_budget` (the reasoning fork's use) it keeps, per layer and KV head, the sum of the attention every
+    cached token has received and the number of queries that saw it, updates both after every step, and evicts the
+    lowest mean once a layer holds more than the budget. The statistics follow the kept entries, are kept in
+    float32, and restart at every prefill.
+
+    `n_recent` = 0 reproduces the fork (no protected window); the H2O paper keeps half of the budget for the most
+    recent tokens (`n_recent = cache_budget // 2`). With `output_attentions=False` the hook drops the attention
+    weights from the attention module's output once it has used them (the fork's flag).
+    """
+
+    compression_ratio: float = 0.0
+    n_recent: int = 0
+    output_attentions: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.n_recent, bool) or not isinstance(self.n_recent, int) or self.n_recent < 0:
+            raise ValueError(f"H2OPress.n_recent must be a non-negative integer, got {self.n_recent!r}.")
+        super().__post_init__()
+
+    def check_budget_settings(self, budget: int) -> None:
+        if self.n_recent > budget:
+            raise ValueError(
+                f"H2OPress keeps the n_recent={self.n_recent} most recent tokens within cache_budget={budget}; "
+                "n_recent must not exceed cache_budget."
+            )
+
+    def post_init_from_model(self, model: PreTrainedModel) -> None:
+        require_eager_attention(model, "H2OPress")
+
+    @property
+    def decoding_window(self) -> int:
+        return 0
+
+    def entry_fill_values(self) -> dict:
+        return {**super().entry_fill_values(), ATTENTION_SUM: 0.0, OBSERVATIONS: 0.0}
+
+    @staticmethod
+    def _require_attentions(attentions: torch.Tensor | None, module: nn.Module) -> torch.Tensor:
+        if attentions is None:
+            implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+            raise ValueError(
+                "H2OPress needs the attention weights, which only eager attention returns; load the model with "
+                f"attn_implementation='eager' (got {implementation!r})."
+            )
+        return attentions
+
+    def update_state(
+        self,
+        module: nn.Module,
+        state: DecodingState,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> None:
+        attentions = self._require_attentions(attentions, module)
+        sums, observers = received_attention(attentions, keys.shape[1])
+        state.entries[ATTENTION_SUM] = state.entries[ATTENTION_SUM] + sums
+        state.entries[OBSERVATIONS] = state.entries[OBSERVATIONS] + observers
+        if self.csv_path:
+            state.scratch["observation"] = attentions[0].float()
+
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        state = self.layer_state(module.layer_idx) if self.cache_budget else None
+        k_len = keys.shape[2]
+        if state is not None and state.entries[ATTENTION_SUM].shape[-1] == k_len:
+            sums, observers = state.entries[ATTENTION_SUM], state.entries[OBSERVATIONS]
+        else:
+            sums, observers = received_attention(self._require_attentions(attentions, module), keys.shape[1])
+        scores = sums / observers.clamp(min=1.0)
+        if self.n_recent > 0:
+            scores = scores.clone()
+            scores[..., -self.n_recent :] = scores.max() + 1
+        return scores
+
+    def on_eviction(self, module: nn.Module, state: DecodingState, indices: torch.Tensor, k_len: int) -> None:
+        observation = state.scratch.get("observation")
+        if not self.csv_path or observation is None:
+            return
+        n_candidates = k_len - self.n_recent
+        evicted = torch.ones(indices.shape[1], k_len, dtype=torch.bool, device=indices.device)
+        evicted.scatter_(-1, indices[0], False)
+        rows = attention_loss_rows(
+            prune_step=state.steps,
+            layer_idx=module.layer_idx,
+            observation=observation[..., :n_candidates],
+            evicted=evicted[:, :n_candidates],
+            kv_len_pre=k_len,
+            n_kept=indices.shape[-1],
+            positions=state.entries[POSITIONS][0, :, :n_candidates],
+        )
+        write_eviction_rows(self.csv_path, rows)
+
+    def forward_hook(self, module: nn.Module, input: tuple, kwargs: dict, output: tuple):
+        output = super().forward_hook(module, input, kwargs, output)
+        if not self.output_attentions and isinstance(output, tuple) and len(output) > 1:
+            output = (output[0], None, *output[2:])
+        return output

@@ -1,0 +1,98 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""NonCausalAttnPress: keep the tokens that receive the most bidirectional attention within their chunk of the
+context, weighted by their value norm (Compactor, https://arxiv.org/abs/2507.08143)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import repeat_kv
+
+from kvpress.presses.leverage_press import global_zscore, require_prefill
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.snapkv_press import group_mean
+from kvpress.utils import apply_rope, get_prerope_query_states
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NonCausalAttnPress(ScorerPress):
+    """Score each token by the attention it receives from every query of its chunk (no causal mask).
+
+    The context is cut into chunks of `chunk_size` tokens; inside a chunk, every (RoPE-rotated) query attends to
+    every key of the chunk (`softmax(q k^T)`, without the 1/sqrt(d) scale), and a key's score is the sum of the
+    attention it receives. Scores are averaged over each GQA group, multiplied by the value norm, smoothed over 3
+    neighbouring tokens and z-normalised over the whole layer. Prefill only.
+    """
+
+    compression_ratio: float = 0.0
+    chunk_size: int = 256
+
+    # The score needs the hidden state of every cached token, which only a prefill has.
+    supports_decoding: ClassVar[bool] = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_chunk_size(self.chunk_size)
+
+    @staticmethod
+    def non_causal_chunked_attn(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """Attention received by each key from all queries of its chunk: `(B, H, T)` from `(B, H, T, d)` inputs.
+
+        The last chunk may be shorter; its padding neither attends nor is attended to.
+        """
+        _check_chunk_size(chunk_size)
+        bsz, num_heads, length, head_dim = queries.shape
+        if keys.shape[-2] != length:
+            raise ValueError(
+                f"non_causal_chunked_attn needs as many queries as keys (a prefill), got {length} queries and "
+                f"{keys.shape[-2]} keys."
+            )
+        n_pad = (-length) % chunk_size
+        n_chunks = (length + n_pad) // chunk_size
+        chunk_shape = (bsz, num_heads, n_chunks, chunk_size, head_dim)
+        query_chunks = F.pad(queries, (0, 0, 0, n_pad)).view(chunk_shape)
+        key_chunks = F.pad(keys, (0, 0, 0, n_pad)).view(chunk_shape)
+        logits = (query_chunks @ key_chunks.transpose(-1, -2)).float()  # (B, H, n, c, c)
+        if n_pad > 0:
+            is_padding = torch.zeros(n_chunks, chunk_size, dtype=torch.bool, device=queries.device)
+            is_padding[-1, chunk_size - n_pad :] = True
+            logits = logits.masked_fill(is_padding[:, None, :], float("-inf"))  # padded keys get no attention
+            weights = logits.softmax(dim=-1).masked_fill(is_padding[:, :, None], 0.0)  # padded queries give none
+        else:
+            weights = logits.softmax(dim=-1)
+        received = weights.sum(dim=-2).flatten(-2)  # (B, H, n * c)
+        return received[..., :length]
+
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        require_prefill(self, hidden_states, keys)
+        q_len = hidden_states.shape[1]
+        num_kv_heads = keys.shape[1]
+        cos, sin = kwargs["position_embeddings"]
+        queries = apply_rope(get_prerope_query_states(module, hidden_states), cos[:, -q_len:], sin[:, -q_len:])
+        received = self.non_causal_chunked_attn(
+            queries, repeat_kv(keys, queries.shape[1] // num_kv_heads), self.chunk_size
+        )
+        scores = group_mean(received, num_kv_heads) * values.norm(dim=-1).float()
+        scores = F.avg_pool1d(scores, kernel_size=3, padding=1, stride=1)
+        return global_zscore(scores)
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"NonCausalAttnPress.chunk_size must be a positive integer, got {chunk_size!r}.")

@@ -1,0 +1,77 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""PyramidKVPress: SnapKV scores with a pyramid of per-layer budgets, large in the first layers and small in the last
+ones (PyramidKV, https://arxiv.org/abs/2406.02069)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kvpress.presses.scorer_press import check_scores, keep_top_scores
+from kvpress.presses.snapkv_press import SnapKVPress
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PyramidKVPress(SnapKVPress):
+    """SnapKV's scores, but layer `i` keeps a budget that decreases linearly with depth.
+
+    The budgets form an arithmetic sequence from `max_num` (layer 0) down to `min_num` (last layer) whose mean is
+    `q_len * (1 - compression_ratio)`, so the whole model keeps the same number of tokens as SnapKV. `beta` sets
+    how steep the pyramid is: the smallest budget is about `1 / beta` of the average one. When the pyramid does not
+    fit (the budgets would exceed the context or fall below the window), every layer keeps
+    `round(q_len * (1 - compression_ratio))` tokens.
+    """
+
+    compression_ratio: float = 0.0
+    window_size: int = 64
+    kernel_size: int = 5
+    beta: int = 20
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1:
+            raise ValueError(
+                f"PyramidKVPress.beta must be a number >= 1 (the ratio between the average and the smallest layer "
+                f"budget), got {self.beta!r}."
+            )
+
+    def get_layer_budget(self, module: nn.Module, q_len: int) -> int:
+        """Number of tokens layer `module.layer_idx` keeps out of `q_len`."""
+        if self.beta < 1:
+            raise ValueError(f"PyramidKVPress.beta must be >= 1, got {self.beta!r}.")
+        window = self.window_size
+        uniform = q_len * (1 - self.compression_ratio)
+        max_capacity = window + uniform
+        min_num = (max_capacity - window) / self.beta
+        max_num = 2 * (max_capacity - window) - min_num
+        if max_num >= q_len - window:
+            max_num = q_len - window
+            min_num = 2 * (max_capacity - window) - max_num
+        num_layers = module.config.num_hidden_layers
+        if not (q_len >= max_num >= min_num >= window) or num_layers < 2:
+            # With a single layer there is no pyramid: that layer keeps the average budget.
+            return round(uniform)
+        steps = (max_num - min_num) / (num_layers - 1)
+        return round(max_num - module.layer_idx * steps)
+
+    def compress(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compression_ratio == 0:
+            return keys, values
+        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        check_scores(self, scores, keys)
+        n_kept = self.get_layer_budget(module, keys.shape[2])
+        return keep_top_scores(scores, keys, values, n_kept)

@@ -1,0 +1,181 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""RKVPress: R-KV, redundancy-aware KV cache compression for reasoning models (https://arxiv.org/abs/2505.24133).
+
+The one idea: long chains of thought repeat themselves, and attention alone keeps the repeats (they attend to each
+other). R-KV scores each cached token by `lam * importance - (1 - lam) * redundancy`: importance is the attention
+the last `window_size` queries pay to it, redundancy is how similar its key is to the other keys (an older
+near-duplicate is redundant, its most recent copy is not). Generated tokens accumulate in a buffer of
+`compress_interval` entries beyond the budget, then the cache is pruned back to `cache_budget`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvpress.presses.scorer_press import POSITIONS, DecodingState, ScorerPress
+from kvpress.presses.snapkv_press import SnapKVPress, pad_with_top_score
+from kvpress.timing import attention_loss_rows, write_eviction_rows
+
+logger = logging.getLogger(__name__)
+
+
+def rkv_importance(weights: torch.Tensor, num_kv_heads: int, kernel_size: int) -> torch.Tensor:
+    """Importance `(B, H_kv, C)` from the observation attention `weights` `(B, H, w, C)` over the C candidates:
+    the mean over the w observation queries, the maximum over each GQA group, then a max-pooling over `kernel_size`
+    neighbouring tokens (so the neighbours of an important token are kept with it)."""
+    bsz, num_heads, _, n_candidates = weights.shape
+    scores = weights.float().mean(dim=-2)
+    scores = scores.view(bsz, num_kv_heads, num_heads // num_kv_heads, n_candidates).amax(dim=2)
+    pooled = F.max_pool1d(
+        scores.reshape(bsz * num_kv_heads, 1, n_candidates), kernel_size=kernel_size, padding=kernel_size // 2, stride=1
+    )
+    return pooled[..., :n_candidates].reshape(bsz, num_kv_heads, n_candidates)
+
+
+def key_cosine_similarity(keys: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity `(B, H_kv, C, C)` between the keys `(B, H_kv, C, d)` of each KV head, in float32."""
+    normed = keys.float() / (keys.float().norm(dim=-1, keepdim=True) + 1e-8)
+    return normed @ normed.transpose(-1, -2)
+
+
+def redundancy_from_similarity(similarity: torch.Tensor, threshold: float) -> torch.Tensor:
+    """R-KV's redundancy `(B, H_kv, C)` from a similarity matrix `(B, H_kv, C, C)` between the candidates.
+
+    The diagonal is ignored. For each token i, its most recent highly similar token (the largest j != i with
+    `similarity[i, j] > threshold`) is exempt: `similarity[i, j]` is not counted. Token j's raw redundancy is then
+    the mean of its column, `sum_i similarity[i, j] / C`, and the redundancy is its softmax over the candidates. Of
+    a group of near-duplicates, the most recent copy thus gets the lowest redundancy and the older copies the
+    highest, so the older ones are evicted first.
+    """
+    n_candidates = similarity.shape[-1]
+    diagonal = torch.eye(n_candidates, dtype=torch.bool, device=similarity.device)
+    similarity = similarity.float().masked_fill(diagonal, 0.0)
+    similar = (similarity > threshold) & ~diagonal
+    positions = torch.arange(n_candidates, device=similarity.device)
+    neighbour = torch.where(similar, positions, -1).amax(dim=-1)  # (B, H_kv, C): most recent similar token
+    has_neighbour = neighbour >= 0
+    exempt = similarity.gather(-1, neighbour.clamp(min=0).unsqueeze(-1)).squeeze(-1) * has_neighbour
+    column_sums = similarity.sum(dim=-2)
+    column_sums = column_sums.scatter_add(-1, neighbour.clamp(min=0), -exempt)
+    return (column_sums / n_candidates).softmax(dim=-1)
+
+
+@dataclass
+class RKVPress(ScorerPress):
+    """R-KV: score = `lam * importance - (1 - lam) * redundancy`; the last `window_size` tokens are always kept.
+
+    - importance: attention of the last `window_size` queries over the older entries (recomputed from their hidden
+      states, at their own RoPE positions, with any attention backend), mean over the queries, max over each GQA
+      group, max-pooled over `kernel_size` tokens;
+    - redundancy: key cosine similarity between the older entries, each token's most recent near-duplicate
+      (similarity above `similarity_threshold`) exempt, column mean, softmax (see `redundancy_from_similarity`).
+
+    With `cache_budget` (its intended use), a longer prompt is pruned to the budget after prefill; generated tokens
+    then accumulate until a layer holds `cache_budget + compress_interval` entries, and the layer is pruned back to
+    `cache_budget`. So between steps each layer holds at most `cache_budget + budget_buffer` entries, with
+    `budget_buffer = compress_interval - 1`. With `compression_ratio` it prunes the context once after prefill.
+    `csv_path` logs every pruning (attention lost per head, evicted positions) to a CSV file.
+    """
+
+    compression_ratio: float = 0.0
+    compress_interval: int = 64
+    window_size: int = 8
+    kernel_size: int = 5
+    lam: float = 0.1
+    similarity_threshold: float = 0.5
+
+    def __post_init__(self):
+        for name in ("compress_interval", "window_size", "kernel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}.")
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0 <= self.lam <= 1:
+            raise ValueError(
+                f"{type(self).__name__}.lam must be a number in [0, 1] (the weight of importance against "
+                f"redundancy), got {self.lam!r}."
+            )
+        threshold = self.similarity_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1 <= threshold <= 1:
+            raise ValueError(
+                f"{type(self).__name__}.similarity_threshold must be a cosine similarity in [-1, 1], got "
+                f"{threshold!r}."
+            )
+        super().__post_init__()
+
+    def check_budget_settings(self, budget: int) -> None:
+        if budget < self.window_size:
+            raise ValueError(
+                f"{type(self).__name__} always keeps its observation window, so cache_budget must be at least "
+                f"window_size; got cache_budget={budget}, window_size={self.window_size}."
+            )
+
+    @property
+    def budget_buffer(self) -> int:
+        return self.compress_interval - 1
+
+    @property
+    def decoding_window(self) -> int:
+        return self.window_size
+
+    def redundancy(self, keys: torch.Tensor) -> torch.Tensor:
+        """Redundancy `(B, H_kv, C)` of the candidate keys `(B, H_kv, C, d)` (exact cosine similarities)."""
+        return redundancy_from_similarity(key_cosine_similarity(keys), self.similarity_threshold)
+
+    def importance(self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict):
+        """Observation attention `(B, H, w, C)` of the last `window_size` queries and the importance `(B, H_kv, C)`."""
+        weights = SnapKVPress.compute_window_attention(
+            module, hidden_states, keys, self.window_size, kwargs["position_embeddings"]
+        )
+        return weights, rkv_importance(weights, keys.shape[1], self.kernel_size)
+
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        k_len, window = keys.shape[2], self.window_size
+        if k_len <= window:
+            raise ValueError(
+                f"{type(self).__name__} needs more cached tokens ({k_len}) than window_size={window}; use a longer "
+                "context or a smaller window_size."
+            )
+        if hidden_states.shape[1] < window:
+            raise ValueError(
+                f"{type(self).__name__} recomputes the attention of the last window_size={window} queries but got the "
+                f"hidden states of only {hidden_states.shape[1]} tokens."
+            )
+        weights, importance = self.importance(module, hidden_states, keys, kwargs)
+        redundancy = self.redundancy(keys[:, :, : k_len - window])
+        scores = self.lam * importance - (1 - self.lam) * redundancy
+        state = self.layer_state(module.layer_idx) if self.cache_budget else None
+        if state is not None and self.csv_path:
+            state.scratch["observation"] = weights[0].float()
+        return pad_with_top_score(scores, window)
+
+    def on_eviction(self, module: nn.Module, state: DecodingState, indices: torch.Tensor, k_len: int) -> None:
+        observation = state.scratch.get("observation")
+        if not self.csv_path or observation is None:
+            return
+        n_candidates = k_len - self.window_size
+        evicted = torch.ones(indices.shape[1], k_len, dtype=torch.bool, device=indices.device)
+        evicted.scatter_(-1, indices[0], False)
+        rows = attention_loss_rows(
+            prune_step=state.steps,
+            layer_idx=module.layer_idx,
+            observation=observation,
+            evicted=evicted[:, :n_candidates],
+            kv_len_pre=k_len,
+            n_kept=indices.shape[-1],
+            positions=state.entries[POSITIONS][0, :, :n_candidates],
+        )
+        write_eviction_rows(self.csv_path, rows)

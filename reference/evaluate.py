@@ -1,0 +1,93 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Answer synthetic task rows with the reference model through the kvpress pipeline, and score them.
+
+The one idea: every accuracy of the reference model (training report, quality table, tests) goes through the public
+`"kv-press-text-generation"` pipeline, question-agnostic (the context is compressed before the question is seen) or
+question-aware (the question is appended to the compressed context), and is scored with RULER's string matching
+(https://arxiv.org/abs/2404.06654).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from evaluation.benchmarks.synthetic.calculate_metrics import row_score  # noqa: E402
+from reference import REFERENCE_MODEL_DIR  # noqa: E402
+
+
+def load_reference(path: str | Path = REFERENCE_MODEL_DIR, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The reference model (eval mode) and its tokenizer, loaded offline from `path`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def make_pipeline(model, tokenizer):
+    """The kvpress pipeline around an already loaded model."""
+    import kvpress  # noqa: F401  (registers the pipeline task)
+    from kvpress.pipeline import KVPressTextGenerationPipeline
+
+    return KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer, device=model.device)
+
+
+@torch.no_grad()
+def predict(pipe, rows: Iterable[dict], press=None, question_aware: bool = False) -> list[str]:
+    """The pipeline's answer to each row. Question-aware: the question is part of the compressed context."""
+    answers = []
+    for row in rows:
+        if question_aware:
+            context, question = row["context"] + row["question"], ""
+        else:
+            context, question = row["context"], row["question"]
+        output = pipe(
+            context,
+            question=question,
+            answer_prefix=row["answer_prefix"],
+            press=press,
+            max_new_tokens=int(row["max_new_tokens"]),
+        )
+        answers.append(output["answer"])
+    return answers
+
+
+def accuracy(rows: list[dict], predictions: list[str], by_task: bool = True) -> dict[str, float]:
+    """Percent of expected strings found, per task (and "all": the mean over tasks)."""
+    per_task: dict[str, list[float]] = {}
+    for row, prediction in zip(rows, predictions):
+        per_task.setdefault(row["task"], []).append(row_score(prediction, row["answer"]))
+    result = {task: 100 * sum(scores) / len(scores) for task, scores in sorted(per_task.items())}
+    result["all"] = sum(result.values()) / len(result) if result else float("nan")
+    return result if by_task else {"all": result["all"]}
+
+
+def evaluate(pipe, rows: list[dict], press=None, question_aware: bool = False) -> tuple[dict[str, float], list[str]]:
+    predictions = predict(pipe, rows, press=press, question_aware=question_aware)
+    return accuracy(rows, predictions), predictions
+
+
+def first_mismatches(rows: list[dict], predictions: list[str], limit: int = 3) -> list[str]:
+    """A few wrong answers, for logs."""
+    lines = []
+    for row, prediction in zip(rows, predictions):
+        if row_score(prediction, row["answer"]) < 1.0:
+            lines.append(f"{row['task']}: expected {row['answer']} got {prediction!r}")
+        if len(lines) >= limit:
+            break
+    return lines
+
+
+def optional_device(device: Optional[str]) -> str:
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,453 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Train the reference model from scratch on the synthetic long-context tasks (RULER-style,
+https://arxiv.org/abs/2404.06654).
+
+The one idea: a small GQA Llama learns retrieval (induction heads), multi-hop tracking and counting when trained on
+the task rows themselves, with the loss on the answer tokens (plus a little language-model loss on the context) and a
+curriculum from short to long contexts. Rows are generated on the fly by data-loader workers from seeds that the
+evaluation never uses ("train|<seed>|<batch>|<row>" versus generate_rows' "eval|<seed>|..."), so every accuracy
+reported afterwards is on held-out rows. The whole run is a pure function of the arguments (and of `--max_steps`;
+with `--max_steps auto` the step count is fitted to `--time_budget_s` and printed, so pass it to reproduce).
+
+    python reference/train.py --output_dir $OUT --time_budget_s 420            # one H100, about 8 minutes
+    python reference/train.py --output_dir /tmp/ref --device cpu --tiny --max_steps 20   # a smoke test on CPU
+
+Writes `output_dir/model/` (config, fp16 weights that load as float32, tokenizer), `output_dir/train_log.jsonl` (the
+training curve), `output_dir/train_summary.json` (held-out accuracies at the trained length and at twice it) and
+`output_dir/resume/` (fp32 weights and the step, to continue with `--resume output_dir/resume`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from evaluation.benchmarks.synthetic.tasks import TASK_NAMES, build_row, generate_rows, get_counter  # noqa: E402
+from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH  # noqa: E402
+
+logger = logging.getLogger("reference.train")
+
+# Relative frequency of each task in training (the harder families more often).
+TASK_WEIGHTS = {
+    "niah_single_noise": 0.6,
+    "niah_single_essay": 0.8,
+    "niah_single_uuid": 0.8,
+    "niah_multikey": 1.2,
+    "niah_multivalue": 1.4,
+    "niah_multiquery": 1.2,
+    "variable_tracking": 1.2,
+    "common_words": 1.4,
+    "frequent_words": 1.0,
+}
+SHORT_NAMES = dict(zip(TASK_NAMES, ("noise", "essay", "uuid", "mkey", "mval", "mquery", "vt", "cwe", "fwe")))
+MIN_TRAIN_CONTEXT = 160  # shortest training context (every task fits)
+RESUME_PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--output_dir", default=os.environ.get("OUT", str(ROOT / "reference" / "run")))
+    add("--tokenizer_dir", default=str(REFERENCE_MODEL_DIR))
+    add("--seed", type=int, default=0)
+    add("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    # model
+    add("--layers", type=int, default=6)
+    add("--hidden", type=int, default=256)
+    add("--heads", type=int, default=4)
+    add("--kv_heads", type=int, default=2)
+    add("--head_dim", type=int, default=64)
+    add("--intermediate", type=int, default=1024)
+    add("--rope_theta", type=float, default=100_000.0)
+    # data
+    add("--context_length", type=int, default=TRAINED_CONTEXT_LENGTH)
+    add("--start_context_length", type=int, default=256, help="longest context at step 0 of the curriculum")
+    add("--curriculum_steps", type=int, default=600, help="steps to grow the longest context to --context_length")
+    add("--tokens_per_batch", type=int, default=65536)
+    add("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    # optimisation
+    add("--lr", type=float, default=1e-3)
+    add("--min_lr_ratio", type=float, default=0.05)
+    add("--warmup_steps", type=int, default=150)
+    add("--weight_decay", type=float, default=0.1)
+    add("--lm_weight", type=float, default=0.1, help="weight of the language-model loss on context tokens")
+    add("--max_steps", default="auto", help="number of steps, or 'auto' to fit --time_budget_s")
+    add("--time_budget_s", type=float, default=420.0, help="wall-clock budget of the whole run, evaluation included")
+    add("--eval_reserve_s", type=float, default=75.0, help="seconds kept for the final save and evaluation")
+    add("--log_every", type=int, default=50)
+    add("--save_every_s", type=float, default=120.0)
+    add("--resume", default=None, help="a resume/ directory written by an earlier run")
+    # evaluation
+    add("--eval_rows", type=int, default=20, help="held-out rows per task at the trained length")
+    add("--eval_rows_long", type=int, default=10, help="held-out rows per task at twice the trained length")
+    add("--eval_seed", type=int, default=1000, help="seed of the held-out rows (any seed: training seeds differ)")
+    add("--tiny", action="store_true", help="a tiny model and short contexts, for smoke tests")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.layers, args.hidden, args.heads, args.kv_heads, args.head_dim, args.intermediate = 2, 64, 2, 1, 32, 128
+        args.context_length, args.start_context_length, args.curriculum_steps = 256, 192, 10
+        args.tokens_per_batch, args.warmup_steps, args.log_every = 2048, 5, 5
+        args.eval_rows, args.eval_rows_long = 2, 1
+    if args.max_steps != "auto":
+        args.max_steps = int(args.max_steps)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def curriculum_max_length(step: int, args: argparse.Namespace) -> int:
+    if step >= args.curriculum_steps:
+        return args.context_length
+    fraction = step / max(args.curriculum_steps, 1)
+    return int(args.start_context_length + fraction * (args.context_length - args.start_context_length))
+
+
+def encode_row(row: dict, tokenizer) -> tuple[list[int], int, int]:
+    """Token ids exactly as the pipeline builds them: bos + context | question + "\\n" + answer_prefix | answer + eos
+    (the pipeline encodes bos_token + context; the special token is split off before the text is encoded).
+
+    Returns the ids, the number of context tokens (bos included) and the index of the first answer token."""
+    context = [tokenizer.bos_token_id] + get_counter(tokenizer).encode(row["context"])
+    prompt = tokenizer.encode(row["question"] + "\n" + row["answer_prefix"], add_special_tokens=False)
+    answer = tokenizer.encode(row["target"], add_special_tokens=False) + [tokenizer.eos_token_id]
+    return context + prompt + answer, len(context), len(context) + len(prompt)
+
+
+def make_batch(index: int, args: argparse.Namespace, tokenizer) -> dict[str, torch.Tensor]:
+    """Training batch number `index`: a function of (seed, index) only."""
+    rng = random.Random(f"train|{args.seed}|{index}")
+    longest = curriculum_max_length(index, args)
+    shortest = min(MIN_TRAIN_CONTEXT, longest)
+    if rng.random() < 0.5:
+        length = rng.randint(max(shortest, int(0.75 * longest)), longest)
+    else:
+        length = rng.randint(shortest, longest)
+    rows = max(1, args.tokens_per_batch // (length + 64))
+    names = list(TASK_WEIGHTS)
+    weights = [TASK_WEIGHTS[name] for name in names]
+    sequences, context_lengths, answer_starts, tasks = [], [], [], []
+    for j in range(rows):
+        task = rng.choices(names, weights=weights)[0]
+        row = build_row(task, length, tokenizer, row_seed=f"train|{args.seed}|{index}|{j}")
+        ids, n_context, answer_start = encode_row(row, tokenizer)
+        sequences.append(ids)
+        context_lengths.append(n_context)
+        answer_starts.append(answer_start)
+        tasks.append(TASK_NAMES.index(task))
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((rows, width), tokenizer.pad_token_id, dtype=torch.long)
+    # Masks over the *predicted* positions 1..width-1 (the logits at position t predict token t + 1).
+    answer_mask = torch.zeros(rows, width - 1, dtype=torch.bool)
+    context_mask = torch.zeros(rows, width - 1, dtype=torch.bool)
+    for i, ids in enumerate(sequences):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        answer_mask[i, answer_starts[i] - 1 : len(ids) - 1] = True
+        context_mask[i, : context_lengths[i] - 1] = True
+    return {
+        "input_ids": input_ids,
+        "answer_mask": answer_mask,
+        "context_mask": context_mask,
+        "task": torch.tensor(tasks),
+        "index": torch.tensor(index),
+    }
+
+
+class TaskBatches(IterableDataset):
+    """Batches start, start+1, ...; worker w of W makes the batches with index = w (mod W), so the loader yields them
+    in order and each batch is the same whatever the number of workers."""
+
+    def __init__(self, args: argparse.Namespace, start: int):
+        self.args = args
+        self.start = start
+
+    def __iter__(self) -> Iterator[dict]:
+        from transformers import AutoTokenizer
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_dir)
+        counter = get_counter(tokenizer)
+        index = self.start + worker
+        while True:
+            yield make_batch(index, self.args, counter.tokenizer)
+            index += workers
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model, schedule, checkpoints
+
+
+def build_model(args: argparse.Namespace, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = 64 * math.ceil(len(tokenizer) / 64)  # padded for efficient matrix shapes
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=65536,
+        rope_theta=args.rope_theta,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.02,
+    )
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(config)
+
+
+def learning_rate(step: int, max_steps: int, args: argparse.Namespace) -> float:
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_resume(model, step: int, max_steps: int, args: argparse.Namespace) -> None:
+    """fp32 weights and the step, split in parts small enough to come back from the device."""
+    buffer = io.BytesIO()
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    torch.save({"model": state, "step": step, "max_steps": max_steps, "args": vars(args)}, buffer)
+    data = buffer.getvalue()
+    directory = Path(args.output_dir) / "resume"
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("part*"):
+        old.unlink()
+    for i in range(0, len(data), RESUME_PART_BYTES):
+        (directory / f"part{i // RESUME_PART_BYTES}").write_bytes(data[i : i + RESUME_PART_BYTES])
+
+
+def load_resume(directory: str) -> dict:
+    parts = sorted(Path(directory).glob("part*"), key=lambda p: int(p.name[4:]))
+    if not parts:
+        raise FileNotFoundError(f"--resume {directory}: no part* files written by save_resume there.")
+    return torch.load(io.BytesIO(b"".join(p.read_bytes() for p in parts)), map_location="cpu", weights_only=False)
+
+
+def save_model(model, tokenizer, output_dir: Path) -> Path:
+    """The shipped checkpoint: fp16 weights (half the size), a config that loads them as float32, the tokenizer."""
+    path = output_dir / "model"
+    model.to(torch.float16).save_pretrained(path)
+    model.to(torch.float32)
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = "float32"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def evaluate_held_out(model, tokenizer, args: argparse.Namespace) -> dict:
+    """Full-cache accuracy through the kvpress pipeline on held-out rows, at the trained length and at twice it."""
+    from reference.evaluate import evaluate, first_mismatches, make_pipeline
+
+    model.eval()
+    pipe = make_pipeline(model, tokenizer)
+    results = {}
+    for length, count in ((args.context_length, args.eval_rows), (2 * args.context_length, args.eval_rows_long)):
+        if count <= 0:
+            continue
+        rows = [
+            row for task in TASK_NAMES for row in generate_rows(task, count, length, tokenizer, seed=args.eval_seed)
+        ]
+        start = time.time()
+        scores, predictions = evaluate(pipe, rows)
+        results[str(length)] = scores
+        logger.info("held-out accuracy at %d tokens (%d rows, %.0f s):", length, len(rows), time.time() - start)
+        for task, score in scores.items():
+            logger.info("  %-20s %6.1f", task, score)
+        for line in first_mismatches(rows, predictions, limit=4):
+            logger.info("  wrong: %s", line)
+    return results
+
+
+def train(args: argparse.Namespace) -> dict:
+    from transformers import AutoTokenizer
+
+    started = time.time()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir)
+    model = build_model(args, tokenizer)
+    start_step, max_steps = 0, args.max_steps
+    if args.resume:
+        state = load_resume(args.resume)
+        model.load_state_dict(state["model"])
+        start_step = int(state["step"])
+        if max_steps == "auto":
+            max_steps = int(state["max_steps"])
+        logger.info("resumed at step %d of %s (optimizer moments restart with a short warm-up)", start_step, max_steps)
+    model.to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %s parameters, config %s", f"{n_params:,}", model.config.to_json_string(use_diff=True))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        fused=device.startswith("cuda"),
+    )
+    use_autocast = device.startswith("cuda")
+
+    loader = DataLoader(
+        TaskBatches(args, start_step),
+        batch_size=None,
+        num_workers=args.workers,
+        prefetch_factor=8 if args.workers > 0 else None,
+        persistent_workers=False,
+        pin_memory=device.startswith("cuda"),
+    )
+    log_file = (output_dir / "train_log.jsonl").open("a")
+    window: dict[str, list[float]] = {"loss": [], "answer_loss": [], "lm_loss": []}
+    hits = torch.zeros(len(TASK_NAMES))
+    seen = torch.zeros(len(TASK_NAMES))
+    tokens_done, last_save, step_times = 0, time.time(), []
+    auto_steps = max_steps == "auto"
+    previous_end = time.time()
+    deadline = started + args.time_budget_s - args.eval_reserve_s
+    step = start_step
+    resume_warmup = 50 if args.resume else 0
+    train_started = time.time()
+    for batch in loader:
+        if max_steps != "auto" and step >= max_steps:
+            break
+        if time.time() > deadline:
+            logger.warning("time budget reached at step %d: saving a resume checkpoint", step)
+            break
+        schedule_steps = max_steps if max_steps != "auto" else 10**9
+        lr = learning_rate(step, schedule_steps, args)
+        if resume_warmup and step - start_step < resume_warmup:
+            lr *= (step - start_step + 1) / resume_warmup
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        answer_mask = batch["answer_mask"].to(device, non_blocking=True)
+        context_mask = batch["context_mask"].to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext():
+            logits = model(input_ids=input_ids).logits[:, :-1]
+        targets = input_ids[:, 1:]
+        losses = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+        answer_loss = (losses * answer_mask).sum() / answer_mask.sum().clamp(min=1)
+        lm_loss = (losses * context_mask).sum() / context_mask.sum().clamp(min=1)
+        loss = answer_loss + args.lm_weight * lm_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        tokens_done += input_ids.numel()
+
+        with torch.no_grad():
+            correct = ((logits.argmax(-1) == targets) | ~answer_mask).all(dim=1).float().cpu()
+            task = batch["task"]
+            hits.index_add_(0, task, correct)
+            seen.index_add_(0, task, torch.ones_like(correct))
+        window["loss"].append(loss.item())
+        window["answer_loss"].append(answer_loss.item())
+        window["lm_loss"].append(lm_loss.item())
+        step_times.append(time.time() - previous_end)
+        previous_end = time.time()
+
+        if auto_steps and step - start_step in (60, 200, 400, 700):
+            # Fit the step count to the time left from the recent step times (data waits included); the first fit
+            # comes during the warm-up, and later fits may only shrink it.
+            per_step = sum(step_times[-40:]) / len(step_times[-40:])
+            fitted = step + int((deadline - time.time()) / (per_step * 1.08))
+            if max_steps == "auto" or fitted < max_steps:
+                logger.info("auto max_steps: %d (%.3f s/step measured)", fitted, per_step)
+                max_steps = fitted
+
+        if step % args.log_every == 0:
+            elapsed = time.time() - train_started
+            exact = {name: round(float(hits[i] / seen[i]), 3) for i, name in enumerate(TASK_NAMES) if seen[i] > 0}
+            record = {
+                "step": step,
+                "max_steps": max_steps,
+                "lr": lr,
+                "context_max": curriculum_max_length(step, args),
+                **{key: sum(values) / len(values) for key, values in window.items()},
+                "answer_exact": exact,
+                "tokens_per_s": tokens_done / elapsed,
+                "elapsed_s": round(time.time() - started, 1),
+            }
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            logger.info(
+                "step %5d/%s lr %.2e len<=%d loss %.3f answer %.3f lm %.3f | %s | %.0fk tok/s %.0fs",
+                step,
+                max_steps,
+                lr,
+                record["context_max"],
+                record["loss"],
+                record["answer_loss"],
+                record["lm_loss"],
+                " ".join(f"{SHORT_NAMES[name]}={value:.2f}" for name, value in exact.items()),
+                record["tokens_per_s"] / 1000,
+                record["elapsed_s"],
+            )
+            window = {key: [] for key in window}
+            hits.zero_()
+            seen.zero_()
+        if time.time() - last_save > args.save_every_s:
+            save_resume(model, step, max_steps if max_steps != "auto" else -1, args)
+            last_save = time.time()
+    log_file.close()
+    finished = max_steps != "auto" and step >= max_steps
+    save_resume(model, step, max_steps if max_steps != "auto" else -1, args)
+    path = save_model(model, tokenizer, output_dir)
+    logger.info("saved the model to %s after %d steps (%s)", path, step, "complete" if finished else "INCOMPLETE")
+    results = evaluate_held_out(model, tokenizer, args)
+    summary = {
+        "steps": step,
+        "max_steps": max_steps,
+        "complete": finished,
+        "train_seconds": round(time.time() - train_started, 1),
+        "parameters": n_params,
+        "held_out_accuracy": results,
+        "args": vars(args),
+    }
+    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info("total %.0f s", time.time() - started)
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
