@@ -106,7 +106,14 @@ def load_hub_dataset(hub_id: str, data_dir: Optional[str]) -> pd.DataFrame:
     """The "test" split of a Hugging Face Hub dataset (needs the network, or the datasets cache)."""
     from datasets import load_dataset
 
-    dataset = load_dataset(hub_id, data_dir=data_dir, split="test")
+    try:
+        dataset = load_dataset(hub_id, data_dir=data_dir, split="test")
+    except Exception as error:  # noqa: BLE001 - offline, unknown id, missing data_dir: all need the same hint
+        raise RuntimeError(
+            f"Could not load the 'test' split of {hub_id} (data_dir={data_dir!r}) from the Hugging Face Hub: {error}. "
+            f"Without network access, save the dataset once elsewhere (datasets.load_dataset(...).save_to_disk(dir)) "
+            "and pass --data_path dir."
+        ) from error
     return normalize_cells(dataset.to_pandas().reset_index(drop=True))
 
 

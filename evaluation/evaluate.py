@@ -340,13 +340,25 @@ class ProcessGroup:
 
     @classmethod
     def from_environment(cls) -> "ProcessGroup":
-        """One process, unless launched by accelerate/torchrun (WORLD_SIZE > 1)."""
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return cls()
-        from accelerate import PartialState
+        """One process, unless launched by `accelerate launch` / torchrun (WORLD_SIZE > 1).
 
-        state = PartialState()
-        return cls(state.process_index, state.num_processes, state.local_process_index, state.wait_for_everyone)
+        On GPUs, accelerate's PartialState sets up the process group (NCCL); without CUDA (where PartialState falls
+        back to a single process) a gloo process group is used, so data-parallel runs also work on CPUs.
+        """
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        if torch.cuda.is_available():
+            from accelerate import PartialState
+
+            state = PartialState()
+            return cls(state.process_index, state.num_processes, state.local_process_index, state.wait_for_everyone)
+        import torch.distributed as distributed
+
+        if not distributed.is_initialized():
+            distributed.init_process_group("gloo")
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        return cls(rank, world_size, local_rank, distributed.barrier)
 
 
 def configure_logging(level: str) -> None:
@@ -413,15 +425,15 @@ class EvaluationRunner:
         if self.group.is_main:
             results_dir.mkdir(parents=True, exist_ok=True)
             config.save_config(config_file)
-        self.group.wait()
 
         started = time.time()
         self._run_inference(self.df, partial)
-        self.group.wait()
         if not self.group.is_main:
             return None
-
-        df = merge_predictions(self.df, partial.read())
+        # No collective barrier here (it would time out while slower shards still run): the main process waits
+        # until every row has a saved answer.
+        records = wait_for_all_rows(partial, self.df, self.group.world_size)
+        df = merge_predictions(self.df, records)
         atomic_write_csv(predictions_file, self._predictions_table(df))
         metrics = SCORER_REGISTRY[config.dataset](df)
         atomic_write_json(metrics_file, metrics)
@@ -496,7 +508,7 @@ class EvaluationRunner:
             if not (directory / "config.json").exists():
                 raise FileNotFoundError(
                     f"The default model is the project's reference model, expected in {directory}, which has no "
-                    "checkpoint. Create it with the reference model's training script (see reference/README.md), "
+                    "checkpoint. Create it with `python reference/train.py` (see reference/README.md), "
                     "or pass --model <Hugging Face Hub id or local model directory>."
                 )
             return str(directory)
@@ -511,13 +523,15 @@ class EvaluationRunner:
         return model
 
     def _setup_model_pipeline(self):
-        from transformers import FineGrainedFP8Config, pipeline
+        from transformers import pipeline
 
         import kvpress  # noqa: F401  (registers the "kv-press-text-generation" pipeline)
 
         config = self.config
         model_kwargs = dict(config.model_kwargs or {})
         if config.fp8:
+            from transformers import FineGrainedFP8Config
+
             model_kwargs["quantization_config"] = FineGrainedFP8Config()
         if "ObservedAttentionPress" in press_class_names(self.press):
             model_kwargs["attn_implementation"] = "eager"
@@ -737,6 +751,21 @@ class EvaluationRunner:
         return df[columns + ["predicted_answer", "compression_ratio"]]
 
 
+def wait_for_all_rows(partial: PartialResults, df: pd.DataFrame, world_size: int, poll_seconds: float = 2.0) -> dict:
+    """The saved records once every row of `df` has one (other processes may still be answering their shards)."""
+    row_ids = [int(row_id) for row_id in df["row_id"]]
+    last_report = time.time()
+    while True:
+        records = partial.read()
+        missing = sum(row_id not in records for row_id in row_ids)
+        if missing == 0 or world_size == 1:
+            return records
+        if time.time() - last_report > 300:
+            logger.info("Waiting for the other processes: %d of %d rows still unanswered.", missing, len(row_ids))
+            last_report = time.time()
+        time.sleep(poll_seconds)
+
+
 def _read_json(path: Path):
     import json
 
@@ -755,6 +784,9 @@ def main(config_file: Optional[str] = None, **overrides: Any) -> None:
 
     Bad options and missing inputs end the program with `Error: <what is wrong>` and exit status 1.
     """
+    if overrides.pop("help", False) or overrides.pop("h", False):
+        print(main.__doc__)
+        return
     try:
         config = load_config(config_file, **overrides)
         EvaluationRunner(config).run_evaluation()
@@ -762,6 +794,8 @@ def main(config_file: Optional[str] = None, **overrides: Any) -> None:
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)
 
+
+main.__doc__ = f"{main.__doc__}\n    Options: {', '.join(f.name for f in fields(EvaluationConfig))}.\n"
 
 if __name__ == "__main__":
     import fire

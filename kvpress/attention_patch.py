@@ -40,19 +40,26 @@ def search_hyperplane(X: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
     """Find a key `k` with `exp(<x, k>) == 0` for every query row `x` of `X` `(bsz, seq, d)`; returns `(bsz, d)`.
 
     A perceptron looks for a direction `Y` with `<x, Y> > 0` for all rows, then the returned key is `Y` flipped and
-    scaled to a huge norm, so every dot product underflows to 0 after the exponential.
+    scaled to a huge norm, so every dot product underflows to 0 after the exponential. All-zero query rows (e.g. the
+    embedding of a padding token) give the same logit to every key whatever it is, so they are left out of the search.
     """
-    Y = X.mean(dim=1)
+    active = (X.abs().amax(dim=-1, keepdim=True) > 0).to(X.dtype)
+    X = X * active
+    Y = X.sum(dim=1) / active.sum(dim=1).clamp(min=1)
     for _ in range(max_iter):
-        violated = (torch.einsum("bsd,bd->bs", X, Y) <= 0).unsqueeze(-1)
+        violated = ((torch.einsum("bsd,bd->bs", X, Y) <= 0).unsqueeze(-1) & (active > 0)).to(X.dtype)
         if not violated.any():
-            return -1e5 * Y / Y.norm(dim=-1, keepdim=True) ** 2
+            norm = Y.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            return -1e5 * Y / norm**2
         Y = Y + (X * violated).sum(dim=1) / violated.sum(dim=1).clamp(min=1)
     raise ValueError("Could not find fake keys such that for every query q, exp(<q, k>) = 0")
 
 
 def apply_masked_key_indices(module, query: torch.Tensor, key: torch.Tensor) -> None:
-    """Overwrite the masked cache entries of `key` (in place) with a fake key per (batch, KV head)."""
+    """Overwrite the masked cache entries of `key` (in place) with a fake key per (batch, KV head).
+
+    Raises ValueError when no fake key exists (the queries of a head do not lie in one half-space).
+    """
     bsz, num_heads, q_len, head_dim = query.shape
     num_kv_heads = key.shape[1]
     groups = num_heads // num_kv_heads
@@ -60,6 +67,31 @@ def apply_masked_key_indices(module, query: torch.Tensor, key: torch.Tensor) -> 
     fake_keys = search_hyperplane(queries.float()).to(key.dtype).view(bsz, num_kv_heads, head_dim)
     batch_idx, head_idx, seq_idx = (idx.to(key.device) for idx in module.masked_key_indices)
     key[batch_idx, head_idx, seq_idx] = fake_keys[batch_idx, head_idx]
+
+
+def headwise_attention_mask(module, query: torch.Tensor, key: torch.Tensor, attention_mask):
+    """A `(B, H, q, k)` mask that hides `module.masked_key_indices` exactly, for backends that take a mask.
+
+    Used when no fake key exists for some head (queries spread over every direction); the causal block of the new
+    tokens and any padding of `attention_mask` are kept.
+    """
+    bsz, num_heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    groups = num_heads // key.shape[1]
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(diagonal=k_len - q_len)
+    allowed = allowed.expand(bsz, num_heads, q_len, k_len).clone()
+    if isinstance(attention_mask, torch.Tensor):
+        given = attention_mask[..., -k_len:]
+        given = given if given.dtype == torch.bool else given == 0
+        allowed &= given.expand(bsz, -1, q_len, k_len)
+    batch_idx, head_idx, seq_idx = (idx.to(query.device) for idx in module.masked_key_indices)
+    for g in range(groups):
+        allowed[batch_idx, head_idx * groups + g, :, seq_idx] = False
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+        return allowed
+    # additive float mask: what eager attention expects, and what sdpa accepts
+    dtype = attention_mask.dtype if isinstance(attention_mask, torch.Tensor) else query.dtype
+    return torch.zeros_like(allowed, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def fit_mask_to_keys(attention_mask, q_len: int, k_len: int):
@@ -88,7 +120,13 @@ def attention_patch(func: Callable) -> Callable:
             # A square attention is a prefill: masks from an earlier context no longer apply.
             module.masked_key_indices = None
         elif getattr(module, "masked_key_indices", None) is not None:
-            apply_masked_key_indices(module, query, key)
+            try:
+                apply_masked_key_indices(module, query, key)
+            except ValueError:
+                if "flash" in getattr(func, "__name__", ""):
+                    raise
+                # no fake key separates these queries: hide the masked entries with an explicit per-head mask
+                attention_mask = headwise_attention_mask(module, query, key, attention_mask)
         if "cu_seq_lens_k" in kwargs and kwargs["cu_seq_lens_k"] is not None:
             # flash-attn varlen lengths must follow the (possibly compressed) cache length
             kwargs["cu_seq_lens_k"][-1] = key.shape[-2]

@@ -63,6 +63,17 @@ MIN_TRAIN_CONTEXT = 160  # shortest training context (every task fits)
 RESUME_PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
 
 
+def _task_weights(text: str) -> dict[str, float]:
+    """TASK_WEIGHTS updated with "task=weight,..." pairs."""
+    weights = dict(TASK_WEIGHTS)
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = pair.partition("=")
+        if name not in TASK_WEIGHTS:
+            raise argparse.ArgumentTypeError(f"unknown task {name!r} in --task_weights; tasks: {', '.join(TASK_NAMES)}")
+        weights[name] = float(value)
+    return weights
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
@@ -83,6 +94,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--start_context_length", type=int, default=256, help="longest context at step 0 of the curriculum")
     add("--curriculum_steps", type=int, default=600, help="steps to grow the longest context to --context_length")
     add("--tokens_per_batch", type=int, default=65536)
+    add("--task_weights", type=_task_weights, default=dict(TASK_WEIGHTS), help="e.g. common_words=2,niah_multikey=1.5")
     add("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     # optimisation
     add("--lr", type=float, default=1e-3)
@@ -144,8 +156,8 @@ def make_batch(index: int, args: argparse.Namespace, tokenizer) -> dict[str, tor
     else:
         length = rng.randint(shortest, longest)
     rows = max(1, args.tokens_per_batch // (length + 64))
-    names = list(TASK_WEIGHTS)
-    weights = [TASK_WEIGHTS[name] for name in names]
+    names = list(args.task_weights)
+    weights = [args.task_weights[name] for name in names]
     sequences, context_lengths, answer_starts, tasks = [], [], [], []
     for j in range(rows):
         task = rng.choices(names, weights=weights)[0]
@@ -305,8 +317,6 @@ def train(args: argparse.Namespace) -> dict:
         state = load_resume(args.resume)
         model.load_state_dict(state["model"])
         start_step = int(state["step"])
-        if max_steps == "auto":
-            max_steps = int(state["max_steps"])
         logger.info("resumed at step %d of %s (optimizer moments restart with a short warm-up)", start_step, max_steps)
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -380,12 +390,12 @@ def train(args: argparse.Namespace) -> dict:
         step_times.append(time.time() - previous_end)
         previous_end = time.time()
 
-        if auto_steps and step - start_step in (60, 200, 400, 700):
-            # Fit the step count to the time left from the recent step times (data waits included); the first fit
-            # comes during the warm-up, and later fits may only shrink it.
+        if auto_steps and (step - start_step in (60, 200, 400) or (step - start_step) % 500 == 0):
+            # Fit the step count to the time left from the recent step times (data waits included). The loader is
+            # slow to start, so the first fits are low; refits stop in the last 20% of the schedule.
             per_step = sum(step_times[-40:]) / len(step_times[-40:])
-            fitted = step + int((deadline - time.time()) / (per_step * 1.08))
-            if max_steps == "auto" or fitted < max_steps:
+            fitted = step + int((deadline - time.time()) / (per_step * 1.05))
+            if max_steps == "auto" or step < 0.8 * max_steps:
                 logger.info("auto max_steps: %d (%.3f s/step measured)", fitted, per_step)
                 max_steps = fitted
 

@@ -106,3 +106,40 @@ def test_wrapper_sets_flash_varlen_key_length():
     wrapped(module, torch.randn(1, 4, 1, 8), key, key, None, cu_seq_lens_k=cu_seq_lens_k)
     assert cu_seq_lens_k.tolist() == [0, 37]
     assert calls[-1]["kwargs"]["cu_seq_lens_k"] is cu_seq_lens_k
+
+
+def test_search_hyperplane_ignores_all_zero_query_rows():
+    torch.manual_seed(0)
+    X = torch.rand(2, 10, 8)
+    X[:, 3] = 0.0  # e.g. a padding token whose embedding is zero
+    Y = search_hyperplane(X)
+    nonzero = torch.cat([X[:, :3], X[:, 4:]], dim=1)
+    assert torch.exp(torch.einsum("bsd,bd->bs", nonzero, Y)).max() == 0
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_masked_entries_hidden_by_an_explicit_mask_when_no_fake_key_exists(backend):
+    """Queries that span every direction admit no fake key: the patch then hides the entries with a per-head mask."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    torch.manual_seed(0)
+    bsz, heads, kv_heads, q_len, k_len, dim = 1, 4, 2, 3, 7, 4
+    query = torch.randn(bsz, heads, q_len, dim)
+    query[:, :, 1] = -query[:, :, 0]  # q and -q in every head: no half-space holds them all
+    key, value = torch.randn(bsz, kv_heads, k_len, dim), torch.randn(bsz, kv_heads, k_len, dim)
+    masked = (torch.tensor([0, 0, 0]), torch.tensor([0, 1, 1]), torch.tensor([1, 2, 3]))
+    module = SimpleNamespace(
+        masked_key_indices=masked, num_key_value_groups=2, is_causal=True, training=False, config=None
+    )
+    func = attention_patch(ALL_ATTENTION_FUNCTIONS["sdpa"].__wrapped__ if backend == "sdpa" else eager_attention_forward)
+    out, _ = func(module, query, key.clone(), value, None, scaling=dim**-0.5, dropout=0.0)
+    # reference: explicit causal attention with the masked entries removed per KV head
+    expected = torch.empty(bsz, q_len, heads, dim)
+    for h in range(heads):
+        kv = h // 2
+        keep = [j for j in range(k_len) if (kv, j) not in {(1, 2), (1, 3), (0, 1)}]
+        for i in range(q_len):
+            visible = [j for j in keep if j <= k_len - q_len + i]
+            logits = (query[0, h, i] @ key[0, kv, visible].T) * dim**-0.5
+            expected[0, i, h] = torch.softmax(logits, -1) @ value[0, kv, visible]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

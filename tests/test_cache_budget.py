@@ -16,6 +16,7 @@ from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.chunk_press import ChunkPress
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
+from kvpress.presses.full_press import FullPress
 from kvpress.presses.h2o_press import H2OPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.knorm_press import KnormPress
@@ -280,6 +281,37 @@ def test_composed_press_with_a_budget_press_compresses_during_decoding():
     with record_steps(model) as (lengths, _):
         generate(model, press, random_input_ids(1, PROMPT), 5)
     assert [step[0] for step in lengths] == [BUDGET] * 5
+
+
+def test_seeded_random_press_keeps_upstream_prefill_scores_and_draws_anew_at_each_step():
+    model = get_model("llama")
+    press = RandomPress(cache_budget=BUDGET, seed=3)
+    with record_steps(model, press) as (_, positions):
+        generate(model, press, random_input_ids(1, PROMPT), 10)
+    # prefill: upstream's seeded scores, torch.rand with a generator seeded with `seed`
+    reference = torch.rand((1, 2, PROMPT), generator=torch.Generator().manual_seed(3))
+    expected = reference.topk(BUDGET, dim=-1).indices.sort(dim=-1).values
+    for layer_positions in positions[0].values():
+        assert torch.equal(layer_positions, expected)
+    # decoding: the evicted cache slot changes from step to step (a fixed draw would always evict the same slot)
+    evicted_slots = set()
+    for step in range(1, len(positions)):
+        before = torch.cat([positions[step - 1][0][0, 0], torch.tensor([PROMPT + step - 1])])
+        kept = set(positions[step][0][0, 0].tolist())
+        evicted_slots.update(i for i, p in enumerate(before.tolist()) if p not in kept)
+    assert len(evicted_slots) > 1
+
+
+def test_full_press_never_compresses():
+    model = get_model("llama")
+    press = FullPress()
+    assert press.compression_ratio == 0.0 and not getattr(press, "acts_during_decoding", False)
+    with record_steps(model) as (lengths, _):
+        generate(model, press, random_input_ids(1, PROMPT), 5)
+    assert [step[0] for step in lengths] == [16, 17, 18, 19, 20]
+    keys, values = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    kept_keys, kept_values = press.compress(None, None, keys, values, None, {})
+    assert kept_keys is keys and kept_values is values
 
 
 # --------------------------------------------------------------------------------------------------- bad input

@@ -389,6 +389,20 @@ def test_cam_recomputed_attention_equals_eager_attention():
     torch.testing.assert_close(sums["eager"][0].sum(dim=-1), torch.full((1, 2), 5.0), atol=1e-4, rtol=0)
 
 
+def test_cam_with_an_adakv_base_uses_its_inner_scorer(caplog):
+    """Upstream's registry ships `cam_adakv_snapkv`; CAM evicts the same tokens in every head, so the inner scorer
+    ranks them (upstream fails at the first compression)."""
+    model = get_model("llama")
+    with caplog.at_level("WARNING", logger="kvpress.presses.cam_press"):
+        press = CAMPress(AdaKVPress(SnapKVPress(window_size=2)), INTERVAL, TARGET)
+    assert "inner SnapKVPress scores the tokens" in caplog.text
+    seen = []
+    decode_step_by_step(
+        model, press, random_input_ids(1, PROMPT), 7, lambda step, cache: seen.append(layer_lengths(model, cache))
+    )
+    assert seen == [[PROMPT] * 2] + [[n] * 2 for n in expected_lengths("cam", 7)]
+
+
 def test_cam_evicts_the_same_tokens_in_every_head():
     model = get_model("llama")
     press = CAMPress(RandomPress(seed=0), INTERVAL, TARGET)
@@ -499,7 +513,7 @@ def test_reusing_one_press_for_sequences_of_different_lengths(factory):
     wrapper = {DecodingPress: "decoding", CAMPress: "cam", CompressionRatioDecodingPress: "ratio"}
     inner = press.decoding_press if isinstance(press, PrefillDecodingPress) else press
     kind = wrapper[type(inner)]
-    for prompt_length, n_new in ((PROMPT, 12), (25, 8), (PROMPT + 7, 4)):
+    for prompt_length, n_new in ((PROMPT, 12), (25, 8)):
         with CacheRecorder(model, model) as recorder, torch.no_grad(), press(model):
             model.generate(
                 random_input_ids(1, prompt_length, seed=prompt_length),

@@ -211,3 +211,18 @@ def test_enable_thinking_is_passed_to_the_chat_template():
     assert pipe.tokenizer.decode(no_thinking[0]) == "q<|end|><|assistant|><think></think>"
     out = pipe(CONTEXT, question="Who?", enable_thinking=True, max_new_tokens=2)
     assert isinstance(out["answer"], str)
+
+
+def test_several_questions_with_a_decoding_press_are_refused():
+    from kvpress.presses.composed_press import ComposedPress
+    from kvpress.presses.snapkv_press import SnapKVPress
+
+    pipe = make_pipeline()
+    for press in (KnormPress(cache_budget=8), ComposedPress([KnormPress(cache_budget=8)])):
+        with pytest.raises(ValueError, match="not compatible with multiple questions.*compresses the cache while"):
+            pipe(CONTEXT, questions=["Who?", "Why?"], press=press, max_new_tokens=2)
+    # one question, or none, is fine
+    assert isinstance(pipe(CONTEXT, question="Who?", press=KnormPress(cache_budget=8), max_new_tokens=2)["answer"], str)
+    assert isinstance(pipe(CONTEXT, press=SnapKVPress(cache_budget=8, window_size=2), max_new_tokens=2)["answer"], str)
+    # a list with a single question too
+    assert len(pipe(CONTEXT, questions=["Who?"], press=KnormPress(cache_budget=8), max_new_tokens=2)["answers"]) == 1

@@ -132,7 +132,7 @@ def remap_masked_key_indices(module: nn.Module, kept: torch.Tensor, k_len: int) 
     setattr(module, "masked_key_indices", (batch_idx[still_there], head_idx[still_there], mapped[still_there]))
 
 
-def merge_masked_key_indices(module: nn.Module, previous, k_len: int) -> None:
+def merge_masked_key_indices(module: nn.Module, previous) -> None:
     """Keep masking what `previous` masked in addition to the masks just set (the patched attention rewrites a
     fresh fake key for every listed entry at each step, so an entry dropped from the list would come back)."""
     current = getattr(module, "masked_key_indices", None)
@@ -330,7 +330,7 @@ class DecodingPress(BasePress):
             previous = masked_entries(module, k_len)
             with self.base_ratio(ratio):
                 keys, values = self.base_press.compress(module, hidden_states, keys, values, None, kwargs)
-            merge_masked_key_indices(module, previous, k_len)
+            merge_masked_key_indices(module, previous)
             return keys, values
         with self.base_ratio(ratio):
             scores = self.base_press.score(module, hidden_states, keys, values, None, kwargs)

@@ -293,7 +293,7 @@ class DuoAttentionPress(BasePress):
     # at the wrong entries.
     composable: ClassVar[bool] = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_compression_ratio(self.head_compression_ratio, name="head_compression_ratio", allow_one=True)
         self._streaming_fraction = 0.0
 

@@ -55,7 +55,7 @@ class FinchPress(BasePress):
     # Needs its own context manager (the embedding hook), which a ComposedPress never enters.
     composable: ClassVar[bool] = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_compression_ratio(self.compression_ratio)
         chunk = self.chunk_length
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):

@@ -1,6 +1,6 @@
 # SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
 # SPDX-License-Identifier: Apache-2.0
-"""H2OPress: Heavy-Hitter Oracle, keep the tokens that accumulated the most attention (https://arxiv.org/abs/2306.14048).
+"""H2OPress: Heavy-Hitter Oracle, keep the tokens that received the most attention (https://arxiv.org/abs/2306.14048).
 
 The one idea: a few "heavy hitter" tokens receive most of the attention over the whole generation, so the attention
 each cached token has received is accumulated step after step, and the tokens with the least are evicted. This is the

@@ -27,6 +27,7 @@ from kvpress.utils import (
     apply_rope,
     attention_scaling,
     cache_layer_length,
+    extract_keys_and_values,
     get_language_model,
     get_prerope_query_states,
     restore_cache,
@@ -183,7 +184,7 @@ class KVComposePress(BasePress):
     # Needs its own context manager (the extra scoring pass), which a ComposedPress never enters.
     composable: ClassVar[bool] = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_compression_ratio(self.compression_ratio)
         for name in ("agg_task", "agg_group", "agg_head"):
             value = getattr(self, name)
@@ -223,13 +224,14 @@ class KVComposePress(BasePress):
         self.device = next(model.parameters()).device
         self._attention_modules = [layer.self_attn for layer in language_model.layers]
 
-    def register_context_ids(self, context_ids: Optional[torch.Tensor], context_len: int) -> None:
-        """Start scoring a context of `context_len` tokens (ids may be None when the model got embeddings)."""
+    def register_context_ids(self, context_ids: Optional[torch.Tensor], context_len: Optional[int] = None) -> None:
+        """Start scoring a context: its ids `(B, C)` (None when the model got embeddings, then give `context_len`)."""
         self.context_ids = context_ids
-        self.context_len = context_len
+        self.context_len = int(context_ids.shape[-1]) if context_len is None else int(context_len)
         task = aggregator_by_name[self.agg_task]
         self.task_aggregators = [
-            [task(context_len, device=self.device) for _ in range(self.num_att_heads)] for _ in range(self.num_layers)
+            [task(self.context_len, device=self.device) for _ in range(self.num_att_heads)]
+            for _ in range(self.num_layers)
         ]
 
     def register_prompt_ids(self, prompt_ids: Sequence[torch.Tensor]) -> None:
@@ -360,7 +362,7 @@ class KVComposePress(BasePress):
             return output
         hidden_states, cache = get_hook_inputs(module, input, kwargs)
         layer = self.layer_ids.index(module.layer_idx)
-        keys = cache.layers[module.layer_idx].keys  # type: ignore[attr-defined]
+        keys, _ = extract_keys_and_values(cache, module.layer_idx)
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if isinstance(attentions, torch.Tensor) and attentions.shape[-1] == keys.shape[2]:
             chunks = [(0, attentions.shape[2], attentions[..., : self.context_len].float())]
@@ -391,7 +393,7 @@ class KVComposePress(BasePress):
         scores = self.scores
         if self.add_v_norm:
             for layer, layer_idx in enumerate(self.layer_ids):
-                values = self.cache.layers[layer_idx].values[..., : self.context_len, :]
+                values = extract_keys_and_values(self.cache, layer_idx)[1][..., : self.context_len, :]
                 scores[layer] = scores[layer] * values.float().norm(dim=-1).mean(dim=0).to(scores.device)
         if self.add_mean_across_heads:
             scores = scores + scores.mean(dim=1, keepdim=True)
@@ -449,20 +451,24 @@ class KVComposePress(BasePress):
             self.compress_unstructured()
 
     def compress_structured(self) -> None:
+        """Keep, in every layer, its budget of best tokens in each head (layers get different lengths)."""
         cache = self.cache
         for layer, layer_idx in enumerate(self.layer_ids):
-            keys, values = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
+            keys, values = extract_keys_and_values(cache, layer_idx)
             mask = self.important_masks[layer].to(keys.device)
             count = int(self.important_per_layer[layer])
             indices = mask.nonzero()[:, 1].view(self.num_kv_heads, count)
             indices = indices[None].expand(keys.shape[0], -1, -1)
             write_keys_and_values(cache, layer_idx, gather_tokens(keys, indices), gather_tokens(values, indices))
 
-    def compress_unstructured(self) -> None:
-        bsz = self.cache.layers[self.layer_ids[0]].keys.shape[0]
+    def compress_unstructured(self, model: Optional[PreTrainedModel] = None) -> None:
+        """Mask the entries each head does not keep (`module.masked_key_indices`); the cache keeps its length."""
+        if model is not None:
+            self._register_model(model)
+        keys, _ = extract_keys_and_values(self.cache, self.layer_ids[0])
+        bsz, device = keys.shape[0], keys.device
         for layer, layer_idx in enumerate(self.layer_ids):
             pruned = ~self.important_masks[layer]
-            device = self.cache.layers[layer_idx].keys.device
             masked = pruned[None].expand(bsz, -1, -1).to(device)
             indices = masked.nonzero(as_tuple=True) if bool(masked.any()) else None
             # read by the patched attention at every later (non-prefill) attention call of this layer

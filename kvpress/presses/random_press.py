@@ -47,6 +47,7 @@ class RandomPress(ScorerPress):
     def _step_seed(self, module: nn.Module) -> int:
         """`seed` for a prefill (upstream); a seed derived from (seed, layer, step) for a decoding step."""
         state = self.layer_state(getattr(module, "layer_idx", -1)) if self.cache_budget else None
+        seed = int(self.seed)
         if state is None or state.steps == 0:
-            return self.seed
-        return (self.seed * 1_000_003 + state.steps * 10_007 + module.layer_idx) % (2**63 - 1)
+            return seed
+        return (seed * 1_000_003 + state.steps * 10_007 + int(module.layer_idx)) % (2**63 - 1)

@@ -60,9 +60,7 @@ def lsh_redundancy(codes: torch.Tensor, table: torch.Tensor, threshold: float) -
     latest = torch.full((bsz, num_kv_heads, n_buckets), -1, dtype=torch.long, device=codes.device)
     latest = latest.scatter_reduce(-1, codes, positions, reduce="amax")
     is_latest = latest.gather(-1, codes) == positions
-    second = torch.full_like(latest, -1).scatter_reduce(
-        -1, codes, torch.where(is_latest, -1, positions), reduce="amax"
-    )
+    second = torch.full_like(latest, -1).scatter_reduce(-1, codes, torch.where(is_latest, -1, positions), reduce="amax")
     # most recent other member of each token's own bucket
     own = torch.where(is_latest, second.gather(-1, codes), latest.gather(-1, codes))
     own = torch.where(table.diagonal()[codes] > threshold, own, -1)

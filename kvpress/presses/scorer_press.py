@@ -354,6 +354,7 @@ class ScorerPress(BasePress):
             return position_ids.to(device=device, dtype=torch.long).expand(bsz, q_len)
         return torch.arange(state.seen, state.seen + q_len, device=device).expand(bsz, q_len)
 
+
 def require_no_budget(wrapper: object, press: object) -> None:
     """Raise a clear error when a wrapper that applies `compression_ratio` is given a press with a cache_budget."""
     budget = getattr(press, "cache_budget", 0)

@@ -43,7 +43,7 @@ class SimLayerKVPress(BasePress):
     n_recent: int = 1024
     n_initial: int = 4
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         threshold = self.lazy_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(

@@ -35,7 +35,7 @@ class ThinKPress(BasePress):
     key_channel_compression_ratio: float = 0.0
     window_size: int = 32
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validate_compression_ratio(self.key_channel_compression_ratio, name="key_channel_compression_ratio")
         window = self.window_size
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:

@@ -164,3 +164,22 @@ def test_synthetic_rows_are_generated_in_the_model_tokens():
     assert df.equals(again)
     with pytest.raises(ValueError, match="Unknown synthetic task 'nope'; valid tasks: niah_single_noise"):
         load_synthetic("nope", 1, [300], tokenizer, seed=0)
+
+
+def test_hub_datasets_are_loaded_with_the_data_dir_and_test_split(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(hub_id, data_dir=None, split=None):
+        calls.append((hub_id, data_dir, split))
+        if data_dir == "offline":
+            raise ConnectionError("no network")
+        return Dataset.from_list(ROWS[:2])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    config = EvaluationConfig(dataset="ruler", max_new_tokens=2)
+    df = EvaluationRunner(config)._load_and_prepare_dataset()
+    assert calls == [("simonjegou/ruler", "4096", "test")] and list(df["row_id"]) == [0, 1]
+    with pytest.raises(RuntimeError, match=r"simonjegou/ruler \(data_dir='offline'\).*no network.*--data_path"):
+        EvaluationRunner(EvaluationConfig(dataset="ruler", data_dir="offline"))._load_and_prepare_dataset()

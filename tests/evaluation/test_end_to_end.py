@@ -199,7 +199,7 @@ def test_quantized_cache_is_passed_to_the_pipeline(tmp_path, data_file, model_di
     assert config.get_results_dir().name.endswith("__kv_hqq4")
 
 
-def test_synthetic_rows_from_a_jsonl_and_generated_on_the_fly(tmp_path, model_dir):
+def test_synthetic_rows_from_a_jsonl(tmp_path, model_dir):
     rows = [dict(row, task="niah_single_noise") for row in ROWS[2:]]
     path = tmp_path / "synthetic.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -207,24 +207,19 @@ def test_synthetic_rows_from_a_jsonl_and_generated_on_the_fly(tmp_path, model_di
     metrics = CountingRunner(config).run_evaluation()
     assert set(metrics) == {"niah_single_noise", "all"}
 
-    generated = EvaluationConfig(
-        dataset="synthetic",
-        data_dir="niah_single_noise",
-        context_length=300,
-        num_samples=2,
-        max_new_tokens=2,
-        model=model_dir,
-        output_dir=str(tmp_path),
-    )
-    runner = CountingRunner(generated)
-    runner.run_evaluation()
-    assert runner.calls == 2
-    results_dir = generated.get_results_dir()
-    assert (
-        results_dir.name
-        == f"synthetic__niah_single_noise__{generated.model_tag()}__knorm__0.50__ctx300__n2__max_new_tokens2"
-    )
-    assert len(pd.read_csv(results_dir / "predictions.csv")) == 2
+
+def test_the_default_run_generates_synthetic_rows_for_the_reference_model(tmp_path, model_dir, monkeypatch, capsys):
+    # The main job with the shipped YAML (synthetic task, model "reference"); the tiny model stands in for the
+    # reference checkpoint, with a "trained length" of 300 tokens.
+    monkeypatch.setattr(evaluate_module, "reference_model", lambda: (Path(model_dir), 300))
+    evaluate_module.main(output_dir=str(tmp_path), num_samples=2, max_new_tokens=2)
+    (results_dir,) = tmp_path.iterdir()
+    assert results_dir.name == "synthetic__niah_single_noise__reference__knorm__0.50__ctx300__n2__max_new_tokens2"
+    df = pd.read_csv(results_dir / "predictions.csv")
+    assert len(df) == 2 and set(df["task"]) == {"niah_single_noise"}
+    saved = yaml.safe_load((results_dir / "config.yaml").read_text())
+    assert saved["model"] == "reference" and saved["context_length"] == 300
+    assert "| all.string_match" in capsys.readouterr().out
 
 
 def test_a_missing_reference_model_says_how_to_create_it(tmp_path, monkeypatch):

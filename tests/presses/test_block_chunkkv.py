@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from kvpress.presses.block_press import BlockPress
+from kvpress.presses.block_press import BlockPress, gather_kwargs
 from kvpress.presses.chunkkv_press import ChunkKVPress
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.knorm_press import KnormPress
@@ -121,6 +121,33 @@ def test_block_press_scorer_sees_kept_tokens_plus_block():
         hidden_slice = layer["hidden_states"][0][:, :32]  # KV head 0 carries the first half of the hidden size
         assert torch.equal(call["hidden_states"][0][:, :32], hidden_slice[positions])
         assert call["kwargs_hidden_states"] is call["hidden_states"]
+
+
+def test_gather_kwargs_takes_every_per_token_entry_at_the_positions():
+    q_len = 10
+    positions = torch.tensor([[0, 3, 4, 8], [1, 2, 6, 9]])
+    causal = torch.full((1, 1, q_len, q_len), float("-inf")).triu(1)
+    cos, sin = torch.randn(1, q_len, 4), torch.randn(1, q_len, 4)
+    kwargs = {
+        "hidden_states": torch.zeros(2, q_len, 8),
+        "position_ids": torch.arange(q_len)[None],
+        "cache_position": torch.arange(q_len),
+        "position_embeddings": (cos, sin),
+        "attention_mask": causal,
+        "other": "kept as is",
+    }
+    new_hidden = torch.ones(2, 4, 8)
+    gathered = gather_kwargs(kwargs, new_hidden, positions, q_len)
+    assert gathered["hidden_states"] is new_hidden and gathered["other"] == "kept as is"
+    assert torch.equal(gathered["position_ids"], positions)
+    assert torch.equal(gathered["cache_position"], positions[0])
+    for b in range(2):
+        assert torch.equal(gathered["position_embeddings"][0][b], cos[0, positions[b]])
+        assert torch.equal(gathered["position_embeddings"][1][b], sin[0, positions[b]])
+        expected_mask = causal[0, 0][positions[b]][:, positions[b]]
+        assert torch.equal(gathered["attention_mask"][b, 0], expected_mask)
+    assert torch.equal(gathered["attention_mask"][0, 0], torch.full((4, 4), float("-inf")).triu(1))
+    assert kwargs["position_ids"].shape == (1, q_len)  # the original kwargs are untouched
 
 
 def test_block_press_eager_attention_equals_sdpa_recomputation():

@@ -129,6 +129,7 @@ def test_knorm_scores_against_the_keys_themselves():
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_generate_keeps_the_window_and_masks_only_decided_entries(arch):
     model = get_model(arch)
+    torch.manual_seed(0)  # RandomPress() draws from the global generator
     press = DMSPress(RandomPress(), threshold=0.5, sliding_window_size=6, decoding=True)
     with torch.no_grad(), press(model):
         out = model.generate(random_input_ids(1, 30), max_new_tokens=8, min_new_tokens=8, do_sample=False)
@@ -198,6 +199,7 @@ def test_pipeline_ratio_equals_the_masked_fraction():
     """Upstream's exact test: with window 0, every token is decided when it arrives."""
     pipe = pipeline("kv-press-text-generation", model=saved_model_dir("llama"), device="cpu")
     pipe.model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    torch.manual_seed(0)  # RandomPress() draws from the global generator
     press = DMSPress(RandomPress(), threshold=0.5, sliding_window_size=0, decoding=True)
     context, question, max_new_tokens = "A context that is compressed while decoding. " * 2, "Why?", 7
     pipe(context, question=question, press=press, max_new_tokens=max_new_tokens)

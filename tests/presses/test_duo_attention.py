@@ -161,7 +161,10 @@ def test_url_path_builds_the_published_urls(monkeypatch):
     model = SimpleNamespace(config=SimpleNamespace(name_or_path="mistralai/Mistral-7B-Instruct-v0.2"))
     sink, recent, scores = DuoAttentionPress.load_attention_pattern(model)
     folder = "Mistral-7B-Instruct-v0.2/lr%3D0.02-reg%3D0.05-ctx%3D1000_32000-multi_passkey10/"
-    assert requested == [duo.PATTERNS_BASE_URL + folder + "config.json", duo.PATTERNS_BASE_URL + folder + duo.PATTERN_HEADS_FILE]
+    assert requested == [
+        duo.PATTERNS_BASE_URL + folder + "config.json",
+        duo.PATTERNS_BASE_URL + folder + duo.PATTERN_HEADS_FILE,
+    ]
     assert (sink, recent, scores.shape) == (128, 256, (32, 8))
 
     # upstream's double-slash keys: both spellings reach the same folder
@@ -177,7 +180,6 @@ def test_url_path_builds_the_published_urls(monkeypatch):
     model.config.name_or_path = "meta-llama/Llama-3.1-8B-Instruct"
     with pytest.raises(OSError, match="PATTERNS_DICT"):
         DuoAttentionPress.load_attention_pattern(model)
-
 
 
 def test_missing_or_bad_patterns_raise_clear_errors(tmp_path, monkeypatch):

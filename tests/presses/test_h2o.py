@@ -34,14 +34,30 @@ def group_mean(per_head: torch.Tensor) -> torch.Tensor:
     return per_head.view(per_head.shape[0], KV_HEADS, GROUPS, -1).mean(dim=2)
 
 
+def full_attention_weights(model, input_ids) -> dict:
+    """Eager attention weights `(B, H, T, T)` of every layer for one forward over `input_ids`, read from the attention
+    modules' outputs (a temporary hook; `output_attentions=True` would leave transformers' capture hooks behind)."""
+    weights = {}
+    handles = [
+        layer.self_attn.register_forward_hook(lambda m, a, out: weights.__setitem__(m.layer_idx, out[1]))
+        for layer in model.model.layers
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return weights
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
 def test_accumulated_attention_equals_a_direct_eager_computation(arch):
     model = get_model(arch, "eager")
     input_ids = random_input_ids(2, 20, seed=5)
     press = H2OPress(cache_budget=64)  # large enough that nothing is evicted
     feed(model, press, input_ids, n_prompt=12)
-    with torch.no_grad():
-        attentions = model(input_ids, output_attentions=True).attentions
+    attentions = full_attention_weights(model, input_ids)
     n_tokens = input_ids.shape[1]
     for layer_idx, state in press.decoding_states.items():
         direct = group_mean(attentions[layer_idx].sum(dim=-2))  # attention each token received from all queries

@@ -28,9 +28,7 @@ def reference_merge(keys, values, kept, threshold=0.0, fraction=1.0):
             k, v = keys[b, h].double(), values[b, h].double()
             best_sim, best_target = [], []
             for e in evicted:
-                sims = [
-                    (k[e] @ k[t] / (max(k[e].norm(), _EPS) * max(k[t].norm(), _EPS))).item() for t in kept_list
-                ]
+                sims = [(k[e] @ k[t] / (max(k[e].norm(), _EPS) * max(k[t].norm(), _EPS))).item() for t in kept_list]
                 best = max(range(len(kept_list)), key=lambda i: sims[i])
                 best_sim.append(sims[best])
                 best_target.append(kept_list[best])
@@ -98,6 +96,21 @@ def test_merge_fraction_keeps_the_most_similar_share():
     # no evicted key is exactly parallel to the kept one: with threshold 1 nothing is merged
     _, untouched = MergingPress(KnormPress(0.5), similarity_threshold=1.0).merge(keys, values, kept)
     assert torch.equal(untouched, values)
+
+
+def test_merge_fraction_with_few_mergeable_tokens_merges_them():
+    """Only 1 of 5 evicted tokens is similar enough; merge_fraction=0.5 still merges it (upstream's quantile over
+    -inf entries is NaN there and silently merges nothing)."""
+    generator = torch.Generator().manual_seed(5)
+    anchor = torch.randn(6, generator=generator)
+    noise = 0.05 * torch.randn(5, 6, generator=generator)
+    evicted = torch.cat([anchor[None] + noise[:1], -anchor[None] + noise[1:]])  # similarities ~ +1, -1, -1, -1, -1
+    keys = torch.cat([anchor[None], evicted])[None, None]
+    values = torch.randn(1, 1, 6, 6, generator=generator)
+    kept = torch.tensor([[[0]]])
+    _, merged = MergingPress(KnormPress(0.5), merge_fraction=0.5).merge(keys, values, kept)
+    assert not torch.equal(merged[0, 0, 0], values[0, 0, 0])
+    torch.testing.assert_close(merged, reference_merge(keys, values, kept, fraction=0.5), atol=1e-6, rtol=1e-5)
 
 
 def test_merge_edge_cases_and_half_precision():

@@ -82,7 +82,7 @@ def constructed_case(n_tokens=16):
     for head in range(KV_HEADS):
         for t in range(n_tokens):
             keys[0, head, t] = basis[:, t % HEAD_DIM] * (1 + 0.1 * t)
-        for t in (2, 6, 9):
+        for t in [t for t in (2, 6, 9) if t < n_tokens]:
             keys[0, head, t] = basis[:, 2] * 3 + 0.01 * torch.randn(HEAD_DIM, generator=generator)
     values = torch.randn(1, KV_HEADS, n_tokens, HEAD_DIM, generator=generator)
     return model, call, keys, values

@@ -1,0 +1,353 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Quality table: accuracy of the reference model on the synthetic tasks (RULER-style,
+https://arxiv.org/abs/2404.06654) for each press and compression ratio.
+
+The one idea: with a model that really retrieves, a press's quality is one number per ratio: the accuracy on held-out
+rows, question-agnostic (the pipeline's default: the context is compressed before the question is seen) and
+question-aware (the question is appended to the context, so it is compressed with it). Each (press, ratio, mode)
+cell is written to the JSON file as soon as it is done, so an interrupted run resumes where it stopped.
+
+    python reference/quality.py                                  # GPU: every press, 10 rows per task
+    python reference/quality.py --device cpu --rows_per_task 2 --presses random,snapkv --workers 1
+    python reference/quality.py --plot_only                      # table and plot from the JSON file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH  # noqa: E402
+
+logger = logging.getLogger("reference.quality")
+
+RATIOS = (0.25, 0.5, 0.75, 0.9)
+MODES = ("agnostic", "aware")
+RESULTS_DIR = ROOT / "reference" / "results"
+
+
+def _make(module: str, cls: str, **kwargs) -> Callable[[], Any]:
+    def build():
+        import importlib
+
+        return getattr(importlib.import_module(f"kvpress.presses.{module}"), cls)(**kwargs)
+
+    return build
+
+
+def _wrap(module: str, cls: str, inner: Callable[[], Any], name: Optional[str] = None, **kwargs) -> Callable[[], Any]:
+    def build():
+        import importlib
+
+        press_class = getattr(importlib.import_module(f"kvpress.presses.{module}"), cls)
+        return press_class(**{name: inner()}, **kwargs) if name else press_class(inner(), **kwargs)
+
+    return build
+
+
+# name -> (factory of a press with compression_ratio 0, attention implementation it needs). The first seven are the
+# issue's required presses; the others are evaluated when their modules exist and skipped with a reason otherwise.
+PRESSES: dict[str, tuple[Callable[[], Any], str]] = {
+    "random": (_make("random_press", "RandomPress", seed=0), "sdpa"),
+    "knorm": (_make("knorm_press", "KnormPress"), "sdpa"),
+    "streaming_llm": (_make("streaming_llm_press", "StreamingLLMPress"), "sdpa"),
+    "snapkv": (_make("snapkv_press", "SnapKVPress"), "sdpa"),
+    "tova": (_make("tova_press", "TOVAPress"), "sdpa"),
+    "expected_attention": (_make("expected_attention_press", "ExpectedAttentionPress"), "sdpa"),
+    "adakv_expected_attention": (
+        _wrap("adakv_press", "AdaKVPress", _make("expected_attention_press", "ExpectedAttentionPress")),
+        "sdpa",
+    ),
+    "adakv_snapkv": (_wrap("adakv_press", "AdaKVPress", _make("snapkv_press", "SnapKVPress")), "sdpa"),
+    "observed_attention": (_make("observed_attention_press", "ObservedAttentionPress"), "eager"),
+    "keydiff": (_make("keydiff_press", "KeyDiffPress"), "sdpa"),
+    "lagkv": (_make("lagkv_press", "LagKVPress"), "sdpa"),
+    "pyramidkv": (_make("pyramidkv_press", "PyramidKVPress"), "sdpa"),
+    "cur": (_make("cur_press", "CURPress"), "sdpa"),
+    "compactor": (_make("compactor_press", "CompactorPress"), "sdpa"),
+    "chunkkv": (_wrap("chunkkv_press", "ChunkKVPress", _make("snapkv_press", "SnapKVPress"), "press"), "sdpa"),
+    "critical_snapkv": (_wrap("criticalkv_press", "CriticalKVPress", _make("snapkv_press", "SnapKVPress")), "sdpa"),
+    "leverage": (_make("leverage_press", "LeverageScorePress"), "sdpa"),
+    "kvzip": (_make("kvzip_press", "KVzipPress"), "sdpa"),
+}
+REQUIRED = ("random", "knorm", "streaming_llm", "snapkv", "tova", "expected_attention", "adakv_expected_attention")
+
+
+def cell_key(press: str, ratio: float, mode: str) -> str:
+    return f"{press}|{ratio:g}|{mode}"
+
+
+def build_press(name: str, ratio: float):
+    factory, _ = PRESSES[name]
+    press = factory()
+    if ratio > 0:
+        if not hasattr(press, "compression_ratio"):
+            raise TypeError(f"{type(press).__name__} has no compression_ratio")
+        press.compression_ratio = ratio
+    return press
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Workers (one model per process; cells are independent)
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(model_dir: str, device: str, rows: list[dict]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER.update(model_dir=model_dir, device=device, rows=rows, models={})
+
+
+def _pipeline(attn_implementation: str):
+    from reference.evaluate import load_reference, make_pipeline
+
+    models = _WORKER["models"]
+    if attn_implementation not in models:
+        model, tokenizer = load_reference(_WORKER["model_dir"], device=_WORKER["device"])
+        if attn_implementation != "sdpa":
+            from transformers import AutoModelForCausalLM
+
+            model = (
+                AutoModelForCausalLM.from_pretrained(_WORKER["model_dir"], attn_implementation=attn_implementation)
+                .to(_WORKER["device"])
+                .eval()
+            )
+        models[attn_implementation] = make_pipeline(model, tokenizer)
+    return models[attn_implementation]
+
+
+def run_cell(cell: tuple[str, float, str]) -> dict:
+    """Accuracy of one (press, ratio, mode) cell, or the error that stopped it."""
+    from reference.evaluate import accuracy, predict
+
+    name, ratio, mode = cell
+    started = time.time()
+    try:
+        press = None if name == "no_press" else build_press(name, ratio)
+        attn = "sdpa" if name == "no_press" else PRESSES[name][1]
+        pipe = _pipeline(attn)
+        rows = _WORKER["rows"]
+        predictions = predict(pipe, rows, press=press, question_aware=(mode == "aware"))
+        scores = accuracy(rows, predictions)
+        return {
+            "press": name,
+            "ratio": ratio,
+            "mode": mode,
+            "accuracy": {k: round(v, 2) for k, v in scores.items()},
+            "seconds": round(time.time() - started, 1),
+        }
+    except Exception as error:  # a press that fails is skipped, with the reason
+        return {
+            "press": name,
+            "ratio": ratio,
+            "mode": mode,
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc(limit=3),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Table and plot
+
+
+def table(results: dict, ratios=RATIOS) -> str:
+    """Markdown table of the mean accuracy over tasks ("all"), one row per press, one column per (mode, ratio)."""
+    cells = results["cells"]
+    baseline = {mode: cells.get(cell_key("no_press", 0.0, mode), {}).get("accuracy", {}).get("all") for mode in MODES}
+    header = ["press"] + [f"{'q-agnostic' if m == 'agnostic' else 'q-aware'} {r:g}" for m in MODES for r in ratios]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base = ", ".join(f"{m}: {baseline[m]:.1f}" for m in MODES if baseline[m] is not None)
+    names = [n for n in results.get("presses", []) if n != "no_press"]
+    for name in names:
+        values = []
+        for mode in MODES:
+            for ratio in ratios:
+                cell = cells.get(cell_key(name, ratio, mode))
+                if cell is None:
+                    values.append("")
+                elif "error" in cell:
+                    values.append("fails")
+                else:
+                    values.append(f"{cell['accuracy']['all']:.1f}")
+        if any(values):
+            lines.append(f"| `{name}` | " + " | ".join(values) + " |")
+    return f"No compression: {base}\n\n" + "\n".join(lines)
+
+
+def plot(results: dict, path: Path, ratios=RATIOS) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot (run again with --plot_only where it is)")
+        return False
+    cells = results["cells"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, mode in zip(axes, MODES):
+        base = cells.get(cell_key("no_press", 0.0, mode), {}).get("accuracy", {}).get("all")
+        for name in results.get("presses", []):
+            if name == "no_press":
+                continue
+            xs, ys = ([0.0], [base]) if base is not None else ([], [])
+            for ratio in ratios:
+                cell = cells.get(cell_key(name, ratio, mode))
+                if cell and "accuracy" in cell:
+                    xs.append(ratio)
+                    ys.append(cell["accuracy"]["all"])
+            if len(xs) > 1:
+                required = name in REQUIRED
+                ax.plot(xs, ys, marker="o", label=name, linewidth=2 if required else 1, alpha=1 if required else 0.6)
+        ax.set_title(f"question-{mode} ({results['meta']['context_length']} tokens)")
+        ax.set_xlabel("compression ratio")
+        ax.set_xlim(-0.02, 0.95)
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%), mean over the 9 synthetic tasks")
+    axes[1].legend(fontsize=8, loc="lower left", ncol=2)
+    fig.suptitle("kvpress reference model: accuracy against compression ratio")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _weights_digest(model_dir: Path) -> str:
+    """The first 16 hex digits of the weights' SHA-256: a table belongs to one checkpoint."""
+    import hashlib
+
+    weights = model_dir / "model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.exists() else "missing"
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", default=str(REFERENCE_MODEL_DIR))
+    parser.add_argument("--output_dir", default=str(RESULTS_DIR))
+    parser.add_argument("--presses", default="all", help="comma-separated names or 'all': " + ", ".join(PRESSES))
+    parser.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS))
+    parser.add_argument("--context_length", type=int, default=TRAINED_CONTEXT_LENGTH)
+    parser.add_argument("--rows_per_task", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=2000, help="seed of the held-out rows")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model")
+    parser.add_argument("--time_budget_s", type=float, default=None, help="stop starting cells after this long")
+    parser.add_argument("--plot_only", action="store_true", help="only print the table and draw the plot")
+    args = parser.parse_args(argv)
+    args.ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    names = list(PRESSES) if args.presses == "all" else [p.strip() for p in args.presses.split(",") if p.strip()]
+    unknown = [name for name in names if name not in PRESSES]
+    if unknown:
+        parser.error(f"unknown presses {unknown}; choose among {', '.join(PRESSES)} or 'all'")
+    args.press_names = names
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = output_dir / "quality.json", output_dir / "quality.png"
+    meta = {
+        "model_sha256": _weights_digest(Path(args.model_dir)),
+        "context_length": args.context_length,
+        "rows_per_task": args.rows_per_task,
+        "seed": args.seed,
+    }
+    results: dict = {"meta": meta, "presses": ["no_press"], "cells": {}}
+    if json_path.exists():
+        previous = json.loads(json_path.read_text())
+        if previous.get("meta") == meta:
+            results = previous
+        else:
+            logger.warning("%s was made with other settings %s: starting a new table", json_path, previous.get("meta"))
+    for name in args.press_names:
+        if name not in results["presses"]:
+            results["presses"].append(name)
+
+    if not args.plot_only:
+        import torch
+
+        from evaluation.benchmarks.synthetic.tasks import TASK_NAMES, generate_rows
+        from reference.evaluate import load_reference
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _, tokenizer = load_reference(args.model_dir, device="cpu")
+        rows = [
+            row
+            for task in TASK_NAMES
+            for row in generate_rows(task, args.rows_per_task, args.context_length, tokenizer, seed=args.seed)
+        ]
+        todo = [("no_press", 0.0, mode) for mode in MODES]
+        todo += [(name, ratio, mode) for name in args.press_names for mode in MODES for ratio in args.ratios]
+        todo = [cell for cell in todo if cell_key(*cell) not in results["cells"]]
+        logger.info("%d rows per cell; %d cells to run, %d already done", len(rows), len(todo), len(results["cells"]))
+        failed: set[str] = {c["press"] for c in results["cells"].values() if "error" in c}
+        started = time.time()
+
+        def record(result: dict) -> None:
+            key = cell_key(result["press"], result["ratio"], result["mode"])
+            results["cells"][key] = result
+            if "error" in result and result["press"] not in failed:
+                failed.add(result["press"])
+                logger.warning("press %s fails and is skipped: %s", result["press"], result["error"])
+            json_path.write_text(json.dumps(results, indent=1) + "\n")
+
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(todo), desc="quality cells", mininterval=5)
+        if args.workers <= 1:
+            _init_worker(args.model_dir, device, rows)
+            for cell in todo:
+                if args.time_budget_s and time.time() - started > args.time_budget_s:
+                    logger.warning("time budget reached: %d cells left for a later run", len(todo) - progress.n)
+                    break
+                if cell[0] in failed:
+                    progress.update(1)
+                    continue
+                record(run_cell(cell))
+                progress.update(1)
+        else:
+            context = mp.get_context("spawn")
+            with context.Pool(args.workers, initializer=_init_worker, initargs=(args.model_dir, device, rows)) as pool:
+                pending = [pool.apply_async(run_cell, (cell,)) for cell in todo]
+                for job in pending:
+                    remaining = None
+                    if args.time_budget_s:
+                        remaining = max(1.0, args.time_budget_s - (time.time() - started))
+                    try:
+                        record(job.get(timeout=remaining))
+                    except mp.TimeoutError:
+                        logger.warning("time budget reached: unfinished cells are left for a later run")
+                        pool.terminate()
+                        break
+                    progress.update(1)
+        progress.close()
+
+    print(table(results, args.ratios))
+    if plot(results, png_path, args.ratios):
+        logger.info("wrote %s and %s", json_path, png_path)
+    return results
+
+
+if __name__ == "__main__":
+    main()
