@@ -144,11 +144,15 @@ def make_config(arch: str):
     raise ValueError(f"Unknown test architecture {arch!r}; known: {ARCHITECTURES}")
 
 
+BUILT_MODELS: list[PreTrainedModel] = []  # every cached model, so that tests can check none is left modified
+
+
 @functools.lru_cache(maxsize=None)
 def _build_model(arch: str, attn_implementation: str) -> PreTrainedModel:
     config, model_class = make_config(arch)
     torch.manual_seed(0)
     model = model_class._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    BUILT_MODELS.append(model)
     return model.eval()
 
 
