@@ -131,7 +131,9 @@ def test_masked_entries_hidden_by_an_explicit_mask_when_no_fake_key_exists(backe
     module = SimpleNamespace(
         masked_key_indices=masked, num_key_value_groups=2, is_causal=True, training=False, config=None
     )
-    func = attention_patch(ALL_ATTENTION_FUNCTIONS["sdpa"].__wrapped__ if backend == "sdpa" else eager_attention_forward)
+    func = attention_patch(
+        ALL_ATTENTION_FUNCTIONS["sdpa"].__wrapped__ if backend == "sdpa" else eager_attention_forward
+    )
     out, _ = func(module, query, key.clone(), value, None, scaling=dim**-0.5, dropout=0.0)
     # reference: explicit causal attention with the masked entries removed per KV head
     expected = torch.empty(bsz, q_len, heads, dim)
