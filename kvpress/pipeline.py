@@ -162,6 +162,8 @@ class KVPressTextGenerationPipeline(Pipeline):
             self.model.model(input_ids=context_ids, past_key_values=cache)
         logger.debug(f"Context Length: {context_length}")
         logger.debug(f"Compressed Context Length: {cache.get_seq_length()}")
+        # RestoreKV appends its learned restore tokens after the context: questions continue after them.
+        context_length += int(getattr(press, "num_restore_tokens", 0) or 0)
 
         if _is_decoding_press(press):
             decoding_context = press(self.model)

@@ -14,21 +14,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-def _hook_origin(hook) -> str:
-    func = getattr(hook, "__func__", getattr(hook, "func", hook))
-    return getattr(func, "__module__", "") or ""
-
-
 def pytest_runtest_teardown(item, nextitem):
     """The shared tiny models must leave every test as they came: no press hook left behind."""
-    from tests.fixtures import BUILT_MODELS
+    from tests.fixtures import BUILT_MODELS, is_press_hook
 
     leftovers = []
     for model in BUILT_MODELS:
         for name, module in model.named_modules():
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
                 for key, hook in list(hooks.items()):
-                    if _hook_origin(hook).startswith(("kvpress", "tests")):
-                        leftovers.append(f"{type(model).__name__}.{name}: {_hook_origin(hook)}")
+                    if is_press_hook(hook):
+                        leftovers.append(f"{type(model).__name__}.{name}")
                         del hooks[key]
     assert not leftovers, f"{item.nodeid} left press hooks on shared models: {leftovers[:4]}"

@@ -12,6 +12,7 @@ from kvpress import (
     CURPress,
     ExpectedAttentionPress,
     ExpectedAttentionStatsPress,
+    H2OPress,
     KeyDiffPress,
     KnormPress,
     KVzapPress,
@@ -21,6 +22,8 @@ from kvpress import (
     ObservedAttentionPress,
     QFilterPress,
     RandomPress,
+    RKVLSHPress,
+    RKVPress,
     SnapKVPress,
     StreamingLLMPress,
     TOVAPress,
@@ -94,7 +97,14 @@ default_presses = [
     },
 ]
 
+default_presses += [
+    # the reasoning fork's presses, with a compression ratio (their budgets are tested in tests/test_cache_budget.py)
+    {"cls": RKVPress, "kwargs": [{"compression_ratio": 0.2}, {"compression_ratio": 0.8, "window_size": 4}]},
+    {"cls": RKVLSHPress, "kwargs": [{"compression_ratio": 0.2}, {"compression_ratio": 0.8, "window_size": 4}]},
+]
+
 # Presses that need eager attention (attention weights).
 eager_presses = [
     {"cls": ObservedAttentionPress, "kwargs": [{"compression_ratio": 0.2}, {"compression_ratio": 0.8}]},
+    {"cls": H2OPress, "kwargs": [{"compression_ratio": 0.2}, {"compression_ratio": 0.8}]},
 ]

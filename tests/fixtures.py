@@ -213,3 +213,15 @@ def record_layers(model: PreTrainedModel, input_ids: torch.Tensor) -> dict:
     recorder = RecordingPress()
     prefill(model, input_ids, recorder)
     return recorder.calls
+
+
+def is_press_hook(hook) -> bool:
+    """Whether a module hook was registered by a press (transformers registers output-recording hooks of its own)."""
+    func = getattr(hook, "__func__", getattr(hook, "func", hook))
+    return (getattr(func, "__module__", "") or "").startswith(("kvpress", "tests"))
+
+
+def press_hooks(module) -> list:
+    """The press hooks (forward and forward-pre) still registered on `module`."""
+    hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
+    return [hook for hook in hooks if is_press_hook(hook)]

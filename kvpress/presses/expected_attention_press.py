@@ -38,7 +38,7 @@ class ExpectedAttentionPress(ScorerPress):
     epsilon: float = 0.0
 
     def get_query_statistics(
-        self, module: nn.Module, hidden_states: torch.Tensor
+        self, module: nn.Module, hidden_states: torch.Tensor, start_position: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mean `(B, H, d)` and biased covariance `(B, H, d, d)` (None without `use_covariance`) of the pre-RoPE
         queries after the sinks, rotated by the RoPE averaged over the future positions."""
@@ -54,7 +54,7 @@ class ExpectedAttentionPress(ScorerPress):
         if self.use_covariance:
             centered = queries - mu.unsqueeze(2)
             cov = centered.transpose(2, 3) @ centered / queries.shape[2]
-        return self.apply_avg_rope(module, mu, cov, q_len)
+        return self.apply_avg_rope(module, mu, cov, q_len if start_position is None else start_position)
 
     def apply_avg_rope(
         self, module: nn.Module, mu: torch.Tensor, cov: torch.Tensor | None, q_len: int
@@ -92,7 +92,10 @@ class ExpectedAttentionPress(ScorerPress):
                 f"{type(self).__name__} always keeps the {self.n_sink} sink tokens and scores the others, but the "
                 f"cache holds only {k_len} tokens. Use a longer context or a smaller n_sink."
             )
-        mu, cov = self.get_query_statistics(module, hidden_states)
+        # future queries follow the last token's true position (during decoding, hidden_states is only a window)
+        position_ids = kwargs.get("position_ids")
+        start = int(position_ids[..., -1].max()) + 1 if isinstance(position_ids, torch.Tensor) else None
+        mu, cov = self.get_query_statistics(module, hidden_states, start)
         groups = mu.shape[1] // num_kv_heads
         scored_keys = repeat_kv(keys[:, :, self.n_sink :], groups)
         scaling = attention_scaling(module)

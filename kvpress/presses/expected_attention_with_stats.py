@@ -181,7 +181,7 @@ class ExpectedAttentionStatsPress(ExpectedAttentionPress):
         return [item.item_id for item in get_collection(STATS_COLLECTION).items]
 
     def get_query_statistics(
-        self, module: nn.Module, hidden_states: torch.Tensor
+        self, module: nn.Module, hidden_states: torch.Tensor, start_position: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stored mean `(1, H, d)` and covariance `(1, H, d, d)` of this layer, rotated by the RoPE averaged over
         the positions that follow the context."""
@@ -200,7 +200,7 @@ class ExpectedAttentionStatsPress(ExpectedAttentionPress):
         target = dict(device=hidden_states.device, dtype=hidden_states.dtype)
         mu = self.mu[layer_idx].to(**target)
         cov = self.cov[layer_idx].to(**target) if self.use_covariance else None
-        mu, cov = self.apply_avg_rope(module, mu, cov, q_len)
+        mu, cov = self.apply_avg_rope(module, mu, cov, q_len if start_position is None else start_position)
         return mu.unsqueeze(0), (cov.unsqueeze(0) if cov is not None else None)
 
 

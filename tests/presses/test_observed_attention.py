@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from kvpress import ObservedAttentionPress
-from tests.fixtures import ARCHITECTURES, HEAD_DIM, HEADS, KV_HEADS, compressed_layers, get_model, random_input_ids
+from tests.fixtures import (
+    ARCHITECTURES,
+    HEAD_DIM,
+    HEADS,
+    KV_HEADS,
+    compressed_layers,
+    get_model,
+    press_hooks,
+    random_input_ids,
+)
 
 GROUPS = HEADS // KV_HEADS
 RATIOS = (0.0, 0.25, 0.5, 0.9)
@@ -63,7 +72,7 @@ def test_sdpa_model_is_refused_when_entering(arch):
         with press(model):
             pytest.fail("the context must not be entered")
     language_model = model.model.language_model if arch == "gemma3" else model.model
-    assert all(not layer.self_attn._forward_hooks for layer in language_model.layers)
+    assert all(not press_hooks(layer.self_attn) for layer in language_model.layers)
 
 
 def test_missing_attentions_in_score_raise():

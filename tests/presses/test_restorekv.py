@@ -218,3 +218,27 @@ def test_another_source_replaces_the_adapter():
     torch.testing.assert_close(restored[1], run(fresh_model(), second))
     torch.testing.assert_close(restored[2], restored[0])
     assert not torch.allclose(restored[1], restored[0])
+
+
+def test_pipeline_questions_continue_after_the_restore_tokens():
+    """The restore tokens sit at positions C..C+n-1: the question starts at position C + n, as upstream."""
+    model = load_saved_model(saved_model_dir("llama", with_chat_template=True))
+    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=load_tokenizer(True), device="cpu")
+    context = "The quick brown fox jumps over the lazy dog. " * 2
+    press = RestoreKVPress(0.4, restore_repo_or_dir=restore_resources("llama", zero_embeddings=False))
+    seen_positions = []
+
+    def record(module, args, kwargs):
+        if kwargs.get("position_ids") is not None:
+            seen_positions.append(kwargs["position_ids"][0].tolist())
+
+    handle = model.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        pipe(context, question="Who?", press=press, max_new_tokens=2)
+    finally:
+        handle.remove()
+    n_context = pipe.preprocess(context, [""], "", 10_000)["context_ids"].shape[1]
+    question_positions = [p for p in seen_positions if len(p) > 1 and p[0] >= n_context]
+    # the restore tokens themselves (appended by the press) come first, then the question
+    assert question_positions[0] == list(range(n_context, n_context + N_RESTORE))
+    assert question_positions[-1][0] == n_context + N_RESTORE
