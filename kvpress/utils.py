@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from transformers import Cache
@@ -187,6 +189,13 @@ def restore_cache(cache: Cache, snapshot: list[dict]) -> None:
                 setattr(layer, name, value)
         else:
             layer.reset()
+
+
+def describe_hub_source(name_or_path: str) -> str:
+    """How a load error names `name_or_path` after it failed as a local directory or Hugging Face Hub repo."""
+    if os.path.isdir(name_or_path):
+        return f"the local directory {name_or_path!r}"
+    return f"{name_or_path!r}, which is neither a local directory or file nor a reachable Hugging Face Hub repo"
 
 
 def get_language_model(model: nn.Module) -> nn.Module:

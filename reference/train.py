@@ -7,11 +7,20 @@ The one idea: a small GQA Llama learns retrieval (induction heads), multi-hop tr
 the task rows themselves, with the loss on the answer tokens (plus a little language-model loss on the context) and a
 curriculum from short to long contexts. Rows are generated on the fly by data-loader workers from seeds that the
 evaluation never uses ("train|<seed>|<batch>|<row>" versus generate_rows' "eval|<seed>|..."), so every accuracy
-reported afterwards is on held-out rows. The whole run is a pure function of the arguments (and of `--max_steps`;
-with `--max_steps auto` the step count is fitted to `--time_budget_s` and printed, so pass it to reproduce).
+reported afterwards is on held-out rows. The data of batch i is a function of (seed, i) alone; the learning-rate
+schedule depends on `--max_steps`, which `auto` fits to `--time_budget_s` from the measured step time (and prints):
+pass the printed numbers to repeat a run without depending on the machine's speed.
 
-    python reference/train.py --output_dir $OUT --time_budget_s 420            # one H100, about 8 minutes
-    python reference/train.py --output_dir /tmp/ref --device cpu --tiny --max_steps 20   # a smoke test on CPU
+The shipped checkpoint (reference/model/) came from two runs on one H100 (4 and 8.5 minutes, 7512 steps in all):
+
+    python reference/train.py --output_dir run1 --time_budget_s 470 --max_steps 2246
+    python reference/train.py --output_dir run2 --resume run1/resume --time_budget_s 530 --eval_reserve_s 60 \
+        --max_steps 7512 --task_weights niah_single_noise=0.2,niah_single_essay=0.3,niah_single_uuid=0.5,\
+niah_multikey=1.6,niah_multivalue=0.5,niah_multiquery=0.7,variable_tracking=1.6,common_words=1.8,frequent_words=1.5
+
+(both were run with `--max_steps auto`, which chose 2246 and 7512.) A smoke test on CPU:
+
+    python reference/train.py --output_dir /tmp/ref --device cpu --tiny --max_steps 20
 
 Writes `output_dir/model/` (config, fp16 weights that load as float32, tokenizer), `output_dir/train_log.jsonl` (the
 training curve), `output_dir/train_summary.json` (held-out accuracies at the trained length and at twice it) and
@@ -390,12 +399,13 @@ def train(args: argparse.Namespace) -> dict:
         step_times.append(time.time() - previous_end)
         previous_end = time.time()
 
-        if auto_steps and (step - start_step in (60, 200, 400) or (step - start_step) % 500 == 0):
+        done = step - start_step
+        if auto_steps and (done in (100, 300) or (done > 0 and done % 500 == 0)):
             # Fit the step count to the time left from the recent step times (data waits included). The loader is
-            # slow to start, so the first fits are low; refits stop in the last 20% of the schedule.
+            # slow to start, so early fits are low and are corrected later; no refit in the last 20% of this run.
             per_step = sum(step_times[-40:]) / len(step_times[-40:])
             fitted = step + int((deadline - time.time()) / (per_step * 1.05))
-            if max_steps == "auto" or step < 0.8 * max_steps:
+            if max_steps == "auto" or done < 0.8 * (max_steps - start_step):
                 logger.info("auto max_steps: %d (%.3f s/step measured)", fitted, per_step)
                 max_steps = fitted
 

@@ -180,6 +180,14 @@ def random_input_ids(batch_size: int = 1, seq_len: int = 64, seed: int = 0) -> t
     return torch.randint(len(SPECIAL_TOKENS), vocab_size() - 4, (batch_size, seq_len), generator=generator)
 
 
+def distinct_ids(bsz: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Input ids without a repeated token in a row: repeated tokens have equal key norms and hidden states in the
+    first layer (RoPE keeps norms), and ties would make any top-k ambiguous."""
+    generator = torch.Generator().manual_seed(seed)
+    byte_ids = torch.arange(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + 256)
+    return torch.stack([byte_ids[torch.randperm(256, generator=generator)[:seq_len]] for _ in range(bsz)])
+
+
 def compressed_layers(model: PreTrainedModel) -> list[int]:
     """Indices of the layers a press compresses (Gemma3's sliding-window layers are left alone)."""
     config = model.config.get_text_config()
@@ -193,6 +201,50 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor, press=None) -> Dyna
     with torch.no_grad(), press(model) if press is not None else contextlib.nullcontext():
         model(input_ids, past_key_values=cache)
     return cache
+
+
+def prefill_base_model(model: PreTrainedModel, press, input_ids: torch.Tensor) -> DynamicCache:
+    """Run `input_ids` through the base model `model.model` (no LM head) inside `press`; return the filled cache."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model):
+        model.model(input_ids=input_ids, past_key_values=cache)
+    return cache
+
+
+def attention_modules(model: PreTrainedModel) -> list:
+    """The attention module of every decoder layer of `model` (of its language model for multimodal ones)."""
+    language_model = getattr(model.model, "language_model", model.model)
+    return [layer.self_attn for layer in language_model.layers]
+
+
+def masked_bool(module, shape) -> torch.Tensor:
+    """A boolean tensor of `shape` `(B, H_kv, T)`, True at the entries listed in `module.masked_key_indices`."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    if module.masked_key_indices is not None:
+        mask[tuple(idx.cpu() for idx in module.masked_key_indices)] = True
+    return mask
+
+
+def check_questions_leave_compressed_context(
+    model: PreTrainedModel, pipe, press, context: str, questions: list, max_new_tokens: int, n_extra: int = 0
+) -> None:
+    """Answer `questions` about `context` in one pipeline call sharing a cache, and check that each answer is the one
+    a fresh compression gives, and that the cache is left exactly as `prefill_base_model` leaves the context (with
+    `n_extra` more entries per layer than context tokens, e.g. appended restore tokens)."""
+    cache = DynamicCache(config=model.config)
+    answers = pipe(context, questions=questions, press=press, max_new_tokens=max_new_tokens, cache=cache)["answers"]
+    assert len(answers) == len(questions) and all(isinstance(answer, str) for answer in answers)
+    # each answer is the one a fresh compression gives: nothing of a previous question stayed in the cache
+    assert answers == [
+        pipe(context, question=q, press=press, max_new_tokens=max_new_tokens)["answer"] for q in questions
+    ]
+
+    # after the questions, the cache is exactly the compressed context
+    context_ids = pipe.preprocess(context, [""], "", 10_000)["context_ids"]
+    reference = prefill_base_model(model, press, context_ids)
+    for layer, ref_layer in zip(cache.layers, reference.layers):
+        assert layer.keys.shape[2] == context_ids.shape[1] + n_extra
+        assert torch.equal(layer.keys, ref_layer.keys) and torch.equal(layer.values, ref_layer.values)
 
 
 @dataclass

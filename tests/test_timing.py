@@ -26,7 +26,7 @@ from kvpress.timing import (
     telemetry_of,
     write_eviction_rows,
 )
-from tests.fixtures import PAD_ID, get_model, load_tokenizer, random_input_ids
+from tests.fixtures import PAD_ID, get_model, is_press_hook, load_tokenizer, random_input_ids
 
 PROMPT, NEW_TOKENS = 16, 6
 
@@ -144,7 +144,9 @@ def test_pipeline_without_latency_registers_no_decoding_hooks(monkeypatch):
     original = KVPressTextGenerationPipeline.generate_answer
 
     def spy(self, *args, **kwargs):
-        hooked_calls.append(sum(len(layer.self_attn._forward_hooks) for layer in model.model.layers))
+        hooked_calls.append(
+            sum(is_press_hook(h) for layer in model.model.layers for h in layer.self_attn._forward_hooks.values())
+        )
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(KVPressTextGenerationPipeline, "generate_answer", spy)

@@ -16,6 +16,15 @@ from kvpress.presses.scorer_press import ScorerWrapperPress
 logger = logging.getLogger(__name__)
 
 
+def check_alpha_safeguard(alpha: object) -> None:
+    """Raise a ValueError unless `alpha` (AdaKV's `alpha_safeguard`) is a number in [0, 1]."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(
+            f"alpha_safeguard must be a number in [0, 1], got {alpha!r}. It is the fraction of each head's "
+            "uniform budget that the head always keeps (0 lets a head lose everything, 1 disables AdaKV)."
+        )
+
+
 @dataclass
 class AdaKVPress(ScorerWrapperPress):
     """Prune the lowest scores of the whole layer instead of the same number of tokens in every KV head.
@@ -35,12 +44,7 @@ class AdaKVPress(ScorerWrapperPress):
 
     def __post_init__(self):
         super().__post_init__()
-        alpha = self.alpha_safeguard
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(
-                f"alpha_safeguard must be a number in [0, 1], got {alpha!r}. It is the fraction of each head's "
-                "uniform budget that the head always keeps (0 lets a head lose everything, 1 disables AdaKV)."
-            )
+        check_alpha_safeguard(self.alpha_safeguard)
 
     def compress(
         self,

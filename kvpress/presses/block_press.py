@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import ScorerWrapperPress, gather_tokens
+from kvpress.presses.scorer_press import ScorerWrapperPress, check_prefill_lengths, check_token_count, gather_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ class BlockPress(ScorerWrapperPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be a positive integer (tokens added per step), got {self.block_size!r}.")
+        check_token_count("block_size", self.block_size, "tokens added per step")
 
     def compress(
         self,
@@ -98,11 +97,7 @@ class BlockPress(ScorerWrapperPress):
             return keys, values
         bsz, num_kv_heads, k_len, _ = keys.shape
         q_len, hidden_size = hidden_states.shape[1], hidden_states.shape[2]
-        if q_len != k_len:
-            raise ValueError(
-                f"BlockPress compresses a prefill, where every cached token has its hidden state; got {q_len} hidden "
-                f"states for {k_len} cached tokens."
-            )
+        check_prefill_lengths("BlockPress", q_len, k_len)
         if hidden_size % num_kv_heads != 0:
             raise ValueError(
                 f"BlockPress splits the hidden size across KV heads to gather hidden states per head, but "

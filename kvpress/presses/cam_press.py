@@ -19,7 +19,6 @@ from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from kvpress.presses.adakv_press import AdaKVPress
-from kvpress.presses.base_press import get_hook_inputs, layer_is_prefilling
 from kvpress.presses.decoding_press import DecodingPress, remap_masked_key_indices, validate_int
 from kvpress.presses.scorer_press import ScorerPress, check_scores, gather_tokens
 from kvpress.utils import (
@@ -119,18 +118,10 @@ class CAMPress(DecodingPress):
         )
 
     def forward_hook(self, module: nn.Module, input: tuple, kwargs: dict, output: tuple):
-        hidden_states, cache = get_hook_inputs(module, input, kwargs)
-        if cache is None:
+        step = self.observe_step(module, input, kwargs)
+        if step is None:
             return output
-        layer_idx: int = int(module.layer_idx)  # type: ignore[arg-type]
-        q_len = hidden_states.shape[1]
-        if layer_is_prefilling(module, cache, q_len):
-            self.reset_layer(layer_idx)
-            self.remember(layer_idx, hidden_states, kwargs, prefill=True)
-            return output
-
-        self.remember(layer_idx, hidden_states, kwargs)
-        self.truncate_buffer(layer_idx, minimum=q_len)  # the scorer sees this step's tokens, at least
+        hidden_states, cache, layer_idx, q_len = step
         keys, values = extract_keys_and_values(cache, layer_idx)
         attentions = output[1] if len(output) > 1 else None
         if attentions is not None:

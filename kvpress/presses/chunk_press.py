@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import ScorerWrapperPress, gather_tokens
+from kvpress.presses.scorer_press import ScorerWrapperPress, check_prefill_lengths, check_token_count, gather_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ class ChunkPress(ScorerWrapperPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.chunk_length, bool) or not isinstance(self.chunk_length, int) or self.chunk_length < 1:
-            raise ValueError(f"chunk_length must be a positive integer (tokens per chunk), got {self.chunk_length!r}.")
+        check_token_count("chunk_length", self.chunk_length, "tokens per chunk")
 
     def compress(
         self,
@@ -68,11 +67,7 @@ class ChunkPress(ScorerWrapperPress):
             return keys, values
         k_len = keys.shape[2]
         q_len = hidden_states.shape[1]
-        if q_len != k_len:
-            raise ValueError(
-                f"ChunkPress compresses a prefill, where every cached token has its hidden state; got {q_len} hidden "
-                f"states for {k_len} cached tokens."
-            )
+        check_prefill_lengths("ChunkPress", q_len, k_len)
         kept = []
         for start in range(0, k_len, self.chunk_length):
             end = min(start + self.chunk_length, k_len)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import ScorerWrapperPress, gather_tokens
+from kvpress.presses.scorer_press import ScorerWrapperPress, check_token_count, gather_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,7 @@ class ChunkKVPress(ScorerWrapperPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.chunk_length, bool) or not isinstance(self.chunk_length, int) or self.chunk_length < 1:
-            raise ValueError(f"chunk_length must be a positive integer (tokens per chunk), got {self.chunk_length!r}.")
+        check_token_count("chunk_length", self.chunk_length, "tokens per chunk")
 
     def chunk_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """`(B, n_chunks)`: mean over each chunk's tokens of `scores` `(B, H_kv, T)` summed over KV heads."""

@@ -18,6 +18,7 @@ from typing import ClassVar, cast
 import torch
 from torch import nn
 
+from kvpress.presses.adakv_press import check_alpha_safeguard
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.scorer_press import (
     ScorerPress,
@@ -174,12 +175,7 @@ class CriticalAdaKVPress(ScorerWrapperPress):
 
     def __post_init__(self):
         super().__post_init__()
-        alpha = self.alpha_safeguard
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(
-                f"alpha_safeguard must be a number in [0, 1], got {alpha!r}. It is the fraction of each head's "
-                "uniform budget that the head always keeps (0 lets a head lose everything, 1 disables AdaKV)."
-            )
+        check_alpha_safeguard(self.alpha_safeguard)
         _check_two_stage_parameters(self, self.epsilon, self.first_stage_ratio)
         _warn_on_value_norm(self, self.press)
 

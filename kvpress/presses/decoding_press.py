@@ -270,20 +270,32 @@ class DecodingPress(BasePress):
             or k_len >= target + self.compression_interval
         )
 
-    def forward_hook(self, module: nn.Module, input: tuple, kwargs: dict, output: tuple):
+    def observe_step(self, module: nn.Module, input: tuple, kwargs: dict) -> Optional[tuple]:
+        """The common start of the decoding hooks: remember this forward's hidden states.
+
+        Returns None when the hook has nothing more to do: no cache, or a prefill (a new sequence: the layer's state
+        is forgotten and the prompt's last hidden states are kept as observations). Otherwise returns
+        `(hidden_states, cache, layer_idx, q_len)`, with the buffer holding at least this step's tokens.
+        """
         hidden_states, cache = get_hook_inputs(module, input, kwargs)
         if cache is None:
-            return output
+            return None
         layer_idx: int = int(module.layer_idx)  # type: ignore[arg-type]
         q_len = hidden_states.shape[1]
         if layer_is_prefilling(module, cache, q_len):
-            # A new sequence: forget the previous one, and keep the prompt's last hidden states as observations.
             self.reset_layer(layer_idx)
             self.remember(layer_idx, hidden_states, kwargs, prefill=True)
-            return output
+            return None
 
         self.remember(layer_idx, hidden_states, kwargs)
         self.truncate_buffer(layer_idx, minimum=q_len)  # the scorer sees this step's tokens, at least
+        return hidden_states, cache, layer_idx, q_len
+
+    def forward_hook(self, module: nn.Module, input: tuple, kwargs: dict, output: tuple):
+        step = self.observe_step(module, input, kwargs)
+        if step is None:
+            return output
+        hidden_states, cache, layer_idx, q_len = step
         self.layer_step_counts[layer_idx] += 1
         target = self._resolve_target_size(kwargs)
         if self.should_compress(layer_idx, q_len, self.cache_length(module, cache, hidden_states.shape[0]), target):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
-from kvpress.utils import get_language_model
+from kvpress.utils import describe_hub_source, get_language_model
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,7 @@ def _load_stats(name_or_path: str, press: "ExpectedAttentionStatsPress", hint: s
     try:
         return ExpectedAttentionStats.from_pretrained(name_or_path)
     except _HUB_ERRORS as error:
-        where = (
-            f"the local directory {name_or_path!r}"
-            if os.path.isdir(name_or_path)
-            else f"{name_or_path!r}, which is neither a local directory or file nor a reachable Hugging Face Hub repo"
-        )
+        where = describe_hub_source(name_or_path)
         raise ValueError(
             f"Could not load Expected Attention statistics from {where} ({type(error).__name__}: {error}). {hint}"
         ) from error

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from kvpress.presses.scorer_press import POSITIONS, DecodingState, ScorerPress
+from kvpress.presses.scorer_press import DecodingState, ScorerPress, log_eviction
 from kvpress.presses.snapkv_press import group_mean
-from kvpress.timing import attention_loss_rows, write_eviction_rows
 from kvpress.utils import require_eager_attention
 
 logger = logging.getLogger(__name__)
@@ -137,18 +136,7 @@ class H2OPress(ScorerPress):
         if not self.csv_path or observation is None:
             return
         n_candidates = k_len - self.n_recent
-        evicted = torch.ones(indices.shape[1], k_len, dtype=torch.bool, device=indices.device)
-        evicted.scatter_(-1, indices[0], False)
-        rows = attention_loss_rows(
-            prune_step=state.steps,
-            layer_idx=module.layer_idx,
-            observation=observation[..., :n_candidates],
-            evicted=evicted[:, :n_candidates],
-            kv_len_pre=k_len,
-            n_kept=indices.shape[-1],
-            positions=state.entries[POSITIONS][0, :, :n_candidates],
-        )
-        write_eviction_rows(self.csv_path, rows)
+        log_eviction(self.csv_path, module, state, indices, k_len, n_candidates, observation[..., :n_candidates])
 
     def forward_hook(self, module: nn.Module, input: tuple, kwargs: dict, output: tuple):
         output = super().forward_hook(module, input, kwargs, output)

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.utils import get_language_model
+from kvpress.utils import describe_hub_source, get_language_model
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +62,7 @@ def load_qfilters_from(name_or_path: str) -> torch.Tensor:
     try:
         return QFilters.from_pretrained(name_or_path).q_filters.detach()
     except _HUB_ERRORS as error:
-        where = (
-            f"the local directory {name_or_path!r}"
-            if os.path.isdir(name_or_path)
-            else f"{name_or_path!r}, which is neither a local directory or file nor a reachable Hugging Face Hub repo"
-        )
+        where = describe_hub_source(name_or_path)
         raise ValueError(
             f"Could not load Q-filters from {where} ({type(error).__name__}: {error}). Q-filters are published on "
             f"the Hub for some models only (QFilterPress.available_qfilters() lists them); otherwise save a QFilters "

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvpress.presses.scorer_press import POSITIONS, DecodingState, ScorerPress
+from kvpress.presses.scorer_press import DecodingState, ScorerPress, log_eviction
 from kvpress.presses.snapkv_press import SnapKVPress, pad_with_top_score
-from kvpress.timing import attention_loss_rows, write_eviction_rows
 
 logger = logging.getLogger(__name__)
 
@@ -166,16 +165,4 @@ class RKVPress(ScorerPress):
         observation = state.scratch.get("observation")
         if not self.csv_path or observation is None:
             return
-        n_candidates = k_len - self.window_size
-        evicted = torch.ones(indices.shape[1], k_len, dtype=torch.bool, device=indices.device)
-        evicted.scatter_(-1, indices[0], False)
-        rows = attention_loss_rows(
-            prune_step=state.steps,
-            layer_idx=module.layer_idx,
-            observation=observation,
-            evicted=evicted[:, :n_candidates],
-            kv_len_pre=k_len,
-            n_kept=indices.shape[-1],
-            positions=state.entries[POSITIONS][0, :, :n_candidates],
-        )
-        write_eviction_rows(self.csv_path, rows)
+        log_eviction(self.csv_path, module, state, indices, k_len, k_len - self.window_size, observation)

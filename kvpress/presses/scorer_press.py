@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kvpress.presses.base_press import BasePress, get_hook_inputs, layer_is_prefilling
+from kvpress.timing import attention_loss_rows, write_eviction_rows
 from kvpress.utils import extract_keys_and_values, validate_compression_ratio, write_keys_and_values
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,32 @@ class DecodingState:
 
 
 _DECODING_STATES = "_kvpress_decoding_states"
+
+
+def log_eviction(
+    csv_path: str,
+    module: nn.Module,
+    state: DecodingState,
+    indices: torch.Tensor,
+    k_len: int,
+    n_candidates: int,
+    observation: torch.Tensor,
+) -> None:
+    """Append to `csv_path` the attention-loss rows of one eviction (first batch item): the layer of `k_len` entries
+    keeps `indices` `(B, H_kv, n)`; only its first `n_candidates` entries could be evicted, and `observation` is the
+    attention the observing queries paid to those candidates (see `kvpress.timing.attention_loss_rows`)."""
+    evicted = torch.ones(indices.shape[1], k_len, dtype=torch.bool, device=indices.device)
+    evicted.scatter_(-1, indices[0], False)
+    rows = attention_loss_rows(
+        prune_step=state.steps,
+        layer_idx=module.layer_idx,
+        observation=observation,
+        evicted=evicted[:, :n_candidates],
+        kv_len_pre=k_len,
+        n_kept=indices.shape[-1],
+        positions=state.entries[POSITIONS][0, :, :n_candidates],
+    )
+    write_eviction_rows(csv_path, rows)
 
 
 @dataclass
@@ -353,6 +380,22 @@ class ScorerPress(BasePress):
         if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == q_len:
             return position_ids.to(device=device, dtype=torch.long).expand(bsz, q_len)
         return torch.arange(state.seen, state.seen + q_len, device=device).expand(bsz, q_len)
+
+
+def check_token_count(name: str, value: object, meaning: str) -> None:
+    """Raise a ValueError unless `value` (the field `name`, a number of tokens described by `meaning`) is a
+    positive integer; used by the wrappers that walk the context in chunks or blocks."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer ({meaning}), got {value!r}.")
+
+
+def check_prefill_lengths(press_name: str, q_len: int, k_len: int) -> None:
+    """Raise a ValueError unless the `q_len` hidden states cover all `k_len` cached tokens (a prefill)."""
+    if q_len != k_len:
+        raise ValueError(
+            f"{press_name} compresses a prefill, where every cached token has its hidden state; got {q_len} hidden "
+            f"states for {k_len} cached tokens."
+        )
 
 
 def require_no_budget(wrapper: object, press: object) -> None:

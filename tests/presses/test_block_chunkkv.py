@@ -16,8 +16,8 @@ from kvpress.presses.scorer_press import ScorerPress, gather_tokens
 from kvpress.presses.snapkv_press import SnapKVPress
 from tests.fixtures import (
     ARCHITECTURES,
-    SPECIAL_TOKENS,
     compressed_layers,
+    distinct_ids,
     get_model,
     prefill,
     random_input_ids,
@@ -61,14 +61,6 @@ class FixedScorePress(ScorerPress):
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs):
         return self.fixed
-
-
-def distinct_ids(bsz: int, seq_len: int, seed: int) -> torch.Tensor:
-    """Input ids without a repeated token in a row: repeated tokens have equal key norms and hidden states in the
-    first layer (RoPE keeps norms), and ties would make any top-k ambiguous."""
-    generator = torch.Generator().manual_seed(seed)
-    byte_ids = torch.arange(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + 256)
-    return torch.stack([byte_ids[torch.randperm(256, generator=generator)[:seq_len]] for _ in range(bsz)])
 
 
 def decode_is_finite(model, cache, bsz=2):

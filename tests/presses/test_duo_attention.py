@@ -17,7 +17,15 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from kvpress.presses import duo_attention_press as duo
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.duo_attention_press import DuoAttentionPress, LRUCache, duo_attention_on_the_fly
-from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, load_tokenizer, random_input_ids
+from tests.fixtures import (
+    ARCHITECTURES,
+    attention_modules,
+    compressed_layers,
+    get_model,
+    load_tokenizer,
+    masked_bool,
+    random_input_ids,
+)
 
 SINK, RECENT, SEQ_LEN = 2, 4, 40
 # one row per layer, one column per KV head (2 x 2 for every test model); distinct, with values to clip
@@ -49,18 +57,6 @@ def expected_streaming(model, ratio, scores=HEAD_SCORES):
     candidates = [(layer, head) for layer in layers for head in range(scores.shape[1])]
     ranked = sorted(candidates, key=lambda pair: np.clip(scores, 0, 1)[pair])
     return set(ranked[: round(len(candidates) * ratio)])
-
-
-def attention_modules(model):
-    return [layer.self_attn for layer in getattr(model.model, "language_model", model.model).layers]
-
-
-def masked_bool(module, shape):
-    mask = torch.zeros(shape, dtype=torch.bool)
-    if module.masked_key_indices is not None:
-        batch_idx, head_idx, seq_idx = module.masked_key_indices
-        mask[batch_idx.cpu(), head_idx.cpu(), seq_idx.cpu()] = True
-    return mask
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

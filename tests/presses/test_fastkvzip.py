@@ -16,10 +16,14 @@ from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.fastkvzip_press import FastKVzipGate, FastKVzipPress, get_gate_id, load_fastkvzip
 from kvpress.presses.knorm_press import KnormPress
 from tests.fixtures import (
+    attention_modules,
+    check_questions_leave_compressed_context,
     compressed_layers,
     get_model,
     load_saved_model,
     load_tokenizer,
+    masked_bool,
+    prefill_base_model,
     press_hooks,
     random_input_ids,
     record_layers,
@@ -73,25 +77,6 @@ class RandomGatesFastKVzipPress(FastKVzipPress):
         if self.gates is None:
             self.gates = random_gates(model)
         super().post_init_from_model(model)
-
-
-def attention_modules(model):
-    language_model = getattr(model.model, "language_model", model.model)
-    return [layer.self_attn for layer in language_model.layers]
-
-
-def run_press(model, press, input_ids):
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad(), press(model):
-        model.model(input_ids=input_ids, past_key_values=cache)
-    return cache
-
-
-def masked_bool(module, shape):
-    mask = torch.zeros(shape, dtype=torch.bool)
-    if module.masked_key_indices is not None:
-        mask[tuple(idx.cpu() for idx in module.masked_key_indices)] = True
-    return mask
 
 
 def reference_gate_scores(gate: FastKVzipGate, hidden: torch.Tensor) -> torch.Tensor:
@@ -168,7 +153,7 @@ def test_scores_are_the_gate_outputs_with_sinks_and_window_kept(window_ratio, wi
     model = get_model("llama")
     input_ids = random_input_ids(2, CONTEXT_LEN, seed=7)
     press = FastKVzipPress(0.5, window_ratio=window_ratio, gates_path=gates_file())
-    run_press(model, press, input_ids)
+    prefill_base_model(model, press, input_ids)
     calls = record_layers(model, input_ids)
     for layer_idx in compressed_layers(model):
         expected = press.gates[layer_idx](calls[layer_idx]["hidden_states"])
@@ -188,7 +173,7 @@ def test_head_wise_budgets_prune_the_lowest_scores(arch, layerwise, compression_
     model = get_model(arch)
     bsz, seq_len = 2, 64
     press = RandomGatesFastKVzipPress(compression_ratio, layerwise=layerwise)
-    cache = run_press(model, press, random_input_ids(bsz, seq_len, seed=8))
+    cache = prefill_base_model(model, press, random_input_ids(bsz, seq_len, seed=8))
     layers = compressed_layers(model)
     modules = attention_modules(model)
     masks = {i: masked_bool(modules[i], (bsz, 2, seq_len)) for i in layers}
@@ -221,7 +206,7 @@ def test_head_wise_budgets_prune_the_lowest_scores(arch, layerwise, compression_
 def test_ratio_zero_scores_but_masks_nothing():
     model = get_model("llama")
     press = RandomGatesFastKVzipPress(0.0)
-    run_press(model, press, random_input_ids(1, CONTEXT_LEN))
+    prefill_base_model(model, press, random_input_ids(1, CONTEXT_LEN))
     assert all(press.score_val[i] is not None for i in compressed_layers(model))
     assert all(m.masked_key_indices is None for m in attention_modules(model))
 
@@ -269,16 +254,7 @@ def test_pipeline_answers_and_cache_unchanged_after_each_question():
     context = "The quick brown fox jumps over the lazy dog. " * 2
     questions = ["Who?", "Why?"]  # short: see test_kvzip's pipeline test
     press = FastKVzipPress(0.5, gates_path=gates_repo_dir("llama"))  # found by the model's name, as on the Hub
-    cache = DynamicCache(config=model.config)
-    answers = pipe(context, questions=questions, press=press, max_new_tokens=3, cache=cache)["answers"]
-    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
-    assert answers == [pipe(context, question=q, press=press, max_new_tokens=3)["answer"] for q in questions]
-
-    context_ids = pipe.preprocess(context, [""], "", 10_000)["context_ids"]
-    reference = run_press(model, press, context_ids)
-    for layer, ref_layer in zip(cache.layers, reference.layers):
-        assert layer.keys.shape[2] == context_ids.shape[1]
-        assert torch.equal(layer.keys, ref_layer.keys) and torch.equal(layer.values, ref_layer.values)
+    check_questions_leave_compressed_context(model, pipe, press, context, questions, max_new_tokens=3)
 
 
 def test_cannot_be_composed():

@@ -11,13 +11,9 @@ from transformers import DynamicCache
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.kvcompose_press import KVComposePress, MaxAggregator, MeanAggregator, aggregator_by_name
 from kvpress.presses.scorer_press import gather_tokens
-from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, random_input_ids
+from tests.fixtures import ARCHITECTURES, attention_modules, compressed_layers, get_model, random_input_ids
 
 SEQ_LEN = 32
-
-
-def attention_modules(model):
-    return [layer.self_attn for layer in getattr(model.model, "language_model", model.model).layers]
 
 
 def plain_cache(model, input_ids):

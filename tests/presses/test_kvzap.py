@@ -20,8 +20,9 @@ from tests.fixtures import (
     HIDDEN,
     KV_HEADS,
     LAYERS,
-    SPECIAL_TOKENS,
+    attention_modules,
     compressed_layers,
+    distinct_ids,
     get_model,
     load_saved_model,
     prefill,
@@ -47,18 +48,6 @@ def untrained_kvzap_dir() -> str:
     save_kvzap(root / "linear", seed=1)
     save_kvzap(root / "mlp", hidden_dim=8, seed=2)
     return str(root)
-
-
-def distinct_ids(bsz: int, seq_len: int, seed: int) -> torch.Tensor:
-    """No repeated token in a row (repeated tokens have equal first-layer hidden states: score ties)."""
-    generator = torch.Generator().manual_seed(seed)
-    byte_ids = torch.arange(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + 256)
-    return torch.stack([byte_ids[torch.randperm(256, generator=generator)[:seq_len]] for _ in range(bsz)])
-
-
-def attention_modules(model):
-    language_model = getattr(model.model, "language_model", model.model)
-    return [layer.self_attn for layer in language_model.layers]
 
 
 def direct_scores(weights: dict, layer_idx: int, hidden_states: torch.Tensor, mlp: bool) -> torch.Tensor:

@@ -14,35 +14,19 @@ from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.kvzip_press import FIRST_CHUNK_PROMPT, NEXT_CHUNK_PROMPT, KVzipPress, headwise_masks
 from kvpress.utils import extract_keys_and_values
 from tests.fixtures import (
+    attention_modules,
+    check_questions_leave_compressed_context,
     compressed_layers,
     get_model,
     load_saved_model,
     load_tokenizer,
+    masked_bool,
+    prefill_base_model,
     random_input_ids,
     saved_model_dir,
 )
 
 CONTEXT_LEN = 40
-
-
-def attention_modules(model):
-    language_model = getattr(model.model, "language_model", model.model)
-    return [layer.self_attn for layer in language_model.layers]
-
-
-def kvzip_prefill(model, press, input_ids):
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad(), press(model):
-        model.model(input_ids=input_ids, past_key_values=cache)
-    return cache
-
-
-def masked_bool(module, shape):
-    mask = torch.zeros(shape, dtype=torch.bool)
-    if module.masked_key_indices is not None:
-        batch_idx, head_idx, seq_idx = (idx.cpu() for idx in module.masked_key_indices)
-        mask[batch_idx, head_idx, seq_idx] = True
-    return mask
 
 
 def repeat_ids_for(tokenizer, chunks, index, suffix):
@@ -109,7 +93,7 @@ def test_scores_equal_max_attention_of_the_repeat_tokens(arch, chat):
     model = get_model(arch)
     context_ids = random_input_ids(1, CONTEXT_LEN, seed=3)
     press = KVzipPress(compression_ratio=0.5, tokenizer=tokenizer)
-    kvzip_prefill(model, press, context_ids)
+    prefill_base_model(model, press, context_ids)
 
     prefix_length = 2 if chat else 0  # "<s><|user|>" of the fixtures' chat template
     suffix = "<|end|><|assistant|>" if chat else "\n"
@@ -137,7 +121,7 @@ def test_every_chunk_is_scored_with_its_own_prompt_and_sinks():
     model = get_model("llama")
     context_ids = random_input_ids(1, CONTEXT_LEN, seed=4)
     press = SmallChunks(compression_ratio=0.3, tokenizer=tokenizer)
-    kvzip_prefill(model, press, context_ids)
+    prefill_base_model(model, press, context_ids)
 
     chunks = list(context_ids.split(16, dim=1))
     assert [c.shape[1] for c in chunks] == [16, 16, 8]
@@ -158,7 +142,7 @@ def test_kvzip_plus_weights_attention_by_value_output_norm_over_hidden_norm():
     model = get_model("qwen2")
     context_ids = random_input_ids(1, CONTEXT_LEN, seed=5)
     press = KVzipPress(compression_ratio=0.5, kvzip_plus_normalization=True, tokenizer=tokenizer)
-    kvzip_prefill(model, press, context_ids)
+    prefill_base_model(model, press, context_ids)
     repeat = repeat_ids_for(tokenizer, [context_ids], 0, "\n")
     reference = reference_scores("qwen2", context_ids, repeat, 0, CONTEXT_LEN, 0, plus=True)
     for layer_idx, expected in reference.items():
@@ -172,7 +156,7 @@ def test_head_wise_masks_prune_the_lowest_scores(arch, layerwise, compression_ra
     model = get_model(arch)
     bsz, seq_len = 2, 64
     press = KVzipPress(compression_ratio=compression_ratio, layerwise=layerwise, tokenizer=load_tokenizer(False))
-    cache = kvzip_prefill(model, press, random_input_ids(bsz, seq_len, seed=6))
+    cache = prefill_base_model(model, press, random_input_ids(bsz, seq_len, seed=6))
 
     layers = compressed_layers(model)
     modules = attention_modules(model)
@@ -210,7 +194,7 @@ def test_masked_entries_get_zero_attention_from_the_next_tokens(arch):
     model = get_model(arch, "eager")
     bsz, seq_len = 2, 32
     press = KVzipPress(compression_ratio=0.5, tokenizer=load_tokenizer(False))
-    cache = kvzip_prefill(model, press, random_input_ids(bsz, seq_len, seed=8))
+    cache = prefill_base_model(model, press, random_input_ids(bsz, seq_len, seed=8))
     modules = attention_modules(model)
     with torch.no_grad():
         out = model(random_input_ids(bsz, 2, seed=9), past_key_values=cache, output_attentions=True)
@@ -226,7 +210,7 @@ def test_masked_entries_get_zero_attention_from_the_next_tokens(arch):
 def test_ratio_zero_runs_no_repeat_pass_and_masks_nothing():
     model = get_model("llama")
     press = KVzipPress(compression_ratio=0.0, tokenizer=load_tokenizer(False))
-    cache = kvzip_prefill(model, press, random_input_ids(1, CONTEXT_LEN))
+    cache = prefill_base_model(model, press, random_input_ids(1, CONTEXT_LEN))
     assert press.score_val is None
     assert all(m.masked_key_indices is None for m in attention_modules(model))
     assert cache.get_seq_length() == CONTEXT_LEN
@@ -258,7 +242,7 @@ def test_no_compression_when_the_block_raises():
 def test_tokenizer_loaded_from_the_saved_model_directory():
     model = load_saved_model(saved_model_dir("llama", with_chat_template=True))
     press = KVzipPress(compression_ratio=0.5)
-    kvzip_prefill(model, press, random_input_ids(1, CONTEXT_LEN))
+    prefill_base_model(model, press, random_input_ids(1, CONTEXT_LEN))
     # The chat template's prefix "<s><|user|>" and the sinks are protected; the rest was scored.
     assert torch.all(press.score_val[..., :4] == 1.0)
     assert torch.all(press.score_val[..., 4:] < 1.0) and torch.all(press.score_val[..., 4:] > 0)
@@ -306,18 +290,7 @@ def test_pipeline_answers_and_cache_unchanged_after_each_question():
     # from 0, which isotropic random queries (2 per token here, head_dim 16) only allow for a few tokens.
     questions = ["Who?", "Why?"]
     press = KVzipPress(compression_ratio=0.5)
-    cache = DynamicCache(config=model.config)
-    answers = pipe(context, questions=questions, press=press, max_new_tokens=4, cache=cache)["answers"]
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
-    # each answer is the one a fresh compression gives: nothing of a previous question stayed in the cache
-    assert answers == [pipe(context, question=q, press=press, max_new_tokens=4)["answer"] for q in questions]
-
-    # after the questions, the cache is exactly the compressed context
-    context_ids = pipe.preprocess(context, [""], "", 10_000)["context_ids"]
-    reference = kvzip_prefill(model, press, context_ids)
-    for layer, ref_layer in zip(cache.layers, reference.layers):
-        assert layer.keys.shape[2] == context_ids.shape[1]
-        assert torch.equal(layer.keys, ref_layer.keys) and torch.equal(layer.values, ref_layer.values)
+    check_questions_leave_compressed_context(model, pipe, press, context, questions, max_new_tokens=4)
 
 
 def test_quantized_cache_is_rolled_back_exactly_after_the_repeat_passes():

@@ -24,8 +24,9 @@ from kvpress.presses.lukv_press import (
 from kvpress.presses.snapkv_press import SnapKVPress
 from tests.fixtures import (
     ARCHITECTURES,
-    SPECIAL_TOKENS,
+    attention_modules,
     compressed_layers,
+    distinct_ids,
     get_model,
     load_saved_model,
     prefill,
@@ -61,18 +62,6 @@ def reference_kept(scores: list[float], budget: int, sink: int, window: int) -> 
     protected = set(range(min(sink, k_len))) | set(range(max(0, k_len - window), k_len))
     order = sorted(range(k_len), key=lambda t: (0, 0.0, t) if t in protected else (1, -scores[t], t))
     return set(order[:budget])
-
-
-def distinct_ids(bsz: int, seq_len: int, seed: int) -> torch.Tensor:
-    """No repeated token in a row (repeated tokens have equal first-layer key norms: ties)."""
-    generator = torch.Generator().manual_seed(seed)
-    byte_ids = torch.arange(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + 256)
-    return torch.stack([byte_ids[torch.randperm(256, generator=generator)[:seq_len]] for _ in range(bsz)])
-
-
-def attention_modules(model):
-    language_model = getattr(model.model, "language_model", model.model)
-    return [layer.self_attn for layer in language_model.layers]
 
 
 def masked_bool(module, shape):

@@ -15,7 +15,17 @@ from transformers import DynamicCache
 from kvpress.pipeline import KVPressTextGenerationPipeline
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.restorekv_press import RESTORE_EMBEDDINGS_FILE, RestoreKVPress, default_restore_repo
-from tests.fixtures import compressed_layers, load_saved_model, load_tokenizer, random_input_ids, saved_model_dir
+from tests.fixtures import (
+    attention_modules,
+    check_questions_leave_compressed_context,
+    compressed_layers,
+    load_saved_model,
+    load_tokenizer,
+    masked_bool,
+    prefill_base_model,
+    random_input_ids,
+    saved_model_dir,
+)
 
 N_RESTORE = 8
 CONTEXT_LEN = 40
@@ -59,25 +69,6 @@ def fresh_model(arch: str = "llama"):
     return load_saved_model(saved_model_dir(arch))
 
 
-def attention_modules(model):
-    language_model = getattr(model.model, "language_model", model.model)
-    return [layer.self_attn for layer in language_model.layers]
-
-
-def run_press(model, press, input_ids):
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad(), press(model):
-        model.model(input_ids=input_ids, past_key_values=cache)
-    return cache
-
-
-def masked_bool(module, shape):
-    mask = torch.zeros(shape, dtype=torch.bool)
-    if module.masked_key_indices is not None:
-        mask[tuple(idx.cpu() for idx in module.masked_key_indices)] = True
-    return mask
-
-
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_restore_tokens_appended_with_the_adapter_and_never_masked(layerwise):
     resources = restore_resources("llama", zero_embeddings=False)
@@ -85,7 +76,7 @@ def test_restore_tokens_appended_with_the_adapter_and_never_masked(layerwise):
     context_ids = random_input_ids(1, CONTEXT_LEN, seed=11)
     ratio = 0.3
     press = RestoreKVPress(ratio, layerwise=layerwise, tokenizer=load_tokenizer(False), restore_repo_or_dir=resources)
-    cache = run_press(model, press, context_ids)
+    cache = prefill_base_model(model, press, context_ids)
     assert press.num_restore_tokens == N_RESTORE and press.adapter_name == "restorekv"
     assert press.compression_ratio == ratio  # the raised ratio was temporary
 
@@ -125,7 +116,7 @@ def test_restore_tokens_appended_with_the_adapter_and_never_masked(layerwise):
 def test_zero_restore_embeddings_from_the_standard_layout():
     model = fresh_model()
     press = RestoreKVPress(0.5, tokenizer=load_tokenizer(False), restore_repo_or_dir=restore_resources("llama"))
-    cache = run_press(model, press, random_input_ids(2, CONTEXT_LEN, seed=13))
+    cache = prefill_base_model(model, press, random_input_ids(2, CONTEXT_LEN, seed=13))
     assert torch.equal(press.restore_embeddings, torch.zeros(N_RESTORE, model.config.hidden_size))
     for i in compressed_layers(model):
         assert cache.layers[i].keys.shape == (2, 2, CONTEXT_LEN + N_RESTORE, 16)
@@ -136,7 +127,7 @@ def test_zero_restore_embeddings_from_the_standard_layout():
 def test_ratio_plus_restore_share_capped_at_the_whole_context():
     model = fresh_model()
     press = RestoreKVPress(0.9, tokenizer=load_tokenizer(False), restore_repo_or_dir=restore_resources("llama"))
-    run_press(model, press, random_input_ids(1, CONTEXT_LEN, seed=14))
+    prefill_base_model(model, press, random_input_ids(1, CONTEXT_LEN, seed=14))
     for i in compressed_layers(model):
         masks = masked_bool(attention_modules(model)[i], (1, 2, CONTEXT_LEN + N_RESTORE))
         assert masks[..., :CONTEXT_LEN].all() and not masks[..., CONTEXT_LEN:].any()
@@ -145,7 +136,7 @@ def test_ratio_plus_restore_share_capped_at_the_whole_context():
 def test_ratio_zero_adds_no_restore_token():
     model = fresh_model()
     press = RestoreKVPress(0.0, tokenizer=load_tokenizer(False), restore_repo_or_dir=restore_resources("llama"))
-    cache = run_press(model, press, random_input_ids(1, CONTEXT_LEN))
+    cache = prefill_base_model(model, press, random_input_ids(1, CONTEXT_LEN))
     assert cache.get_seq_length() == CONTEXT_LEN
     assert all(m.masked_key_indices is None for m in attention_modules(model))
 
@@ -157,7 +148,7 @@ def test_plus_variant_uses_its_own_adapter_name_and_hub_repo():
     assert default_restore_repo(model, plus=True) == f"higokri/RestoreKV-{name}_plus"
     press = RestoreKVPress(0.5, kvzip_plus_normalization=True, restore_repo_or_dir=restore_resources("llama"))
     assert press.adapter_name == "restorekv_plus"
-    run_press(model, press, random_input_ids(1, CONTEXT_LEN))  # tokenizer from the saved model's directory
+    prefill_base_model(model, press, random_input_ids(1, CONTEXT_LEN))  # tokenizer from the saved model's directory
     assert "restorekv_plus" in model.peft_config
 
 
@@ -178,16 +169,9 @@ def test_pipeline_answers_and_cache_unchanged_after_each_question():
     context = "The quick brown fox jumps over the lazy dog. " * 2
     questions = ["Who?", "Why?"]  # short: see test_kvzip's pipeline test
     press = RestoreKVPress(0.4, restore_repo_or_dir=restore_resources("llama", zero_embeddings=False))
-    cache = DynamicCache(config=model.config)
-    answers = pipe(context, questions=questions, press=press, max_new_tokens=3, cache=cache)["answers"]
-    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
-    assert answers == [pipe(context, question=q, press=press, max_new_tokens=3)["answer"] for q in questions]
-
-    context_ids = pipe.preprocess(context, [""], "", 10_000)["context_ids"]
-    reference = run_press(model, press, context_ids)
-    for layer, ref_layer in zip(cache.layers, reference.layers):
-        assert layer.keys.shape[2] == context_ids.shape[1] + N_RESTORE
-        assert torch.equal(layer.keys, ref_layer.keys) and torch.equal(layer.values, ref_layer.values)
+    check_questions_leave_compressed_context(
+        model, pipe, press, context, questions, max_new_tokens=3, n_extra=N_RESTORE
+    )
 
 
 @pytest.mark.parametrize("arch", ["phi3", "qwen3"])
@@ -195,7 +179,7 @@ def test_local_resources_for_other_architectures(arch):
     """The matrix helper builds an adapter for the model's own projection names (Phi3 fuses q, k, v)."""
     model = fresh_model(arch)
     press = LocalRestoreKVPress(0.5, tokenizer=load_tokenizer(False))
-    cache = run_press(model, press, random_input_ids(1, CONTEXT_LEN, seed=15))
+    cache = prefill_base_model(model, press, random_input_ids(1, CONTEXT_LEN, seed=15))
     for i in compressed_layers(model):
         assert cache.layers[i].keys.shape[2] == CONTEXT_LEN + N_RESTORE
         assert attention_modules(model)[i].masked_key_indices[2].max() < CONTEXT_LEN
@@ -210,7 +194,7 @@ def test_another_source_replaces_the_adapter():
 
     def run(target, resources):
         press = RestoreKVPress(0.5, tokenizer=load_tokenizer(False), restore_repo_or_dir=resources)
-        return run_press(target, press, ids).layers[0].keys[..., CONTEXT_LEN:, :]
+        return prefill_base_model(target, press, ids).layers[0].keys[..., CONTEXT_LEN:, :]
 
     restored = [run(model, resources) for resources in (first, second, first)]
     assert list(model.peft_config) == ["restorekv"]
