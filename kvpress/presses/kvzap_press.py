@@ -33,6 +33,8 @@ class KVzapConfig(PretrainedConfig):
     to `output_dim` (its number of KV heads); `hidden_dim=None` makes them linear, otherwise a one-hidden-layer MLP."""
 
     model_type = "kvzap"
+    # every size is required: transformers must not try to build a default instance (5.2 does so when saving)
+    has_no_defaults_at_init = True
 
     def __init__(
         self, *, input_dim: int, output_dim: int, n_modules: int, hidden_dim: Optional[int] = None, **kwargs

@@ -12,6 +12,7 @@ pruned head by head (each KV head, and in global mode each layer, keeps a differ
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generator, Optional
@@ -41,6 +42,7 @@ _DUMMY_CONTEXT = "dummy context"
 MaskIndices = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 _overhead_warned = False
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def chat_template_parts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
@@ -193,6 +195,9 @@ class KVzipPress(BasePress):
             )
         if name not in self._tokenizers:
             try:
+                if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, f)) for f in _TOKENIZER_FILES):
+                    # some transformers versions silently build an empty default tokenizer for such a directory
+                    raise FileNotFoundError(f"no tokenizer file ({', '.join(_TOKENIZER_FILES)}) in {name}")
                 self._tokenizers[name] = AutoTokenizer.from_pretrained(name)
             except Exception as error:
                 raise ValueError(
