@@ -6,7 +6,12 @@ The one idea: train the vocabulary on text of the synthetic tasks themselves (ht
 the task family), so that every word, coded word and variable name of the tasks is one token, digits are always
 single tokens (numbers are copied digit by digit) and any other text still encodes byte by byte.
 
-    python reference/build_tokenizer.py            # writes the tokenizer files into reference/model/
+    python reference/build_tokenizer.py --output_dir /tmp/tokenizer     # writes tokenizer.json and its config
+
+The shipped reference/model/tokenizer.json was built by this script from an earlier revision of the list tasks in
+tasks.py (same words and layout, other list sizing and Zipf draws). A rebuild today gives the same whole-word tokens
+(every task word, coded word and variable name is one token) but a different set of sub-word merges, so keep the
+shipped tokenizer files with the shipped weights; a model retrained from scratch can use a rebuilt tokenizer.
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default=str(ROOT / "reference" / "model"))
+    parser.add_argument("--output_dir", required=True, help="where to save (not reference/model: see above)")
     parser.add_argument("--vocab_size", type=int, default=VOCAB_SIZE)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

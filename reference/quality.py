@@ -198,7 +198,7 @@ def plot(results: dict, path: Path, ratios=RATIOS) -> bool:
         logger.warning("matplotlib is not installed: no plot (run again with --plot_only where it is)")
         return False
     cells = results["cells"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
     for ax, mode in zip(axes, MODES):
         base = cells.get(cell_key("no_press", 0.0, mode), {}).get("accuracy", {}).get("all")
         for name in results.get("presses", []):
@@ -212,15 +212,18 @@ def plot(results: dict, path: Path, ratios=RATIOS) -> bool:
                     ys.append(cell["accuracy"]["all"])
             if len(xs) > 1:
                 required = name in REQUIRED
-                ax.plot(xs, ys, marker="o", label=name, linewidth=2 if required else 1, alpha=1 if required else 0.6)
+                style = dict(linewidth=2, linestyle="-") if required else dict(linewidth=1.2, linestyle="--")
+                ax.plot(xs, ys, marker="o", label=name, **style)
         ax.set_title(f"question-{mode} ({results['meta']['context_length']} tokens)")
         ax.set_xlabel("compression ratio")
         ax.set_xlim(-0.02, 0.95)
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%), mean over the 9 synthetic tasks")
-    axes[1].legend(fontsize=8, loc="lower left", ncol=2)
-    fig.suptitle("kvpress reference model: accuracy against compression ratio")
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(
+        "kvpress reference model: accuracy against compression ratio (dashed: presses beyond the required set)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -86,7 +86,7 @@ def _task_weights(text: str) -> dict[str, float]:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--output_dir", default=os.environ.get("OUT", str(ROOT / "reference" / "run")))
+    add("--output_dir", required=True, help="where the model, logs and resume checkpoint go")
     add("--tokenizer_dir", default=str(REFERENCE_MODEL_DIR))
     add("--seed", type=int, default=0)
     add("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -232,7 +232,7 @@ def build_model(args: argparse.Namespace, tokenizer):
         num_key_value_heads=args.kv_heads,
         head_dim=args.head_dim,
         max_position_embeddings=65536,
-        rope_theta=args.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -11,6 +11,15 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from kvpress import (
+    CapPress,
+    CURPress,
+    ExpectedAttentionStatsPress,
+    KeyDiffPress,
+    LagKVPress,
+    PyramidKVPress,
+    QFilterPress,
+)
 from kvpress.pipeline import KVPressTextGenerationPipeline
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.chunk_press import ChunkPress
@@ -30,6 +39,7 @@ from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.presses.streaming_llm_press import StreamingLLMPress
 from kvpress.presses.tova_press import TOVAPress
 from tests.fixtures import PAD_ID, compressed_layers, get_model, load_tokenizer, random_input_ids
+from tests.presses.test_ea_stats_qfilter import local_ea_stats_dir, local_qfilters_dir
 
 BUDGET = 10
 PROMPT = 16
@@ -48,6 +58,18 @@ BUDGET_PRESSES = [
     ("h2o", lambda: H2OPress(cache_budget=BUDGET), "eager"),
     ("rkv", lambda: RKVPress(cache_budget=BUDGET, window_size=4, compress_interval=4), "sdpa"),
     ("rkv_lsh", lambda: RKVLSHPress(cache_budget=BUDGET, window_size=4, compress_interval=4, seed=0), "sdpa"),
+    # the other upstream scorers that can score during decoding take a budget too
+    ("keydiff", lambda: KeyDiffPress(cache_budget=BUDGET), "sdpa"),
+    ("lagkv", lambda: LagKVPress(cache_budget=BUDGET, n_sink=2, lag_size=4), "sdpa"),
+    ("cur", lambda: CURPress(cache_budget=BUDGET), "sdpa"),
+    ("cap", lambda: CapPress(cache_budget=BUDGET), "sdpa"),
+    ("qfilter", lambda: QFilterPress(cache_budget=BUDGET, filters_path=local_qfilters_dir()), "sdpa"),
+    (
+        "expected_attention_stats",
+        lambda: ExpectedAttentionStatsPress(cache_budget=BUDGET, stats_folder=local_ea_stats_dir()),
+        "sdpa",
+    ),
+    ("pyramidkv", lambda: PyramidKVPress(cache_budget=BUDGET, window_size=4), "sdpa"),
 ]
 IDS = [entry[0] for entry in BUDGET_PRESSES]
 

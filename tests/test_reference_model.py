@@ -129,3 +129,35 @@ def test_key_outlier_press_keeps_the_needle_at_ratio_0_9(pipe, rows):
 
     essay = rows["niah_single_essay"]
     assert _accuracy(pipe, essay, KeyDiffPress(compression_ratio=0.9)) >= 70.0
+
+
+def test_training_batches_mask_exactly_the_answer_and_the_context():
+    from reference.train import make_batch, parse_args
+
+    args = parse_args(
+        [
+            "--output_dir",
+            "unused",
+            "--tokens_per_batch",
+            "1200",
+            "--context_length",
+            "256",
+            "--start_context_length",
+            "200",
+        ]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)
+    batch = make_batch(7, args, tokenizer)
+    again = make_batch(7, args, tokenizer)
+    assert all(torch.equal(batch[key], again[key]) for key in batch)  # a function of (seed, index) only
+    ids, answer_mask, context_mask = batch["input_ids"], batch["answer_mask"], batch["context_mask"]
+    assert ids.shape[0] >= 2 and answer_mask.shape == context_mask.shape == (ids.shape[0], ids.shape[1] - 1)
+    for i in range(ids.shape[0]):
+        targets = ids[i, 1:]
+        answer = tokenizer.decode(targets[answer_mask[i]])
+        assert answer.endswith("</s>") and answer.count("</s>") == 1
+        context = tokenizer.decode(ids[i, : int(context_mask[i].sum()) + 1])
+        assert context.startswith("<s>") and context.endswith("\n")  # bos + the whole context, nothing more
+        prompt = tokenizer.decode(ids[i, int(context_mask[i].sum()) + 1 : int(answer_mask[i].nonzero()[0]) + 1])
+        assert prompt.startswith(("What", "Which")) and "\n" in prompt  # question + "\n" + answer_prefix
+        assert not (answer_mask[i] & context_mask[i]).any()

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generator, Optional
 
-import fire
 import torch
 from huggingface_hub import PyTorchModelHubMixin, get_collection
 from torch import nn
@@ -308,4 +307,6 @@ def main(
 
 
 if __name__ == "__main__":
+    import fire  # only the command line needs it
+
     fire.Fire(main)

@@ -100,7 +100,7 @@ def load_reference_tokenizer():
     path = _reference_tokenizer_dir()
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
         raise FileNotFoundError(
-            f"No reference tokenizer in {path}; build it with `python reference/build_tokenizer.py` "
+            f"No reference tokenizer in {path}; build one with `python reference/build_tokenizer.py --output_dir DIR` "
             "or pass a tokenizer to the task generators."
         )
     return AutoTokenizer.from_pretrained(str(path))
