@@ -214,7 +214,8 @@ def test_the_default_run_generates_synthetic_rows_for_the_reference_model(tmp_pa
     monkeypatch.setattr(evaluate_module, "reference_model", lambda: (Path(model_dir), 300))
     evaluate_module.main(output_dir=str(tmp_path), num_samples=2, max_new_tokens=2)
     (results_dir,) = tmp_path.iterdir()
-    assert results_dir.name == "synthetic__niah_single_noise__reference__expected_attention__0.50__ctx300__n2__max_new_tokens2"
+    expected = "synthetic__niah_single_noise__reference__expected_attention__0.50__ctx300__n2__max_new_tokens2"
+    assert results_dir.name == expected
     df = pd.read_csv(results_dir / "predictions.csv")
     assert len(df) == 2 and set(df["task"]) == {"niah_single_noise"}
     saved = yaml.safe_load((results_dir / "config.yaml").read_text())
