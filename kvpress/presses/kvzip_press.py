@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generator, Optional
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvpress.presses.base_press import SUPPORTED_MODELS, BasePress, get_hook_inputs
+from kvpress.timing import telemetry_of
 from kvpress.utils import (
     apply_rope,
     attention_scaling,
@@ -248,7 +250,8 @@ class KVzipPress(BasePress):
         base_model.forward = recording_forward
         try:
             try:
-                yield
+                with self.track_timing(model):  # telemetry counts the prefill (and any generation) in the block
+                    yield
             finally:
                 if had_instance_forward:
                     base_model.forward = original_forward
@@ -262,7 +265,14 @@ class KVzipPress(BasePress):
                         type(self).__name__,
                     )
                 else:
+                    telemetry = telemetry_of(self)
+                    start = time.perf_counter()
                     self._perform_kvzip_compression(model, tokenizer)
+                    if telemetry.enabled:
+                        # the repeat passes and the masking are this press's prefill compression cost
+                        if torch.cuda.is_available() and torch.cuda.is_initialized():
+                            torch.cuda.synchronize()
+                        telemetry.prefill_time += time.perf_counter() - start
         finally:
             self._reset_internal_parameters()
 

@@ -317,3 +317,19 @@ def test_quantized_cache_is_rolled_back_exactly_after_the_repeat_passes():
 def test_cannot_be_composed():
     with pytest.raises(ValueError, match="cannot be composed"):
         ComposedPress([KVzipPress(0.5), KnormPress(0.5)])
+
+
+def test_telemetry_counts_the_prefill_and_the_compression_time():
+    model = get_model("llama")
+    press = KVzipPress(0.5, tokenizer=load_tokenizer(False))
+    with torch.no_grad(), press(model):
+        model.model(input_ids=random_input_ids(1, CONTEXT_LEN, seed=3), past_key_values=DynamicCache())
+    assert press.get_timing_metrics()["total_prefill_tokens"] == 0  # latency off: nothing recorded
+
+    press.latency = True
+    press.reset_timing()
+    with torch.no_grad(), press(model):
+        model.model(input_ids=random_input_ids(1, CONTEXT_LEN, seed=3), past_key_values=DynamicCache())
+    metrics = press.get_timing_metrics()
+    assert metrics["total_prefill_tokens"] == CONTEXT_LEN and metrics["total_decoding_tokens"] == 0
+    assert metrics["prefill_time"] > 0
