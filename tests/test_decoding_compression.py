@@ -450,8 +450,10 @@ def make_pipeline(arch="llama", chat=False):
 
 
 @pytest.mark.parametrize("wrapper", ["decoding", "cam", "ratio", "prefill_decoding"])
-def test_pipeline_keeps_every_step_within_target(wrapper):
+def test_pipeline_keeps_every_step_within_target(wrapper, monkeypatch):
     pipe = make_pipeline()
+    # no early stop at EOS, so the number of decoding steps is known exactly
+    monkeypatch.setattr(pipe.model.generation_config, "eos_token_id", None)
     press = make_wrapper(wrapper, KnormPress())
     context_length = pipe.preprocess(CONTEXT, [""], "", 10_000)["context_ids"].shape[1]
     with CacheRecorder(pipe.model, pipe.model.model) as recorder:
@@ -460,8 +462,8 @@ def test_pipeline_keeps_every_step_within_target(wrapper):
     prefill, steps = recorder.lengths[0], recorder.lengths[1:]
     expected_prefill = int(context_length * 0.5) if wrapper == "prefill_decoding" else context_length
     assert prefill == [expected_prefill] * 2
-    # question "" -> one token ("\n"), then one forward per generated token but the last
-    assert 1 <= len(steps) <= N_NEW
+    # question "" -> one forward for its token ("\n"), then one forward per generated token but the last
+    assert len(steps) == N_NEW
     assert steps == [[n] * 2 for n in expected_lengths(wrapper, len(steps), expected_prefill)]
 
 
