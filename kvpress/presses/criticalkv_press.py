@@ -21,6 +21,7 @@ from torch import nn
 from kvpress.presses.adakv_press import check_alpha_safeguard
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.scorer_press import (
+    InnerPressDelegation,
     ScorerPress,
     ScorerWrapperPress,
     check_scores,
@@ -75,7 +76,7 @@ def projected_value_l1_norm(values: torch.Tensor, module: nn.Module) -> torch.Te
     return group_mean(torch.stack(norms, dim=1), num_kv_heads)
 
 
-class CriticalKVPress(ScorerPress):
+class CriticalKVPress(InnerPressDelegation, ScorerPress):
     """Two-stage CriticalKV selection on top of any ScorerPress, with a uniform budget per head.
 
     The first `int((1 - compression_ratio) * T * first_stage_ratio)` tokens of each head are chosen by the inner
@@ -108,17 +109,6 @@ class CriticalKVPress(ScorerPress):
         )
 
     __hash__ = None  # type: ignore[assignment]
-
-    @property  # type: ignore[override]
-    def compression_ratio(self) -> float:
-        return self.press.compression_ratio
-
-    @compression_ratio.setter
-    def compression_ratio(self, value: float) -> None:
-        self.press.compression_ratio = value
-
-    def post_init_from_model(self, model):
-        self.press.post_init_from_model(model)
 
     @staticmethod
     def vwl1norm(values: torch.Tensor, module: nn.Module) -> torch.Tensor:

@@ -409,18 +409,11 @@ def require_no_budget(wrapper: object, press: object) -> None:
         )
 
 
-@dataclass
-class ScorerWrapperPress(BasePress):
-    """Base of the presses that wrap a ScorerPress (AdaKV, KeyRerotation, Chunk, ...).
-
-    Checks that `press` is a ScorerPress, delegates `compression_ratio` to it and forwards `post_init_from_model`.
-    """
+class InnerPressDelegation:
+    """Mixin of the presses built around an inner `press`: `compression_ratio` reads and writes the inner press's,
+    and `post_init_from_model` is forwarded to it."""
 
     press: ScorerPress
-
-    def __post_init__(self):
-        require_scorer_press(self, self.press)
-        require_no_budget(self, self.press)
 
     @property
     def compression_ratio(self) -> float:
@@ -432,6 +425,20 @@ class ScorerWrapperPress(BasePress):
 
     def post_init_from_model(self, model):
         self.press.post_init_from_model(model)
+
+
+@dataclass
+class ScorerWrapperPress(InnerPressDelegation, BasePress):
+    """Base of the presses that wrap a ScorerPress (AdaKV, KeyRerotation, Chunk, ...).
+
+    Checks that `press` is a ScorerPress, delegates `compression_ratio` to it and forwards `post_init_from_model`.
+    """
+
+    press: ScorerPress
+
+    def __post_init__(self):
+        require_scorer_press(self, self.press)
+        require_no_budget(self, self.press)
 
     def inner_scores(
         self,
