@@ -355,20 +355,26 @@ def _draft_niah(task: str, rng: random.Random, depths: Optional[Sequence[float]]
     kind = "uuid" if task == "niah_single_uuid" else "number"
     haystack = "noise" if task == "niah_single_noise" else "essay"
     intro = _niah_intro(kind)
-    if task in ("niah_single_noise", "niah_single_essay", "niah_single_uuid", SWEEP_TASK):
-        (key,) = _keys(rng, 1)
-        (value,) = _distinct_values(rng, kind, 1)
-        depth = rng.random() if depths is None else depths[0]
+
+    def draft(needles: list[_Needle], subject: str, answer: list[str]) -> _Draft:
+        # one value asked: "What is ... for K"; several: "What are all the ...s for K"
+        what, noun, verb = ("What is", kind, "is") if len(answer) == 1 else ("What are all", f"{kind}s", "are")
         return _Draft(
             task=task,
             intro=intro,
             haystack=haystack,
-            needles=[_Needle(_needle(key, value, kind), depth)],
-            question=f"What is the special magic {kind} for {key} mentioned in the text above?",
-            answer_prefix=f"The special magic {kind} for {key} mentioned in the text above is",
-            answer=[value],
-            target=_joined([value]),
+            needles=needles,
+            question=f"{what} the special magic {noun} for {subject} mentioned in the text above?",
+            answer_prefix=f"The special magic {noun} for {subject} mentioned in the text above {verb}",
+            answer=list(answer),
+            target=_joined(answer),
         )
+
+    if task in ("niah_single_noise", "niah_single_essay", "niah_single_uuid", SWEEP_TASK):
+        (key,) = _keys(rng, 1)
+        (value,) = _distinct_values(rng, kind, 1)
+        depth = rng.random() if depths is None else depths[0]
+        return draft([_Needle(_needle(key, value, kind), depth)], key, [value])
     keys = _keys(rng, NUM_NEEDLES)
     values = _distinct_values(rng, kind, NUM_NEEDLES)
     needle_depths = sorted(rng.random() for _ in range(NUM_NEEDLES))
@@ -377,48 +383,19 @@ def _draft_niah(task: str, rng: random.Random, depths: Optional[Sequence[float]]
         order = list(range(NUM_NEEDLES))
         rng.shuffle(order)
         needles = [_Needle(_needle(keys[i], values[i], kind), needle_depths[j]) for j, i in enumerate(order)]
-        key = keys[asked]
-        return _Draft(
-            task=task,
-            intro=intro,
-            haystack=haystack,
-            needles=needles,
-            question=f"What is the special magic {kind} for {key} mentioned in the text above?",
-            answer_prefix=f"The special magic {kind} for {key} mentioned in the text above is",
-            answer=[values[asked]],
-            target=_joined([values[asked]]),
-        )
+        return draft(needles, keys[asked], [values[asked]])
     if task == "niah_multivalue":
         key = keys[0]
         # Needle depths are sorted, so values appear in this order in the text.
         needles = [_Needle(_needle(key, value, kind), depth) for value, depth in zip(values, needle_depths)]
-        return _Draft(
-            task=task,
-            intro=intro,
-            haystack=haystack,
-            needles=needles,
-            question=f"What are all the special magic {kind}s for {key} mentioned in the text above?",
-            answer_prefix=f"The special magic {kind}s for {key} mentioned in the text above are",
-            answer=list(values),
-            target=_joined(values),
-        )
+        return draft(needles, key, list(values))
     if task == "niah_multiquery":
         needles = [_Needle(_needle(k, v, kind), depth) for k, v, depth in zip(keys, values, needle_depths)]
         order = list(range(NUM_NEEDLES))
         rng.shuffle(order)
         asked_keys = [keys[i] for i in order]
-        asked_values = [values[i] for i in order]
         key_list = ", ".join(asked_keys[:-1]) + " and " + asked_keys[-1]
-        return _Draft(
-            task=task,
-            intro=intro,
-            haystack=haystack,
-            needles=needles,
-            question=f"What are all the special magic {kind}s for {key_list} mentioned in the text above?",
-            answer_prefix=f"The special magic {kind}s for {key_list} mentioned in the text above are",
-            answer=asked_values,
-            target=_joined(asked_values),
-        )
+        return draft(needles, key_list, [values[i] for i in order])
     raise ValueError(f"not a needle task: {task!r}")
 
 
