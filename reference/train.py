@@ -55,32 +55,67 @@ from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH  # noqa: E402
 
 logger = logging.getLogger("reference.train")
 
+# Training-only drills: (task of the row, how many needles at most). `niah_multikey_dense` is niah_multikey with 2 to
+# DENSE_NEEDLES needles (as many as fit the context): with many needles and short contexts, copying any needle value
+# is rarely right, so the gradient rewards matching the asked key (RULER-style multi-key retrieval).
+DRILLS = {"niah_multikey_dense": "niah_multikey"}
+DENSE_NEEDLES = 12
+TRAINING_TASKS: tuple[str, ...] = TASK_NAMES + tuple(DRILLS)
+
 # Relative frequency of each task in training (the harder families more often).
 TASK_WEIGHTS = {
-    "niah_single_noise": 0.6,
-    "niah_single_essay": 0.8,
-    "niah_single_uuid": 0.8,
-    "niah_multikey": 1.2,
-    "niah_multivalue": 1.4,
-    "niah_multiquery": 1.2,
+    "niah_single_noise": 0.3,
+    "niah_single_essay": 0.4,
+    "niah_single_uuid": 0.6,
+    "niah_multikey": 0.8,
+    "niah_multivalue": 0.5,
+    "niah_multiquery": 0.6,
     "variable_tracking": 1.2,
-    "common_words": 1.4,
-    "frequent_words": 1.0,
+    "common_words": 2.0,
+    "frequent_words": 2.0,
+    "niah_multikey_dense": 0.5,
 }
-SHORT_NAMES = dict(zip(TASK_NAMES, ("noise", "essay", "uuid", "mkey", "mval", "mquery", "vt", "cwe", "fwe")))
+# The mixture of the first --early_steps, while contexts are short: more of the key-matching drill.
+EARLY_TASK_WEIGHTS = {
+    "niah_single_noise": 0.4,
+    "niah_single_essay": 0.5,
+    "niah_single_uuid": 0.6,
+    "niah_multikey": 1.2,
+    "niah_multivalue": 0.6,
+    "niah_multiquery": 0.8,
+    "variable_tracking": 1.4,
+    "common_words": 1.2,
+    "frequent_words": 1.2,
+    "niah_multikey_dense": 2.0,
+}
+SHORT_NAMES = dict(
+    zip(TRAINING_TASKS, ("noise", "essay", "uuid", "mkey", "mval", "mquery", "vt", "cwe", "fwe", "dense"))
+)
 MIN_TRAIN_CONTEXT = 160  # shortest training context (every task fits)
 RESUME_PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
 
 
-def _task_weights(text: str) -> dict[str, float]:
-    """TASK_WEIGHTS updated with "task=weight,..." pairs."""
-    weights = dict(TASK_WEIGHTS)
+def _task_weights(text: str, base: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """TASK_WEIGHTS (or `base`) updated with "task=weight,..." pairs."""
+    weights = dict(TASK_WEIGHTS if base is None else base)
     for pair in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = pair.partition("=")
         if name not in TASK_WEIGHTS:
-            raise argparse.ArgumentTypeError(f"unknown task {name!r} in --task_weights; tasks: {', '.join(TASK_NAMES)}")
-        weights[name] = float(value)
+            raise argparse.ArgumentTypeError(
+                f"unknown task {name!r} in task weights; tasks: {', '.join(TRAINING_TASKS)}"
+            )
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"task weight of {name!r} must be a number, got {value!r}") from None
+        if weights[name] < 0:
+            raise argparse.ArgumentTypeError(f"task weight of {name!r} must be >= 0, got {value!r}")
     return weights
+
+
+def _early_task_weights(text: str) -> dict[str, float]:
+    """EARLY_TASK_WEIGHTS updated with "task=weight,..." pairs."""
+    return _task_weights(text, EARLY_TASK_WEIGHTS)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -101,9 +136,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     # data
     add("--context_length", type=int, default=TRAINED_CONTEXT_LENGTH)
     add("--start_context_length", type=int, default=256, help="longest context at step 0 of the curriculum")
-    add("--curriculum_steps", type=int, default=600, help="steps to grow the longest context to --context_length")
-    add("--tokens_per_batch", type=int, default=65536)
+    add(
+        "--curriculum_steps",
+        type=float,
+        default=0.5,
+        help="steps to grow the longest context to --context_length (a number below 1: that fraction of the steps)",
+    )
+    add("--tokens_per_batch", type=int, default=32768)
     add("--task_weights", type=_task_weights, default=dict(TASK_WEIGHTS), help="e.g. common_words=2,niah_multikey=1.5")
+    add(
+        "--early_steps",
+        type=float,
+        default=0.3,
+        help="batches before this index use --early_task_weights (a number below 1: that fraction of the steps)",
+    )
+    add(
+        "--early_task_weights",
+        type=_early_task_weights,
+        default=dict(EARLY_TASK_WEIGHTS),
+        help="task weights of the first --early_steps",
+    )
     add("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     # optimisation
     add("--lr", type=float, default=1e-3)
@@ -112,8 +164,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--weight_decay", type=float, default=0.1)
     add("--lm_weight", type=float, default=0.1, help="weight of the language-model loss on context tokens")
     add("--max_steps", default="auto", help="number of steps, or 'auto' to fit --time_budget_s")
-    add("--time_budget_s", type=float, default=420.0, help="wall-clock budget of the whole run, evaluation included")
+    add("--time_budget_s", type=float, default=1170.0, help="wall-clock budget of the whole run, evaluation included")
     add("--eval_reserve_s", type=float, default=75.0, help="seconds kept for the final save and evaluation")
+    add(
+        "--stop_after_s",
+        type=float,
+        default=None,
+        help="stop this invocation after so many seconds and save a resume checkpoint (a long run in several parts)",
+    )
+    add("--stop_after_steps", type=int, default=None, help="stop this invocation after so many steps (and save)")
+    add("--compile", action="store_true", help="torch.compile the model (faster on a GPU)")
     add("--log_every", type=int, default=50)
     add("--save_every_s", type=float, default=120.0)
     add("--resume", default=None, help="a resume/ directory written by an earlier run")
@@ -125,7 +185,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tiny:
         args.layers, args.hidden, args.heads, args.kv_heads, args.head_dim, args.intermediate = 2, 64, 2, 1, 32, 128
-        args.context_length, args.start_context_length, args.curriculum_steps = 256, 192, 10
+        args.context_length, args.start_context_length, args.curriculum_steps = 256, 192, 0.5
         args.tokens_per_batch, args.warmup_steps, args.log_every = 2048, 5, 5
         args.eval_rows, args.eval_rows_long = 2, 1
     if args.max_steps != "auto":
@@ -165,17 +225,24 @@ def make_batch(index: int, args: argparse.Namespace, tokenizer) -> dict[str, tor
     else:
         length = rng.randint(shortest, longest)
     rows = max(1, args.tokens_per_batch // (length + 64))
-    names = list(args.task_weights)
-    weights = [args.task_weights[name] for name in names]
+    mixture = args.early_task_weights if index < args.early_steps and args.early_task_weights else args.task_weights
+    names = [name for name, weight in mixture.items() if weight > 0]
+    weights = [mixture[name] for name in names]
     sequences, context_lengths, answer_starts, tasks = [], [], [], []
     for j in range(rows):
         task = rng.choices(names, weights=weights)[0]
-        row = build_row(task, length, tokenizer, row_seed=f"train|{args.seed}|{index}|{j}")
+        row_seed = f"train|{args.seed}|{index}|{j}"
+        if task in DRILLS:
+            # as many needles as fit (a needle and its share of haystack take about 24 tokens)
+            most = max(2, min(DENSE_NEEDLES, (length - 60) // 24))
+            row = build_row(DRILLS[task], length, tokenizer, row_seed=row_seed, num_needles=rng.randint(2, most))
+        else:
+            row = build_row(task, length, tokenizer, row_seed=row_seed)
         ids, n_context, answer_start = encode_row(row, tokenizer)
         sequences.append(ids)
         context_lengths.append(n_context)
         answer_starts.append(answer_start)
-        tasks.append(TASK_NAMES.index(task))
+        tasks.append(TRAINING_TASKS.index(task))
     width = max(len(ids) for ids in sequences)
     input_ids = torch.full((rows, width), tokenizer.pad_token_id, dtype=torch.long)
     # Masks over the *predicted* positions 1..width-1 (the logits at position t predict token t + 1).
@@ -243,6 +310,47 @@ def build_model(args: argparse.Namespace, tokenizer):
     return LlamaForCausalLM(config)
 
 
+def resolve_fractions(args: argparse.Namespace, max_steps: int) -> None:
+    """--curriculum_steps and --early_steps below 1 are fractions of the run's steps: make them step counts."""
+    for name in ("curriculum_steps", "early_steps"):
+        value = float(getattr(args, name))
+        if value < 0:
+            raise ValueError(f"--{name} must be >= 0 (a step count, or a fraction of the steps below 1), got {value}")
+        setattr(args, name, int(round(value * max_steps)) if 0 < value < 1 else int(value))
+
+
+def calibrate_max_steps(train_step, tokenizer, args: argparse.Namespace, device: str, started: float) -> int:
+    """The number of steps that fits the time budget: times full-size steps (forward and backward, no update) on a
+    synthetic batch at 3/4 of the trained length, then divides the time left by that, with a 15% margin."""
+    length = max(16, int(0.75 * args.context_length))
+    rows = max(1, args.tokens_per_batch // (length + 64))
+    generator = torch.Generator().manual_seed(args.seed)
+    input_ids = torch.randint(4, len(tokenizer), (rows, length), generator=generator).to(device)
+    answer_mask = torch.zeros(rows, length - 1, dtype=torch.bool, device=device)
+    answer_mask[:, -8:] = True
+    context_mask = ~answer_mask
+
+    def run(count: int) -> float:
+        for _ in range(count):
+            train_step(input_ids, answer_mask, context_mask, 0.0, update=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.time()
+
+    run(3)  # warm-up (and compilation)
+    begin = time.time()
+    per_step = (run(10) - begin) / 10
+    left = args.time_budget_s - args.eval_reserve_s - (time.time() - started) - 20  # 20 s: the loader's start
+    steps = max(1, int(left / (per_step * 1.15)))
+    logger.info(
+        "auto max_steps: %d (%.4f s per step measured; pass --max_steps %d to repeat the schedule)",
+        steps,
+        per_step,
+        steps,
+    )
+    return steps
+
+
 def learning_rate(step: int, max_steps: int, args: argparse.Namespace) -> float:
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
@@ -250,8 +358,10 @@ def learning_rate(step: int, max_steps: int, args: argparse.Namespace) -> float:
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_resume(model, step: int, max_steps: int, args: argparse.Namespace) -> None:
-    """fp32 weights and the step, split in parts small enough to come back from the device."""
+def save_resume(model, step: int, max_steps: int, args: argparse.Namespace, optimizer=None) -> None:
+    """fp32 weights and the step, split in parts small enough to come back from the device, and the optimizer state
+    (`optimizer.pt`, larger: a resume on the same machine continues the run exactly; without it the moments restart
+    with a short warm-up)."""
     buffer = io.BytesIO()
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     torch.save({"model": state, "step": step, "max_steps": max_steps, "args": vars(args)}, buffer)
@@ -262,6 +372,9 @@ def save_resume(model, step: int, max_steps: int, args: argparse.Namespace) -> N
         old.unlink()
     for i in range(0, len(data), RESUME_PART_BYTES):
         (directory / f"part{i // RESUME_PART_BYTES}").write_bytes(data[i : i + RESUME_PART_BYTES])
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(), "step": step}, directory / "optimizer.pt.tmp")
+        os.replace(directory / "optimizer.pt.tmp", directory / "optimizer.pt")
 
 
 def load_resume(directory: str) -> dict:
@@ -326,8 +439,15 @@ def train(args: argparse.Namespace) -> dict:
         state = load_resume(args.resume)
         model.load_state_dict(state["model"])
         start_step = int(state["step"])
-        logger.info("resumed at step %d of %s (optimizer moments restart with a short warm-up)", start_step, max_steps)
+        if state.get("max_steps", -1) not in (-1, None) and args.max_steps == "auto":
+            max_steps = int(state["max_steps"])  # continue the schedule of the run
+        logger.info("resumed at step %d of %s", start_step, max_steps)
     model.to(device).train()
+    optimizer_state = None
+    if args.resume and (Path(args.resume) / "optimizer.pt").exists():
+        saved = torch.load(Path(args.resume) / "optimizer.pt", map_location="cpu", weights_only=False)
+        if int(saved["step"]) == start_step:
+            optimizer_state = saved["optimizer"]
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %s parameters, config %s", f"{n_params:,}", model.config.to_json_string(use_diff=True))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -338,7 +458,42 @@ def train(args: argparse.Namespace) -> dict:
         betas=(0.9, 0.95),
         fused=device.startswith("cuda"),
     )
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+        logger.info("optimizer state restored: the run continues exactly")
     use_autocast = device.startswith("cuda")
+    forward = torch.compile(model, dynamic=True) if args.compile else model
+
+    def train_step(input_ids, answer_mask, context_mask, lr: float, update: bool = True):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext():
+            logits = forward(input_ids=input_ids).logits[:, :-1]
+        targets = input_ids[:, 1:]
+        losses = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+        answer_loss = (losses * answer_mask).sum() / answer_mask.sum().clamp(min=1)
+        lm_loss = (losses * context_mask).sum() / context_mask.sum().clamp(min=1)
+        loss = answer_loss + args.lm_weight * lm_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if update:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        correct = ((logits.argmax(-1) == targets) | ~answer_mask).all(dim=1).float()
+        return torch.stack([loss.detach(), answer_loss.detach(), lm_loss.detach()]), correct
+
+    if max_steps == "auto":
+        max_steps = calibrate_max_steps(train_step, tokenizer, args, device, started)
+    resolve_fractions(args, max_steps)
+    logger.info(
+        "schedule: %d steps, contexts from %d to %d tokens over %d steps, early mixture for %d steps",
+        max_steps,
+        args.start_context_length,
+        args.context_length,
+        args.curriculum_steps,
+        args.early_steps,
+    )
 
     loader = DataLoader(
         TaskBatches(args, start_step),
@@ -349,75 +504,58 @@ def train(args: argparse.Namespace) -> dict:
         pin_memory=device.startswith("cuda"),
     )
     log_file = (output_dir / "train_log.jsonl").open("a")
-    window: dict[str, list[float]] = {"loss": [], "answer_loss": [], "lm_loss": []}
-    hits = torch.zeros(len(TASK_NAMES))
-    seen = torch.zeros(len(TASK_NAMES))
-    tokens_done, last_save, step_times = 0, time.time(), []
-    auto_steps = max_steps == "auto"
-    previous_end = time.time()
-    deadline = started + args.time_budget_s - args.eval_reserve_s
+    sums = torch.zeros(3, device=device)  # loss, answer loss, lm loss over the logging window
+    window_steps = 0
+    hits = torch.zeros(len(TRAINING_TASKS), device=device)
+    seen = torch.zeros(len(TRAINING_TASKS), device=device)
+    tokens_done, last_save = 0, time.time()
+    stop_after = args.stop_after_s if args.stop_after_s else args.time_budget_s - args.eval_reserve_s
+    deadline = started + stop_after
     step = start_step
-    resume_warmup = 50 if args.resume else 0
+    resume_warmup = 50 if args.resume and optimizer_state is None else 0
     train_started = time.time()
     for batch in loader:
-        if max_steps != "auto" and step >= max_steps:
+        if step >= max_steps:
+            break
+        if args.stop_after_steps is not None and step - start_step >= args.stop_after_steps:
+            logger.info("stopping after %d steps of this invocation: saving a resume checkpoint", args.stop_after_steps)
             break
         if time.time() > deadline:
-            logger.warning("time budget reached at step %d: saving a resume checkpoint", step)
+            logger.warning("time limit of this invocation reached at step %d: saving a resume checkpoint", step)
             break
-        schedule_steps = max_steps if max_steps != "auto" else 10**9
-        lr = learning_rate(step, schedule_steps, args)
+        lr = learning_rate(step, max_steps, args)
         if resume_warmup and step - start_step < resume_warmup:
             lr *= (step - start_step + 1) / resume_warmup
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         input_ids = batch["input_ids"].to(device, non_blocking=True)
-        answer_mask = batch["answer_mask"].to(device, non_blocking=True)
-        context_mask = batch["context_mask"].to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext():
-            logits = model(input_ids=input_ids).logits[:, :-1]
-        targets = input_ids[:, 1:]
-        losses = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-        answer_loss = (losses * answer_mask).sum() / answer_mask.sum().clamp(min=1)
-        lm_loss = (losses * context_mask).sum() / context_mask.sum().clamp(min=1)
-        loss = answer_loss + args.lm_weight * lm_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        losses, correct = train_step(
+            input_ids,
+            batch["answer_mask"].to(device, non_blocking=True),
+            batch["context_mask"].to(device, non_blocking=True),
+            lr,
+        )
         step += 1
         tokens_done += input_ids.numel()
-
         with torch.no_grad():
-            correct = ((logits.argmax(-1) == targets) | ~answer_mask).all(dim=1).float().cpu()
-            task = batch["task"]
+            task = batch["task"].to(device, non_blocking=True)
             hits.index_add_(0, task, correct)
             seen.index_add_(0, task, torch.ones_like(correct))
-        window["loss"].append(loss.item())
-        window["answer_loss"].append(answer_loss.item())
-        window["lm_loss"].append(lm_loss.item())
-        step_times.append(time.time() - previous_end)
-        previous_end = time.time()
-
-        done = step - start_step
-        if auto_steps and (done in (100, 300) or (done > 0 and done % 500 == 0)):
-            # Fit the step count to the time left from the recent step times (data waits included). The loader is
-            # slow to start, so early fits are low and are corrected later; no refit in the last 20% of this run.
-            per_step = sum(step_times[-40:]) / len(step_times[-40:])
-            fitted = step + int((deadline - time.time()) / (per_step * 1.05))
-            if max_steps == "auto" or done < 0.8 * (max_steps - start_step):
-                logger.info("auto max_steps: %d (%.3f s/step measured)", fitted, per_step)
-                max_steps = fitted
+            sums += losses
+            window_steps += 1
 
         if step % args.log_every == 0:
             elapsed = time.time() - train_started
-            exact = {name: round(float(hits[i] / seen[i]), 3) for i, name in enumerate(TASK_NAMES) if seen[i] > 0}
+            hit_counts, seen_counts = hits.cpu(), seen.cpu()
+            exact = {
+                name: round(float(hit_counts[i] / seen_counts[i]), 3)
+                for i, name in enumerate(TRAINING_TASKS)
+                if seen_counts[i] > 0
+            }
             record = {
                 "step": step,
                 "max_steps": max_steps,
                 "lr": lr,
                 "context_max": curriculum_max_length(step, args),
-                **{key: sum(values) / len(values) for key, values in window.items()},
+                **dict(zip(("loss", "answer_loss", "lm_loss"), (sums / max(window_steps, 1)).tolist())),
                 "answer_exact": exact,
                 "tokens_per_s": tokens_done / elapsed,
                 "elapsed_s": round(time.time() - started, 1),
@@ -437,18 +575,26 @@ def train(args: argparse.Namespace) -> dict:
                 record["tokens_per_s"] / 1000,
                 record["elapsed_s"],
             )
-            window = {key: [] for key in window}
+            sums.zero_()
+            window_steps = 0
             hits.zero_()
             seen.zero_()
         if time.time() - last_save > args.save_every_s:
-            save_resume(model, step, max_steps if max_steps != "auto" else -1, args)
+            save_resume(model, step, max_steps, args, optimizer)
             last_save = time.time()
     log_file.close()
-    finished = max_steps != "auto" and step >= max_steps
-    save_resume(model, step, max_steps if max_steps != "auto" else -1, args)
+    finished = step >= max_steps
+    save_resume(model, step, max_steps, args, optimizer)
     path = save_model(model, tokenizer, output_dir)
     logger.info("saved the model to %s after %d steps (%s)", path, step, "complete" if finished else "INCOMPLETE")
-    results = evaluate_held_out(model, tokenizer, args)
+    if finished:
+        results = evaluate_held_out(model, tokenizer, args)
+    else:
+        logger.info(
+            "the schedule is not finished: continue with --resume %s (held-out evaluation skipped)",
+            Path(args.output_dir) / "resume",
+        )
+        results = {}
     summary = {
         "steps": step,
         "max_steps": max_steps,

@@ -126,7 +126,40 @@ def test_training_rows_and_evaluation_rows_come_from_different_seeds(tokenizer):
     evaluation = generate_rows("niah_single_noise", 5, 256, tokenizer, seed=0)
     training = [build_row("niah_single_noise", 256, tokenizer, row_seed=f"train|0|0|{j}") for j in range(5)]
     assert {r["context"] for r in evaluation}.isdisjoint(r["context"] for r in training)
-    assert "target" in training[0] and training[0]["target"] == " " + training[0]["answer"][0] + "."
+    # the trained answer restates the key in the words of its needle, then the value
+    for row in training:
+        key = row["question"].split(" for ")[1].split(" mentioned")[0]
+        assert row["target"] == f" {key} is: {row['answer'][0]}."
+        assert f"for {key} is: {row['answer'][0]}." in row["context"]
+
+
+def test_training_targets_are_answers_the_metric_accepts(tokenizer):
+    for task in TASK_NAMES:
+        for i in range(3):
+            row = build_row(task, 400, tokenizer, row_seed=f"train|0|1|{i}")
+            assert all(value in row["target"] for value in row["answer"]), (task, row["target"], row["answer"])
+            assert row["max_new_tokens"] >= len(tokenizer.encode(row["target"], add_special_tokens=False))
+
+
+@pytest.mark.parametrize("count", [2, 7, 12])
+def test_multikey_drill_rows_have_the_requested_needles(tokenizer, count):
+    row = build_row("niah_multikey", 600, tokenizer, row_seed="drill", num_needles=count)
+    assert row["context"].count("One special magic number for ") == count
+    key = row["question"].split(" for ")[1].split(" mentioned")[0]
+    assert f"for {key} is: {row['answer'][0]}." in row["context"] and len(row["answer"]) == 1
+    # the default is the evaluation's four needles, and the rows are unchanged by the option's existence
+    assert build_row("niah_multikey", 600, tokenizer, row_seed="drill")["context"].count("magic number for ") == 4
+    assert build_row("niah_multikey", 600, tokenizer, row_seed="drill", num_needles=4) == build_row(
+        "niah_multikey", 600, tokenizer, row_seed="drill"
+    )
+
+
+@pytest.mark.parametrize(
+    "task, count, message", [("niah_single_noise", 3, "applies to"), ("niah_multikey", 1, "at least 2")]
+)
+def test_num_needles_bad_input(tokenizer, task, count, message):
+    with pytest.raises(ValueError, match=message):
+        build_row(task, 600, tokenizer, num_needles=count)
 
 
 def test_question_aware_context_tokenizes_like_the_two_parts(tokenizer):

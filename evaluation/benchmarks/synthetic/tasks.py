@@ -351,12 +351,22 @@ def _joined(values: Sequence[str]) -> str:
     return " " + ", ".join(values) + "."
 
 
-def _draft_niah(task: str, rng: random.Random, depths: Optional[Sequence[float]] = None) -> _Draft:
+def _restated(key: str, value: str) -> str:
+    """The reference model's answer to a one-value question: it first restates the asked key in the words of the
+    needle, then copies the value that follows them there ("... is wide-willow is: 1456079."). Restating turns key
+    matching into plain copying (an induction head finds "wide-willow is:" in the text); the metric only looks for
+    the value, so the extra words cost nothing."""
+    return f" {key} is: {value}."
+
+
+def _draft_niah(
+    task: str, rng: random.Random, depths: Optional[Sequence[float]] = None, num_needles: int = NUM_NEEDLES
+) -> _Draft:
     kind = "uuid" if task == "niah_single_uuid" else "number"
     haystack = "noise" if task == "niah_single_noise" else "essay"
     intro = _niah_intro(kind)
 
-    def draft(needles: list[_Needle], subject: str, answer: list[str]) -> _Draft:
+    def draft(needles: list[_Needle], subject: str, answer: list[str], target: Optional[str] = None) -> _Draft:
         # one value asked: "What is ... for K"; several: "What are all the ...s for K"
         what, noun, verb = ("What is", kind, "is") if len(answer) == 1 else ("What are all", f"{kind}s", "are")
         return _Draft(
@@ -367,23 +377,23 @@ def _draft_niah(task: str, rng: random.Random, depths: Optional[Sequence[float]]
             question=f"{what} the special magic {noun} for {subject} mentioned in the text above?",
             answer_prefix=f"The special magic {noun} for {subject} mentioned in the text above {verb}",
             answer=list(answer),
-            target=_joined(answer),
+            target=target if target is not None else _joined(answer),
         )
 
     if task in ("niah_single_noise", "niah_single_essay", "niah_single_uuid", SWEEP_TASK):
         (key,) = _keys(rng, 1)
         (value,) = _distinct_values(rng, kind, 1)
         depth = rng.random() if depths is None else depths[0]
-        return draft([_Needle(_needle(key, value, kind), depth)], key, [value])
-    keys = _keys(rng, NUM_NEEDLES)
-    values = _distinct_values(rng, kind, NUM_NEEDLES)
-    needle_depths = sorted(rng.random() for _ in range(NUM_NEEDLES))
+        return draft([_Needle(_needle(key, value, kind), depth)], key, [value], _restated(key, value))
+    keys = _keys(rng, num_needles)
+    values = _distinct_values(rng, kind, num_needles)
+    needle_depths = sorted(rng.random() for _ in range(num_needles))
     if task == "niah_multikey":
-        asked = rng.randrange(NUM_NEEDLES)
-        order = list(range(NUM_NEEDLES))
+        asked = rng.randrange(num_needles)
+        order = list(range(num_needles))
         rng.shuffle(order)
         needles = [_Needle(_needle(keys[i], values[i], kind), needle_depths[j]) for j, i in enumerate(order)]
-        return draft(needles, keys[asked], [values[asked]])
+        return draft(needles, keys[asked], [values[asked]], _restated(keys[asked], values[asked]))
     if task == "niah_multivalue":
         key = keys[0]
         # Needle depths are sorted, so values appear in this order in the text.
@@ -391,11 +401,12 @@ def _draft_niah(task: str, rng: random.Random, depths: Optional[Sequence[float]]
         return draft(needles, key, list(values))
     if task == "niah_multiquery":
         needles = [_Needle(_needle(k, v, kind), depth) for k, v, depth in zip(keys, values, needle_depths)]
-        order = list(range(NUM_NEEDLES))
+        order = list(range(num_needles))
         rng.shuffle(order)
         asked_keys = [keys[i] for i in order]
         key_list = ", ".join(asked_keys[:-1]) + " and " + asked_keys[-1]
-        return draft(needles, key_list, [values[i] for i in order])
+        # The metric ignores the order; the reference model lists the values in the order of the text.
+        return draft(needles, key_list, [values[i] for i in order], _joined(values))
     raise ValueError(f"not a needle task: {task!r}")
 
 
@@ -555,16 +566,26 @@ def _row(draft: _Draft, context: str, counter: TokenCounter) -> dict:
     }
 
 
-def build_row(task: str, context_length: int, tokenizer=None, row_seed: str = "0") -> dict:
+def build_row(
+    task: str, context_length: int, tokenizer=None, row_seed: str = "0", num_needles: Optional[int] = None
+) -> dict:
     """One row of `task` with a context of at most `context_length` tokens, fully determined by `row_seed`.
 
     Besides the harness columns the row has `target`: the answer text (before EOS) the reference model is trained
-    to write after `answer_prefix`.
+    to write after `answer_prefix`. `num_needles` changes the number of needles of the multi-key, multi-value and
+    multi-query tasks (NUM_NEEDLES by default; the reference model's training uses other counts as a drill).
     """
     if task not in TASK_NAMES:
         raise ValueError(f"Unknown synthetic task {task!r}; choose one of {', '.join(TASK_NAMES)}.")
     if not isinstance(context_length, int) or context_length < 1:
         raise ValueError(f"context_length must be a positive number of tokens, got {context_length!r}.")
+    if num_needles is not None:
+        if task not in ("niah_multikey", "niah_multivalue", "niah_multiquery"):
+            raise ValueError(
+                f"num_needles applies to niah_multikey, niah_multivalue and niah_multiquery, not {task!r}."
+            )
+        if not isinstance(num_needles, int) or num_needles < 2:
+            raise ValueError(f"num_needles must be an integer of at least 2, got {num_needles!r}.")
     counter = get_counter(tokenizer)
     rng = random.Random(f"{task}|{row_seed}")
     if task in ("common_words", "frequent_words"):
@@ -579,7 +600,10 @@ def build_row(task: str, context_length: int, tokenizer=None, row_seed: str = "0
             answer_prefix = f"Answer: the {NUM_FREQUENT_WORDS} most frequent coded words in the text above are:"
         draft = _Draft(task, "", "", [], question, answer_prefix, words, _joined(words))
         return _row(draft, context, counter)
-    draft = _draft_variable_tracking(rng) if task == "variable_tracking" else _draft_niah(task, rng)
+    if task == "variable_tracking":
+        draft = _draft_variable_tracking(rng)
+    else:
+        draft = _draft_niah(task, rng, num_needles=num_needles or NUM_NEEDLES)
     return _row(draft, _fit_haystack(draft, counter, context_length, rng), counter)
 
 
