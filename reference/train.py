@@ -432,6 +432,45 @@ def evaluate_held_out(model, tokenizer, args: argparse.Namespace) -> dict:
     return results
 
 
+def make_optimizer(model, args: argparse.Namespace, device: str):
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        fused=device.startswith("cuda"),
+    )
+
+
+def make_train_step(model, optimizer, args: argparse.Namespace, device: str):
+    """One optimisation step on a batch: returns (loss, answer loss, lm loss) and per-row exact answers, on the
+    device (no host synchronisation). `update=False` computes the gradients but leaves the weights alone (timing)."""
+    use_autocast = device.startswith("cuda")
+    forward = torch.compile(model, dynamic=True) if args.compile else model
+
+    def train_step(input_ids, answer_mask, context_mask, lr: float, update: bool = True):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext():
+            logits = forward(input_ids=input_ids).logits[:, :-1]
+        targets = input_ids[:, 1:]
+        losses = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+        answer_loss = (losses * answer_mask).sum() / answer_mask.sum().clamp(min=1)
+        lm_loss = (losses * context_mask).sum() / context_mask.sum().clamp(min=1)
+        loss = answer_loss + args.lm_weight * lm_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if update:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        correct = ((logits.argmax(-1) == targets) | ~answer_mask).all(dim=1).float()
+        return torch.stack([loss.detach(), answer_loss.detach(), lm_loss.detach()]), correct
+
+    return train_step
+
+
 def train(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
@@ -458,38 +497,11 @@ def train(args: argparse.Namespace) -> dict:
             optimizer_state = saved["optimizer"]
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %s parameters, config %s", f"{n_params:,}", model.config.to_json_string(use_diff=True))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-        fused=device.startswith("cuda"),
-    )
+    optimizer = make_optimizer(model, args, device)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
         logger.info("optimizer state restored: the run continues exactly")
-    use_autocast = device.startswith("cuda")
-    forward = torch.compile(model, dynamic=True) if args.compile else model
-
-    def train_step(input_ids, answer_mask, context_mask, lr: float, update: bool = True):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext():
-            logits = forward(input_ids=input_ids).logits[:, :-1]
-        targets = input_ids[:, 1:]
-        losses = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-        answer_loss = (losses * answer_mask).sum() / answer_mask.sum().clamp(min=1)
-        lm_loss = (losses * context_mask).sum() / context_mask.sum().clamp(min=1)
-        loss = answer_loss + args.lm_weight * lm_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if update:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        correct = ((logits.argmax(-1) == targets) | ~answer_mask).all(dim=1).float()
-        return torch.stack([loss.detach(), answer_loss.detach(), lm_loss.detach()]), correct
+    train_step = make_train_step(model, optimizer, args, device)
 
     if max_steps == "auto":
         max_steps = calibrate_max_steps(train_step, tokenizer, args, device, started)

@@ -9,6 +9,7 @@ These tests take about three minutes of CPU (about 80 rows of 1024 tokens throug
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -208,3 +209,16 @@ def test_a_run_in_two_parts_equals_one_run(tmp_path):
         assert torch.allclose(weight, two["model"][name], atol=1e-6, rtol=0), name  # fp32 weights
     log = [line for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines() if line]
     assert log, "the training curve is written"
+
+
+def test_training_benchmark_times_the_loader_and_the_step(tmp_path, capsys):
+    from reference.bench_train import main
+
+    output = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--tiny", "--lengths", "200", "--steps", "1", "--workers", "0"]
+    result = main(argv + ["--loader_seconds", "0.5", "--no_compile", "--output", str(output)])
+    assert json.loads(output.read_text()) == result
+    assert result["loader"][0]["batches_per_s"] > 0 and result["steps"][0]["step_s"] > 0
+    assert result["steps"][0]["speedup_vs_eager"] == 1.0 and "| data workers |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="at least 160"):
+        main(["--lengths", "64", "--output", str(output)])
