@@ -90,3 +90,36 @@ def test_pipeline_with_quantized_cache_rolls_back_exactly():
     for layer_idx, (keys, values) in enumerate(before):
         after_keys, after_values = extract_keys_and_values(cache, layer_idx)
         assert torch.equal(keys, after_keys) and torch.equal(values, after_values)
+
+
+def _decode_with_budget(model, press, steps: int):
+    cache = Int8Cache(model.config.num_hidden_layers)
+    input_ids = random_input_ids(1, 16)
+    with torch.no_grad(), press(model):
+        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+        for _ in range(steps):
+            token = logits[:, -1:].argmax(-1)
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+    return [tuple(t.clone() for t in extract_keys_and_values(cache, i)) for i in range(len(cache.layers))]
+
+
+def test_budget_press_reads_a_quantized_layer_only_when_it_prunes(monkeypatch):
+    import kvpress.presses.scorer_press as scorer_module
+
+    model = get_model("llama")
+    calls = []
+    read = scorer_module.extract_keys_and_values
+    monkeypatch.setattr(
+        scorer_module, "extract_keys_and_values", lambda cache, idx: calls.append(idx) or read(cache, idx)
+    )
+    # prompt 16, budget 24: steps 1 to 8 stay within the budget, steps 9 to 12 prune every layer once
+    lazy = _decode_with_budget(model, KnormPress(cache_budget=24), steps=12)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 4 * layers, calls
+    assert all(keys.shape[2] == 24 for keys, _ in lazy)
+    calls.clear()
+    monkeypatch.setattr(scorer_module.ScorerPress, "_lazy_layer_shape", lambda self, *args: None)
+    eager = _decode_with_budget(model, KnormPress(cache_budget=24), steps=12)
+    assert len(calls) == 13 * layers  # the prefill and every step read the layer
+    for (k1, v1), (k2, v2) in zip(lazy, eager):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)

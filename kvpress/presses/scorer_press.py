@@ -18,7 +18,13 @@ from torch import nn
 
 from kvpress.presses.base_press import BasePress, get_hook_inputs, layer_is_prefilling
 from kvpress.timing import attention_loss_rows, write_eviction_rows
-from kvpress.utils import extract_keys_and_values, validate_compression_ratio, write_keys_and_values
+from kvpress.utils import (
+    cache_layer_length,
+    extract_keys_and_values,
+    is_quantized_layer,
+    validate_compression_ratio,
+    write_keys_and_values,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +184,8 @@ class ScorerPress(BasePress):
     - `cache_budget` (keyword-only, the reasoning fork): every layer keeps at most `cache_budget` entries per KV head.
       A longer prompt is pruned to the budget after prefill; during generation, whenever a layer holds more than
       `cache_budget + budget_buffer` entries, the press scores the cache again and prunes it back to `cache_budget`
-      (every step for scorers, every `compress_interval` steps for R-KV). The press then acts during decoding
+      (every step for scorers, every `compress_interval` steps for R-KV); a quantized layer is read (dequantized)
+      only when it is pruned, unless the press overrides `update_state`. The press then acts during decoding
       (`acts_during_decoding`) and the pipeline keeps it on while answering. During decoding `score` receives the
       last `decoding_window` tokens' hidden states (with their RoPE and positions) and the attention weights of the
       current forward (eager attention only). Presses whose score cannot run during decoding set
@@ -326,13 +333,18 @@ class ScorerPress(BasePress):
             return output
         q_len = hidden_states.shape[1]
         prefilling = layer_is_prefilling(module, cache, q_len)
-        keys, values = extract_keys_and_values(cache, module.layer_idx)
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        limit = self.cache_budget if prefilling else self.cache_budget + self.budget_buffer
+        shape = self._lazy_layer_shape(module, cache, hidden_states)
+        if shape is not None and shape[2] <= limit:
+            # A quantized layer under its limit: the state needs only its shape, so nothing is dequantized.
+            self._observe(module, prefilling, hidden_states, torch.empty(shape, device="meta"), kwargs)
+            return output
+        keys, values = extract_keys_and_values(cache, module.layer_idx)
         state = self._observe(module, prefilling, hidden_states, keys, kwargs)
         self.update_state(module, state, hidden_states, keys, values, attentions, kwargs)
 
         k_len = keys.shape[2]
-        limit = self.cache_budget if prefilling else self.cache_budget + self.budget_buffer
         if k_len <= limit:
             return output
         if prefilling or self.decoding_window <= 0 or "hidden_states" not in state.recent:
@@ -346,6 +358,18 @@ class ScorerPress(BasePress):
         state.gather_entries(indices)
         write_keys_and_values(cache, module.layer_idx, gather_tokens(keys, indices), gather_tokens(values, indices))
         return output
+
+    def _lazy_layer_shape(self, module: nn.Module, cache, hidden_states: torch.Tensor) -> Optional[tuple]:
+        """`(B, H_kv, T, 0)` of a quantized cache layer when this press can skip reading it below the budget (it
+        does not override `update_state`, which receives the keys and values); None otherwise. Plain caches return
+        their live tensors for free, so they are always read."""
+        if type(self).update_state is not ScorerPress.update_state:
+            return None
+        layer = cache.layers[module.layer_idx]
+        num_kv_heads = getattr(getattr(module, "config", None), "num_key_value_heads", None)
+        if not is_quantized_layer(layer) or not isinstance(num_kv_heads, int):
+            return None
+        return (hidden_states.shape[0], num_kv_heads, cache_layer_length(cache, module.layer_idx), 0)
 
     def _observe(
         self, module: nn.Module, prefilling: bool, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict
@@ -363,9 +387,9 @@ class ScorerPress(BasePress):
         else:
             state.steps += 1
         state.scratch = {}
-        positions = self._token_positions(state, kwargs, bsz, q_len, keys.device)
+        positions = self._token_positions(state, kwargs, bsz, q_len, hidden_states.device)
         fill_values = self.entry_fill_values()
-        state.align_entries(fill_values, bsz, num_kv_heads, k_len - q_len, keys.device)
+        state.align_entries(fill_values, bsz, num_kv_heads, k_len - q_len, hidden_states.device)
         state.append_entries(positions[:, None, :].expand(bsz, num_kv_heads, q_len), fill_values)
         state.remember_recent(hidden_states, kwargs, positions, self.decoding_window)
         state.seen += q_len
