@@ -35,12 +35,8 @@ from reference.train import (  # noqa: E402
     make_optimizer,
     make_train_step,
     parse_args,
+    synchronize,
 )
-
-
-def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def time_loader(train_args: argparse.Namespace, workers: int, seconds: float, start: int) -> dict:
@@ -76,14 +72,14 @@ def time_steps(train_args: argparse.Namespace, tokenizer, device: str, length: i
     tensors = [batch[key].to(device) for key in ("input_ids", "answer_mask", "context_mask")]
     began = time.time()
     step(*tensors, 1e-4)  # the first step compiles
-    _synchronize(device)
+    synchronize(device)
     first = time.time() - began
     step(*tensors, 1e-4)
-    _synchronize(device)
+    synchronize(device)
     began = time.time()
     for _ in range(steps):
         step(*tensors, 1e-4)
-    _synchronize(device)
+    synchronize(device)
     per_step = (time.time() - began) / steps
     tokens = tensors[0].numel()
     return {

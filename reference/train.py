@@ -57,7 +57,7 @@ from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH  # noqa: E402
 
 logger = logging.getLogger("reference.train")
 
-# Training-only drills: (task of the row, how many needles at most). `niah_multikey_dense` is niah_multikey with 2 to
+# Training-only drills: name -> the task that builds their rows. `niah_multikey_dense` is niah_multikey with 2 to
 # DENSE_NEEDLES needles (as many as fit the context): with many needles and short contexts, copying any needle value
 # is rarely right, so the gradient rewards matching the asked key (RULER-style multi-key retrieval).
 DRILLS = {"niah_multikey_dense": "niah_multikey"}
@@ -315,6 +315,12 @@ def build_model(args: argparse.Namespace, tokenizer):
     return LlamaForCausalLM(config)
 
 
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (timing)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def resolve_fractions(args: argparse.Namespace, max_steps: int) -> None:
     """--curriculum_steps and --early_steps below 1 are fractions of the run's steps: make them step counts."""
     for name in ("curriculum_steps", "early_steps"):
@@ -338,8 +344,7 @@ def calibrate_max_steps(train_step, tokenizer, args: argparse.Namespace, device:
     def run(count: int) -> float:
         for _ in range(count):
             train_step(input_ids, answer_mask, context_mask, 0.0, update=False)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         return time.time()
 
     run(3)  # warm-up (and compilation)
@@ -459,8 +464,7 @@ def make_train_step(model, optimizer, args: argparse.Namespace, device: str):
         answer_loss = (losses * answer_mask).sum() / answer_mask.sum().clamp(min=1)
         lm_loss = (losses * context_mask).sum() / context_mask.sum().clamp(min=1)
         loss = answer_loss + args.lm_weight * lm_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # gradients are cleared after every step, so none are left from the last one
         if update:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -335,13 +335,13 @@ class ScorerPress(BasePress):
         prefilling = layer_is_prefilling(module, cache, q_len)
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         limit = self.cache_budget if prefilling else self.cache_budget + self.budget_buffer
-        shape = self._lazy_layer_shape(module, cache, hidden_states)
-        if shape is not None and shape[2] <= limit:
+        shape = self._lazy_layer_shape(module, cache)
+        if shape is not None and shape[1] <= limit:
             # A quantized layer under its limit: the state needs only its shape, so nothing is dequantized.
-            self._observe(module, prefilling, hidden_states, torch.empty(shape, device="meta"), kwargs)
+            self._observe(module, prefilling, hidden_states, *shape, kwargs)
             return output
         keys, values = extract_keys_and_values(cache, module.layer_idx)
-        state = self._observe(module, prefilling, hidden_states, keys, kwargs)
+        state = self._observe(module, prefilling, hidden_states, keys.shape[1], keys.shape[2], kwargs)
         self.update_state(module, state, hidden_states, keys, values, attentions, kwargs)
 
         k_len = keys.shape[2]
@@ -359,8 +359,8 @@ class ScorerPress(BasePress):
         write_keys_and_values(cache, module.layer_idx, gather_tokens(keys, indices), gather_tokens(values, indices))
         return output
 
-    def _lazy_layer_shape(self, module: nn.Module, cache, hidden_states: torch.Tensor) -> Optional[tuple]:
-        """`(B, H_kv, T, 0)` of a quantized cache layer when this press can skip reading it below the budget (it
+    def _lazy_layer_shape(self, module: nn.Module, cache) -> Optional[tuple[int, int]]:
+        """`(H_kv, T)` of a quantized cache layer when this press can skip reading it below the budget (it
         does not override `update_state`, which receives the keys and values); None otherwise. Plain caches return
         their live tensors for free, so they are always read."""
         if type(self).update_state is not ScorerPress.update_state:
@@ -369,16 +369,21 @@ class ScorerPress(BasePress):
         num_kv_heads = getattr(getattr(module, "config", None), "num_key_value_heads", None)
         if not is_quantized_layer(layer) or not isinstance(num_kv_heads, int):
             return None
-        return (hidden_states.shape[0], num_kv_heads, cache_layer_length(cache, module.layer_idx), 0)
+        return num_kv_heads, cache_layer_length(cache, module.layer_idx)
 
     def _observe(
-        self, module: nn.Module, prefilling: bool, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict
+        self,
+        module: nn.Module,
+        prefilling: bool,
+        hidden_states: torch.Tensor,
+        num_kv_heads: int,
+        k_len: int,
+        kwargs: dict,
     ) -> DecodingState:
         """Start (at a prefill) or advance the layer's state with this forward's tokens."""
         states = self.decoding_states
         state = states.get(module.layer_idx)
         bsz, q_len = hidden_states.shape[:2]
-        num_kv_heads, k_len = keys.shape[1], keys.shape[2]
         if prefilling or state is None:
             self.validate_cache_budget()
             # A new sequence; a state created mid-sequence knows the earlier tokens only by their number.
