@@ -160,9 +160,11 @@ def test_training_batches_mask_exactly_the_answer_and_the_context():
 def test_early_mixture_and_the_multikey_drill():
     from reference.train import DENSE_NEEDLES, TRAINING_TASKS, make_batch, parse_args
 
+    dense = "niah_multikey_dense"
     args = parse_args(
         ["--output_dir", "unused", "--tokens_per_batch", "3000", "--context_length", "512", "--start_context_length"]
-        + ["512", "--early_steps", "5", "--early_task_weights", ",".join(f"{t}=0" for t in TRAINING_TASKS[:-1])]
+        + ["512", "--early_steps", "5"]
+        + ["--early_task_weights", ",".join(f"{t}={int(t == dense)}" for t in TRAINING_TASKS)]
         + ["--task_weights", ",".join(f"{t}={1 if t == 'frequent_words' else 0}" for t in TRAINING_TASKS)]
     )
     tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)
@@ -177,6 +179,31 @@ def test_early_mixture_and_the_multikey_drill():
         assert answer.startswith(f" {key} is: ") and f"for {key} is: {value}." in text  # the asked key's value
     late = make_batch(5, args, tokenizer)
     assert {TRAINING_TASKS[int(t)] for t in late["task"]} == {"frequent_words"}
+
+
+def test_the_keyed_multiquery_drill_trains_every_asked_key_in_question_order():
+    import re
+
+    from reference.train import DENSE_NEEDLES, TRAINING_TASKS, make_batch, parse_args
+
+    weights = ",".join(f"{t}={int(t == 'niah_multiquery_keyed')}" for t in TRAINING_TASKS)
+    args = parse_args(
+        ["--output_dir", "unused", "--tokens_per_batch", "3000", "--context_length", "512"]
+        + ["--start_context_length", "512", "--early_steps", "0", "--task_weights", weights]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)
+    batch = make_batch(3, args, tokenizer)
+    assert {TRAINING_TASKS[int(t)] for t in batch["task"]} == {"niah_multiquery_keyed"}
+    for i in range(batch["input_ids"].shape[0]):
+        text = tokenizer.decode(batch["input_ids"][i])
+        needles = dict(re.findall(r"One special magic number for (\S+) is: (\d+)\.", text))
+        assert 2 <= len(needles) <= DENSE_NEEDLES
+        asked = text.split("What are all the special magic numbers for ")[1].split(" mentioned")[0]
+        asked_keys = asked.replace(" and ", ", ").split(", ")
+        answer = tokenizer.decode(batch["input_ids"][i, 1:][batch["answer_mask"][i]])
+        pairs = re.findall(r" (\S+) is: (\d+)[,.]", answer)
+        assert [k for k, _ in pairs] == asked_keys and sorted(asked_keys) == sorted(needles)
+        assert all(needles[key] == value for key, value in pairs)  # each value after its own key
 
 
 def test_bad_task_weights_are_refused():
