@@ -130,6 +130,26 @@ def _task_weights(text: str, base: Optional[dict[str, float]] = None) -> dict[st
     return weights
 
 
+def _milestone(text: str) -> tuple[str, float, int]:
+    """ "TASK=ACCURACY@STEP" -> (task, accuracy, step)."""
+    name, _, rest = text.partition("=")
+    accuracy, _, step = rest.partition("@")
+    if name not in TRAINING_TASKS:
+        tasks = ", ".join(TRAINING_TASKS)
+        raise argparse.ArgumentTypeError(f"unknown task {name!r} in milestone {text!r}; tasks: {tasks}")
+    try:
+        value, at = float(accuracy), int(step)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a milestone is TASK=ACCURACY@STEP (e.g. niah_multikey=0.9@8000), got {text!r}"
+        ) from None
+    if not 0.0 <= value <= 1.0 or at < 1:
+        raise argparse.ArgumentTypeError(
+            f"a milestone's accuracy must be in [0, 1] and its step >= 1, got accuracy {value} and step {at}"
+        )
+    return name, value, at
+
+
 def _early_task_weights(text: str) -> dict[str, float]:
     """EARLY_TASK_WEIGHTS updated with "task=weight,..." pairs."""
     return _task_weights(text, EARLY_TASK_WEIGHTS)
@@ -194,6 +214,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="stop this invocation after so many seconds and save a resume checkpoint (a long run in several parts)",
     )
     add("--stop_after_steps", type=int, default=None, help="stop this invocation after so many steps (and save)")
+    add(
+        "--milestone",
+        type=_milestone,
+        action="append",
+        default=[],
+        help="TASK=ACCURACY@STEP (repeatable): stop the run, and exit with status 3, if the teacher-forced exact "
+        "answers of TASK in the first logging window that ends at or after STEP are below ACCURACY; e.g. "
+        "niah_multikey=0.9@8000 abandons a run in which key matching has not emerged",
+    )
     add(
         "--compile",
         action="store_true",
@@ -566,6 +595,8 @@ def train(args: argparse.Namespace) -> dict:
     step = start_step
     resume_warmup = 50 if args.resume and optimizer_state is None else 0
     train_started = time.time()
+    pending = sorted(args.milestone, key=lambda m: m[2])
+    missed = None
     for batch in loader:
         if step >= max_steps:
             break
@@ -631,6 +662,15 @@ def train(args: argparse.Namespace) -> dict:
             window_steps = 0
             hits.zero_()
             seen.zero_()
+            for task, accuracy, at in [m for m in pending if m[2] <= step and m[0] in exact]:
+                pending.remove((task, accuracy, at))
+                if exact[task] < accuracy:
+                    missed = f"{task} at {exact[task]:.3f} < {accuracy} by step {step} (milestone step {at})"
+                    break
+                logger.info("milestone met: %s %.3f >= %s at step %d", task, exact[task], accuracy, step)
+            if missed:
+                logger.warning("milestone missed: %s; stopping (held-out evaluation skipped)", missed)
+                break
         if time.time() - last_save > args.save_every_s:
             save_resume(model, step, max_steps, args, optimizer, earlier_seconds + time.time() - started)
             last_save = time.time()
@@ -641,6 +681,8 @@ def train(args: argparse.Namespace) -> dict:
     logger.info("saved the model to %s after %d steps (%s)", path, step, "complete" if finished else "INCOMPLETE")
     if finished:
         results = evaluate_held_out(model, tokenizer, args)
+    elif missed:
+        results = {}
     else:
         logger.info(
             "the schedule is not finished: continue with --resume %s (held-out evaluation skipped)",
@@ -655,6 +697,7 @@ def train(args: argparse.Namespace) -> dict:
         "run_seconds_all_invocations": round(earlier_seconds + time.time() - started, 1),
         "parameters": n_params,
         "held_out_accuracy": results,
+        "missed_milestone": missed,
         "args": vars(args),
     }
     (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -665,7 +708,8 @@ def train(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    train(args)
+    if train(args)["missed_milestone"]:
+        raise SystemExit(3)
 
 
 if __name__ == "__main__":

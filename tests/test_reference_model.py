@@ -218,6 +218,44 @@ def test_bad_task_weights_are_refused():
             parse_args(["--output_dir", "unused", "--task_weights", text])
 
 
+def test_a_missed_milestone_stops_the_run_and_a_met_one_does_not(tmp_path):
+    import json
+
+    from reference.train import main
+
+    common = ["--device", "cpu", "--tiny", "--max_steps", "15", "--workers", "0", "--eval_rows", "0"]
+    common += ["--eval_rows_long", "0", "--early_steps", "0"]
+    # an untrained tiny model answers no frequent-words row exactly: a milestone of 0.5 at step 5 is missed
+    with pytest.raises(SystemExit) as stopped:
+        main(["--output_dir", str(tmp_path / "missed"), "--milestone", "frequent_words=0.5@5"] + common)
+    assert stopped.value.code == 3
+    summary = json.loads((tmp_path / "missed" / "train_summary.json").read_text())
+    assert summary["steps"] == 5 and not summary["complete"] and summary["held_out_accuracy"] == {}
+    assert summary["missed_milestone"].startswith("frequent_words at 0.000 < 0.5 by step 5")
+    assert (tmp_path / "missed" / "resume" / "optimizer.pt").exists()  # it can still be resumed or inspected
+    main(["--output_dir", str(tmp_path / "met"), "--milestone", "frequent_words=0@5"] + common)
+    summary = json.loads((tmp_path / "met" / "train_summary.json").read_text())
+    assert summary["steps"] == 15 and summary["complete"] and summary["missed_milestone"] is None
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("nope=0.5@10", "unknown task"),
+        ("niah_multikey=high@10", "TASK=ACCURACY@STEP"),
+        ("niah_multikey=0.5", "TASK=ACCURACY@STEP"),
+        ("niah_multikey=1.5@10", "in [0, 1]"),
+        ("niah_multikey=0.5@0", "step >= 1"),
+    ],
+)
+def test_bad_milestones_are_refused(text, message, capsys):
+    from reference.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--output_dir", "unused", "--milestone", text])
+    assert message in capsys.readouterr().err
+
+
 def test_a_run_in_two_parts_equals_one_run(tmp_path):
     # --stop_after_steps then --resume continues exactly (optimizer state included): same weights as one run
     from reference.train import load_resume, parse_args, train
