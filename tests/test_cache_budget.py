@@ -38,7 +38,7 @@ from kvpress.presses.scorer_press import POSITIONS, ScorerPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.presses.streaming_llm_press import StreamingLLMPress
 from kvpress.presses.tova_press import TOVAPress
-from tests.fixtures import PAD_ID, compressed_layers, get_model, load_tokenizer, random_input_ids
+from tests.fixtures import PAD_ID, attention_modules, compressed_layers, get_model, load_tokenizer, random_input_ids
 from tests.presses.test_ea_stats_qfilter import local_ea_stats_dir, local_qfilters_dir
 
 BUDGET = 10
@@ -70,6 +70,8 @@ BUDGET_PRESSES = [
         "sdpa",
     ),
     ("pyramidkv", lambda: PyramidKVPress(cache_budget=BUDGET, window_size=4), "sdpa"),
+    # a pyramid that fits: layer 0 keeps 15, layer 1 keeps 5 (mean BUDGET)
+    ("pyramidkv_pyramid", lambda: PyramidKVPress(cache_budget=BUDGET, window_size=2, beta=2), "sdpa"),
 ]
 IDS = [entry[0] for entry in BUDGET_PRESSES]
 
@@ -104,15 +106,23 @@ def expected_lengths(forward_tokens: list[int], budget: int, buffer: int) -> lis
     return lengths
 
 
+def layer_budget(model, press, layer_idx: int) -> int:
+    """The budget of one layer: `cache_budget`, or the press's own per-layer share (PyramidKV)."""
+    if isinstance(press, ScorerPress):
+        return press.layer_cache_budget(attention_modules(model)[layer_idx])
+    return press.cache_budget
+
+
 def check_trace(model, lengths, press, forward_tokens):
-    expected = expected_lengths(forward_tokens, press.cache_budget, press.budget_buffer)
     assert len(lengths) == len(forward_tokens)
     for layer_idx in compressed_layers(model):
+        budget = layer_budget(model, press, layer_idx)
+        expected = expected_lengths(forward_tokens, budget, press.budget_buffer)
         trace = [step[layer_idx] for step in lengths]
         assert trace == expected, (layer_idx, trace, expected)
-        assert max(trace[1:]) <= press.cache_budget + press.budget_buffer
-    if forward_tokens[0] > press.cache_budget:
-        assert all(lengths[0][i] == press.cache_budget for i in compressed_layers(model))  # the prompt was pruned
+        assert max(trace[1:]) <= budget + press.budget_buffer
+        if forward_tokens[0] > budget:
+            assert lengths[0][layer_idx] == budget  # the prompt was pruned
 
 
 def generate(model, press, input_ids, new_tokens):
@@ -127,6 +137,8 @@ def test_generate_keeps_every_layer_within_budget_after_every_step(name, make_pr
     model = get_model("llama", attn)
     press = make_press()
     assert press.acts_during_decoding
+    if name == "pyramidkv_pyramid":
+        assert [layer_budget(model, press, i) for i in range(2)] == [15, 5]
     with record_steps(model, press) as (lengths, positions):
         out = generate(model, press, random_input_ids(1, PROMPT), NEW_TOKENS)
     assert out.shape == (1, PROMPT + NEW_TOKENS)

@@ -6,6 +6,7 @@ ones (PyramidKV, https://arxiv.org/abs/2406.02069)."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,11 @@ class PyramidKVPress(SnapKVPress):
     how steep the pyramid is: the smallest budget is about `1 / beta` of the average one. When the pyramid does not
     fit (the budgets would exceed the context or fall below the window), every layer keeps
     `round(q_len * (1 - compression_ratio))` tokens.
+
+    With a `cache_budget` (SnapKV-D's sliding window during decoding), the same pyramid spreads the budget over the
+    layers: layer `i` holds at most `layer_cache_budget(layer i)` entries, whose mean over the layers is
+    `cache_budget` (up to rounding). When the smallest layer budget would fall below `window_size`, every layer
+    keeps `cache_budget`.
     """
 
     compression_ratio: float = 0.0
@@ -45,18 +51,26 @@ class PyramidKVPress(SnapKVPress):
         """Number of tokens layer `module.layer_idx` keeps out of `q_len`."""
         if self.beta < 1:
             raise ValueError(f"PyramidKVPress.beta must be >= 1, got {self.beta!r}.")
+        return self._pyramid(module, q_len * (1 - self.compression_ratio), ceiling=q_len - self.window_size)
+
+    def layer_cache_budget(self, module: nn.Module) -> int:
+        """With a `cache_budget`: this layer's share of a pyramid whose mean over the layers is the budget."""
+        return self._pyramid(module, float(self.cache_budget), ceiling=math.inf)
+
+    def _pyramid(self, module: nn.Module, average: float, ceiling: float) -> int:
+        """Layer `module.layer_idx`'s term of the arithmetic sequence of mean `average` from `max_num` (first layer,
+        at most `ceiling`) down to `min_num` (last layer, about `average / beta`); `round(average)` when the sequence
+        would go below the observation window or the model has one layer."""
         window = self.window_size
-        uniform = q_len * (1 - self.compression_ratio)
-        max_capacity = window + uniform
-        min_num = (max_capacity - window) / self.beta
-        max_num = 2 * (max_capacity - window) - min_num
-        if max_num >= q_len - window:
-            max_num = q_len - window
-            min_num = 2 * (max_capacity - window) - max_num
+        min_num = average / self.beta
+        max_num = 2 * average - min_num
+        if max_num >= ceiling:
+            max_num = ceiling
+            min_num = 2 * average - max_num
         num_layers = module.config.num_hidden_layers
-        if not (q_len >= max_num >= min_num >= window) or num_layers < 2:
+        if not (max_num >= min_num >= window) or num_layers < 2:
             # With a single layer there is no pyramid: that layer keeps the average budget.
-            return round(uniform)
+            return round(average)
         steps = (max_num - min_num) / (num_layers - 1)
         return round(max_num - module.layer_idx * steps)
 

@@ -249,6 +249,11 @@ class ScorerPress(BasePress):
         decoding with a budget; 0 when the score does not use hidden states (it then gets the current forward's)."""
         return 64
 
+    def layer_cache_budget(self, module: nn.Module) -> int:
+        """Entries per KV head that layer `module` keeps with a `cache_budget`: the budget itself, the same for every
+        layer (PyramidKVPress spreads it over the layers)."""
+        return self.cache_budget
+
     def n_kept(self, k_len: int) -> int:
         """Entries each KV head keeps out of `k_len`: the budget, or `int(k_len * (1 - compression_ratio))`."""
         if self.cache_budget:
@@ -278,13 +283,17 @@ class ScorerPress(BasePress):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cache_budget:
             self.validate_cache_budget()
-            if keys.shape[2] <= self.cache_budget:
+            budget = self.layer_cache_budget(module)
+            if keys.shape[2] <= budget:
                 return keys, values
+            n_kept = budget
         elif self.compression_ratio == 0:
             return keys, values
+        else:
+            n_kept = self.n_kept(keys.shape[2])
         scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
         check_scores(self, scores, keys)
-        return keep_top_scores(scores, keys, values, self.n_kept(keys.shape[2]))
+        return keep_top_scores(scores, keys, values, n_kept)
 
     # ---- decoding with a cache budget -------------------------------------------------------------------------------
 
@@ -334,7 +343,8 @@ class ScorerPress(BasePress):
         q_len = hidden_states.shape[1]
         prefilling = layer_is_prefilling(module, cache, q_len)
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        limit = self.cache_budget if prefilling else self.cache_budget + self.budget_buffer
+        budget = self.layer_cache_budget(module)
+        limit = budget if prefilling else budget + self.budget_buffer
         shape = self._lazy_layer_shape(module, cache)
         if shape is not None and shape[1] <= limit:
             # A quantized layer under its limit: the state needs only its shape, so nothing is dequantized.
@@ -353,7 +363,7 @@ class ScorerPress(BasePress):
             scoring_hidden_states, scoring_kwargs = state.scoring_inputs(kwargs)
         scores = self.score(module, scoring_hidden_states, keys, values, attentions, scoring_kwargs)
         check_scores(self, scores, keys)
-        indices = scores.topk(self.cache_budget, dim=-1).indices.sort(dim=-1).values
+        indices = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
         self.on_eviction(module, state, indices, k_len)
         state.gather_entries(indices)
         write_keys_and_values(cache, module.layer_idx, gather_tokens(keys, indices), gather_tokens(values, indices))

@@ -145,3 +145,23 @@ def test_fields_and_defaults():
     assert (press.compression_ratio, press.window_size, press.kernel_size, press.beta) == (0.0, 64, 5, 20)
     assert isinstance(press, SnapKVPress)
     assert PyramidKVPress(0.3, 8, 3, 4) == PyramidKVPress(compression_ratio=0.3, window_size=8, kernel_size=3, beta=4)
+
+
+@pytest.mark.parametrize("num_layers", [2, 6, 32])
+def test_a_cache_budget_is_spread_as_a_pyramid_of_the_same_mean(num_layers):
+    for budget, window, beta in ((128, 4, 4), (1280, 64, 20), (300, 8, 2.5)):
+        press = PyramidKVPress(cache_budget=budget, window_size=window, beta=beta)
+        budgets = [press.layer_cache_budget(mock_module(num_layers, i)) for i in range(num_layers)]
+        assert sum(budgets) / num_layers == pytest.approx(budget, abs=0.5)
+        assert all(a >= b for a, b in zip(budgets, budgets[1:])) and budgets[0] > budgets[-1]
+        assert budgets[-1] == round(budget / beta) and min(budgets) >= window
+        # the arithmetic sequence of the compression-ratio pyramid, from 2 * budget - budget / beta to budget / beta
+        smallest, largest = budget / beta, 2 * budget - budget / beta
+        assert budgets == [round(largest - i * (largest - smallest) / (num_layers - 1)) for i in range(num_layers)]
+
+
+def test_a_cache_budget_too_small_for_a_pyramid_is_the_same_for_every_layer():
+    # the smallest layer would keep 1024 / 20 < 64 tokens (the window): every layer keeps the budget
+    press = PyramidKVPress(cache_budget=1024)
+    assert {press.layer_cache_budget(mock_module(32, i)) for i in range(32)} == {1024}
+    assert PyramidKVPress(cache_budget=500, window_size=4).layer_cache_budget(mock_module(1, 0)) == 500
