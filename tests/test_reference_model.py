@@ -287,3 +287,19 @@ def test_training_benchmark_times_the_loader_and_the_step(tmp_path, capsys):
     assert result["steps"][0]["speedup_vs_eager"] == 1.0 and "| data workers |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="at least 160"):
         main(["--lengths", "64", "--output", str(output)])
+
+
+def test_the_multikey_probe_finds_the_retrieval_heads_of_the_shipped_model(tmp_path):
+    # The shipped model retrieves: some head at the answer attends to the asked needle's value and not the others,
+    # and one early head looks back from the space before a value to the key, in the needles and in the answer alike.
+    import json
+
+    from reference.probe_multikey import main
+
+    result = main(["--rows", "3", "--length", "300", "--output", str(tmp_path / "probe.json")])
+    heads = json.loads((tmp_path / "probe.json").read_text())["heads"]
+    assert heads == result["heads"] and len(heads) == 6 * 4
+    assert max(h["asked_value"] - h["other_value"] for h in heads.values()) > 0.8
+    assert max(min(h["needle_to_own_key"], h["answer_to_restated_key"]) for h in heads.values()) > 0.8
+    with pytest.raises(SystemExit):
+        main(["--rows", "0"])
