@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 
 from evaluation.benchmarks.synthetic.tasks import build_row  # noqa: E402
 from reference import REFERENCE_MODEL_DIR  # noqa: E402
-from reference.train import encode_row  # noqa: E402
+from reference.train import asked_keys, encode_row  # noqa: E402
 
 NEEDLE = re.compile(r"One special magic number for (\S+) is: (\d+)\.")
 COLUMNS = ("asked_value", "other_value", "needle_to_own_key", "answer_to_restated_key")
@@ -61,7 +61,7 @@ def probe(model, tokenizer, rows: list[dict]) -> torch.Tensor:
             attentions = model(torch.tensor([ids]), output_attentions=True).attentions
         text, starts, span = _token_spans(tokenizer, ids)
         needles = [(m.group(1), span(*m.span(1)), span(*m.span(2))) for m in NEEDLE.finditer(text[: starts[n_context]])]
-        asked = row["question"].split(" for ")[1].split(" mentioned")[0]
+        (asked,) = asked_keys(row)
         if [key for key, _, _ in needles].count(asked) != 1:
             raise ValueError(f"row {row['question']!r}: expected one needle for {asked!r} in the context")
         tokens = tokenizer.convert_ids_to_tokens(ids)

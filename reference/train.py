@@ -102,11 +102,16 @@ MIN_TRAIN_CONTEXT = 160  # shortest training context (every task fits)
 RESUME_PART_BYTES = 15 * 2**20  # the device returns files of at most 16 MiB
 
 
+def asked_keys(row: dict) -> list[str]:
+    """The keys a needle question asks about, in the order of the question ("... for k3, k1 and k2 mentioned ...")."""
+    return row["question"].split(" for ", 1)[1].rsplit(" mentioned", 1)[0].replace(" and ", ", ").split(", ")
+
+
 def keyed_target(row: dict) -> str:
     """The target of the `niah_multiquery_keyed` drill: every asked value after its restated key, in the order of the
     question (" k3 is: v3, k1 is: v1, ..."), so one row trains as many key lookups as it has needles (the evaluation's
     multi-query target lists the values in the order of the text instead, which needs no key matching)."""
-    keys = row["question"].split(" for ", 1)[1].rsplit(" mentioned", 1)[0].replace(" and ", ", ").split(", ")
+    keys = asked_keys(row)
     if len(keys) != len(row["answer"]):
         raise ValueError(f"cannot pair the asked keys {keys} with the answer {row['answer']}")
     return " " + ", ".join(f"{key} is: {value}" for key, value in zip(keys, row["answer"])) + "."
