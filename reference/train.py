@@ -79,7 +79,7 @@ TASK_WEIGHTS = {
     "common_words": 2.0,
     "frequent_words": 2.0,
     "niah_multikey_dense": 0.5,
-    "niah_multiquery_keyed": 0.0,
+    "niah_multiquery_keyed": 0.5,
 }
 # The mixture of the first --early_steps, while contexts are short: more of the key-matching drill.
 EARLY_TASK_WEIGHTS = {
@@ -93,7 +93,7 @@ EARLY_TASK_WEIGHTS = {
     "common_words": 1.2,
     "frequent_words": 1.2,
     "niah_multikey_dense": 2.0,
-    "niah_multiquery_keyed": 0.0,
+    "niah_multiquery_keyed": 2.0,
 }
 SHORT_NAMES = dict(
     zip(TRAINING_TASKS, ("noise", "essay", "uuid", "mkey", "mval", "mquery", "vt", "cwe", "fwe", "dense", "mqkey"))
@@ -210,7 +210,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         default="23000",
         help="number of steps (23000: the shipped checkpoint), or 'auto' to fit --time_budget_s from a timed step",
     )
-    add("--time_budget_s", type=float, default=1170.0, help="wall-clock budget of the whole run, evaluation included")
+    add(
+        "--time_budget_s",
+        type=float,
+        default=1170.0,
+        help="with --max_steps auto: wall-clock budget of the whole run, evaluation included (a fixed --max_steps "
+        "always runs to its end)",
+    )
     add("--eval_reserve_s", type=float, default=75.0, help="seconds kept for the final save and evaluation")
     add(
         "--stop_after_s",
@@ -230,9 +236,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     add(
         "--compile",
-        action="store_true",
-        help="torch.compile the model: 15 minutes instead of 23.5 on an H100, but multi-key matching did not emerge "
-        "in the two compiled runs so far (see reference/README.md)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (default: on CUDA); --no-compile trains eagerly",
     )
     add("--log_every", type=int, default=50)
     add("--save_every_s", type=float, default=120.0)
@@ -514,7 +520,9 @@ def make_train_step(model, optimizer, args: argparse.Namespace, device: str):
     `args.compile` compiles the model's forward pass (dynamic shapes: the batch's rows and width change from step to
     step); compiling the loss with it failed in inductor on torch 2.11."""
     use_autocast = device.startswith("cuda")
-    forward = torch.compile(model, dynamic=True) if args.compile else model
+    compiled = args.compile if args.compile is not None else device.startswith("cuda")
+    forward = torch.compile(model, dynamic=True) if compiled else model
+    logger.info("model forward: %s", "torch.compile(dynamic=True)" if compiled else "eager")
 
     def train_step(input_ids, answer_mask, context_mask, lr: float, update: bool = True):
         for group in optimizer.param_groups:
@@ -595,15 +603,26 @@ def train(args: argparse.Namespace) -> dict:
     hits = torch.zeros(len(TRAINING_TASKS), device=device)
     seen = torch.zeros(len(TRAINING_TASKS), device=device)
     tokens_done, last_save = 0, time.time()
-    stop_after = args.stop_after_s if args.stop_after_s else args.time_budget_s - args.eval_reserve_s
-    deadline = started + stop_after
+    # A fixed --max_steps runs its whole schedule; only --stop_after_s (a run in parts) or --max_steps auto (a schedule
+    # fitted to --time_budget_s) set a deadline.
+    if args.stop_after_s:
+        deadline = started + args.stop_after_s
+    elif args.max_steps == "auto":
+        deadline = started + args.time_budget_s - args.eval_reserve_s
+    else:
+        deadline = math.inf
     step = start_step
     resume_warmup = 50 if args.resume and optimizer_state is None else 0
-    train_started = time.time()
+    train_started = window_started = time.time()
     pending = sorted(args.milestone, key=lambda m: m[2])
     missed = None
-    for batch in loader:
-        if step >= max_steps:
+    batches = iter(loader)
+    data_wait = 0.0  # seconds of the logging window spent waiting for the data loader
+    while True:
+        waited = time.time()
+        batch = next(batches, None)
+        data_wait += time.time() - waited
+        if batch is None or step >= max_steps:
             break
         if args.stop_after_steps is not None and step - start_step >= args.stop_after_steps:
             logger.info("stopping after %d steps of this invocation: saving a resume checkpoint", args.stop_after_steps)
@@ -631,8 +650,9 @@ def train(args: argparse.Namespace) -> dict:
             window_steps += 1
 
         if step % args.log_every == 0:
-            elapsed = time.time() - train_started
-            hit_counts, seen_counts = hits.cpu(), seen.cpu()
+            hit_counts, seen_counts = hits.cpu(), seen.cpu()  # waits for the window's steps
+            now = time.time()
+            elapsed = now - train_started
             exact = {
                 name: round(float(hit_counts[i] / seen_counts[i]), 3)
                 for i, name in enumerate(TRAINING_TASKS)
@@ -646,12 +666,14 @@ def train(args: argparse.Namespace) -> dict:
                 **dict(zip(("loss", "answer_loss", "lm_loss"), (sums / max(window_steps, 1)).tolist())),
                 "answer_exact": exact,
                 "tokens_per_s": tokens_done / elapsed,
+                "step_ms": round(1000 * (now - window_started) / max(window_steps, 1), 1),
+                "data_wait_ms": round(1000 * data_wait / max(window_steps, 1), 1),
                 "elapsed_s": round(time.time() - started, 1),
             }
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             logger.info(
-                "step %5d/%s lr %.2e len<=%d loss %.3f answer %.3f lm %.3f | %s | %.0fk tok/s %.0fs",
+                "step %5d/%s lr %.2e len<=%d loss %.3f answer %.3f lm %.3f | %s | %.0fk tok/s %.0f ms/step (%.0f waiting for data) %.0fs",
                 step,
                 max_steps,
                 lr,
@@ -661,10 +683,12 @@ def train(args: argparse.Namespace) -> dict:
                 record["lm_loss"],
                 " ".join(f"{SHORT_NAMES[name]}={value:.2f}" for name, value in exact.items()),
                 record["tokens_per_s"] / 1000,
+                record["step_ms"],
+                record["data_wait_ms"],
                 record["elapsed_s"],
             )
             sums.zero_()
-            window_steps = 0
+            window_steps, window_started, data_wait = 0, time.time(), 0.0
             hits.zero_()
             seen.zero_()
             for task, accuracy, at in [m for m in pending if m[2] <= step and m[0] in exact]:

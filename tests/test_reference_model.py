@@ -276,6 +276,20 @@ def test_a_run_in_two_parts_equals_one_run(tmp_path):
     assert log, "the training curve is written"
 
 
+def test_a_fixed_step_count_runs_to_its_end_whatever_the_time_budget(tmp_path):
+    # --time_budget_s only sizes --max_steps auto: a run of a fixed step count is never cut short by it
+    import json
+
+    from reference.train import parse_args, train
+
+    argv = ["--output_dir", str(tmp_path), "--device", "cpu", "--tiny", "--max_steps", "6", "--workers", "0"]
+    argv += ["--eval_rows", "0", "--eval_rows_long", "0", "--time_budget_s", "1", "--eval_reserve_s", "0"]
+    summary = train(parse_args(argv))
+    assert summary["complete"] and summary["steps"] == 6
+    record = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[0])
+    assert record["step"] == 5 and record["step_ms"] > 0 and 0 <= record["data_wait_ms"] <= record["step_ms"]
+
+
 def test_training_benchmark_times_the_loader_and_the_step(tmp_path, capsys):
     from reference.bench_train import main
 
