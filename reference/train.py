@@ -5,23 +5,30 @@ https://arxiv.org/abs/2404.06654).
 
 The one idea: a small GQA Llama learns retrieval (induction heads), multi-hop tracking and counting when trained on
 the task rows themselves, with the loss on the answer tokens (plus a little language-model loss on the context) and a
-curriculum from short to long contexts. Two things make key matching learnable at this size: the trained answer to a
-one-value needle question restates the asked key in the words of its needle before the value ("... is wide-willow
-is: 1456079."), which turns key matching into copying; and a drill of multi-key rows with up to 12 needles dominates
-the first 30% of the steps. Rows are generated on the fly by data-loader workers from seeds that the evaluation never
-uses ("train|<seed>|<batch>|<row>" versus generate_rows' "eval|<seed>|..."), so every accuracy reported afterwards
-is on held-out rows. The data of batch i is a function of (seed, i) alone and the schedule of `--max_steps` alone
-(`auto` fits the step count to `--time_budget_s` from a timed step, and prints it).
+curriculum from short to long contexts. Three things make key matching learnable at this size: the trained answer to
+a one-value needle question restates the asked key in the words of its needle before the value ("... is wide-willow
+is: 1456079."), which turns key matching into copying; a drill of multi-key rows with up to 12 needles; and a drill of
+multi-query rows whose target restates every asked key before its value, in the order of the question (one row trains
+as many key lookups as it has needles). Both drills dominate the first 30% of the steps. Rows are generated on the fly
+by data-loader workers from seeds that the evaluation never uses ("train|<seed>|<batch>|<row>" versus generate_rows'
+"eval|<seed>|..."), so every accuracy reported afterwards is on held-out rows. The data of batch i is a function of
+(seed, i) alone and the schedule of `--max_steps` alone (`auto` fits the step count to `--time_budget_s` from a timed
+step, and prints it).
 
-The shipped checkpoint (reference/model/) is 23000 steps of this recipe (the defaults), run on one H100 in three
-invocations of at most 10 minutes, each resuming the last exactly (optimizer state included):
+The default recipe (23000 steps, torch.compile on CUDA, both drills):
 
-    python reference/train.py --output_dir run --stop_after_s 555
-    python reference/train.py --output_dir run --stop_after_s 555 --resume run/resume
-    python reference/train.py --output_dir run --resume run/resume
+    python reference/train.py --output_dir run
 
-`--compile` runs the same schedule in 15 minutes on one H100, but in two compiled runs multi-key matching never
-emerged (reference/README.md has the numbers).
+The shipped checkpoint (reference/model/) predates the keyed drill: it is 23000 eager steps without it, run on one
+H100 in three invocations of at most 10 minutes, each resuming the last exactly (optimizer state included):
+
+    python reference/train.py --output_dir run --no-compile --stop_after_s 555 \\
+        --early_task_weights niah_multiquery_keyed=0 --task_weights niah_multiquery_keyed=0
+
+then twice more with the same flags and `--resume run/resume` (the last without `--stop_after_s`).
+
+reference/README.md has the runs, their wall times and how often key matching emerged with and without the keyed
+drill.
 
 A smoke test on CPU:
 
@@ -673,7 +680,8 @@ def train(args: argparse.Namespace) -> dict:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             logger.info(
-                "step %5d/%s lr %.2e len<=%d loss %.3f answer %.3f lm %.3f | %s | %.0fk tok/s %.0f ms/step (%.0f waiting for data) %.0fs",
+                "step %5d/%s lr %.2e len<=%d loss %.3f answer %.3f lm %.3f | %s | %.0fk tok/s %.0f ms/step "
+                "(%.0f waiting for data) %.0fs",
                 step,
                 max_steps,
                 lr,
