@@ -5,7 +5,8 @@
 The one idea: time each side alone, in one run on one machine, on the batches the training really uses: the data
 loader with N workers (batches per second, no model), and the training step on a fixed batch of each context length
 (forward, backward and update). A run is data-bound where the loader makes fewer batches per second than the step
-consumes. Prints a table and writes JSON; the ratios to the eager step are the figures to report.
+consumes, and host-bound where queueing a step's GPU work (the `host` column) takes about as long as the step itself.
+Prints a table and writes JSON; the ratios to the eager step are the figures to report.
 
     python reference/bench_train.py --output bench_train.json                  # on the GPU machine
     python reference/bench_train.py --device cpu --tiny --lengths 200 --steps 2 --workers 0,1 --loader_seconds 2 \
@@ -76,9 +77,11 @@ def time_steps(train_args: argparse.Namespace, tokenizer, device: str, length: i
     first = time.time() - began
     step(*tensors, 1e-4)
     synchronize(device)
-    began = time.time()
+    began, host = time.time(), 0.0
     for _ in range(steps):
+        called = time.time()
         step(*tensors, 1e-4)
+        host += time.time() - called  # until the step's work is queued (CUDA runs it asynchronously)
     synchronize(device)
     per_step = (time.time() - began) / steps
     tokens = tensors[0].numel()
@@ -88,6 +91,7 @@ def time_steps(train_args: argparse.Namespace, tokenizer, device: str, length: i
         "batch_shape": list(tensors[0].shape),
         "first_step_s": first,
         "step_s": per_step,
+        "host_s": host / steps,
         "tokens_per_s": tokens / per_step,
     }
 
@@ -131,11 +135,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print("| data workers | batches/s | tokens/s |\n|---|---|---|")
     for row in loader:
         print(f"| {row['workers']} | {row['batches_per_s']:.1f} | {row['tokens_per_s'] / 1e3:.0f} k |")
-    print("\n| context | step | first step (s) | step (ms) | tokens/s | x eager |\n|---|---|---|---|---|---|")
+    print("\n| context | step | first step (s) | step (ms) | host (ms) | tokens/s | x eager |")
+    print("|---|---|---|---|---|---|---|")
     for row in steps:
         kind = "compiled" if row["compiled"] else "eager"
         print(
             f"| {row['length']} | {kind} | {row['first_step_s']:.1f} | {1000 * row['step_s']:.1f} | "
+            f"{1000 * row['host_s']:.1f} | "
             f"{row['tokens_per_s'] / 1e3:.0f} k | {row['speedup_vs_eager']:.2f} |"
         )
     result = {"device": name, "tokens_per_batch": base.tokens_per_batch, "loader": loader, "steps": steps}

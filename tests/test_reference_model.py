@@ -298,6 +298,7 @@ def test_training_benchmark_times_the_loader_and_the_step(tmp_path, capsys):
     result = main(argv + ["--loader_seconds", "0.5", "--no_compile", "--output", str(output)])
     assert json.loads(output.read_text()) == result
     assert result["loader"][0]["batches_per_s"] > 0 and result["steps"][0]["step_s"] > 0
+    assert 0 < result["steps"][0]["host_s"] <= result["steps"][0]["step_s"]
     assert result["steps"][0]["speedup_vs_eager"] == 1.0 and "| data workers |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="at least 160"):
         main(["--lengths", "64", "--output", str(output)])
