@@ -215,7 +215,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add(
         "--max_steps",
         default="23000",
-        help="number of steps (23000: the shipped checkpoint), or 'auto' to fit --time_budget_s from a timed step",
+        help="number of steps (23000, as the shipped checkpoint), or 'auto' to fit --time_budget_s from a timed step",
     )
     add(
         "--time_budget_s",

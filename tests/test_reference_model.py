@@ -218,13 +218,15 @@ def test_bad_task_weights_are_refused():
             parse_args(["--output_dir", "unused", "--task_weights", text])
 
 
-def test_a_missed_milestone_stops_the_run_and_a_met_one_does_not(tmp_path):
-    import json
+def tiny_cpu_run(steps: int) -> list[str]:
+    """train.py arguments of a tiny model trained for `steps` steps on the CPU, without held-out evaluation."""
+    return f"--device cpu --tiny --max_steps {steps} --workers 0 --eval_rows 0 --eval_rows_long 0".split()
 
+
+def test_a_missed_milestone_stops_the_run_and_a_met_one_does_not(tmp_path):
     from reference.train import main
 
-    common = ["--device", "cpu", "--tiny", "--max_steps", "15", "--workers", "0", "--eval_rows", "0"]
-    common += ["--eval_rows_long", "0", "--early_steps", "0"]
+    common = tiny_cpu_run(15) + ["--early_steps", "0"]
     # an untrained tiny model answers no frequent-words row exactly: a milestone of 0.5 at step 5 is missed
     with pytest.raises(SystemExit) as stopped:
         main(["--output_dir", str(tmp_path / "missed"), "--milestone", "frequent_words=0.5@5"] + common)
@@ -260,8 +262,7 @@ def test_a_run_in_two_parts_equals_one_run(tmp_path):
     # --stop_after_steps then --resume continues exactly (optimizer state included): same weights as one run
     from reference.train import load_resume, parse_args, train
 
-    common = ["--device", "cpu", "--tiny", "--max_steps", "6", "--workers", "0", "--eval_rows", "0"]
-    common += ["--eval_rows_long", "0"]
+    common = tiny_cpu_run(6)
     train(parse_args(["--output_dir", str(tmp_path / "one")] + common))
     train(parse_args(["--output_dir", str(tmp_path / "two")] + common + ["--stop_after_steps", "3"]))
     summary = train(
@@ -278,12 +279,9 @@ def test_a_run_in_two_parts_equals_one_run(tmp_path):
 
 def test_a_fixed_step_count_runs_to_its_end_whatever_the_time_budget(tmp_path):
     # --time_budget_s only sizes --max_steps auto: a run of a fixed step count is never cut short by it
-    import json
-
     from reference.train import parse_args, train
 
-    argv = ["--output_dir", str(tmp_path), "--device", "cpu", "--tiny", "--max_steps", "6", "--workers", "0"]
-    argv += ["--eval_rows", "0", "--eval_rows_long", "0", "--time_budget_s", "1", "--eval_reserve_s", "0"]
+    argv = ["--output_dir", str(tmp_path)] + tiny_cpu_run(6) + ["--time_budget_s", "1", "--eval_reserve_s", "0"]
     summary = train(parse_args(argv))
     assert summary["complete"] and summary["steps"] == 6
     record = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[0])
