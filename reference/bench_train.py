@@ -8,7 +8,8 @@ loader with N workers (batches per second, no model), and the training step on a
 consumes, and host-bound where queueing a step's GPU work (the `host` column) takes about as long as the step itself.
 Prints a table and writes JSON; the ratios to the eager step are the figures to report.
 
-    python reference/bench_train.py --output bench_train.json                  # on the GPU machine
+    python reference/bench_train.py --new_shapes 20 --output bench_train.json                  # on the GPU machine
+    python reference/bench_train.py --new_shapes 20 --cudnn_attention --no_compile --output bench_train_cudnn.json
     python reference/bench_train.py --device cpu --tiny --lengths 200 --steps 2 --workers 0,1 --loader_seconds 2 \
         --no_compile --output /tmp/b.json
 """
@@ -61,8 +62,11 @@ def time_loader(train_args: argparse.Namespace, workers: int, seconds: float, st
     return {"workers": workers, "batches_per_s": count / elapsed, "tokens_per_s": tokens / elapsed}
 
 
-def time_steps(train_args: argparse.Namespace, tokenizer, device: str, length: int, steps: int, compile: bool) -> dict:
-    """Seconds per training step on a real training batch whose longest context has `length` tokens."""
+def time_steps(
+    train_args: argparse.Namespace, tokenizer, device: str, length: int, steps: int, compile: bool, new_shapes: int = 0
+) -> dict:
+    """Seconds per training step on a real training batch whose longest context has `length` tokens, and, with
+    `new_shapes`, per step on that many batches of other shapes (training meets a new shape at almost every step)."""
     train_args.compile = compile
     model = build_model(train_args, tokenizer).to(device).train()
     optimizer = make_optimizer(model, train_args, device)
@@ -85,6 +89,16 @@ def time_steps(train_args: argparse.Namespace, tokenizer, device: str, length: i
     synchronize(device)
     per_step = (time.time() - began) / steps
     tokens = tensors[0].numel()
+    new_shape_s = None
+    if new_shapes:
+        others = [make_batch(20_001 + i, train_args, tokenizer) for i in range(new_shapes)]
+        others = [[batch[key].to(device) for key in ("input_ids", "answer_mask", "context_mask")] for batch in others]
+        synchronize(device)
+        began = time.time()
+        for other in others:
+            step(*other, 1e-4)
+        synchronize(device)
+        new_shape_s = (time.time() - began) / new_shapes
     return {
         "length": length,
         "compiled": compile,
@@ -93,6 +107,7 @@ def time_steps(train_args: argparse.Namespace, tokenizer, device: str, length: i
         "step_s": per_step,
         "host_s": host / steps,
         "tokens_per_s": tokens / per_step,
+        "new_shape_step_s": new_shape_s,
     }
 
 
@@ -106,14 +121,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--loader_seconds", type=float, default=20.0)
     parser.add_argument("--no_compile", action="store_true", help="time the eager step only")
     parser.add_argument("--tiny", action="store_true", help="the tiny model of train.py --tiny (smoke tests)")
+    parser.add_argument("--cudnn_attention", action="store_true", help="keep the cuDNN attention backend on")
+    parser.add_argument("--new_shapes", type=int, default=0, help="also time N steps on batches of N new shapes")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     lengths = [int(part) for part in args.lengths.split(",") if part]
     if not lengths or min(lengths) < 160:
         raise SystemExit(f"--lengths must be context lengths of at least 160 tokens, got {args.lengths!r}")
-    train_argv = ["--output_dir", "unused", "--device", device, "--early_steps", "0"] + (
-        ["--tiny"] if args.tiny else []
-    )
+    train_argv = ["--output_dir", "unused", "--device", device, "--early_steps", "0"]
+    train_argv += (["--tiny"] if args.tiny else []) + (["--cudnn_attention"] if args.cudnn_attention else [])
     from transformers import AutoTokenizer
 
     base = parse_args(train_argv)
@@ -126,7 +142,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     steps = []
     for length in lengths:
         for compile in (False,) if args.no_compile else (False, True):
-            steps.append(time_steps(parse_args(train_argv), tokenizer, device, length, args.steps, compile))
+            row = time_steps(parse_args(train_argv), tokenizer, device, length, args.steps, compile, args.new_shapes)
+            steps.append(row)
     eager = {row["length"]: row["step_s"] for row in steps if not row["compiled"]}
     for row in steps:
         row["speedup_vs_eager"] = eager[row["length"]] / row["step_s"]
@@ -135,16 +152,25 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print("| data workers | batches/s | tokens/s |\n|---|---|---|")
     for row in loader:
         print(f"| {row['workers']} | {row['batches_per_s']:.1f} | {row['tokens_per_s'] / 1e3:.0f} k |")
-    print("\n| context | step | first step (s) | step (ms) | host (ms) | tokens/s | x eager |")
-    print("|---|---|---|---|---|---|---|")
+    attention = "cuDNN attention (CUDA only) " + ("on" if args.cudnn_attention else "off")
+    print(f"\n{attention}; 'new shapes': ms per step over {args.new_shapes} batches of other shapes")
+    print("| context | step | first step (s) | step (ms) | host (ms) | new shapes (ms) | tokens/s | x eager |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in steps:
         kind = "compiled" if row["compiled"] else "eager"
+        new = row["new_shape_step_s"]
         print(
             f"| {row['length']} | {kind} | {row['first_step_s']:.1f} | {1000 * row['step_s']:.1f} | "
-            f"{1000 * row['host_s']:.1f} | "
+            f"{1000 * row['host_s']:.1f} | {'-' if new is None else f'{1000 * new:.1f}'} | "
             f"{row['tokens_per_s'] / 1e3:.0f} k | {row['speedup_vs_eager']:.2f} |"
         )
-    result = {"device": name, "tokens_per_batch": base.tokens_per_batch, "loader": loader, "steps": steps}
+    result = {
+        "device": name,
+        "tokens_per_batch": base.tokens_per_batch,
+        "cudnn_attention": args.cudnn_attention,
+        "loader": loader,
+        "steps": steps,
+    }
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     return result
 

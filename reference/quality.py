@@ -109,6 +109,10 @@ def _init_worker(model_dir: str, device: str, rows: list[dict]) -> None:
     import torch
 
     torch.set_num_threads(1)
+    if device.startswith("cuda"):
+        from reference import avoid_cudnn_attention
+
+        avoid_cudnn_attention()  # decoding changes the attention shapes at every token
     _WORKER.update(model_dir=model_dir, device=device, rows=rows, models={})
 
 

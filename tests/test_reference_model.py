@@ -229,7 +229,8 @@ def test_a_missed_milestone_stops_the_run_and_a_met_one_does_not(tmp_path):
     common = tiny_cpu_run(15) + ["--early_steps", "0"]
     # an untrained tiny model answers no frequent-words row exactly: a milestone of 0.5 at step 5 is missed
     with pytest.raises(SystemExit) as stopped:
-        main(["--output_dir", str(tmp_path / "missed"), "--milestone", "frequent_words=0.5@5"] + common)
+        missed = ["--milestone", "frequent_words=0.5@5", "--retries", "0"]
+        main(["--output_dir", str(tmp_path / "missed")] + missed + common)
     assert stopped.value.code == 3
     summary = json.loads((tmp_path / "missed" / "train_summary.json").read_text())
     assert summary["steps"] == 5 and not summary["complete"] and summary["held_out_accuracy"] == {}
@@ -238,6 +239,51 @@ def test_a_missed_milestone_stops_the_run_and_a_met_one_does_not(tmp_path):
     main(["--output_dir", str(tmp_path / "met"), "--milestone", "frequent_words=0@5"] + common)
     summary = json.loads((tmp_path / "met" / "train_summary.json").read_text())
     assert summary["steps"] == 15 and summary["complete"] and summary["missed_milestone"] is None
+
+
+def test_a_missed_milestone_starts_again_with_the_next_seed_as_many_times_as_retries_allow(tmp_path):
+    from reference.train import main
+
+    args = tiny_cpu_run(6) + ["--early_steps", "0", "--milestone", "frequent_words=0.5@5", "--retries", "1"]
+    with pytest.raises(SystemExit) as stopped:
+        main(["--output_dir", str(tmp_path)] + args)
+    assert stopped.value.code == 3  # both attempts missed it
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert [attempt["seed"] for attempt in summary["attempts"]] == [0, 1]
+    assert all(attempt["missed_milestone"] and attempt["steps"] == 5 for attempt in summary["attempts"])
+    assert summary["seconds_all_attempts"] > 0
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [(record["seed"], record["step"]) for record in records] == [(0, 5), (1, 5)]  # the curve of each attempt
+
+
+def test_the_default_recipe_abandons_a_run_without_key_matching_and_none_turns_that_off():
+    from reference.train import DEFAULT_MILESTONES, parse_args
+
+    assert parse_args(["--output_dir", "x"]).milestone == DEFAULT_MILESTONES == [("niah_multikey", 0.9, 4000)]
+    assert parse_args(["--output_dir", "x"]).retries == 2
+    assert parse_args(["--output_dir", "x", "--milestone", "none"]).milestone == []
+    assert parse_args(["--output_dir", "x", "--tiny"]).milestone == []
+    given = parse_args(["--output_dir", "x", "--milestone", "variable_tracking=0.5@100"]).milestone
+    assert given == [("variable_tracking", 0.5, 100)]  # a milestone given replaces the default one
+
+
+def test_negative_retries_are_refused(capsys):
+    from reference.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--output_dir", "x", "--retries", "-1"])
+    assert "--retries must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_cudnn_attention_is_left_alone_without_cuda():
+    import torch
+
+    from reference import avoid_cudnn_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    assert avoid_cudnn_attention() is torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
 @pytest.mark.parametrize(
@@ -293,9 +339,10 @@ def test_training_benchmark_times_the_loader_and_the_step(tmp_path, capsys):
 
     output = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--tiny", "--lengths", "200", "--steps", "1", "--workers", "0"]
-    result = main(argv + ["--loader_seconds", "0.5", "--no_compile", "--output", str(output)])
+    result = main(argv + ["--loader_seconds", "0.5", "--no_compile", "--new_shapes", "2", "--output", str(output)])
     assert json.loads(output.read_text()) == result
     assert result["loader"][0]["batches_per_s"] > 0 and result["steps"][0]["step_s"] > 0
+    assert result["steps"][0]["new_shape_step_s"] > 0 and result["cudnn_attention"] is False
     assert 0 < result["steps"][0]["host_s"] <= result["steps"][0]["step_s"]
     assert result["steps"][0]["speedup_vs_eager"] == 1.0 and "| data workers |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="at least 160"):
