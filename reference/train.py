@@ -789,6 +789,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             break
         args.seed += 1
         args.resume = None  # a retry starts from scratch
+        # the new model compiles afresh (inductor's disk cache makes that quick) instead of as recompilations of the
+        # old one, which count towards dynamo's recompile limit
+        torch._dynamo.reset()
         logger.warning(
             "attempt %d missed its milestone: starting again from scratch with --seed %d (%d retries left)",
             len(attempts),
