@@ -62,6 +62,11 @@ def time_loader(train_args: argparse.Namespace, workers: int, seconds: float, st
     return {"workers": workers, "batches_per_s": count / elapsed, "tokens_per_s": tokens / elapsed}
 
 
+def _step_inputs(batch: dict, device: str) -> list[torch.Tensor]:
+    """The tensors a training step takes from a batch, on `device`."""
+    return [batch[key].to(device) for key in ("input_ids", "answer_mask", "context_mask")]
+
+
 def time_steps(
     train_args: argparse.Namespace, tokenizer, device: str, length: int, steps: int, compile: bool, new_shapes: int = 0
 ) -> dict:
@@ -74,7 +79,7 @@ def time_steps(
     train_args.start_context_length = train_args.context_length = length
     train_args.curriculum_steps = train_args.early_steps = 0
     batch = make_batch(20_000, train_args, tokenizer)
-    tensors = [batch[key].to(device) for key in ("input_ids", "answer_mask", "context_mask")]
+    tensors = _step_inputs(batch, device)
     began = time.time()
     step(*tensors, 1e-4)  # the first step compiles
     synchronize(device)
@@ -91,8 +96,7 @@ def time_steps(
     tokens = tensors[0].numel()
     new_shape_s = None
     if new_shapes:
-        others = [make_batch(20_001 + i, train_args, tokenizer) for i in range(new_shapes)]
-        others = [[batch[key].to(device) for key in ("input_ids", "answer_mask", "context_mask")] for batch in others]
+        others = [_step_inputs(make_batch(20_001 + i, train_args, tokenizer), device) for i in range(new_shapes)]
         synchronize(device)
         began = time.time()
         for other in others:

@@ -228,8 +228,8 @@ def test_a_missed_milestone_stops_the_run_and_a_met_one_does_not(tmp_path):
 
     common = tiny_cpu_run(15) + ["--early_steps", "0"]
     # an untrained tiny model answers no frequent-words row exactly: a milestone of 0.5 at step 5 is missed
+    missed = ["--milestone", "frequent_words=0.5@5", "--retries", "0"]
     with pytest.raises(SystemExit) as stopped:
-        missed = ["--milestone", "frequent_words=0.5@5", "--retries", "0"]
         main(["--output_dir", str(tmp_path / "missed")] + missed + common)
     assert stopped.value.code == 3
     summary = json.loads((tmp_path / "missed" / "train_summary.json").read_text())
@@ -352,8 +352,6 @@ def test_training_benchmark_times_the_loader_and_the_step(tmp_path, capsys):
 def test_the_multikey_probe_finds_the_retrieval_heads_of_the_shipped_model(tmp_path):
     # The shipped model retrieves: some head at the answer attends to the asked needle's value and not the others,
     # and one early head looks back from the space before a value to the key, in the needles and in the answer alike.
-    import json
-
     from reference.probe_multikey import main
 
     result = main(["--rows", "3", "--length", "300", "--output", str(tmp_path / "probe.json")])
