@@ -2,6 +2,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Answer synthetic task rows with the reference model through the kvpress pipeline, and score them.
 
+    python reference/evaluate.py [--model_dir DIR] [--rows 20] [--seeds 11,12] [--context_length 1024] [--output F]
+
+prints the full-cache accuracy per task of a checkpoint on held-out rows (`rows` per task and seed) and writes it as
+JSON.
+
 The one idea: every accuracy of the reference model (training report, quality table, tests) goes through the public
 `"kv-press-text-generation"` pipeline, question-agnostic (the context is compressed before the question is seen) or
 question-aware (the question is appended to the compressed context), and is scored with RULER's string matching
@@ -10,6 +15,8 @@ question-aware (the question is appended to the compressed context), and is scor
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Iterable, Optional
@@ -21,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from evaluation.benchmarks.synthetic.calculate_metrics import row_score  # noqa: E402
-from reference import REFERENCE_MODEL_DIR  # noqa: E402
+from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH  # noqa: E402
 
 
 def load_reference(path: str | Path = REFERENCE_MODEL_DIR, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -91,3 +98,64 @@ def optional_device(device: Optional[str]) -> str:
     if device:
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    from tqdm import tqdm
+
+    from evaluation.benchmarks.synthetic.tasks import TASK_NAMES, generate_rows
+
+    parser = argparse.ArgumentParser(description="Full-cache accuracy of a reference checkpoint on held-out rows.")
+    parser.add_argument("--model_dir", default=str(REFERENCE_MODEL_DIR))
+    parser.add_argument("--rows", type=int, default=20, help="rows per task and seed")
+    parser.add_argument("--seeds", type=_seeds, default=[11, 12], help="comma-separated generate_rows seeds")
+    parser.add_argument("--context_length", type=int, default=TRAINED_CONTEXT_LENGTH)
+    parser.add_argument("--tasks", default=",".join(TASK_NAMES), help="comma-separated task names")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--output", default=None, help="JSON file for the result")
+    args = parser.parse_args(argv)
+    tasks = [task for task in args.tasks.split(",") if task]
+    unknown = sorted(set(tasks) - set(TASK_NAMES))
+    if unknown:
+        parser.error(f"unknown tasks {unknown}; tasks: {', '.join(TASK_NAMES)}")
+    if args.rows < 1:
+        parser.error(f"--rows must be at least 1, got {args.rows}")
+    model, tokenizer = load_reference(args.model_dir, optional_device(args.device))
+    pipe = make_pipeline(model, tokenizer)
+    rows = [
+        row
+        for seed in args.seeds
+        for task in tasks
+        for row in generate_rows(task, args.rows, args.context_length, tokenizer, seed=seed)
+    ]
+    predictions = [predict(pipe, [row])[0] for row in tqdm(rows, desc="rows", mininterval=5)]
+    result = accuracy(rows, predictions)
+    for task, value in result.items():
+        print(f"{task:24s} {value:5.1f}")
+    for line in first_mismatches(rows, predictions):
+        print("wrong:", line)
+    report = {
+        "model_dir": str(args.model_dir),
+        "context_length": args.context_length,
+        "rows_per_task": args.rows * len(args.seeds),
+        "seeds": args.seeds,
+        "accuracy": result,
+    }
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -361,3 +361,36 @@ def test_the_multikey_probe_finds_the_retrieval_heads_of_the_shipped_model(tmp_p
     assert max(min(h["needle_to_own_key"], h["answer_to_restated_key"]) for h in heads.values()) > 0.8
     with pytest.raises(SystemExit):
         main(["--rows", "0"])
+
+
+def test_evaluate_cli_writes_the_accuracy_per_task(tmp_path):
+    from reference.evaluate import main
+
+    output = tmp_path / "accuracy.json"
+    report = main(
+        ["--rows", "2", "--seeds", "5", "--context_length", "512"]
+        + ["--tasks", "niah_single_noise,variable_tracking", "--device", "cpu", "--output", str(output)]
+    )
+    assert json.loads(output.read_text()) == report
+    assert report["rows_per_task"] == 2 and set(report["accuracy"]) == {"niah_single_noise", "variable_tracking", "all"}
+    assert report["accuracy"]["niah_single_noise"] == 100.0  # the shipped model retrieves a single needle
+    with pytest.raises(SystemExit):
+        main(["--tasks", "no_such_task"])
+    with pytest.raises(SystemExit):
+        main(["--rows", "0"])
+
+
+def test_answer_loss_per_token_or_per_row():
+    from reference.train import mean_answer_loss, parse_args
+
+    losses = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False], [False, False, False, False]])
+    # token: (1 + 1 + 1 + 4) / 4 answer tokens; row: mean of the rows with an answer, (1 + 4) / 2
+    assert mean_answer_loss(losses, mask, "token").item() == pytest.approx(7 / 4)
+    assert mean_answer_loss(losses, mask, "row").item() == pytest.approx(5 / 2)
+    assert mean_answer_loss(losses, torch.zeros_like(mask), "row").item() == 0.0
+    with pytest.raises(ValueError, match="'token' or 'row'"):
+        mean_answer_loss(losses, mask, "sequence")
+    assert parse_args(["--output_dir", "x"]).answer_loss == "token"
+    with pytest.raises(SystemExit):
+        parse_args(["--output_dir", "x", "--answer_loss", "sequence"])
