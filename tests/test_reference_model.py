@@ -394,3 +394,22 @@ def test_answer_loss_per_token_or_per_row():
     assert parse_args(["--output_dir", "x"]).answer_loss == "token"
     with pytest.raises(SystemExit):
         parse_args(["--output_dir", "x", "--answer_loss", "sequence"])
+
+
+def test_bench_decode_times_both_attention_settings(tmp_path):
+    from reference.bench_decode import main
+
+    output = tmp_path / "decode.json"
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    report = main(
+        ["--device", "cpu", "--dtype", "float32", "--rows", "1", "--new_tokens", "2", "--context_length", "256"]
+        + ["--output", str(output)]
+    )
+    assert json.loads(output.read_text()) == report
+    assert [row["cudnn_sdp"] for row in report["results"]] == [True, False]
+    assert all(row["prefill_ms"] > 0 and row["decode_ms_per_token"] > 0 for row in report["results"])
+    on, off = (row["decode_ms_per_token"] for row in report["results"])
+    assert report["decode_ratio_cudnn_on_over_off"] == pytest.approx(on / off)
+    assert 256 < report["input_tokens"][0] <= 320 and torch.backends.cuda.cudnn_sdp_enabled() == before
+    with pytest.raises(SystemExit):
+        main(["--new_tokens", "0"])
