@@ -33,4 +33,17 @@ def avoid_cudnn_attention() -> bool:
     return True
 
 
-__all__ = ["REFERENCE_MODEL_DIR", "TRAINED_CONTEXT_LENGTH", "avoid_cudnn_attention"]
+def write_report(path, report: dict) -> dict:
+    """Write a script's JSON report to `path` (a str or Path; parent folders are created; None writes nothing) and
+    return the report."""
+    import json
+
+    if path is None:
+        return report
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+__all__ = ["REFERENCE_MODEL_DIR", "TRAINED_CONTEXT_LENGTH", "avoid_cudnn_attention", "write_report"]

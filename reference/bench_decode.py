@@ -15,7 +15,6 @@ for each setting, and prints milliseconds per prefill and per decoded token with
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH  # noqa: E402
+from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH, write_report  # noqa: E402
 from reference.evaluate import optional_device  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,10 +116,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "results": results,
         "decode_ratio_cudnn_on_over_off": ratio,
     }
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    return write_report(args.output, report)
 
 
 if __name__ == "__main__":

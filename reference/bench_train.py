@@ -17,7 +17,6 @@ Prints a table and writes JSON; the ratios to the eager step are the figures to 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from reference import write_report  # noqa: E402
 from reference.train import (  # noqa: E402
     TaskBatches,
     build_model,
@@ -175,7 +175,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "loader": loader,
         "steps": steps,
     }
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_report(args.output, result)
     return result
 
 

@@ -16,7 +16,6 @@ question-aware (the question is appended to the compressed context), and is scor
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Iterable, Optional
@@ -28,7 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from evaluation.benchmarks.synthetic.calculate_metrics import row_score  # noqa: E402
-from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH  # noqa: E402
+from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH, write_report  # noqa: E402
 
 
 def load_reference(path: str | Path = REFERENCE_MODEL_DIR, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -151,10 +150,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "seeds": args.seeds,
         "accuracy": result,
     }
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    return write_report(args.output, report)
 
 
 if __name__ == "__main__":

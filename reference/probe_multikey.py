@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import re
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from evaluation.benchmarks.synthetic.tasks import build_row  # noqa: E402
-from reference import REFERENCE_MODEL_DIR  # noqa: E402
+from reference import REFERENCE_MODEL_DIR, write_report  # noqa: E402
 from reference.train import asked_keys, encode_row  # noqa: E402
 
 NEEDLE = re.compile(r"One special magic number for (\S+) is: (\d+)\.")
@@ -109,9 +108,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             if max(values) > args.show:
                 print(f"| L{layer}H{head} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     result = {"model_dir": args.model_dir, "rows": args.rows, "length": args.length, "heads": heads}
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return write_report(args.output, result)
 
 
 if __name__ == "__main__":
