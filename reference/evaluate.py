@@ -137,7 +137,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for task in tasks
         for row in generate_rows(task, args.rows, args.context_length, tokenizer, seed=seed)
     ]
-    predictions = [predict(pipe, [row])[0] for row in tqdm(rows, desc="rows", mininterval=5)]
+    predictions = predict(pipe, tqdm(rows, desc="rows", mininterval=5))
     result = accuracy(rows, predictions)
     for task, value in result.items():
         print(f"{task:24s} {value:5.1f}")

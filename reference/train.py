@@ -70,7 +70,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from evaluation.benchmarks.synthetic.tasks import TASK_NAMES, build_row, generate_rows, get_counter  # noqa: E402
-from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH, avoid_cudnn_attention  # noqa: E402
+from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH, avoid_cudnn_attention, write_report  # noqa: E402
 
 logger = logging.getLogger("reference.train")
 
@@ -793,7 +793,7 @@ def train(args: argparse.Namespace) -> dict:
         "missed_milestone": missed,
         "args": vars(args),
     }
-    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(output_dir / "train_summary.json", summary)
     logger.info("total %.0f s", time.time() - started)
     return summary
 
@@ -824,7 +824,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if len(attempts) > 1:
         summary["attempts"] = attempts
         summary["seconds_all_attempts"] = round(time.time() - started, 1)
-        (Path(args.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_report(Path(args.output_dir) / "train_summary.json", summary)
         logger.info("%d attempts, %.0f s in all", len(attempts), summary["seconds_all_attempts"])
     if summary["missed_milestone"]:
         raise SystemExit(3)

@@ -276,8 +276,6 @@ def test_negative_retries_are_refused(capsys):
 
 
 def test_cudnn_attention_is_left_alone_without_cuda():
-    import torch
-
     from reference import avoid_cudnn_attention
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
