@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, Cache, DynamicCache, Pipeline, Qu
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress.presses.base_press import BasePress
-from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.utils import restore_cache, snapshot_cache
 
 logger = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ def _is_decoding_press(press: Optional[BasePress]) -> bool:
 
 def _uses_rerotated_positions(press: Optional[BasePress]) -> bool:
     """Presses that re-rotate kept keys to positions 0..n_kept-1, so generation continues at n_kept."""
-    return isinstance(press, KeyRerotationPress) or bool(getattr(press, "rerotate_keys", False))
+    return bool(getattr(press, "rerotates_kept_keys", False))
 
 
 class KVPressTextGenerationPipeline(Pipeline):

@@ -98,6 +98,28 @@ def _pass_through(module: nn.Module, args: tuple, kwargs: dict, output):
     return output
 
 
+def _continue_at_cache_length(module: nn.Module, args: tuple, kwargs: dict):
+    """Decoder forward pre-hook: the new tokens take the positions right after the cached ones (cache length + i).
+
+    After a press re-rotated the kept keys to positions 0..n_kept-1, this is where generation must continue; the
+    logical positions that `generate` passes would leave a gap of (prompt length - n_kept) to every cached key."""
+    cache = kwargs.get("past_key_values")
+    if cache is None or cache.get_seq_length() == 0:
+        return None
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None and args:
+        tokens = args[0]
+    if not isinstance(tokens, torch.Tensor):
+        return None
+    batch, length = tokens.shape[:2]
+    past = cache.get_seq_length()
+    kwargs = dict(kwargs)
+    kwargs["position_ids"] = torch.arange(past, past + length, device=tokens.device).unsqueeze(0).expand(batch, -1)
+    return args, kwargs
+
+
 @dataclass
 class BasePress:
     """Base class of every press.
@@ -171,8 +193,29 @@ class BasePress:
                 ", ".join(cls.__name__ for cls in SUPPORTED_MODELS),
             )
         self.post_init_from_model(model)
-        with self._hooked(language_model, self.forward_hook):
+        with self._hooked(language_model, self.forward_hook), self._positions_after_rerotation(language_model):
             yield
+
+    @property
+    def rerotates_kept_keys(self) -> bool:
+        """Whether compression moves the kept keys to positions 0..n_kept-1, so that what follows the compressed
+        cache continues at position n_kept (KeyRerotationPress, FinchPress with `rerotate_keys`)."""
+        return False
+
+    @contextmanager
+    def _positions_after_rerotation(self, language_model: nn.Module) -> Generator:
+        """Inside `with press(model): model.generate(...)`, tokens after a re-rotated cache continue at the cache
+        length, as in the pipeline. Not on models with sliding-window layers: those are not compressed and keep their
+        logical positions, so no single position would be right for every layer there (logical positions are kept)."""
+        sliding = any(getattr(layer.self_attn, "is_sliding", False) for layer in language_model.layers)
+        if not self.rerotates_kept_keys or sliding:
+            yield
+            return
+        handle = language_model.register_forward_pre_hook(_continue_at_cache_length, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     @contextmanager
     def track_timing(self, model: PreTrainedModel) -> Generator:

@@ -41,7 +41,7 @@ class FinchPress(BasePress):
     multiplied by its position when `normalize_scores` (so late queries, spread over more keys, weigh as much);
     the top `int(T * (1 - compression_ratio))` tokens are kept, or that fraction of each `chunk_length` chunk. With
     `rerotate_keys`, kept keys are re-rotated to positions 0..n_kept-1 and generation continues at n_kept (the
-    pipeline does this). Batch size 1 only.
+    pipeline does this, and so does `model.generate` inside the press). Batch size 1 only.
     """
 
     compression_ratio: float = 0.0
@@ -89,6 +89,10 @@ class FinchPress(BasePress):
         finally:
             for hook in hooks:
                 hook.remove()
+
+    @property
+    def rerotates_kept_keys(self) -> bool:
+        return self.rerotate_keys
 
     def find_delimiter(self, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
         """On a multi-token forward, locate the delimiter and set `window_size` (None without a delimiter).

@@ -18,9 +18,13 @@ class KeyRerotationPress(ScorerWrapperPress):
     """Prune with the inner press's scores, then move the kept keys to contiguous positions.
 
     RoPE composes additively, so rotating a key cached at position p by (j - p) gives the key it would have had at
-    position j. Generation then continues at position n_kept, as in StreamingLLM's rolling cache. The pipeline
-    does this automatically.
+    position j. Generation then continues at position n_kept, as in StreamingLLM's rolling cache: the pipeline
+    does this, and so does `with press(model): model.generate(...)` (on models without sliding-window layers).
     """
+
+    @property
+    def rerotates_kept_keys(self) -> bool:
+        return True
 
     @staticmethod
     def _rerotate_cos_sin(

@@ -283,3 +283,31 @@ def test_generate_inside_the_press(arch):
     n_kept = int((N_CONTEXT + N_QUESTION) * 0.5)
     for layer_idx in compressed_layers(model):
         assert out.past_key_values.layers[layer_idx].keys.shape[2] == n_kept + 2
+
+
+def test_generate_continues_after_the_rerotated_cache():
+    # As in the pipeline: with `rerotate_keys` the new tokens follow the kept ones (n_kept, n_kept + 1, ...); without
+    # it they keep the logical positions that `generate` passes (the prompt's length with the delimiter, and on).
+    model = get_model("llama")
+    with_delimiter, _ = finch_inputs(seed=6)
+    n_kept = int((N_CONTEXT + N_QUESTION) * 0.5)
+    for rerotate, first in ((True, n_kept), (False, with_delimiter.shape[1])):
+        seen = []
+
+        def record(module, args, kwargs):
+            seen.append((kwargs["position_ids"] if "position_ids" in kwargs else args[1])[0].tolist())
+
+        handle = model.model.rotary_emb.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            with torch.no_grad(), make_press(compression_ratio=0.5, rerotate_keys=rerotate)(model):
+                model.generate(
+                    with_delimiter,
+                    attention_mask=torch.ones_like(with_delimiter),
+                    max_new_tokens=3,
+                    do_sample=False,
+                    eos_token_id=None,  # all three steps, whatever the random model predicts
+                )
+        finally:
+            handle.remove()
+        assert seen[0] == list(range(N_CONTEXT + N_QUESTION))  # the delimiter is never seen
+        assert seen[1:] == [[first], [first + 1]], rerotate

@@ -114,3 +114,69 @@ def test_ratio_delegation_zero_ratio_and_bad_input():
     assert cache.get_seq_length() == 40
     with pytest.raises(TypeError, match="ScorerPress"):
         KeyRerotationPress(ComposedPress([KnormPress(0.5)]))
+
+
+def _record_positions(model) -> tuple[list, object]:
+    """The position ids of every decoder forward, recorded where they are used (the shared rotary embedding, which
+    Gemma3 calls twice per forward: once per RoPE kind, hence no consecutive repeats)."""
+    language_model = getattr(model.model, "language_model", model.model)
+    seen: list = []
+
+    def record(module, args, kwargs):
+        positions = (kwargs["position_ids"] if "position_ids" in kwargs else args[1])[0].tolist()
+        if not seen or seen[-1] != positions:
+            seen.append(positions)
+
+    return seen, language_model.rotary_emb.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def _generate(model, press, input_ids, new_tokens):
+    seen, handle = _record_positions(model)
+    try:
+        with torch.no_grad(), press(model):
+            out = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,  # all `new_tokens` steps, whatever the random model predicts
+            )
+    finally:
+        handle.remove()
+    return out[0, input_ids.shape[1] :].tolist(), seen
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_generate_inside_the_press_continues_at_the_compressed_length(arch):
+    model = get_model(arch)
+    input_ids, new_tokens, ratio = _distinct_ids(64), 4, 0.5
+    n_kept = int(64 * (1 - ratio))
+    generated, seen = _generate(model, KeyRerotationPress(KnormPress(ratio)), input_ids, new_tokens)
+    # the prefill at 0..63, then each new token right after the re-rotated cache (the pipeline's positions)
+    assert seen[0] == list(range(64)) and seen[1:] == [[n_kept + i] for i in range(new_tokens - 1)]
+
+    # the same tokens by hand: compress, then decode greedily at positions n_kept, n_kept + 1, ... outside the press
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        with KeyRerotationPress(KnormPress(ratio))(model):
+            logits = model(input_ids, past_key_values=cache).logits
+        expected = [int(logits[0, -1].argmax())]
+        for i in range(new_tokens - 1):
+            position = torch.tensor([[n_kept + i]])
+            step = model(torch.tensor([[expected[-1]]]), past_key_values=cache, position_ids=position)
+            expected.append(int(step.logits[0, -1].argmax()))
+    assert cache.get_seq_length() == n_kept + new_tokens - 1
+    assert generated == expected
+
+    # a press that does not re-rotate keeps the logical positions (its keys stay where they were cached)
+    _, plain = _generate(model, KnormPress(ratio), input_ids, new_tokens)
+    assert plain[1:] == [[64 + i] for i in range(new_tokens - 1)]
+
+
+def test_generate_keeps_logical_positions_on_models_with_sliding_window_layers():
+    # Gemma3's sliding layers are not compressed and keep their logical positions, so the position ids are left as
+    # `generate` passes them (documented limitation: no single position is right for every layer there).
+    model = get_model("gemma3_text")
+    input_ids, new_tokens = _distinct_ids(64), 3
+    _, seen = _generate(model, KeyRerotationPress(KnormPress(0.5)), input_ids, new_tokens)
+    assert seen[1:] == [[64 + i] for i in range(new_tokens - 1)]
