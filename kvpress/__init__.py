@@ -51,9 +51,11 @@ from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.presses.streaming_llm_press import StreamingLLMPress
 from kvpress.presses.think_press import ThinKPress
 from kvpress.presses.tova_press import TOVAPress
+from kvpress.transformers_adapter import CannotCompressError, warn_if_untested_release
 
 # Head-wise presses rely on the patched attention functions; patching is idempotent.
 patch_attention_functions()
+warn_if_untested_release()
 
 # Upstream's __all__, in upstream's order, then this fork's additions.
 __all__ = [
@@ -107,4 +109,6 @@ __all__ = [
     "RKVPress",
     "RKVLSHPress",
     "FullPress",
+    # errors
+    "CannotCompressError",
 ]

@@ -12,7 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, Cache, DynamicCache, Pipeline, QuantizedCache
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from kvpress.press_state import restore_press_state, snapshot_press_state
 from kvpress.presses.base_press import BasePress
+from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import restore_cache, snapshot_cache
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ class KVPressTextGenerationPipeline(Pipeline):
 
     Call as `pipe(context, question=..., questions=[...], answer_prefix=..., press=..., max_new_tokens=...,
     max_context_length=..., enable_thinking=..., cache=...)`. Returns `{"answer": str}` for a single question and
-    `{"answers": [str, ...]}` when `questions` is given.
+    `{"answers": [str, ...]}` when `questions` is given. The context may also be passed as `context=...`.
     """
 
     _load_tokenizer = True
@@ -50,6 +52,17 @@ class KVPressTextGenerationPipeline(Pipeline):
     _load_image_processor = False
     _load_feature_extractor = False
     _load_video_processor = False
+
+    def __call__(self, inputs=None, *args, context: Optional[str] = None, **kwargs):
+        """`pipe(context, question=...)` or, as upstream's docstring and many user scripts call it,
+        `pipe(context=..., question=...)`."""
+        if context is not None:
+            if inputs is not None:
+                raise ValueError("Pass the context once: positionally or as context=..., not both.")
+            inputs = context
+        if inputs is None:
+            raise ValueError("The pipeline needs a context: pipe(context, question=...) or pipe(context=..., ...).")
+        return super().__call__(inputs, *args, **kwargs)
 
     def _sanitize_parameters(
         self,
@@ -142,13 +155,6 @@ class KVPressTextGenerationPipeline(Pipeline):
         press: Optional[BasePress] = None,
         cache: Optional[Cache] = None,
     ):
-        if _is_decoding_press(press) and len(input_tensors["questions_ids"]) > 1:
-            raise ValueError(
-                "DecodingPress is not compatible with multiple questions. Please specify a single question. "
-                f"({type(press).__name__} compresses the cache while answering, so each answer would change the "
-                "context the next question sees; ask one question per call, or use a press without cache_budget.)"
-            )
-
         context_ids = input_tensors["context_ids"].to(self.model.device)
         context_length = context_ids.shape[1]
         if cache is None:
@@ -158,13 +164,14 @@ class KVPressTextGenerationPipeline(Pipeline):
 
         # Prefill the context; the press compresses the cache of each layer as it goes.
         with press(self.model) if press is not None else contextlib.nullcontext():
-            self.model.model(input_ids=context_ids, past_key_values=cache)
+            self.model.model(input_ids=context_ids, **cache_kwargs(self.model.model, cache))
         logger.debug(f"Context Length: {context_length}")
         logger.debug(f"Compressed Context Length: {cache.get_seq_length()}")
         # RestoreKV appends its learned restore tokens after the context: questions continue after them.
         context_length += int(getattr(press, "num_restore_tokens", 0) or 0)
 
-        if _is_decoding_press(press):
+        decoding = _is_decoding_press(press)
+        if decoding:
             decoding_context = press(self.model)
         elif press is not None and press.latency:
             # The press does not act while answering, but its telemetry still counts the answer's tokens.
@@ -173,14 +180,24 @@ class KVPressTextGenerationPipeline(Pipeline):
             decoding_context = contextlib.nullcontext()
         answers = []
         with decoding_context:
-            for question_ids in input_tensors["questions_ids"]:
+            # Every question is answered from the compressed context: the cache (and a decoding press's state) is
+            # rolled back before each question after the first.
+            context_snapshot = snapshot_cache(cache)
+            press_snapshot = snapshot_press_state(press, self.model) if decoding else None
+            for index, question_ids in enumerate(input_tensors["questions_ids"]):
+                if index > 0:
+                    restore_cache(cache, context_snapshot)
+                    if press_snapshot is not None:
+                        restore_press_state(press_snapshot, self.model)
                 if _uses_rerotated_positions(press):
                     context_length = cache.get_seq_length()
-                snapshot = snapshot_cache(cache)
                 answers.append(
                     self.generate_answer(question_ids.to(self.model.device), cache, context_length, max_new_tokens)
                 )
-                restore_cache(cache, snapshot)
+            if not decoding:
+                # The answer is removed again; a decoding press's cache is left as decoding compressed it (after the
+                # last question), as upstream leaves it, so that it can be inspected.
+                restore_cache(cache, context_snapshot)
         return answers
 
     def generate_answer(
@@ -189,7 +206,8 @@ class KVPressTextGenerationPipeline(Pipeline):
         """Greedy decoding of one answer. The question continues at position `context_length` (logical positions)."""
         position_ids = torch.arange(context_length, context_length + question_ids.shape[1], device=self.model.device)
         position_ids = position_ids.unsqueeze(0)
-        outputs = self.model(input_ids=question_ids, past_key_values=cache, position_ids=position_ids, logits_to_keep=1)
+        with_cache = cache_kwargs(self.model, cache)
+        outputs = self.model(input_ids=question_ids, position_ids=position_ids, logits_to_keep=1, **with_cache)
         position_ids = position_ids[:, -1:] + 1
         generated = [outputs.logits[0, -1].argmax()]
 
@@ -200,10 +218,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             eos_token_ids = [eos_token_ids]
         for step in range(max_new_tokens - 1):
             outputs = self.model(
-                input_ids=generated[-1].view(1, 1),
-                past_key_values=cache,
-                position_ids=position_ids + step,
-                logits_to_keep=1,
+                input_ids=generated[-1].view(1, 1), position_ids=position_ids + step, logits_to_keep=1, **with_cache
             )
             generated.append(outputs.logits[0, -1].argmax())
             if generated[-1].item() in eos_token_ids:

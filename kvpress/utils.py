@@ -9,6 +9,9 @@ import os
 import torch
 from torch import nn
 from transformers import Cache
+from transformers.cache_utils import DynamicLayer
+
+from kvpress.transformers_adapter import CannotCompressError
 
 # Attention classes whose per-head q/k RMSNorm is applied after the head reshape (Qwen3, Gemma3).
 _QK_NORM_MODELS = ("Qwen3Attention", "Gemma3Attention")
@@ -132,9 +135,28 @@ def dequantize_layer(cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
     return keys, values
 
 
+def resizable_layer(cache: Cache, layer_idx: int):
+    """`cache.layers[layer_idx]`, checked to be a layer a press can shrink: a dynamic (growing) layer or a quantized
+    one. Raises CannotCompressError for any other layout (a static, preallocated layer; an unknown class)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        raise CannotCompressError(
+            f"{type(cache).__name__} has no layer {layer_idx} (layers: {len(layers) if layers is not None else 'none'})"
+            ": kvpress compresses caches that hold one layer object per attention layer (DynamicCache, QuantizedCache)."
+        )
+    cache_layer = layers[layer_idx]
+    if is_quantized_layer(cache_layer) or isinstance(cache_layer, DynamicLayer):
+        return cache_layer
+    raise CannotCompressError(
+        f"Cannot resize layer {layer_idx} of {type(cache).__name__}: its {type(cache_layer).__name__} keeps a fixed "
+        "length, so compressed keys and values cannot be stored in it. Use a DynamicCache (the default of "
+        "model.generate and of the pipeline) or a QuantizedCache."
+    )
+
+
 def extract_keys_and_values(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of one layer, `(B, H_kv, T, d)`. Plain caches return their live tensors (no copy)."""
-    cache_layer = cache.layers[layer_idx]
+    cache_layer = resizable_layer(cache, layer_idx)
     if is_quantized_layer(cache_layer):
         return dequantize_layer(cache_layer)
     return cache_layer.keys, cache_layer.values
@@ -149,7 +171,7 @@ def _quantize(cache_layer, tensor: torch.Tensor, axis_name: str):
 
 def write_keys_and_values(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Store compressed keys and values back into `cache.layers[layer_idx]`, quantized layers included."""
-    cache_layer = cache.layers[layer_idx]
+    cache_layer = resizable_layer(cache, layer_idx)
     if is_quantized_layer(cache_layer):
         cache_layer._quantized_keys = _quantize(cache_layer, keys, "axis_key")
         cache_layer._quantized_values = _quantize(cache_layer, values, "axis_value")
@@ -229,13 +251,3 @@ def attention_implementation(model: nn.Module) -> str | None:
     if implementation is None:
         implementation = getattr(config, "_attn_implementation", None)
     return implementation
-
-
-def require_eager_attention(model: nn.Module, press_name: str) -> None:
-    """Raise a ValueError unless `model` runs eager attention, the only backend that returns attention weights."""
-    implementation = attention_implementation(model)
-    if implementation != "eager":
-        raise ValueError(
-            f"{press_name} needs the attention weights, which only eager attention returns; load the model with "
-            f"attn_implementation='eager' (got {implementation!r})."
-        )

@@ -42,17 +42,19 @@ def time_decoding(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[floa
     """Seconds of the prefill and of `new_tokens` greedy decoding steps after it (one token per forward)."""
     from transformers import DynamicCache
 
+    from kvpress.transformers_adapter import cache_kwargs
+
     device = str(input_ids.device)
-    cache = DynamicCache()
+    with_cache = cache_kwargs(model, DynamicCache())
     _sync(device)
     start = time.perf_counter()
-    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+    logits = model(input_ids=input_ids, use_cache=True, **with_cache).logits
     _sync(device)
     prefill = time.perf_counter() - start
     token = logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=token, use_cache=True, **with_cache).logits
         token = logits[:, -1:].argmax(-1)
     _sync(device)
     return prefill, time.perf_counter() - start

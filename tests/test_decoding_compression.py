@@ -26,6 +26,7 @@ from kvpress.presses.cam_press import CAMPress
 from kvpress.presses.compression_ratio_decoding_press import CompressionRatioDecodingPress
 from kvpress.presses.decoding_press import DecodingPress, lower_masked_scores, remap_masked_key_indices
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
+from kvpress.transformers_adapter import find_cache
 from kvpress.utils import extract_keys_and_values
 from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, load_tokenizer, random_input_ids
 
@@ -101,7 +102,7 @@ class CacheRecorder:
 
     def __enter__(self):
         def hook(module, args, kwargs, output):
-            cache = kwargs.get("past_key_values")
+            cache = find_cache(kwargs)
             if cache is not None:
                 self.lengths.append(layer_lengths(self.model, cache))
 
@@ -241,7 +242,7 @@ class FullCacheGrabber:
 
     def __enter__(self):
         def grab(module, args, kwargs, output):
-            keys, values = extract_keys_and_values(kwargs["past_key_values"], module.layer_idx)
+            keys, values = extract_keys_and_values(find_cache(kwargs), module.layer_idx)
             self.caches[module.layer_idx] = (keys.clone(), values.clone())
 
         layers = [self.model.model.layers[i].self_attn for i in compressed_layers(self.model)]
@@ -531,11 +532,18 @@ def test_reusing_one_press_for_sequences_of_different_lengths(factory):
         assert [lengths[0] for lengths in recorder.lengths[1:]] == expected_lengths(kind, n_new - 1, prefill)
 
 
-def test_pipeline_refuses_several_questions_with_a_decoding_press():
+def test_pipeline_answers_several_questions_with_a_decoding_press():
+    """Each question is answered from the compressed context: the same answers as one call per question."""
     pipe = make_pipeline()
-    for press in (DecodingPress(KnormPress(), INTERVAL, TARGET), PrefillDecodingPress(None, CAMPress(KnormPress()))):
-        with pytest.raises(ValueError, match="single question"):
-            pipe(CONTEXT, questions=["a?", "b?"], press=press)
+    presses = {
+        "decoding": lambda: DecodingPress(KnormPress(), INTERVAL, TARGET),
+        "cam": lambda: PrefillDecodingPress(None, CAMPress(KnormPress())),
+        "prefill_decoding": lambda: PrefillDecodingPress(KnormPress(0.5), DecodingPress(KnormPress(), 2, 12)),
+    }
+    questions = ["a?", "b?", "c?"]
+    for make in presses.values():
+        together = pipe(CONTEXT, questions=questions, press=make(), max_new_tokens=8)["answers"]
+        assert together == [pipe(CONTEXT, question=q, press=make(), max_new_tokens=8)["answer"] for q in questions]
     # a PrefillDecodingPress without decoding press is a prefill press: several questions are fine
     out = pipe(CONTEXT, questions=["a?", "b?"], press=PrefillDecodingPress(KnormPress(0.5)), max_new_tokens=2)
     assert len(out["answers"]) == 2

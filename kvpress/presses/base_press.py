@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from kvpress.timing import telemetry_of, timed_hook
+from kvpress.transformers_adapter import CacheWatch, find_cache, hook_inputs, input_tokens_of, replace_inputs
 from kvpress.utils import cache_layer_length, extract_keys_and_values, get_language_model, write_keys_and_values
 
 logger = logging.getLogger(__name__)
@@ -68,21 +69,20 @@ def layer_is_prefilling(module: nn.Module, cache, q_len: int) -> bool:
 
 def _record_prefill_state(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: remember whether this layer's cache is still empty, before the attention appends to it."""
-    cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    cache = find_cache(kwargs)
+    layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
     if cache is None:
         prefilling = False
-    elif module.layer_idx >= len(cache.layers):
+    elif layer_idx >= len(cache.layers):
         prefilling = True
     else:
-        prefilling = not cache.layers[module.layer_idx].is_initialized
+        prefilling = not cache.layers[layer_idx].is_initialized
     object.__setattr__(module, _PREFILL_FLAG, prefilling)
 
 
 def get_hook_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, object]:
-    """The attention input and the cache, whether the decoder layer passed them by name or by position."""
-    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
-    return hidden_states, cache
+    """The attention input and the cache (read by `kvpress.transformers_adapter`, under any of its names)."""
+    return hook_inputs(args, kwargs)
 
 
 def hook_phase(module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[bool, int, torch.device]]:
@@ -103,21 +103,16 @@ def _continue_at_cache_length(module: nn.Module, args: tuple, kwargs: dict):
 
     After a press re-rotated the kept keys to positions 0..n_kept-1, this is where generation must continue; the
     logical positions that `generate` passes would leave a gap of (prompt length - n_kept) to every cached key."""
-    cache = kwargs.get("past_key_values")
+    cache = find_cache(kwargs)
     if cache is None or cache.get_seq_length() == 0:
         return None
-    tokens = kwargs.get("input_ids")
+    tokens = input_tokens_of(args, kwargs)
     if tokens is None:
-        tokens = kwargs.get("inputs_embeds")
-    if tokens is None and args:
-        tokens = args[0]
-    if not isinstance(tokens, torch.Tensor):
         return None
     batch, length = tokens.shape[:2]
     past = cache.get_seq_length()
-    kwargs = dict(kwargs)
-    kwargs["position_ids"] = torch.arange(past, past + length, device=tokens.device).unsqueeze(0).expand(batch, -1)
-    return args, kwargs
+    positions = torch.arange(past, past + length, device=tokens.device).unsqueeze(0).expand(batch, -1)
+    return args, replace_inputs(kwargs, position_ids=positions)
 
 
 @dataclass
@@ -236,14 +231,24 @@ class BasePress:
         ]
         counting_layer = attentions[0].layer_idx if attentions else None
         timed = timed_hook(self, hook, counting_layer, hook_phase)
+        # Never a silent no-op: a forward that returned a cache none of these hooks could find raises.
+        watch = CacheWatch(type(self).__name__)
+
+        def watched(module: nn.Module, args: tuple, kwargs: dict, output):
+            watch.saw(kwargs, find_cache(kwargs) is not None)
+            return timed(module, args, kwargs, output)
+
         try:
+            handles.append(language_model.register_forward_pre_hook(watch.enter, with_kwargs=True))
+            handles.append(language_model.register_forward_hook(watch.leave, with_kwargs=True))
             for attention in attentions:
                 # Plain attribute, not a registered submodule: presses need the shared RoPE of the decoder.
                 object.__setattr__(attention, "rotary_emb", language_model.rotary_emb)
                 handles.append(attention.register_forward_pre_hook(_record_prefill_state, with_kwargs=True))
-                handles.append(attention.register_forward_hook(timed, with_kwargs=True))
+                handles.append(attention.register_forward_hook(watched, with_kwargs=True))
             yield
         finally:
+            watch.abandon()
             for handle in handles:
                 handle.remove()
             for layer in language_model.layers:

@@ -18,41 +18,9 @@ import torch
 from torch import nn
 
 from kvpress.presses.scorer_press import ScorerWrapperPress, check_prefill_lengths, check_token_count, gather_tokens
+from kvpress.transformers_adapter import gather_kwargs
 
 logger = logging.getLogger(__name__)
-
-
-def gather_kwargs(kwargs: dict, hidden_states: torch.Tensor, positions: torch.Tensor, q_len: int) -> dict:
-    """A shallow copy of the attention `kwargs` whose per-token entries are taken at `positions` `(B, n)`.
-
-    Covers `hidden_states` (replaced by the given ones), `position_ids`, `position_embeddings` (cos, sin),
-    `cache_position` (from the first batch item) and a 4-D `attention_mask` (rows and columns).
-    """
-    gathered = dict(kwargs)
-    if "hidden_states" in kwargs:
-        gathered["hidden_states"] = hidden_states
-    bsz, n = positions.shape
-    position_ids = kwargs.get("position_ids")
-    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[1] == q_len:
-        gathered["position_ids"] = position_ids.expand(bsz, -1).gather(1, positions.to(position_ids.device))
-    cache_position = kwargs.get("cache_position")
-    if isinstance(cache_position, torch.Tensor) and cache_position.dim() == 1 and cache_position.shape[0] == q_len:
-        gathered["cache_position"] = cache_position[positions[0].to(cache_position.device)]
-    position_embeddings = kwargs.get("position_embeddings")
-    if isinstance(position_embeddings, (tuple, list)) and all(
-        isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[1] == q_len for t in position_embeddings
-    ):
-        gathered["position_embeddings"] = tuple(
-            t.expand(bsz, -1, -1).gather(1, positions.to(t.device).unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-            for t in position_embeddings
-        )
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-2] == q_len and mask.shape[-1] == q_len:
-        mask = mask.expand(bsz, -1, -1, -1)
-        index = positions.to(mask.device)[:, None, :, None]
-        mask = mask.gather(2, index.expand(-1, mask.shape[1], -1, q_len))
-        gathered["attention_mask"] = mask.gather(3, index.transpose(2, 3).expand(-1, mask.shape[1], n, -1))
-    return gathered
 
 
 def block_attentions(attentions: torch.Tensor, start: int, end: int, current: torch.Tensor) -> torch.Tensor:

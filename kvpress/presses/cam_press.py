@@ -21,6 +21,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.decoding_press import DecodingPress, remap_masked_key_indices, validate_int
 from kvpress.presses.scorer_press import ScorerPress, check_scores, gather_tokens
+from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import (
     apply_rope,
     attention_scaling,
@@ -82,7 +83,7 @@ class CAMPress(DecodingPress):
     ) -> torch.Tensor:
         """Attention weights `(B, H, 1, T)` of the last token of `hidden_states` over the cached `keys`."""
         num_heads = module.config.num_attention_heads
-        cos, sin = kwargs["position_embeddings"]
+        cos, sin = position_embeddings_of(kwargs)
         query = get_prerope_query_states(module, hidden_states[:, -1:])
         query = apply_rope(query, cos[:, -1:], sin[:, -1:])
         logits = query @ repeat_kv(keys, num_heads // keys.shape[1]).transpose(2, 3) * attention_scaling(module)

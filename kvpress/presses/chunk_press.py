@@ -11,32 +11,9 @@ import torch
 from torch import nn
 
 from kvpress.presses.scorer_press import ScorerWrapperPress, check_prefill_lengths, check_token_count, gather_tokens
+from kvpress.transformers_adapter import chunk_kwargs
 
 logger = logging.getLogger(__name__)
-
-# Attention kwargs laid out along the query/token axis (dim 1 for (B, T, ...) tensors, dim 0 for cache_position).
-_TOKEN_AXIS_KWARGS = ("hidden_states", "position_ids")
-
-
-def chunk_kwargs(kwargs: dict, start: int, end: int, q_len: int) -> dict:
-    """A shallow copy of the attention `kwargs` whose per-token entries cover only tokens `[start, end)`."""
-    sliced = dict(kwargs)
-    for name in _TOKEN_AXIS_KWARGS:
-        value = kwargs.get(name)
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == q_len:
-            sliced[name] = value[:, start:end]
-    cache_position = kwargs.get("cache_position")
-    if isinstance(cache_position, torch.Tensor) and cache_position.dim() == 1 and cache_position.shape[0] == q_len:
-        sliced["cache_position"] = cache_position[start:end]
-    position_embeddings = kwargs.get("position_embeddings")
-    if isinstance(position_embeddings, (tuple, list)) and all(
-        isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == q_len for t in position_embeddings
-    ):
-        sliced["position_embeddings"] = tuple(t[:, start:end] for t in position_embeddings)
-    attention_mask = kwargs.get("attention_mask")
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[-2] == q_len:
-        sliced["attention_mask"] = attention_mask[..., start:end, start:end]
-    return sliced
 
 
 @dataclass

@@ -16,6 +16,7 @@ from kvpress.presses.leverage_press import LeverageScorePress, require_prefill
 from kvpress.presses.non_causal_attention_press import NonCausalAttnPress
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.snapkv_press import pad_with_top_score
+from kvpress.transformers_adapter import position_embeddings_of, replace_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +90,8 @@ class CompactorPress(ScorerPress):
         end = length - right
         if end <= left:  # every token is a sink
             return torch.ones(keys.shape[:3], dtype=torch.float32, device=keys.device)
-        sliced_kwargs = dict(kwargs)
-        cos, sin = kwargs["position_embeddings"]
-        sliced_kwargs["position_embeddings"] = (cos[:, left:end], sin[:, left:end])
+        cos, sin = position_embeddings_of(kwargs)
+        sliced_kwargs = replace_inputs(kwargs, position_embeddings=(cos[:, left:end], sin[:, left:end]))
         inputs = (
             module,
             hidden_states[:, left:end],

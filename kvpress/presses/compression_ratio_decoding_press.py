@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 
 from kvpress.presses.decoding_press import DecodingPress
+from kvpress.transformers_adapter import position_ids_of
 from kvpress.utils import validate_compression_ratio
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class CompressionRatioDecodingPress(DecodingPress):
         validate_compression_ratio(self.target_compression_ratio, name="target_compression_ratio")
 
     def _resolve_target_size(self, kwargs: dict) -> int:
-        position_ids = kwargs.get("position_ids")
+        position_ids = position_ids_of(kwargs)
         if position_ids is None:
             raise NotImplementedError(
                 "CompressionRatioDecodingPress requires logical position_ids in kwargs (the number of tokens seen "

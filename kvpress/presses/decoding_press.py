@@ -22,6 +22,7 @@ from torch import nn
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.base_press import BasePress, get_hook_inputs, layer_is_prefilling
 from kvpress.presses.scorer_press import ScorerPress, check_scores, gather_tokens
+from kvpress.transformers_adapter import optional_position_embeddings, replace_inputs
 from kvpress.utils import cache_layer_length, extract_keys_and_values, write_keys_and_values
 
 logger = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class DecodingPress(BasePress):
         if n == 0:
             return
         self.hidden_states_buffer[layer_idx].append(hidden_states[:, q_len - n :].detach().clone())
-        position_embeddings = kwargs.get("position_embeddings")
+        position_embeddings = optional_position_embeddings(kwargs)
         if position_embeddings is None or position_embeddings[0].shape[-2] != q_len:
             self.position_embeddings_buffer[layer_idx].append(None)  # the scorer then gets the current cos/sin
             return
@@ -243,14 +244,12 @@ class DecodingPress(BasePress):
         """The buffered hidden states `(B, n, hidden)` and the kwargs for the scorer, with matching cos/sin."""
         states = self.hidden_states_buffer[layer_idx]
         hidden_states = torch.cat(states, dim=1)
-        kwargs = dict(kwargs)
         positions = self.position_embeddings_buffer[layer_idx]
         if all(position is not None for position in positions):
-            kwargs["position_embeddings"] = (
-                torch.cat([position[0] for position in positions], dim=1),  # type: ignore[index]
-                torch.cat([position[1] for position in positions], dim=1),  # type: ignore[index]
-            )
-        return hidden_states, kwargs
+            cos = torch.cat([position[0] for position in positions], dim=1)  # type: ignore[index]
+            sin = torch.cat([position[1] for position in positions], dim=1)  # type: ignore[index]
+            kwargs = replace_inputs(kwargs, position_embeddings=(cos, sin))
+        return hidden_states, dict(kwargs)
 
     # ------------------------------------------------------------------------------------------------ the hook
     def cache_length(self, module: nn.Module, cache, bsz: int) -> float:

@@ -14,6 +14,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.snapkv_press import group_mean, pad_with_top_score
+from kvpress.transformers_adapter import position_ids_of
 from kvpress.utils import attention_scaling, get_prerope_query_states, rope_cos_sin
 
 logger = logging.getLogger(__name__)
@@ -93,8 +94,8 @@ class ExpectedAttentionPress(ScorerPress):
                 f"cache holds only {k_len} tokens. Use a longer context or a smaller n_sink."
             )
         # future queries follow the last token's true position (during decoding, hidden_states is only a window)
-        position_ids = kwargs.get("position_ids")
-        start = int(position_ids[..., -1].max()) + 1 if isinstance(position_ids, torch.Tensor) else None
+        position_ids = position_ids_of(kwargs)
+        start = int(position_ids[..., -1].max()) + 1 if position_ids is not None else None
         mu, cov = self.get_query_statistics(module, hidden_states, start)
         groups = mu.shape[1] // num_kv_heads
         scored_keys = repeat_kv(keys[:, :, self.n_sink :], groups)

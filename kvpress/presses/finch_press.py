@@ -23,6 +23,7 @@ from kvpress.presses.base_press import BasePress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.scorer_press import gather_tokens
 from kvpress.presses.snapkv_press import SnapKVPress, group_mean, pad_with_top_score
+from kvpress.transformers_adapter import drop_decoder_tokens, input_ids_of, position_embeddings_of
 from kvpress.utils import validate_compression_ratio
 
 logger = logging.getLogger(__name__)
@@ -130,30 +131,14 @@ class FinchPress(BasePress):
         The remaining tokens get contiguous positions, so the model never sees the delimiter. A multi-token forward
         without a delimiter resets `window_size` (Finch cannot compress it).
         """
-        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] <= 1:
+        input_ids = input_ids_of(args, kwargs)
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] <= 1:
             return None
         keep = self.find_delimiter(input_ids)
         if keep is None:
             self.window_size = None
             return None
-        length, n_kept = input_ids.shape[1], int(keep.sum())
-        kwargs = dict(kwargs)
-        if "input_ids" in kwargs:
-            kwargs["input_ids"] = input_ids[:, keep]
-        else:
-            args = (input_ids[:, keep], *args[1:])
-        for name in ("attention_mask", "token_type_ids", "mm_token_type_ids"):
-            value = kwargs.get(name)
-            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == length:
-                kwargs[name] = value[:, keep]
-        position_ids = kwargs.get("position_ids")
-        if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == length:
-            kwargs["position_ids"] = position_ids[..., :n_kept]
-        cache_position = kwargs.get("cache_position")
-        if isinstance(cache_position, torch.Tensor) and cache_position.dim() == 1 and cache_position.shape[0] == length:
-            kwargs["cache_position"] = cache_position[:n_kept]
-        return args, kwargs
+        return drop_decoder_tokens(args, kwargs, keep)
 
     def embed_token_forward_hook(self, module: nn.Module, input: tuple, output: torch.Tensor):
         """Drop the delimiter's embedding when the embeddings are computed from ids that still hold it."""
@@ -176,7 +161,7 @@ class FinchPress(BasePress):
             weights = attentions[..., -window:, :-window]
         else:
             weights = SnapKVPress.compute_window_attention(
-                module, hidden_states, keys, window, kwargs["position_embeddings"]
+                module, hidden_states, keys, window, position_embeddings_of(kwargs)
             )
         if self.normalize_scores:
             query_positions = torch.arange(k_len - window, k_len, device=weights.device, dtype=weights.dtype)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
+from kvpress.attention_weights import received_attention_sums
 from kvpress.presses.scorer_press import DecodingState, ScorerPress, log_eviction
 from kvpress.presses.snapkv_press import group_mean
-from kvpress.utils import require_eager_attention
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ def received_attention(attentions: torch.Tensor, num_kv_heads: int) -> tuple[tor
 class H2OPress(ScorerPress):
     """Score = mean attention a token has received per step since it was cached ("accumulated attention" divided by
     the number of queries that could see it), averaged over each GQA group; the `n_recent` most recent tokens are
-    always kept. Needs the attention weights: load the model with `attn_implementation="eager"`.
+    always kept. Works with every attention backend: under eager attention the layer's own weights are used, under
+    sdpa or flash attention the press recomputes them from the queries and the cached keys (a decode step is one query
+    row per head; a prefill is done in chunks of queries, so nothing of size T x T is held at once).
 
     With `compression_ratio` it prunes the context once after prefill (the score then equals ObservedAttention's).
     With `cache_budget` (the reasoning fork's use) it keeps, per layer and KV head, the sum of the attention every
@@ -73,9 +75,6 @@ class H2OPress(ScorerPress):
                 "n_recent must not exceed cache_budget."
             )
 
-    def post_init_from_model(self, model: PreTrainedModel) -> None:
-        require_eager_attention(model, "H2OPress")
-
     @property
     def decoding_window(self) -> int:
         return 0
@@ -83,15 +82,28 @@ class H2OPress(ScorerPress):
     def entry_fill_values(self) -> dict:
         return {**super().entry_fill_values(), ATTENTION_SUM: 0.0, OBSERVATIONS: 0.0}
 
-    @staticmethod
-    def _require_attentions(attentions: torch.Tensor | None, module: nn.Module) -> torch.Tensor:
-        if attentions is None:
-            implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
-            raise ValueError(
-                "H2OPress needs the attention weights, which only eager attention returns; load the model with "
-                f"attn_implementation='eager' (got {implementation!r})."
-            )
-        return attentions
+    def received(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Attention received by every cached entry from this forward's queries: the per-entry sums averaged over
+        each GQA group `(B, H_kv, T)` (float32), the number of queries that could see each entry `(T,)`, and, when
+        the eviction log is on, the weights of the first batch item `(H, q, T)`. Uses the eager weights when the
+        layer returned them, else recomputes them (`kvpress.attention_weights`)."""
+        if attentions is not None:
+            sums, observers = received_attention(attentions, keys.shape[1])
+            return sums, observers, (attentions[0].float() if self.csv_path else None)
+        raw, observation = received_attention_sums(
+            module, hidden_states, keys, kwargs, keep_first_batch_item=bool(self.csv_path)
+        )
+        k_len = keys.shape[2]
+        positions = torch.arange(k_len, device=keys.device)
+        observers = (k_len - positions).clamp(max=hidden_states.shape[1]).to(torch.float32)
+        return group_mean(raw, keys.shape[1]), observers, observation
 
     def update_state(
         self,
@@ -103,12 +115,11 @@ class H2OPress(ScorerPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> None:
-        attentions = self._require_attentions(attentions, module)
-        sums, observers = received_attention(attentions, keys.shape[1])
+        sums, observers, observation = self.received(module, hidden_states, keys, attentions, kwargs)
         state.entries[ATTENTION_SUM] = state.entries[ATTENTION_SUM] + sums
         state.entries[OBSERVATIONS] = state.entries[OBSERVATIONS] + observers
-        if self.csv_path:
-            state.scratch["observation"] = attentions[0].float()
+        if observation is not None:
+            state.scratch["observation"] = observation
 
     def score(
         self,
@@ -124,7 +135,7 @@ class H2OPress(ScorerPress):
         if state is not None and state.entries[ATTENTION_SUM].shape[-1] == k_len:
             sums, observers = state.entries[ATTENTION_SUM], state.entries[OBSERVATIONS]
         else:
-            sums, observers = received_attention(self._require_attentions(attentions, module), keys.shape[1])
+            sums, observers, _ = self.received(module, hidden_states, keys, attentions, kwargs)
         scores = sums / observers.clamp(min=1.0)
         if self.n_recent > 0:
             scores = scores.clone()

@@ -21,15 +21,22 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from kvpress.attention_weights import causal_attention_chunks
 from kvpress.presses.base_press import BasePress, get_hook_inputs
 from kvpress.presses.scorer_press import gather_tokens
+from kvpress.transformers_adapter import (
+    CACHE_KEYWORDS,
+    attention_mask_of,
+    cache_kwargs,
+    find_cache,
+    input_tokens_of,
+    output_cache,
+    position_ids_of,
+)
 from kvpress.utils import (
-    apply_rope,
-    attention_scaling,
     cache_layer_length,
     extract_keys_and_values,
     get_language_model,
-    get_prerope_query_states,
     restore_cache,
     snapshot_cache,
     validate_compression_ratio,
@@ -39,7 +46,6 @@ from kvpress.utils import (
 logger = logging.getLogger(__name__)
 
 # Upper bound on the number of attention weights materialised at once when they are recomputed (float32).
-_MAX_ATTENTION_ELEMENTS = 1 << 26
 # Added to the best `keep_token_lower_bound` composite scores so that they always win.
 _KEEP_BONUS = 1e9
 
@@ -114,39 +120,6 @@ class MeanAggregator(Aggregator):
 
 
 aggregator_by_name: dict[str, type[Aggregator]] = {"mean": MeanAggregator, "max": MaxAggregator}
-
-
-def _causal_window_attention(
-    module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict, n_context: int
-) -> Generator[tuple[int, int, torch.Tensor], None, None]:
-    """Attention weights of the forward's queries over the first `n_context` cached keys, by chunks of queries.
-
-    The queries are the last `q_len` tokens of the cache; query i sees the keys up to its own cache position. Yields
-    `(start, end, weights)` with weights `(B, H, end - start, n_context)` in float32.
-    """
-    bsz, num_kv_heads, k_len, _ = keys.shape
-    q_len = hidden_states.shape[1]
-    cos, sin = kwargs["position_embeddings"]
-    queries = apply_rope(get_prerope_query_states(module, hidden_states), cos, sin)
-    num_heads = queries.shape[1]
-    expanded_keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=1)
-    mask = kwargs.get("attention_mask")
-    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] == k_len else None
-    softcap = getattr(module, "attn_logit_softcapping", None)
-    chunk = max(1, _MAX_ATTENTION_ELEMENTS // max(1, bsz * num_heads * k_len))
-    positions = torch.arange(k_len, device=keys.device)
-    for start in range(0, q_len, chunk):
-        end = min(start + chunk, q_len)
-        logits = (queries[:, :, start:end] @ expanded_keys.transpose(2, 3)).float() * attention_scaling(module)
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        query_positions = torch.arange(start, end, device=keys.device) + (k_len - q_len)
-        future = positions[None, :] > query_positions[:, None]
-        logits = logits.masked_fill(future, float("-inf"))
-        if mask is not None:
-            block = mask[:, :, start:end]
-            logits = logits.masked_fill(~block, float("-inf")) if block.dtype == torch.bool else logits + block.float()
-        yield start, end, logits.softmax(dim=-1)[..., :n_context]
 
 
 @dataclass
@@ -276,7 +249,7 @@ class KVComposePress(BasePress):
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._scoring:
             return
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)
         self._prefilling = cache is None or all(
             cache_layer_length(cache, i) == 0 for i in range(len(getattr(cache, "layers", [])))
         )
@@ -285,16 +258,14 @@ class KVComposePress(BasePress):
         if self._scoring or not self._prefilling:
             return output
         self._prefilling = False
-        cache = getattr(output, "past_key_values", None)
+        cache = output_cache(output)
         if cache is None:
             logger.warning("KVComposePress: the prefill ran without a cache (use_cache=False); nothing compressed.")
             return output
         inputs = dict(kwargs)
         if args:
             inputs.setdefault("input_ids", args[0])
-        context = inputs.get("input_ids")
-        if context is None:
-            context = inputs.get("inputs_embeds")
+        context = input_tokens_of((), inputs)
         if context is None:
             raise ValueError("KVComposePress could not find the prefill's input_ids or inputs_embeds.")
         if self.compression_ratio == 0:
@@ -305,7 +276,7 @@ class KVComposePress(BasePress):
         self._scoring = True
         try:
             with torch.no_grad():
-                for replay in self._scoring_inputs(inputs, context.shape[0]):
+                for replay in self._scoring_inputs(module, inputs, context.shape[0]):
                     module(**replay)
                     restore_cache(cache, snapshot)
         finally:
@@ -316,20 +287,17 @@ class KVComposePress(BasePress):
         self.cache = None
         return output
 
-    def _scoring_inputs(self, inputs: dict, bsz: int) -> list[dict]:
+    def _scoring_inputs(self, decoder: nn.Module, inputs: dict, bsz: int) -> list[dict]:
         """The keyword arguments of each scoring pass: the context again, or each registered prompt."""
         context_len = self.context_len
-        shared = {
-            k: v
-            for k, v in inputs.items()
-            if k not in ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache_position")
-        }
+        per_token = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache_position", *CACHE_KEYWORDS)
+        shared = {k: v for k, v in inputs.items() if k not in per_token}
         shared["use_cache"] = True
-        shared["past_key_values"] = self.cache
-        mask = inputs.get("attention_mask")
+        shared.update(cache_kwargs(decoder, self.cache))
+        mask = attention_mask_of(inputs)
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        position_ids = inputs.get("position_ids")
-        if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
+        position_ids = position_ids_of(inputs)
+        if position_ids is not None and position_ids.dim() == 2:
             next_position = position_ids.max(dim=-1, keepdim=True).values + 1
         else:
             position_ids, next_position = None, torch.full((bsz, 1), context_len, device=self.device)
@@ -367,7 +335,7 @@ class KVComposePress(BasePress):
         if isinstance(attentions, torch.Tensor) and attentions.shape[-1] == keys.shape[2]:
             chunks = [(0, attentions.shape[2], attentions[..., : self.context_len].float())]
         else:
-            chunks = _causal_window_attention(module, hidden_states, keys, kwargs, self.context_len)
+            chunks = causal_attention_chunks(module, hidden_states, keys, kwargs, self.context_len)
         aggregators = self.task_aggregators[layer]
         for _, _, weights in chunks:
             for head, aggregator in enumerate(aggregators):

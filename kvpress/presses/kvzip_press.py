@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvpress.presses.base_press import SUPPORTED_MODELS, BasePress, get_hook_inputs
 from kvpress.timing import telemetry_of
+from kvpress.transformers_adapter import cache_kwargs, find_cache, input_ids_of, output_cache, position_embeddings_of
 from kvpress.utils import (
     apply_rope,
     attention_scaling,
@@ -130,8 +131,8 @@ def _restore_layer(cache: Any, layer_idx: int, snapshot: list[dict]) -> None:
 class KVzipPress(BasePress):
     """Score each context entry by the attention it gets while the model repeats the context; prune head-wise.
 
-    Use it as a context manager around the prefill of the context (`with press(model): model.model(input_ids=ctx,
-    past_key_values=cache)`, or the `kv-press-text-generation` pipeline). The prefill runs uncompressed; when the
+    Use it as a context manager around the prefill of the context (`with press(model): model(input_ids=ctx)`,
+    `model.generate(...)`, or the `kv-press-text-generation` pipeline). The prefill runs uncompressed; when the
     block exits, the press runs the repeat passes (the context in chunks of 2048 tokens, each after a "Repeat ..."
     prompt and the chat template's suffix), which cost 2-3 times the prefill, rolls the cache back after each pass
     and masks the lowest-scored entries. The cache keeps the context length; pruned entries are neutralised by
@@ -238,13 +239,13 @@ class KVzipPress(BasePress):
         original_forward = base_model.forward
 
         def recording_forward(*args, **kwargs):
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            cache = kwargs.get("past_key_values")
+            input_ids = input_ids_of(args, kwargs)
+            cache = find_cache(kwargs)
             starts_empty = cache is None or cache.get_seq_length() == 0
             outputs = original_forward(*args, **kwargs)
             if starts_empty:
                 self._context_ids = input_ids
-                self._cache = cache if cache is not None else getattr(outputs, "past_key_values", None)
+                self._cache = cache if cache is not None else output_cache(outputs)
             return outputs
 
         base_model.forward = recording_forward
@@ -261,7 +262,7 @@ class KVzipPress(BasePress):
                 if self._context_ids is None or self._cache is None:
                     logger.warning(
                         "%s compressed nothing: no prefill with input_ids and a cache ran inside the `with` block "
-                        "(call model.model(input_ids=..., past_key_values=cache) or model(...) inside it).",
+                        "(call model(input_ids=...) or model.generate(...) inside it, with use_cache on).",
                         type(self).__name__,
                     )
                 else:
@@ -300,7 +301,9 @@ class KVzipPress(BasePress):
                     self.end_idx = self.start_idx + chunk_ids.shape[1]
                     self._snapshot = snapshot_cache(cache)
                     try:
-                        model.model(input_ids=repeat_ids.to(model.device), past_key_values=cache, use_cache=True)
+                        model.model(
+                            input_ids=repeat_ids.to(model.device), use_cache=True, **cache_kwargs(model.model, cache)
+                        )
                     finally:
                         restore_cache(cache, self._snapshot)
                         self._snapshot = None
@@ -371,7 +374,7 @@ class KVzipPress(BasePress):
         groups = module.config.num_attention_heads // num_kv_heads
         head_dim = module.head_dim
 
-        cos, sin = kwargs["position_embeddings"]
+        cos, sin = position_embeddings_of(kwargs)
         queries = apply_rope(get_prerope_query_states(module, hidden_states), cos, sin)
         queries = queries.view(bsz, num_kv_heads, groups, q_len, head_dim)
 

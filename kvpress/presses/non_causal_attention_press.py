@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 from kvpress.presses.leverage_press import global_zscore, require_prefill
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.snapkv_press import group_mean
+from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import apply_rope, get_prerope_query_states
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class NonCausalAttnPress(ScorerPress):
         require_prefill(self, hidden_states, keys)
         q_len = hidden_states.shape[1]
         num_kv_heads = keys.shape[1]
-        cos, sin = kwargs["position_embeddings"]
+        cos, sin = position_embeddings_of(kwargs)
         queries = apply_rope(get_prerope_query_states(module, hidden_states), cos[:, -q_len:], sin[:, -q_len:])
         received = self.non_causal_chunked_attn(
             queries, repeat_kv(keys, queries.shape[1] // num_kv_heads), self.chunk_size

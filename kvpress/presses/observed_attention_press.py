@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
+from kvpress.attention_weights import received_attention_sums
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.snapkv_press import group_mean
-from kvpress.utils import require_eager_attention
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +21,12 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ObservedAttentionPress(ScorerPress):
     """Score = mean attention each key received from the context queries that can see it (causally), averaged
-    over each GQA group. Needs the attention weights, so the model must run eager attention.
+    over each GQA group. Under eager attention the layer's own weights are used; under any other backend (sdpa,
+    flash attention) they are recomputed from the queries and cached keys in chunks of queries
+    (`kvpress.attention_weights`), so nothing of size T x T is held at once.
     """
 
     compression_ratio: float = 0.0
-
-    def post_init_from_model(self, model: PreTrainedModel) -> None:
-        require_eager_attention(model, type(self).__name__)
 
     def score(
         self,
@@ -39,16 +37,15 @@ class ObservedAttentionPress(ScorerPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> torch.Tensor:
-        if attentions is None:
-            implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
-            raise ValueError(
-                f"{type(self).__name__} needs the attention weights, which only eager attention returns; load the "
-                f"model with attn_implementation='eager' (got {implementation!r})."
-            )
-        q_len, k_len = attentions.shape[-2:]
+        if attentions is not None:
+            q_len, k_len = attentions.shape[-2:]
+            sums = attentions.sum(dim=-2)
+        else:
+            q_len, k_len = hidden_states.shape[1], keys.shape[2]
+            sums, _ = received_attention_sums(module, hidden_states, keys, kwargs)
         # Query i (absolute position k_len - q_len + i) sees key j when j <= its position; in prefill that is
         # k_len - j queries.
-        positions = torch.arange(k_len, device=attentions.device)
-        n_queries = (k_len - positions).clamp(max=q_len).to(attentions.dtype)
-        scores = attentions.sum(dim=-2) / n_queries
+        positions = torch.arange(k_len, device=keys.device)
+        n_queries = (k_len - positions).clamp(max=q_len).to(sums.dtype)
+        scores = sums / n_queries
         return group_mean(scores, keys.shape[1])

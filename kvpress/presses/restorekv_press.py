@@ -10,6 +10,7 @@ is matched: the context loses `n_restore` more entries than the requested ratio,
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -17,9 +18,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import transformers
+from packaging import version
 from transformers import PreTrainedModel
 
 from kvpress.presses.kvzip_press import KVzipPress, compressed_attention_modules
+from kvpress.transformers_adapter import cache_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +56,24 @@ def _restore_embeddings_path(source: str) -> str:
     from huggingface_hub import hf_hub_download
 
     return hf_hub_download(repo_id=source, filename=RESTORE_EMBEDDINGS_FILE)
+
+
+def peft_required_by_transformers() -> str:
+    """The oldest peft that the installed transformers loads adapters with (0.18 for 5.2, 0.22 for 5.24)."""
+    from transformers.integrations import peft as peft_integration
+
+    return str(getattr(peft_integration, "MIN_PEFT_VERSION", "0.0.0"))
+
+
+def check_peft_for_adapters() -> None:
+    """Raise a clear ImportError when the installed peft is older than transformers needs to load an adapter."""
+    required = peft_required_by_transformers()
+    if version.parse(importlib.metadata.version("peft")) < version.parse(required):
+        raise ImportError(
+            f"RestoreKVPress loads its LoRA adapter through transformers {transformers.__version__}, which needs "
+            f"peft >= {required}; peft {importlib.metadata.version('peft')} is installed: "
+            f"pip install 'peft>={required}' (or use transformers < 5.24, which takes older peft releases)."
+        )
 
 
 @dataclass
@@ -103,8 +125,11 @@ class RestoreKVPress(KVzipPress):
                 raise KeyError(f"{path} has no 'restore_embeddings' tensor (found {sorted(tensors)})")
             embeddings = tensors["restore_embeddings"]
             if not adapter_loaded:
+                check_peft_for_adapters()
                 model.load_adapter(source, adapter_name=self.adapter_name)
                 sources[self.adapter_name] = source
+        except ImportError:
+            raise
         except Exception as error:
             raise RuntimeError(
                 f"RestoreKVPress could not load its resources from {source!r} ({type(error).__name__}: {error}). "
@@ -146,7 +171,9 @@ class RestoreKVPress(KVzipPress):
         model.enable_adapters()
         try:
             with torch.no_grad():
-                model.model(inputs_embeds=embeddings, past_key_values=cache, position_ids=positions, use_cache=True)
+                model.model(
+                    inputs_embeds=embeddings, position_ids=positions, use_cache=True, **cache_kwargs(model.model, cache)
+                )
         finally:
             model.disable_adapters()
             self.encoding_restore_tokens = False

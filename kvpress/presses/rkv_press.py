@@ -20,6 +20,7 @@ from torch import nn
 
 from kvpress.presses.scorer_press import DecodingState, ScorerPress, log_eviction
 from kvpress.presses.snapkv_press import SnapKVPress, pad_with_top_score
+from kvpress.transformers_adapter import position_embeddings_of
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class RKVPress(ScorerPress):
     def importance(self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict):
         """Observation attention `(B, H, w, C)` of the last `window_size` queries and the importance `(B, H_kv, C)`."""
         weights = SnapKVPress.compute_window_attention(
-            module, hidden_states, keys, self.window_size, kwargs["position_embeddings"]
+            module, hidden_states, keys, self.window_size, position_embeddings_of(kwargs)
         )
         return weights, rkv_importance(weights, keys.shape[1], self.kernel_size)
 

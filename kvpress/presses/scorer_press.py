@@ -18,6 +18,7 @@ from torch import nn
 
 from kvpress.presses.base_press import BasePress, get_hook_inputs, layer_is_prefilling
 from kvpress.timing import attention_loss_rows, write_eviction_rows
+from kvpress.transformers_adapter import optional_position_embeddings, position_ids_of, replace_inputs
 from kvpress.utils import (
     cache_layer_length,
     extract_keys_and_values,
@@ -119,8 +120,8 @@ class DecodingState:
             return
         bsz = hidden_states.shape[0]
         new = {"hidden_states": hidden_states, "position_ids": positions}
-        position_embeddings = kwargs.get("position_embeddings")
-        if isinstance(position_embeddings, (tuple, list)) and len(position_embeddings) == 2:
+        position_embeddings = optional_position_embeddings(kwargs)
+        if position_embeddings is not None:
             # cos/sin may be shared by the batch (leading dim 1): store them per sequence
             new["cos"], new["sin"] = (t.expand(bsz, *t.shape[1:]) for t in position_embeddings)
         for name, value in new.items():
@@ -135,13 +136,12 @@ class DecodingState:
         """The remembered recent tokens as `(hidden_states, kwargs)` for `score`: their RoPE `position_embeddings`,
         `position_ids` (and `hidden_states`) replace the current forward's in a shallow copy of `kwargs`."""
         hidden_states = self.recent["hidden_states"]
-        scoring_kwargs = dict(kwargs)
-        if "hidden_states" in scoring_kwargs:
-            scoring_kwargs["hidden_states"] = hidden_states
+        changes: dict = {"position_ids": self.recent["position_ids"]}
+        if "hidden_states" in kwargs:
+            changes["hidden_states"] = hidden_states
         if "cos" in self.recent:
-            scoring_kwargs["position_embeddings"] = (self.recent["cos"], self.recent["sin"])
-        scoring_kwargs["position_ids"] = self.recent["position_ids"]
-        return hidden_states, scoring_kwargs
+            changes["position_embeddings"] = (self.recent["cos"], self.recent["sin"])
+        return hidden_states, replace_inputs(kwargs, **changes)
 
 
 _DECODING_STATES = "_kvpress_decoding_states"
@@ -415,8 +415,8 @@ class ScorerPress(BasePress):
         state: DecodingState, kwargs: dict, bsz: int, q_len: int, device: torch.device
     ) -> torch.Tensor:
         """Positions `(B, q)` of this forward's tokens: the model's `position_ids`, else the count of seen tokens."""
-        position_ids = kwargs.get("position_ids")
-        if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == q_len:
+        position_ids = position_ids_of(kwargs)
+        if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] == q_len:
             return position_ids.to(device=device, dtype=torch.long).expand(bsz, q_len)
         return torch.arange(state.seen, state.seen + q_len, device=device).expand(bsz, q_len)
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.snapkv_press import SnapKVPress
+from kvpress.transformers_adapter import position_embeddings_of
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class SimLayerKVPress(BasePress):
             self.compression_ratios.append(0.0)
             return keys, values
 
-        if not self.is_lazy(module, hidden_states, keys, kwargs["position_embeddings"]):
+        if not self.is_lazy(module, hidden_states, keys, position_embeddings_of(kwargs)):
             self.compression_ratios.append(0.0)
             return keys, values
 

@@ -13,6 +13,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from kvpress.presses.scorer_press import ScorerPress
+from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import apply_rope, attention_scaling, get_prerope_query_states
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class SnapKVPress(ScorerPress):
                     f"{type(self).__name__} recomputes the attention of the last window_size={window} queries but "
                     f"got the hidden states of only {hidden_states.shape[1]} tokens."
                 )
-            weights = self.compute_window_attention(module, hidden_states, keys, window, kwargs["position_embeddings"])
+            weights = self.compute_window_attention(module, hidden_states, keys, window, position_embeddings_of(kwargs))
         scores = weights.mean(dim=-2)
         n_scored = scores.shape[-1]
         scores = F.avg_pool1d(scores, kernel_size=self.kernel_size, padding=self.kernel_size // 2, stride=1)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kvpress.presses.base_press import BasePress
+from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import apply_rope, get_prerope_query_states, validate_compression_ratio
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class ThinKPress(BasePress):
     def channel_scores(self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict):
         """Importance of each key channel, `(B, H_kv, d)`."""
         bsz, num_kv_heads, _, head_dim = keys.shape
-        queries = self.compute_window_queries(module, hidden_states, kwargs["position_embeddings"])
+        queries = self.compute_window_queries(module, hidden_states, position_embeddings_of(kwargs))
         query_norm = queries.pow(2).mean(dim=2)  # (B, H, d)
         query_norm = query_norm.view(bsz, num_kv_heads, -1, head_dim).mean(dim=2)
         key_norm = keys.pow(2).mean(dim=2)  # (B, H_kv, d)

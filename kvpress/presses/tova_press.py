@@ -12,6 +12,7 @@ from torch import nn
 
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.snapkv_press import SnapKVPress, pad_with_top_score
+from kvpress.transformers_adapter import position_embeddings_of
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class TOVAPress(ScorerPress):
             weights = attentions[..., -1:, :-1]
         else:
             weights = SnapKVPress.compute_window_attention(
-                module, hidden_states, keys, 1, kwargs["position_embeddings"]
+                module, hidden_states, keys, 1, position_embeddings_of(kwargs)
             )
         # (B, H, 1, T - 1) -> mean over the query and over every head -> (B, 1, T - 1), shared by all KV heads.
         scores = weights.mean(dim=(1, 2)).unsqueeze(1)

@@ -9,6 +9,7 @@ from transformers import DynamicCache, pipeline
 
 from kvpress import AdaKVPress, KnormPress, RandomPress, ScorerPress, SnapKVPress, StreamingLLMPress
 from kvpress.presses.dms_press import DMSPress
+from kvpress.transformers_adapter import find_cache
 from tests.default_presses import default_presses
 from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, random_input_ids, saved_model_dir
 from tests.test_decoding_compression import decode_step_by_step
@@ -105,7 +106,7 @@ def test_knorm_scores_against_the_keys_themselves():
 
     def grab(module, args, kwargs, output):
         q_len = kwargs["hidden_states"].shape[1]
-        keys = kwargs["past_key_values"].layers[module.layer_idx].keys
+        keys = find_cache(kwargs).layers[module.layer_idx].keys
         recorded[module.layer_idx].append(-keys[0, :, -q_len:].norm(dim=-1))
 
     handles = [model.model.layers[i].self_attn.register_forward_hook(grab, with_kwargs=True) for i in (0, 1)]
@@ -216,8 +217,12 @@ def test_pipeline_with_prefill_only_dms_answers_several_questions():
     press = DMSPress(KnormPress(), threshold=-3.0, sliding_window_size=4)
     out = pipe("Some context to answer from. " * 2, questions=["a?", "b?"], press=press, max_new_tokens=3)
     assert len(out["answers"]) == 2
-    with pytest.raises(ValueError, match="single question"):
-        pipe("Some context.", questions=["a?", "b?"], press=DMSPress(KnormPress(), -3.0, 4, decoding=True))
+    # with decoding, each question is answered from the compressed context (state and masks rolled back)
+    decoding = DMSPress(KnormPress(), -3.0, 4, decoding=True)
+    context = "Some context to answer from. " * 2
+    together = pipe(context, questions=["a?", "b?"], press=decoding, max_new_tokens=4)["answers"]
+    fresh = DMSPress(KnormPress(), -3.0, 4, decoding=True)
+    assert together == [pipe(context, question=q, press=fresh, max_new_tokens=4)["answer"] for q in ("a?", "b?")]
 
 
 def test_bad_input_gives_clear_errors():

@@ -13,6 +13,7 @@ from kvpress.presses.h2o_press import ATTENTION_SUM, OBSERVATIONS, H2OPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.scorer_press import POSITIONS
 from kvpress.timing import EVICTION_LOG_COLUMNS
+from kvpress.transformers_adapter import find_cache, output_cache, replace_inputs
 from tests.fixtures import HEADS, KV_HEADS, PAD_ID, get_model, prefill, random_input_ids
 
 GROUPS = HEADS // KV_HEADS
@@ -51,13 +52,15 @@ def full_attention_weights(model, input_ids) -> dict:
     return weights
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
-def test_accumulated_attention_equals_a_direct_eager_computation(arch):
-    model = get_model(arch, "eager")
+def test_accumulated_attention_equals_a_direct_eager_computation(arch, attn_implementation):
+    """Under sdpa the press recomputes the weights itself; the eager model (same weights) is the reference."""
+    model = get_model(arch, attn_implementation)
     input_ids = random_input_ids(2, 20, seed=5)
     press = H2OPress(cache_budget=64)  # large enough that nothing is evicted
     feed(model, press, input_ids, n_prompt=12)
-    attentions = full_attention_weights(model, input_ids)
+    attentions = full_attention_weights(get_model(arch, "eager"), input_ids)
     n_tokens = input_ids.shape[1]
     for layer_idx, state in press.decoding_states.items():
         direct = group_mean(attentions[layer_idx].sum(dim=-2))  # attention each token received from all queries
@@ -67,22 +70,47 @@ def test_accumulated_attention_equals_a_direct_eager_computation(arch):
         assert state.entries[POSITIONS][0, 0].tolist() == list(range(n_tokens))
 
 
-def test_evictions_follow_the_lowest_mean_received_attention(tmp_path):
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_evictions_follow_the_lowest_mean_received_attention(tmp_path, attn_implementation):
     """Track every step's attention independently, per token position, and check the press's statistics, the token
-    it evicts at every step, and the attention-loss log against it."""
-    model = get_model("llama", "eager")
+    it evicts at every step, and the attention-loss log against it. Under sdpa the press recomputes the weights; the
+    reference weights come from the eager model with the same parameters, fed the same cache."""
+    model = get_model("llama", attn_implementation)
+    reference = get_model("llama", "eager")
     budget, n_prompt, n_tokens = 8, 12, 22
     press = H2OPress(cache_budget=budget)
     press.csv_path = str(tmp_path / "logs" / "h2o.csv")
     input_ids = random_input_ids(1, n_tokens, seed=7)
 
     step_attentions = {}
-    handles = [
-        layer.self_attn.register_forward_hook(
-            lambda module, args, output: step_attentions.__setitem__(module.layer_idx, output[1].detach())
-        )
-        for layer in model.model.layers
-    ]  # registered before the press: they see every forward's attention before any pruning
+
+    def record_eager(module, args, kwargs):
+        if attn_implementation == "sdpa":
+            # run the eager twin on a copy of this layer's cache before the sdpa layer appends to it
+            cache, twin = find_cache(kwargs), DynamicCache()
+            if module.layer_idx < len(cache.layers) and cache.layers[module.layer_idx].is_initialized:
+                layer = cache.layers[module.layer_idx]
+                twin.update(layer.keys.clone(), layer.values.clone(), module.layer_idx)
+            eager_module = reference.model.layers[module.layer_idx].self_attn
+            q_len = kwargs["hidden_states"].shape[1]
+            k_len = twin.get_seq_length(module.layer_idx) + q_len
+            # sdpa runs causal prefills with no mask (is_causal): give the eager twin the causal mask explicitly
+            future = torch.ones(q_len, k_len, dtype=torch.bool).triu(diagonal=k_len - q_len + 1)
+            causal = torch.zeros(1, 1, q_len, k_len).masked_fill(future, torch.finfo(torch.float32).min)
+            twin_kwargs = replace_inputs(kwargs, cache=twin, attention_mask=causal)
+            step_attentions[module.layer_idx] = eager_module(**twin_kwargs)[1].detach()
+
+    if attn_implementation == "eager":
+        handles = [
+            layer.self_attn.register_forward_hook(
+                lambda module, args, output: step_attentions.__setitem__(module.layer_idx, output[1].detach())
+            )
+            for layer in model.model.layers
+        ]  # registered before the press: they see every forward's attention before any pruning
+    else:
+        handles = [
+            layer.self_attn.register_forward_pre_hook(record_eager, with_kwargs=True) for layer in model.model.layers
+        ]
     tracked = {i: [dict() for _ in range(KV_HEADS)] for i in range(len(model.model.layers))}
     previous = {i: torch.empty(1, KV_HEADS, 0, dtype=torch.long) for i in tracked}
     expected_rows = []
@@ -200,10 +228,31 @@ def test_output_attentions_flag(keep):
     assert (seen[0] is not None) == keep
 
 
-def test_needs_eager_attention_and_valid_settings():
-    with pytest.raises(ValueError, match="attn_implementation='eager'"):
-        with H2OPress(cache_budget=8)(get_model("llama", "sdpa")):
-            pass
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sdpa_gives_the_eager_caches_through_generate(arch):
+    """H2OPress(cache_budget=256) as the reasoning fork's README uses it, on a model loaded with the default (sdpa)
+    attention: the same evictions as under eager attention, through `generate`."""
+    input_ids = random_input_ids(1, 30, seed=3)
+    results = {}
+    for implementation in ("eager", "sdpa"):
+        model = get_model(arch, implementation)
+        press = H2OPress(cache_budget=16)
+        with torch.no_grad(), press(model):
+            out = model.generate(input_ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+        cache = output_cache(out)
+        results[implementation] = (out.sequences, [layer.keys for layer in cache.layers], press)
+    assert torch.equal(results["eager"][0], results["sdpa"][0])
+    for eager_keys, sdpa_keys in zip(results["eager"][1], results["sdpa"][1]):
+        assert eager_keys.shape == sdpa_keys.shape
+        torch.testing.assert_close(eager_keys, sdpa_keys, atol=1e-5, rtol=1e-4)
+    eager_states, sdpa_states = results["eager"][2].decoding_states, results["sdpa"][2].decoding_states
+    assert eager_states.keys() == sdpa_states.keys() and eager_states
+    for layer_idx in eager_states:
+        assert torch.equal(eager_states[layer_idx].entries[POSITIONS], sdpa_states[layer_idx].entries[POSITIONS])
+        assert eager_states[layer_idx].entries[POSITIONS].shape[-1] <= 16
+
+
+def test_valid_settings():
     with pytest.raises(ValueError, match="n_recent must be a non-negative integer"):
         H2OPress(n_recent=-1)
     with pytest.raises(ValueError, match="cache_budget must be a non-negative integer"):

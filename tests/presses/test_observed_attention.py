@@ -1,11 +1,14 @@
 # SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
 # SPDX-License-Identifier: Apache-2.0
-"""ObservedAttentionPress: reference scores from the eager weights, the eager-only requirement, kept counts."""
+"""ObservedAttentionPress: reference scores from the eager weights, the same kept caches under sdpa (recomputed
+weights), kept counts."""
 
 import pytest
 import torch
 
 from kvpress import ObservedAttentionPress
+from kvpress.attention_weights import received_attention_sums
+from kvpress.transformers_adapter import find_cache, output_cache
 from tests.fixtures import (
     ARCHITECTURES,
     HEAD_DIM,
@@ -64,23 +67,46 @@ def test_scores_on_constructed_attention():
     assert scores[0, 0].argmax() == 0 and scores[0, 0, -1] == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_sdpa_model_is_refused_when_entering(arch):
-    model = get_model(arch, "sdpa")
-    press = ObservedAttentionPress(0.5)
-    with pytest.raises(ValueError, match="only eager attention returns.*attn_implementation='eager' \\(got 'sdpa'\\)"):
-        with press(model):
-            pytest.fail("the context must not be entered")
-    language_model = model.model.language_model if arch == "gemma3" else model.model
-    assert all(not press_hooks(layer.self_attn) for layer in language_model.layers)
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_sdpa_keeps_what_eager_keeps(arch):
+    """Without eager attention the press recomputes the weights from queries and keys (in chunks of queries): the
+    kept caches equal those of the eager model with the same parameters. (Padded batches: issue 22.)"""
+    input_ids = random_input_ids(2, 40, seed=4)
+    mask = torch.ones_like(input_ids)
+    caches = {}
+    for implementation in ("eager", "sdpa"):
+        model = get_model(arch, implementation)
+        with torch.no_grad(), ObservedAttentionPress(0.5)(model):
+            caches[implementation] = output_cache(model(input_ids, attention_mask=mask, use_cache=True))
+        language_model = model.model.language_model if arch == "gemma3" else model.model
+        assert all(not press_hooks(layer.self_attn) for layer in language_model.layers)
+    for eager_layer, sdpa_layer in zip(caches["eager"].layers, caches["sdpa"].layers):
+        assert eager_layer.keys.shape == sdpa_layer.keys.shape
+        torch.testing.assert_close(eager_layer.keys, sdpa_layer.keys, atol=1e-5, rtol=1e-4)
 
 
-def test_missing_attentions_in_score_raise():
+def test_recomputed_weights_are_chunked_and_exact():
+    """The recomputation in chunks of queries equals one full softmax, whatever the chunk size."""
     model = get_model("llama", "eager")
-    keys = torch.zeros(1, KV_HEADS, 8, HEAD_DIM)
-    attention = model.model.layers[0].self_attn
-    with pytest.raises(ValueError, match="attn_implementation='eager'"):
-        ObservedAttentionPress(0.5).score(attention, torch.zeros(1, 8, 64), keys, keys, None, {})
+    attention = model.model.layers[1].self_attn
+    hidden = torch.randn(1, 24, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    recorded = {}
+    handle = attention.register_forward_hook(
+        lambda m, a, kw, out: recorded.update(kwargs=kw, weights=out[1]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(inputs_embeds=hidden, use_cache=True)
+    finally:
+        handle.remove()
+    layer_input = recorded["kwargs"]["hidden_states"]
+    keys = find_cache(recorded["kwargs"]).layers[1].keys
+    for max_elements in (1 << 26, 24 * HEADS, 1):  # one chunk, one query row per chunk, minimal
+        sums, first = received_attention_sums(
+            attention, layer_input, keys, recorded["kwargs"], keep_first_batch_item=True, max_elements=max_elements
+        )
+        torch.testing.assert_close(sums, recorded["weights"].sum(dim=-2), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(first, recorded["weights"][0], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -1,0 +1,88 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Attention weights recomputed from queries and keys, for presses that need them under any attention backend.
+
+Only eager attention returns its weights. Presses that score with them (H2O, ObservedAttention, KVCompose) rebuild
+them here from the layer's hidden states and cached keys instead, by chunks of queries, so that nothing of size
+q_len x T is ever held at once: a decode step is one query row per head, a prefill is cut into chunks of at most
+`MAX_ATTENTION_ELEMENTS` weights. The numerics are the model's: RoPE'd queries, the layer's scaling, Gemma's
+logit soft-capping, causal masking at the queries' cache positions and the forward's 4-D attention mask (padding).
+"""
+
+from __future__ import annotations
+
+from typing import Generator, Optional
+
+import torch
+from torch import nn
+
+from kvpress.transformers_adapter import attention_mask_of, position_embeddings_of
+from kvpress.utils import apply_rope, attention_scaling, get_prerope_query_states
+
+# Weights held at once per chunk (float32): 2**26 is 256 MiB.
+MAX_ATTENTION_ELEMENTS = 1 << 26
+
+
+def causal_attention_chunks(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    keys: torch.Tensor,
+    kwargs: dict,
+    n_context: Optional[int] = None,
+    max_elements: int = MAX_ATTENTION_ELEMENTS,
+) -> Generator[tuple[int, int, torch.Tensor], None, None]:
+    """Attention weights of the forward's queries over the first `n_context` cached keys (all by default), by chunks.
+
+    The queries are the last `q_len` entries of the cache; query i sees the keys up to its own cache position. Yields
+    `(start, end, weights)` with weights `(B, H, end - start, n_context)` in float32.
+    """
+    bsz, num_kv_heads, k_len, _ = keys.shape
+    n_context = k_len if n_context is None else n_context
+    q_len = hidden_states.shape[1]
+    cos, sin = position_embeddings_of(kwargs)
+    queries = apply_rope(get_prerope_query_states(module, hidden_states), cos, sin)
+    num_heads = queries.shape[1]
+    expanded_keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=1)
+    mask = attention_mask_of(kwargs)
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] == k_len else None
+    softcap = getattr(module, "attn_logit_softcapping", None)
+    chunk = max(1, max_elements // max(1, bsz * num_heads * k_len))
+    positions = torch.arange(k_len, device=keys.device)
+    for start in range(0, q_len, chunk):
+        end = min(start + chunk, q_len)
+        logits = (queries[:, :, start:end] @ expanded_keys.transpose(2, 3)).float() * attention_scaling(module)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        query_positions = torch.arange(start, end, device=keys.device) + (k_len - q_len)
+        future = positions[None, :] > query_positions[:, None]
+        logits = logits.masked_fill(future, float("-inf"))
+        if mask is not None:
+            block = mask[:, :, start:end]
+            logits = logits.masked_fill(~block, float("-inf")) if block.dtype == torch.bool else logits + block.float()
+        yield start, end, logits.softmax(dim=-1)[..., :n_context]
+
+
+def received_attention_sums(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    keys: torch.Tensor,
+    kwargs: dict,
+    keep_first_batch_item: bool = False,
+    max_elements: int = MAX_ATTENTION_ELEMENTS,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The attention every cached key received from this forward's queries, summed over the queries.
+
+    Returns the sums `(B, H, T)` in float32 and, when `keep_first_batch_item`, the full weights of the first batch
+    item `(H, q_len, T)` (for eviction logs); the latter is None otherwise.
+    """
+    bsz, _, k_len, _ = keys.shape
+    sums = None
+    first_item = []
+    for _, _, weights in causal_attention_chunks(module, hidden_states, keys, kwargs, max_elements=max_elements):
+        part = weights.sum(dim=-2)
+        sums = part if sums is None else sums + part
+        if keep_first_batch_item:
+            first_item.append(weights[0])
+    if sums is None:  # a forward without queries
+        sums = keys.new_zeros(bsz, module.config.num_attention_heads, k_len, dtype=torch.float32)
+    return sums, (torch.cat(first_item, dim=1) if keep_first_batch_item and first_item else None)
