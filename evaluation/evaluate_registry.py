@@ -195,6 +195,12 @@ PRESS_SPECS: dict[str, Optional[PressSpec]] = {
     "compactor": _press("compactor_press", "CompactorPress"),
     "adakv_compactor": _adakv(_press("compactor_press", "CompactorPress")),
     "no_press": None,
+    # the reasoning fork's presses (use them with a cache_budget)
+    "h2o": _press("h2o_press", "H2OPress"),
+    "rkv": _press("rkv_press", "RKVPress"),
+    "rkv_lsh": _press("rkv_lsh_press", "RKVLSHPress"),
+    "snapkv_d": _snapkv(),
+    "full": _press("full_press", "FullPress"),
     "cam_streaming_llm": _cam(_streaming_llm()),
     "cam_knorm": _cam(_knorm()),
     "cam_adakv_snapkv": _cam(_adakv(_snapkv())),

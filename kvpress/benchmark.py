@@ -1,0 +1,544 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Speed and memory of presses, measured side by side: `python -m kvpress.benchmark --help`.
+
+For every (press, context length) it prefills random tokens with the press, then decodes greedily with the
+project's decoding loop (the pipeline's: one forward per token on the compressed cache), and records time to first
+token, prefill seconds, decode ms/token and tokens/s, peak GPU memory during prefill and during decode, the KV bytes
+resident after prefill, the achieved compression ratio (resident bytes, and entries left unmasked for head-wise
+presses), and the memory-bandwidth floor of a decode step (weights + resident KV over the copy bandwidth measured in
+the same run) with the ratio to it. A row `generate` times vanilla `model.generate` without a press.
+
+Each finished run is appended to `<output_dir>/results.jsonl` at once; a rerun skips the runs already there (delete
+the file or pass `--force` to measure again). A run that runs out of memory is a row with its error. The table is
+printed at the end and `plots.png` drawn when matplotlib is installed.
+
+Models: a Hub id, a local directory, or a named random-weight shape built from its config (`llama3.1-8b`,
+`qwen3-8b`, and `tiny` for CPU smoke runs), so no weights are needed to measure speed and memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTrainedModel, Qwen3Config
+
+import kvpress
+from kvpress.presses.base_press import BasePress
+from kvpress.transformers_adapter import cache_kwargs
+from kvpress.utils import get_language_model
+
+logger = logging.getLogger(__name__)
+
+SHAPES: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    "llama3.1-8b": lambda: LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=1 << 20,
+    ),
+    "qwen3-8b": lambda: Qwen3Config(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=1 << 20,
+    ),
+    "tiny": lambda: LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=1 << 16,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class PressRequest:
+    """One entry of `--presses`: a name (`none`, `generate`, an evaluation-registry name or a kvpress class name)
+    with a compression ratio and/or field settings, written `name[:ratio][:field=value...]`."""
+
+    text: str
+    name: str
+    ratio: Optional[float]
+    fields: tuple
+
+    @classmethod
+    def parse(cls, text: str) -> "PressRequest":
+        name, *parts = text.strip().split(":")
+        if not name:
+            raise ValueError(f"Empty press name in {text!r}; write name[:ratio][:field=value], e.g. knorm:0.5.")
+        ratio, fields = None, []
+        for part in parts:
+            if "=" in part:
+                key, value = part.split("=", 1)
+                fields.append((key, _number(value)))
+            else:
+                try:
+                    ratio = float(part)
+                except ValueError:
+                    raise ValueError(f"{part!r} in {text!r} is neither a ratio nor field=value.") from None
+        if name in ("none", "generate") and (ratio is not None or fields):
+            raise ValueError(f"{name!r} takes no settings, got {text!r}.")
+        return cls(text.strip(), name, ratio, tuple(fields))
+
+    def build(self) -> Optional[BasePress]:
+        if self.name in ("none", "generate"):
+            return None
+        press = _press_by_name(self.name)
+        if self.ratio is not None:
+            press.compression_ratio = self.ratio
+        for key, value in self.fields:
+            if key == "budget":
+                key = "cache_budget"
+            if not hasattr(press, key):
+                raise ValueError(f"{type(press).__name__} has no field {key!r} (from {self.text!r}).")
+            setattr(press, key, value)
+        return press
+
+
+def _number(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _press_by_name(name: str) -> BasePress:
+    """A fresh press: an evaluation-registry name (when the `evaluation` package is importable, i.e. from the
+    repository root) or a kvpress class name such as `KnormPress`."""
+    cls = getattr(kvpress, name, None)
+    if isinstance(cls, type) and issubclass(cls, BasePress):
+        return cls()
+    try:
+        from evaluation.evaluate_registry import PRESS_REGISTRY
+    except ImportError:
+        raise ValueError(
+            f"Unknown press {name!r}: pass a kvpress class name (e.g. KnormPress), or run from the repository root "
+            "to use the evaluation registry's names (e.g. knorm, snapkv, h2o)."
+        ) from None
+    press = PRESS_REGISTRY[name]
+    if press is None:
+        raise ValueError(f"{name!r} is the registry's no-press entry: use `none`.")
+    return press
+
+
+def load_model(name: str, device: str, dtype: torch.dtype, attn_implementation: str, trust_remote_code: bool):
+    """A named random-weight shape, or a model from the Hub or a local directory."""
+    if name in SHAPES:
+        config = SHAPES[name]()
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        ).to(device)
+    return model.eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak(device: torch.device) -> int:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def copy_bandwidth(device: torch.device, n_bytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted), measured now; 0 without CUDA."""
+    if device.type != "cuda":
+        return 0.0
+    source = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    del source, target
+    return 2 * n_bytes * repeats / seconds
+
+
+def kv_statistics(cache, model: PreTrainedModel) -> dict:
+    """KV bytes resident in `cache` and its entries (kept, and not masked by head-wise presses), all layers."""
+    resident, entries, unmasked = 0, 0, 0
+    attentions = {layer.self_attn.layer_idx: layer.self_attn for layer in get_language_model(model).layers}
+    for layer_idx, layer in enumerate(cache.layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
+            continue
+        resident += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+        n = keys.shape[0] * keys.shape[1] * keys.shape[2]
+        entries += n
+        masked = getattr(attentions.get(layer_idx), "masked_key_indices", None)
+        unmasked += n - (int(masked[0].numel()) if masked is not None else 0)
+    return {"kv_bytes": resident, "kv_entries": entries, "kv_unmasked_entries": unmasked}
+
+
+def full_kv_bytes(model: PreTrainedModel, batch: int, length: int) -> int:
+    """Bytes of an uncompressed cache of `length` tokens (sliding-window layers hold at most their window)."""
+    config = model.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None) or length
+    element = torch.finfo(model.dtype).bits // 8
+    per_token = 2 * batch * config.num_key_value_heads * head_dim * element
+    return sum(per_token * (min(length, window) if kind == "sliding_attention" else length) for kind in layer_types)
+
+
+def parameter_bytes(model: PreTrainedModel) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@torch.no_grad()
+def run_press(
+    model: PreTrainedModel, request: PressRequest, input_ids: torch.Tensor, max_new_tokens: int
+) -> dict[str, Any]:
+    """Prefill `input_ids` with the press, then decode greedily; times and memory of both phases."""
+    device = input_ids.device
+    press = request.build()
+    if request.name == "generate":
+        return _run_generate(model, input_ids, max_new_tokens)
+    batch, context_length = input_ids.shape
+    cache = DynamicCache(config=model.config)
+    _sync(device)
+    _reset_peak(device)
+    start = time.perf_counter()
+    with press(model) if press is not None else contextlib.nullcontext():
+        logits = model(input_ids=input_ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits
+    token = logits[:, -1:].argmax(-1)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    peak_prefill = _peak(device)
+    stats = kv_statistics(cache, model)
+
+    decoding = bool(getattr(press, "acts_during_decoding", False)) if press is not None else False
+    _reset_peak(device)
+    start = time.perf_counter()
+    with press(model) if decoding else contextlib.nullcontext():
+        for step in range(max_new_tokens - 1):
+            positions = torch.full((batch, 1), context_length + step, device=device)
+            logits = model(input_ids=token, position_ids=positions, logits_to_keep=1, **cache_kwargs(model, cache))
+            token = logits.logits[:, -1:].argmax(-1)
+    _sync(device)
+    decode = time.perf_counter() - start
+    steps = max(1, max_new_tokens - 1)
+    return {
+        "prefill_s": prefill,
+        "ttft_s": prefill,
+        "decode_ms_per_token": 1000 * decode / steps,
+        "tokens_per_s": batch * steps / decode if decode > 0 else 0.0,
+        "peak_prefill_bytes": peak_prefill,
+        "peak_decode_bytes": _peak(device),
+        **stats,
+        "kv_bytes_after_decode": kv_statistics(cache, model)["kv_bytes"],
+    }
+
+
+def _run_generate(model: PreTrainedModel, input_ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
+    """Vanilla `model.generate` (no press): its prefill is timed with one new token, decoding with the rest."""
+    device = input_ids.device
+    batch = input_ids.shape[0]
+    timings = {}
+    for n_new in (1, max_new_tokens):
+        _sync(device)
+        _reset_peak(device)
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+        _sync(device)
+        timings[n_new] = (time.perf_counter() - start, _peak(device), out)
+    prefill, peak_prefill, _ = timings[1]
+    total, peak, out = timings[max_new_tokens]
+    steps = max(1, max_new_tokens - 1)
+    decode = max(total - prefill, 0.0)
+    from kvpress.transformers_adapter import output_cache
+
+    stats = kv_statistics(output_cache(out), model)
+    return {
+        "prefill_s": prefill,
+        "ttft_s": prefill,
+        "decode_ms_per_token": 1000 * decode / steps,
+        "tokens_per_s": batch * steps / decode if decode > 0 else 0.0,
+        "peak_prefill_bytes": peak_prefill,
+        "peak_decode_bytes": peak,
+        **stats,
+        "kv_bytes_after_decode": stats["kv_bytes"],
+    }
+
+
+def run_key(row: dict) -> tuple:
+    return (
+        row["model"],
+        row["press"],
+        row["context_length"],
+        row["batch_size"],
+        row["max_new_tokens"],
+        row.get("cudnn_sdp", True),
+    )
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("Ignoring a truncated line of %s (a run killed while writing).", path)
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = [
+        ("press", "press", "{}"),
+        ("ctx", "context_length", "{}"),
+        ("bsz", "batch_size", "{}"),
+        ("prefill s", "prefill_s", "{:.3f}"),
+        ("decode ms/tok", "decode_ms_per_token", "{:.2f}"),
+        ("tok/s", "tokens_per_s", "{:.1f}"),
+        ("floor ms", "floor_ms", "{:.2f}"),
+        ("x floor", "ratio_to_floor", "{:.2f}"),
+        ("KV GiB", "kv_gib", "{:.3f}"),
+        ("ratio", "achieved_ratio", "{:.3f}"),
+        ("eff. ratio", "effective_ratio", "{:.3f}"),
+        ("peak prefill GiB", "peak_prefill_gib", "{:.2f}"),
+        ("peak decode GiB", "peak_decode_gib", "{:.2f}"),
+    ]
+    lines = [" | ".join(title for title, _, _ in columns)]
+    for row in rows:
+        if row.get("error"):
+            lines.append(f"{row['press']} | {row['context_length']} | {row['batch_size']} | error: {row['error']}")
+            continue
+        cells = []
+        for _, key, fmt in columns:
+            value = row.get(key)
+            cells.append(
+                "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
+            )
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def derive(row: dict, full_kv_bytes: Optional[float], weights: int, bandwidth: float) -> dict:
+    """Ratios of a measured row: achieved compression, floor of a decode step and the ratio to it, GiB columns."""
+    gib = float(1 << 30)
+    row["kv_gib"] = row["kv_bytes"] / gib
+    row["peak_prefill_gib"] = row["peak_prefill_bytes"] / gib
+    row["peak_decode_gib"] = row["peak_decode_bytes"] / gib
+    row["peak_prefill_above_weights_gib"] = max(row["peak_prefill_bytes"] - weights, 0) / gib
+    if full_kv_bytes:
+        row["achieved_ratio"] = 1 - row["kv_bytes"] / full_kv_bytes
+        unmasked = row["kv_unmasked_entries"] / max(row["kv_entries"], 1)
+        row["effective_ratio"] = 1 - (1 - row["achieved_ratio"]) * unmasked
+    if bandwidth > 0:
+        mean_kv = (row["kv_bytes"] + row["kv_bytes_after_decode"]) / 2
+        row["floor_ms"] = 1000 * (weights + mean_kv) / bandwidth
+        row["ratio_to_floor"] = row["decode_ms_per_token"] / row["floor_ms"]
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no plot drawn")
+        return None
+    good = [row for row in rows if not row.get("error")]
+    if not good:
+        return None
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for press in sorted({row["press"] for row in good}):
+        mine = sorted((row for row in good if row["press"] == press), key=lambda row: row["context_length"])
+        lengths = [row["context_length"] for row in mine]
+        axes[0].plot(lengths, [row["decode_ms_per_token"] for row in mine], marker="o", label=press)
+        axes[1].plot(lengths, [row["peak_decode_gib"] for row in mine], marker="o", label=press)
+        axes[2].plot(lengths, [row["kv_gib"] for row in mine], marker="o", label=press)
+    for axis, title in zip(axes, ("decode ms/token", "peak decode memory (GiB)", "KV resident after prefill (GiB)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context length (tokens)")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def environment(device: torch.device, bandwidth: float) -> dict:
+    info = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "cudnn_sdp": bool(torch.backends.cuda.cudnn_sdp_enabled()),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", default="tiny", help=f"Hub id, local directory, or a shape: {', '.join(SHAPES)}")
+    parser.add_argument("--presses", default="none,generate,knorm:0.5", help="e.g. none,knorm:0.5,h2o:budget=256")
+    parser.add_argument("--context_lengths", default="256", help="comma-separated, e.g. 8192,32768")
+    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output_dir", default="benchmark_results")
+    parser.add_argument("--trust_remote_code", action="store_true", help="only for models with their own code")
+    parser.add_argument("--force", action="store_true", help="measure again runs already in results.jsonl")
+    parser.add_argument(
+        "--disable_cudnn_sdp",
+        action="store_true",
+        help="turn PyTorch's cuDNN attention backend off (it builds a new plan for every new KV length)",
+    )
+    args = parser.parse_args(argv)
+
+    if args.max_new_tokens < 2:
+        parser.error("--max_new_tokens must be at least 2 (one prefill token and one decoding step)")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be positive")
+    try:
+        lengths = [int(value) for value in args.context_lengths.split(",") if value.strip()]
+    except ValueError:
+        parser.error(f"--context_lengths must be comma-separated integers, got {args.context_lengths!r}")
+    if not lengths or min(lengths) < 2:
+        parser.error("--context_lengths needs positive lengths of at least 2 tokens")
+    try:
+        requests = [PressRequest.parse(text) for text in args.presses.split(",") if text.strip()]
+        for request in requests:
+            request.build()  # every name and setting is checked before anything runs
+    except (ValueError, KeyError, TypeError) as error:
+        parser.error(f"--presses: {error}")
+
+    if args.disable_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(
+        torch, args.dtype
+    )
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results_path = output_dir / "results.jsonl"
+    if args.force and results_path.exists():
+        results_path.unlink()
+    done = {run_key(row): row for row in read_rows(results_path)}
+
+    model = load_model(args.model, str(device), dtype, args.attn_implementation, args.trust_remote_code)
+    vocab = model.config.get_text_config().vocab_size
+    bandwidth = copy_bandwidth(device)
+    weights = parameter_bytes(model)
+    env = environment(device, bandwidth)
+    logger.info("environment: %s", env)
+
+    runs = [(request, length) for length in lengths for request in requests]
+    rows = []
+    for request, length in tqdm(runs, desc="benchmark", unit="run"):
+        key = (args.model, request.text, length, args.batch_size, args.max_new_tokens, env["cudnn_sdp"])
+        if key in done:
+            rows.append(done[key])
+            continue
+        generator = torch.Generator().manual_seed(length)
+        input_ids = torch.randint(4, vocab, (args.batch_size, length), generator=generator).to(device)
+        row: dict[str, Any] = {
+            "model": args.model,
+            "press": request.text,
+            "context_length": length,
+            "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens,
+            "attn_implementation": args.attn_implementation,
+            "dtype": str(dtype).replace("torch.", ""),
+            "weights_bytes": weights,
+            **env,
+        }
+        try:
+            measured = run_press(model, request, input_ids, args.max_new_tokens)
+            # generate's cache also holds the new tokens (all but the last)
+            cached = length + (args.max_new_tokens - 1 if request.name == "generate" else 0)
+            full = full_kv_bytes(model, args.batch_size, cached)
+            row.update(derive(measured, full, weights, bandwidth))
+        except torch.cuda.OutOfMemoryError as error:
+            row["error"] = f"out of memory: {str(error).splitlines()[0]}"
+        finally:
+            del input_ids
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        append_row(results_path, row)
+        rows.append(row)
+
+    header = (
+        f"{args.model} on {env.get('gpu', env['device'])}, torch {env['torch']}, transformers {env['transformers']}"
+    )
+    if bandwidth:
+        header += f"; copy bandwidth {bandwidth / 1e12:.2f} TB/s, weights {weights / (1 << 30):.2f} GiB"
+    table = header + "\n" + format_table(rows) + "\n"
+    sys.stdout.write(table)  # the CLI's report
+    (output_dir / "table.txt").write_text(table)
+    plot(rows, output_dir / "plots.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

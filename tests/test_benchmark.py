@@ -1,0 +1,90 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The speed and memory benchmark on CPU with the tiny shape: rows, achieved ratios, resume, errors, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from kvpress import benchmark
+from kvpress.benchmark import PressRequest, main
+
+
+def run(tmp_path, *extra):
+    return main(
+        [
+            "--model",
+            "tiny",
+            "--context_lengths",
+            "96,128",
+            "--max_new_tokens",
+            "4",
+            "--output_dir",
+            str(tmp_path),
+            *extra,
+        ]
+    )
+
+
+def test_rows_measure_what_the_press_kept(tmp_path, capsys):
+    rows = run(tmp_path, "--presses", "none,generate,knorm:0.5,h2o:budget=32,adakv_snapkv:0.5,KnormPress:0.75")
+    assert len(rows) == 12 and not any(row.get("error") for row in rows)
+    by_key = {(row["press"], row["context_length"]): row for row in rows}
+    for length in (96, 128):
+        none = by_key[("none", length)]
+        # tiny shape: 2 layers, 2 KV heads, head_dim 16, float32 keys and values
+        assert none["kv_bytes"] == 2 * 2 * 2 * 16 * 4 * length and none["achieved_ratio"] == 0
+        assert by_key[("knorm:0.5", length)]["kv_bytes"] == none["kv_bytes"] // 2
+        assert by_key[("knorm:0.5", length)]["achieved_ratio"] == pytest.approx(0.5)
+        assert by_key[("KnormPress:0.75", length)]["achieved_ratio"] == pytest.approx(0.75)
+        assert by_key[("h2o:budget=32", length)]["kv_bytes"] == none["kv_bytes"] * 32 // length
+        # head-wise masking frees nothing: resident bytes unchanged, half of the entries masked
+        adakv = by_key[("adakv_snapkv:0.5", length)]
+        assert adakv["achieved_ratio"] == 0 and adakv["effective_ratio"] == pytest.approx(0.5, abs=0.02)
+        assert by_key[("generate", length)]["achieved_ratio"] == pytest.approx(0.0)
+        for row in (none, adakv):
+            assert row["decode_ms_per_token"] > 0 and row["tokens_per_s"] > 0 and row["prefill_s"] > 0
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["press"] for line in lines] == [row["press"] for row in rows]
+    assert "knorm:0.5" in (tmp_path / "table.txt").read_text() and "decode ms/tok" in capsys.readouterr().out
+
+
+def test_finished_runs_are_skipped_and_a_truncated_line_is_ignored(tmp_path, monkeypatch):
+    run(tmp_path, "--presses", "none")
+    with (tmp_path / "results.jsonl").open("a") as handle:
+        handle.write('{"model": "tiny", "press"')  # a run killed while writing
+    calls = []
+    monkeypatch.setattr(benchmark, "run_press", lambda *a, **k: calls.append(a) or pytest.fail("must not rerun"))
+    rows = run(tmp_path, "--presses", "none")
+    assert len(rows) == 2 and not calls
+
+
+def test_out_of_memory_is_a_row(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    monkeypatch.setattr(benchmark, "run_press", out_of_memory)
+    rows = run(tmp_path, "--presses", "knorm:0.5")
+    assert [row["error"] for row in rows] == ["out of memory: CUDA out of memory. Tried to allocate 80 GiB"] * 2
+
+
+@pytest.mark.parametrize(
+    "presses, message",
+    [("nope:0.5", "Unknown press 'nope'"), ("knorm:x", "neither a ratio"), ("knorm:1.5", "compression_ratio")],
+)
+def test_bad_presses_are_refused_before_anything_runs(tmp_path, presses, message, capsys):
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--presses", presses)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_press_request_parsing():
+    request = PressRequest.parse("h2o:budget=256:n_recent=8")
+    assert (request.name, request.ratio, request.fields) == ("h2o", None, (("budget", 256), ("n_recent", 8)))
+    press = request.build()
+    assert press.cache_budget == 256 and press.n_recent == 8
+    assert PressRequest.parse("none").build() is None
+    with pytest.raises(ValueError, match="takes no settings"):
+        PressRequest.parse("none:0.5")
