@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from kvpress.inplace_cache import inplace_attention_mask
+
 logger = logging.getLogger(__name__)
 
 _PATCHED_FLAG = "_kvpress_patched"
@@ -130,7 +132,17 @@ def attention_patch(func: Callable) -> Callable:
         if "cu_seq_lens_k" in kwargs and kwargs["cu_seq_lens_k"] is not None:
             # flash-attn varlen lengths must follow the (possibly compressed) cache length
             kwargs["cu_seq_lens_k"][-1] = key.shape[-2]
-        attention_mask = fit_mask_to_keys(attention_mask, query.shape[2], key.shape[2])
+        inplace_mask = inplace_attention_mask(module, query, key)
+        if inplace_mask is not None:
+            # a preallocated decoding buffer: its own valid slots, whatever mask the model sized for layer 0
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.is_floating_point():
+                attention_mask = torch.zeros(inplace_mask.shape, dtype=attention_mask.dtype, device=query.device)
+                attention_mask = attention_mask.masked_fill(~inplace_mask, torch.finfo(attention_mask.dtype).min)
+            else:
+                attention_mask = inplace_mask
+            kwargs.pop("is_causal", None)
+        else:
+            attention_mask = fit_mask_to_keys(attention_mask, query.shape[2], key.shape[2])
         return func(module, query, key, value, attention_mask, *args, **kwargs)
 
     setattr(wrapper, _PATCHED_FLAG, True)

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, Cache, DynamicCache, Pipeline, QuantizedCache
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.press_state import restore_press_state, snapshot_press_state
 from kvpress.presses.base_press import BasePress
 from kvpress.transformers_adapter import cache_kwargs
@@ -74,6 +75,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         max_context_length: Optional[int] = None,
         enable_thinking: bool = False,
         cache: Optional[Cache] = None,
+        inplace_decoding: bool = True,
         **kwargs,
     ):
         if question is not None and questions is not None:
@@ -105,7 +107,14 @@ class KVPressTextGenerationPipeline(Pipeline):
             "max_context_length": max_context_length,
             "enable_thinking": enable_thinking,
         }
-        forward_kwargs = {"press": press, "max_new_tokens": max_new_tokens, "cache": cache}
+        if not isinstance(inplace_decoding, bool):
+            raise TypeError(f"inplace_decoding must be True or False, got {inplace_decoding!r}.")
+        forward_kwargs = {
+            "press": press,
+            "max_new_tokens": max_new_tokens,
+            "cache": cache,
+            "inplace_decoding": inplace_decoding,
+        }
         return preprocess_kwargs, forward_kwargs, postprocess_kwargs
 
     def preprocess(
@@ -154,6 +163,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         max_new_tokens: int = 50,
         press: Optional[BasePress] = None,
         cache: Optional[Cache] = None,
+        inplace_decoding: bool = True,
     ):
         context_ids = input_tensors["context_ids"].to(self.model.device)
         context_length = context_ids.shape[1]
@@ -178,19 +188,37 @@ class KVPressTextGenerationPipeline(Pipeline):
             decoding_context = press.track_timing(self.model)
         else:
             decoding_context = contextlib.nullcontext()
+        if _uses_rerotated_positions(press):
+            context_length = cache.get_seq_length()
+        questions = input_tensors["questions_ids"]
+        if inplace_decoding and not decoding and can_decode_in_place(self.model, cache):
+            # The compressed cache is copied once into preallocated buffers; the answers are written in place and the
+            # user's cache keeps the compressed context, as with the rollback below.
+            extra = max(q.shape[1] for q in questions) + max_new_tokens
+            answer_cache = InPlaceCache.from_cache(cache, extra_tokens=extra, model=self.model)
+            lengths = answer_cache.lengths()
+            try:
+                with decoding_context:
+                    answers = []
+                    for question_ids in questions:
+                        answer_cache.rollback(lengths)
+                        question_ids = question_ids.to(self.model.device)
+                        answers.append(self.generate_answer(question_ids, answer_cache, context_length, max_new_tokens))
+            finally:
+                InPlaceCache.detach(self.model)
+            return answers
+
         answers = []
         with decoding_context:
             # Every question is answered from the compressed context: the cache (and a decoding press's state) is
             # rolled back before each question after the first.
             context_snapshot = snapshot_cache(cache)
             press_snapshot = snapshot_press_state(press, self.model) if decoding else None
-            for index, question_ids in enumerate(input_tensors["questions_ids"]):
+            for index, question_ids in enumerate(questions):
                 if index > 0:
                     restore_cache(cache, context_snapshot)
                     if press_snapshot is not None:
                         restore_press_state(press_snapshot, self.model)
-                if _uses_rerotated_positions(press):
-                    context_length = cache.get_seq_length()
                 answers.append(
                     self.generate_answer(question_ids.to(self.model.device), cache, context_length, max_new_tokens)
                 )

@@ -9,9 +9,11 @@ Every registered hook is wrapped by `kvpress.timing`, so any press reports its t
 from __future__ import annotations
 
 import logging
+import numbers
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Generator, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -28,7 +30,13 @@ from transformers import (
 
 from kvpress.timing import telemetry_of, timed_hook
 from kvpress.transformers_adapter import CacheWatch, find_cache, hook_inputs, input_tokens_of, replace_inputs
-from kvpress.utils import cache_layer_length, extract_keys_and_values, get_language_model, write_keys_and_values
+from kvpress.utils import (
+    cache_layer_length,
+    extract_keys_and_values,
+    get_language_model,
+    validate_compression_ratio,
+    write_keys_and_values,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +123,73 @@ def _continue_at_cache_length(module: nn.Module, args: tuple, kwargs: dict):
     return args, replace_inputs(kwargs, position_ids=positions)
 
 
+# A field check takes the press, the field's name and the value being assigned; it raises a ValueError/TypeError that
+# says what is allowed, or returns the value to store (e.g. a numpy scalar as a Python number).
+FieldCheck = Callable[[Any, str, Any], Any]
+
+
+def ratio_check(allow_one: bool = False) -> FieldCheck:
+    """The field check of a compression ratio: a real number in [0, 1) ([0, 1] with `allow_one`), stored as float."""
+
+    def check(press: Any, name: str, value: Any) -> float:
+        return validate_compression_ratio(value, name=name, allow_one=allow_one)
+
+    return check
+
+
+def integer_check(minimum: int, meaning: str) -> FieldCheck:
+    """The field check of an integer >= `minimum` (`meaning` says what it counts); numpy integers are stored as int."""
+
+    def check(press: Any, name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            raise ValueError(
+                f"{type(press).__name__}.{name} must be an integer >= {minimum} ({meaning}), got {value!r}."
+            )
+        return int(value)
+
+    return check
+
+
+# True while `_assign_unchecked` runs: the field checks are skipped for that one assignment (and what it triggers).
+_CHECKS_SUSPENDED: ContextVar[bool] = ContextVar("kvpress_field_checks_suspended", default=False)
+
+
+def _assign_unchecked(press: Any, name: str, value: Any) -> None:
+    token = _CHECKS_SUSPENDED.set(True)
+    try:
+        setattr(press, name, value)
+    finally:
+        _CHECKS_SUSPENDED.reset(token)
+
+
+def _field_check(cls: type, name: str) -> Optional[FieldCheck]:
+    """The check of field `name` of press class `cls`: the nearest `field_checks` entry along the MRO. None when
+    `name` is no dataclass field of `cls`, or is one shadowed by a property (its setter decides: wrappers delegate to
+    the inner press, computed ratios refuse to be set)."""
+    if name not in getattr(cls, "__dataclass_fields__", {}) or isinstance(getattr(cls, name, None), property):
+        return None
+    for klass in cls.__mro__:
+        checks = klass.__dict__.get("field_checks")
+        if checks is not None and name in checks:
+            return checks[name]
+    return None
+
+
+@contextmanager
+def compression_ratio_set_to(press: Any, ratio: float) -> Generator:
+    """`press.compression_ratio` is `ratio` inside the block and its previous value after it.
+
+    For a press that applies a ratio it already validated, to an inner press or to itself: PerLayerCompressionPress's
+    per-layer ratios (1 allowed), RestoreKV's enlarged ratio. These two assignments skip the field checks, which
+    would refuse 1; the block itself does not."""
+    saved = press.compression_ratio
+    _assign_unchecked(press, "compression_ratio", ratio)
+    try:
+        yield
+    finally:
+        _assign_unchecked(press, "compression_ratio", saved)
+
+
 @dataclass
 class BasePress:
     """Base class of every press.
@@ -129,6 +204,19 @@ class BasePress:
 
     # Not dataclass fields: plain attributes a user may set on an instance, as in the fork.
     csv_path: ClassVar[Optional[str]] = None
+
+    # Checks of dataclass fields, by name, run on every assignment: in the constructor and whenever a field is set
+    # later (`press.compression_ratio = 1.5` raises the constructor's error). Subclasses declare their own fields'
+    # checks in their own `field_checks`; the nearest class along the MRO that names a field gives its check.
+    field_checks: ClassVar[Mapping[str, FieldCheck]] = {"compression_ratio": ratio_check()}
+
+    if not TYPE_CHECKING:  # hidden from mypy, which keeps checking assignments against the declared attributes
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            check = _field_check(type(self), name)
+            if check is not None and not _CHECKS_SUSPENDED.get():
+                value = check(self, name, value)
+            super().__setattr__(name, value)
 
     @property
     def latency(self) -> bool:

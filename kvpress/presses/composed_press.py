@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, ClassVar, Mapping, Optional
 
-from kvpress.presses.base_press import BasePress
+from kvpress.presses.base_press import BasePress, FieldCheck
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,27 @@ def _composition_problem(press: BasePress) -> Optional[str]:
     return None
 
 
+def _check_presses(press: Any, name: str, value: Any) -> list[BasePress]:
+    """A non-empty list (or tuple) of presses that can be chained, stored as a list."""
+    if isinstance(value, BasePress) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"ComposedPress takes a list of presses, got {type(value).__name__}.")
+    if len(value) == 0:
+        raise ValueError(
+            "ComposedPress takes a non-empty list of presses, got an empty one: it would compress nothing. Pass at "
+            "least one press (or use the press alone)."
+        )
+    for position, inner in enumerate(value):
+        if not isinstance(inner, BasePress):
+            raise TypeError(
+                f"ComposedPress takes a list of presses; presses[{position}] is a {type(inner).__name__}, not a "
+                "kvpress press (a BasePress instance)."
+            )
+        problem = _composition_problem(inner)
+        if problem is not None:
+            raise ValueError(f"ComposedPress cannot contain presses[{position}]: {problem}.")
+    return list(value)
+
+
 @dataclass
 class ComposedPress(BasePress):
     """Chain presses: each one compresses the cache left by the previous one, layer by layer.
@@ -40,19 +61,7 @@ class ComposedPress(BasePress):
 
     presses: list[BasePress]
 
-    def __post_init__(self):
-        if isinstance(self.presses, BasePress) or not isinstance(self.presses, (list, tuple)):
-            raise TypeError(f"ComposedPress takes a list of presses, got {type(self.presses).__name__}.")
-        self.presses = list(self.presses)
-        for position, press in enumerate(self.presses):
-            if not isinstance(press, BasePress):
-                raise TypeError(
-                    f"ComposedPress takes a list of presses; presses[{position}] is a {type(press).__name__}, not a "
-                    "kvpress press (a BasePress instance)."
-                )
-            problem = _composition_problem(press)
-            if problem is not None:
-                raise ValueError(f"ComposedPress cannot contain presses[{position}]: {problem}.")
+    field_checks: ClassVar[Mapping[str, FieldCheck]] = {"presses": _check_presses}
 
     @property
     def compression_ratio(self) -> Optional[float]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar, Mapping
 
+from kvpress.presses.base_press import FieldCheck, ratio_check
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.transformers_adapter import position_ids_of
-from kvpress.utils import validate_compression_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +31,7 @@ class CompressionRatioDecodingPress(DecodingPress):
     target_size: int = field(default=1, init=False)
     target_compression_ratio: float = 0.5
 
-    def __post_init__(self):
-        super().__post_init__()
-        validate_compression_ratio(self.target_compression_ratio, name="target_compression_ratio")
+    field_checks: ClassVar[Mapping[str, FieldCheck]] = {"target_compression_ratio": ratio_check()}
 
     def _resolve_target_size(self, kwargs: dict) -> int:
         position_ids = position_ids_of(kwargs)

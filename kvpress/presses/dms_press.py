@@ -12,16 +12,17 @@ kvpress (https://github.com/NVIDIA/kvpress).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
 
-from kvpress.presses.base_press import BasePress, get_hook_inputs, layer_is_prefilling
+from kvpress.presses.base_press import BasePress, FieldCheck, get_hook_inputs, layer_is_prefilling
 from kvpress.presses.decoding_press import CANNOT_SCORE_DURING_DECODING, decoding_problem, validate_int
 from kvpress.presses.scorer_press import ScorerPress, require_scorer_press
-from kvpress.utils import extract_keys_and_values
+from kvpress.utils import extract_keys_and_values, real_number
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,23 @@ CANNOT_SCORE_NEW_TOKENS_ALONE = {
     "CURPress": "it normalises scores over windows of the scored sequence",
 }
 PER_TOKEN_SCORERS = "KnormPress, RandomPress, KVzapPress, QFilterPress or your own per-token ScorerPress"
+
+
+def _check_threshold(press: Any, name: str, value: Any) -> Optional[float]:
+    """None (to be set before the first forward) or a real number, stored as float. NaN is refused: no score is
+    below it, so nothing would ever be evicted. -inf (evict nothing) and inf (evict every token once it leaves the
+    sliding window) are allowed."""
+    if value is None:
+        return None
+    number = real_number(value)
+    if number is None:
+        raise TypeError(f"DMSPress.threshold must be a number (tokens scored below it are evicted), got {value!r}.")
+    if math.isnan(number):
+        raise ValueError(
+            "DMSPress.threshold must be a number, not NaN: no score is below NaN, so no token would ever be evicted. "
+            "Tokens scored below the threshold are evicted, e.g. DMSPress(KVzapPress(), threshold=-4.0)."
+        )
+    return number
 
 
 @dataclass
@@ -61,6 +79,8 @@ class DMSPress(BasePress):
     # Masks index the cache as this press leaves it; a press that removed tokens afterwards would break them.
     composable: ClassVar[bool] = False
 
+    field_checks: ClassVar[Mapping[str, FieldCheck]] = {"threshold": _check_threshold}
+
     def __post_init__(self):
         require_scorer_press(self, self.press)
         budget = getattr(self.press, "cache_budget", 0)
@@ -68,12 +88,6 @@ class DMSPress(BasePress):
             raise ValueError(
                 f"DMSPress evicts by threshold and only uses its press's score; the cache_budget={budget} of "
                 f"{type(self.press).__name__} would be ignored: set cache_budget=0."
-            )
-        if self.threshold is not None and (
-            isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
-        ):
-            raise TypeError(
-                f"DMSPress.threshold must be a number (tokens scored below it are evicted), " f"got {self.threshold!r}."
             )
         validate_int(self, "sliding_window_size", self.sliding_window_size, 0)
         if not isinstance(self.decoding, bool):

@@ -19,14 +19,14 @@ import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from io import StringIO
-from typing import Any, ClassVar, Hashable, Sequence
+from typing import Any, ClassVar, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from kvpress.presses.base_press import BasePress
+from kvpress.presses.base_press import BasePress, FieldCheck, ratio_check
 from kvpress.utils import (
     apply_rope,
     attention_scaling,
@@ -34,7 +34,6 @@ from kvpress.utils import (
     get_prerope_key_states,
     get_prerope_query_states,
     rope_cos_sin,
-    validate_compression_ratio,
 )
 
 logger = logging.getLogger(__name__)
@@ -293,8 +292,9 @@ class DuoAttentionPress(BasePress):
     # at the wrong entries.
     composable: ClassVar[bool] = False
 
+    field_checks: ClassVar[Mapping[str, FieldCheck]] = {"head_compression_ratio": ratio_check(allow_one=True)}
+
     def __post_init__(self) -> None:
-        validate_compression_ratio(self.head_compression_ratio, name="head_compression_ratio", allow_one=True)
         self._streaming_fraction = 0.0
 
     @staticmethod

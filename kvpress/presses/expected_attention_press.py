@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar, Mapping
 
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from kvpress.presses.base_press import FieldCheck, integer_check
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.snapkv_press import group_mean, pad_with_top_score
 from kvpress.transformers_adapter import position_ids_of
@@ -37,6 +39,8 @@ class ExpectedAttentionPress(ScorerPress):
     use_covariance: bool = True
     use_vnorm: bool = True
     epsilon: float = 0.0
+
+    field_checks: ClassVar[Mapping[str, FieldCheck]] = {"n_sink": integer_check(0, "first tokens always kept")}
 
     def get_query_statistics(
         self, module: nn.Module, hidden_states: torch.Tensor, start_position: int | None = None

@@ -6,13 +6,28 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List
+from typing import Any, ClassVar, List, Mapping
 
-from kvpress.presses.base_press import BasePress
+from kvpress.presses.base_press import BasePress, FieldCheck, compression_ratio_set_to
 from kvpress.presses.scorer_press import ScorerPress, require_scorer_press
 from kvpress.utils import get_language_model, validate_compression_ratio
 
 logger = logging.getLogger(__name__)
+
+
+def _check_layer_ratios(press: Any, name: str, value: Any) -> list[float]:
+    """A non-empty list of compression ratios in [0, 1], one per decoder layer, stored as floats."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise TypeError(
+            "compression_ratios must be a list with one compression ratio per decoder layer, got "
+            f"{type(value).__name__}."
+        )
+    if len(value) == 0:
+        raise ValueError("compression_ratios must hold one compression ratio per decoder layer, got an empty list.")
+    return [
+        validate_compression_ratio(ratio, name=f"compression_ratios[{layer_idx}]", allow_one=True)
+        for layer_idx, ratio in enumerate(value)
+    ]
 
 
 @dataclass
@@ -27,18 +42,10 @@ class PerLayerCompressionPress(BasePress):
     press: ScorerPress
     compression_ratios: List[float]
 
+    field_checks: ClassVar[Mapping[str, FieldCheck]] = {"compression_ratios": _check_layer_ratios}
+
     def __post_init__(self):
         require_scorer_press(self, self.press)
-        if isinstance(self.compression_ratios, (str, bytes)) or not hasattr(self.compression_ratios, "__len__"):
-            raise TypeError(
-                "compression_ratios must be a list with one compression ratio per decoder layer, got "
-                f"{type(self.compression_ratios).__name__}."
-            )
-        self.compression_ratios = list(self.compression_ratios)
-        if len(self.compression_ratios) == 0:
-            raise ValueError("compression_ratios must hold one compression ratio per decoder layer, got an empty list.")
-        for layer_idx, ratio in enumerate(self.compression_ratios):
-            validate_compression_ratio(ratio, name=f"compression_ratios[{layer_idx}]", allow_one=True)
 
     @property
     def compression_ratio(self) -> float:
@@ -66,9 +73,9 @@ class PerLayerCompressionPress(BasePress):
                 f"PerLayerCompressionPress has {len(self.compression_ratios)} compression_ratios, none for layer "
                 f"{layer_idx}; give exactly one ratio per decoder layer."
             )
-        original = self.press.compression_ratio
-        self.press.compression_ratio = self.compression_ratios[layer_idx]
-        try:
+        # checked again here: an item of the list may have been replaced since it was assigned
+        ratio = validate_compression_ratio(
+            self.compression_ratios[layer_idx], name=f"compression_ratios[{layer_idx}]", allow_one=True
+        )
+        with compression_ratio_set_to(self.press, ratio):
             return self.press.forward_hook(module, input, kwargs, output)
-        finally:
-            self.press.compression_ratio = original

@@ -4,13 +4,27 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
 
+from kvpress.presses.base_press import FieldCheck
 from kvpress.presses.scorer_press import ScorerPress
+
+
+def _check_seed(press: Any, name: str, value: Any) -> Optional[int]:
+    """None (unseeded) or an integer (numpy integers are stored as int)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{type(press).__name__}.seed must be an integer (the same seed gives the same scores) or None (fresh "
+            f"random scores on every call), got {value!r}."
+        )
+    return int(value)
 
 
 @dataclass
@@ -23,6 +37,8 @@ class RandomPress(ScorerPress):
     """
 
     seed: Optional[int] = None
+
+    field_checks: ClassVar[Mapping[str, FieldCheck]] = {"seed": _check_seed}
 
     @property
     def decoding_window(self) -> int:

@@ -22,6 +22,7 @@ import transformers
 from packaging import version
 from transformers import PreTrainedModel
 
+from kvpress.presses.base_press import compression_ratio_set_to
 from kvpress.presses.kvzip_press import KVzipPress, compressed_attention_modules
 from kvpress.transformers_adapter import cache_kwargs
 
@@ -183,9 +184,8 @@ class RestoreKVPress(KVzipPress):
         if self.compression_ratio <= 0 or self.score_val is None:
             return
         self.append_restore_tokens(model)
-        requested = self.compression_ratio
-        self.compression_ratio = min(1.0, requested + self.num_restore_tokens / self.context_length)
-        try:
+        # up to 1 (more restore tokens than the context can pay for): set without the [0, 1) check of the field
+        with compression_ratio_set_to(
+            self, min(1.0, self.compression_ratio + self.num_restore_tokens / self.context_length)
+        ):
             super().compress_post(model)
-        finally:
-            self.compression_ratio = requested

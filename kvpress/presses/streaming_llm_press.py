@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Mapping
 
 import torch
 from torch import nn
 
+from kvpress.presses.base_press import FieldCheck, integer_check
 from kvpress.presses.scorer_press import ScorerPress
 
 
@@ -22,6 +24,8 @@ class StreamingLLMPress(ScorerPress):
     """
 
     n_sink: int = 4
+
+    field_checks: ClassVar[Mapping[str, FieldCheck]] = {"n_sink": integer_check(0, "first tokens always kept")}
 
     @property
     def decoding_window(self) -> int:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar, Mapping
 
 import torch
 from torch import nn
 
-from kvpress.presses.base_press import BasePress
+from kvpress.presses.base_press import BasePress, FieldCheck, ratio_check
 from kvpress.transformers_adapter import position_embeddings_of
-from kvpress.utils import apply_rope, get_prerope_query_states, validate_compression_ratio
+from kvpress.utils import apply_rope, get_prerope_query_states
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,9 @@ class ThinKPress(BasePress):
     key_channel_compression_ratio: float = 0.0
     window_size: int = 32
 
+    field_checks: ClassVar[Mapping[str, FieldCheck]] = {"key_channel_compression_ratio": ratio_check()}
+
     def __post_init__(self) -> None:
-        validate_compression_ratio(self.key_channel_compression_ratio, name="key_channel_compression_ratio")
         window = self.window_size
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(

@@ -1,0 +1,175 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""A decoding cache that does not copy: preallocated per-layer buffers written in place.
+
+After prefill (and compression) the cache of each layer is copied once into a buffer with room for the question and
+the answer (capacity rounded up to a bucket, so that samples of nearby lengths share shapes). Each decoding step then
+writes its keys and values in place at the layer's own length: no `torch.cat` of the whole cache per token, no new
+allocation per step, and the attention always sees the same key length (the capacity), so attention backends that
+plan per shape (cuDNN) plan once per bucket instead of once per step and per layer length.
+
+Attention over the buffer hides the unused slots with a per-layer mask built from the layer's own length (layers may
+hold different lengths, e.g. after PyramidKV): `attention_patch` asks `inplace_attention_mask` for it. Rolling back
+after a question only resets the lengths. Presses cannot resize these layers (they raise `CannotCompressError`):
+convert after the presses that act on the context, and keep the dynamic cache for presses that act during decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import CacheLayerMixin
+
+from kvpress.transformers_adapter import CannotCompressError
+
+DEFAULT_BUCKET = 1024
+_LAYER_ATTRIBUTE = "_kvpress_inplace_layer"
+
+
+def bucketed_capacity(length: int, bucket: int = DEFAULT_BUCKET) -> int:
+    """`length` rounded up to a multiple of `bucket` (at least one bucket)."""
+    if bucket < 1:
+        raise ValueError(f"bucket must be a positive number of tokens, got {bucket!r}")
+    return max(bucket, -(-length // bucket) * bucket)
+
+
+class InPlaceLayer(CacheLayerMixin):
+    """One layer: `keys`/`values` `(B, H, capacity, d)` buffers, valid slots `[0, length)`. Not a DynamicLayer, so
+    presses refuse to resize it."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        self.is_initialized = True
+        bsz, heads, length, _ = keys.shape
+        if capacity < length:
+            raise ValueError(f"capacity {capacity} is smaller than the {length} cached tokens")
+        self.capacity = capacity
+        self.keys = keys.new_zeros(bsz, heads, capacity, keys.shape[-1])
+        self.values = values.new_zeros(bsz, heads, capacity, values.shape[-1])
+        self.keys[:, :, :length].copy_(keys)
+        self.values[:, :, :length].copy_(values)
+        self.length = length
+        self.device = keys.device
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n_new = key_states.shape[-2]
+        end = self.length + n_new
+        if end > self.capacity:
+            raise CannotCompressError(
+                f"The in-place decoding cache holds {self.capacity} tokens per layer and this forward would bring it "
+                f"to {end}: build it with a larger `extra_tokens` (question + answer tokens) or bucket."
+            )
+        self.keys[:, :, self.length : end].copy_(key_states)
+        self.values[:, :, self.length : end].copy_(value_states)
+        self.length = end
+        return self.keys, self.values
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to do: the buffers exist from the start."""
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.length
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.capacity, 0
+
+    def get_max_cache_shape(self, *args, **kwargs) -> int:
+        return self.capacity
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def valid_keys(self) -> torch.Tensor:
+        return self.keys[:, :, : self.length]
+
+    @property
+    def valid_values(self) -> torch.Tensor:
+        return self.values[:, :, : self.length]
+
+
+class InPlaceCache(DynamicCache):
+    """A cache of `InPlaceLayer`s, built from a filled (compressed) cache by `InPlaceCache.from_cache`."""
+
+    @classmethod
+    def from_cache(
+        cls, cache: Cache, extra_tokens: int, bucket: int = DEFAULT_BUCKET, model: Optional[torch.nn.Module] = None
+    ) -> "InPlaceCache":
+        """Copy every layer of `cache` into buffers with room for `extra_tokens` more tokens (rounded up to `bucket`
+        over the longest layer). With `model`, its attention modules learn their layer (for the masks)."""
+        if extra_tokens < 0:
+            raise ValueError(f"extra_tokens must be non-negative, got {extra_tokens!r}")
+        layers = []
+        for layer in cache.layers:
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or getattr(layer, "is_sliding", False):
+                raise CannotCompressError(
+                    f"InPlaceCache copies full-attention dynamic layers; got {type(layer).__name__} (sliding-window "
+                    "or empty layers, e.g. Gemma3's, keep the dynamic cache)."
+                )
+            layers.append((keys, values))
+        capacity = bucketed_capacity(max(k.shape[2] for k, _ in layers) + extra_tokens, bucket)
+        new = cls()
+        new.layers = [InPlaceLayer(keys, values, capacity) for keys, values in layers]  # type: ignore[misc]
+        if model is not None:
+            new.attach(model)
+        return new
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Tell each attention module of `model` which in-place layer it reads (for its mask)."""
+        for module in model.modules():
+            layer_idx = getattr(module, "layer_idx", None)
+            if isinstance(layer_idx, int) and hasattr(module, "o_proj") and layer_idx < len(self.layers):
+                module.__dict__[_LAYER_ATTRIBUTE] = self.layers[layer_idx]
+
+    @staticmethod
+    def detach(model: torch.nn.Module) -> None:
+        for module in model.modules():
+            module.__dict__.pop(_LAYER_ATTRIBUTE, None)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    def lengths(self) -> list[int]:
+        return [layer.length for layer in self.layers]  # type: ignore[attr-defined]
+
+    def rollback(self, lengths: list[int]) -> None:
+        """Forget every token written after the layers held `lengths` (the buffers are simply overwritten later)."""
+        for layer, length in zip(self.layers, lengths):
+            layer.length = length  # type: ignore[attr-defined]
+
+
+def inplace_attention_mask(module, query: torch.Tensor, key: torch.Tensor):
+    """For an attention module reading an in-place layer, the `(1, 1, q, capacity)` boolean mask of the slots each of
+    this forward's queries may see (the valid slots, causal among the new tokens); None for any other module."""
+    layer = module.__dict__.get(_LAYER_ATTRIBUTE)
+    if layer is None or key.shape[2] != layer.capacity:
+        return None
+    q_len = query.shape[2]
+    last = layer.length - q_len  # slot of the first new token
+    slots = torch.arange(layer.capacity, device=query.device)
+    limits = torch.arange(last + 1, last + 1 + q_len, device=query.device)
+    return (slots[None, :] < limits[:, None])[None, None]
+
+
+def can_decode_in_place(model: torch.nn.Module, cache: Cache) -> bool:
+    """Whether `cache` can be copied into an `InPlaceCache` for decoding `model`: a plain dynamic cache (no quantized,
+    sliding-window or empty layer) under sdpa or eager attention (flash attention takes no mask)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from kvpress.utils import attention_implementation
+
+    if attention_implementation(model) not in ("sdpa", "eager") or not cache.layers:
+        return False
+    return all(
+        type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4
+        for layer in cache.layers
+    )
