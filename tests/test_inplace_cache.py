@@ -1,0 +1,133 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The in-place decoding cache gives the answers and logits of the copying loop, for every press family, on layers of
+different lengths, across questions; it never grows, and presses cannot resize it."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvpress import (
+    AdaKVPress,
+    CannotCompressError,
+    KeyRerotationPress,
+    KnormPress,
+    KVPressTextGenerationPipeline,
+    PyramidKVPress,
+    SnapKVPress,
+    StreamingLLMPress,
+)
+from kvpress.inplace_cache import InPlaceCache, bucketed_capacity, can_decode_in_place
+from kvpress.transformers_adapter import cache_kwargs
+from kvpress.utils import write_keys_and_values
+from tests.fixtures import get_model, load_tokenizer, random_input_ids
+
+pytestmark = pytest.mark.core
+
+CONTEXT = "The quick brown fox jumps over the lazy dog. " * 4
+QUESTIONS = ["Who jumps?", "What colour is the fox?", "Is the dog lazy?"]
+
+PRESSES = {
+    "none": lambda: None,
+    "knorm": lambda: KnormPress(0.5),
+    "streaming_llm": lambda: StreamingLLMPress(0.6, n_sink=2),
+    "pyramidkv": lambda: PyramidKVPress(0.5, window_size=4),  # layers of different lengths
+    "adakv_snapkv": lambda: AdaKVPress(SnapKVPress(0.5, window_size=4)),  # head-wise masks
+    "rerotation": lambda: KeyRerotationPress(KnormPress(0.5)),
+}
+
+
+def make_pipeline(arch: str = "llama", attn_implementation: str = "sdpa") -> KVPressTextGenerationPipeline:
+    model = get_model(arch, attn_implementation)
+    return KVPressTextGenerationPipeline(model=model, tokenizer=load_tokenizer(False), device="cpu")
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", sorted(PRESSES))
+def test_same_answers_as_the_copying_loop(name, attn_implementation):
+    pipe = make_pipeline("llama", attn_implementation)
+    answers = {}
+    caches = {}
+    for inplace in (True, False):
+        cache = DynamicCache(config=pipe.model.config)
+        answers[inplace] = pipe(
+            CONTEXT, questions=QUESTIONS, press=PRESSES[name](), max_new_tokens=8, cache=cache, inplace_decoding=inplace
+        )["answers"]
+        caches[inplace] = cache
+    assert answers[True] == answers[False]
+    # the user's cache holds the compressed context either way
+    for layer, ref_layer in zip(caches[True].layers, caches[False].layers):
+        assert torch.equal(layer.keys, ref_layer.keys)
+
+
+@pytest.mark.parametrize("name", ["none", "knorm", "pyramidkv"])
+def test_logits_equal_the_copying_loop(name):
+    """Step by step, the in-place cache's logits equal the dynamic cache's (float32, CPU)."""
+    model = get_model("llama")
+    ids = random_input_ids(1, 48, seed=3)
+    press = PRESSES[name]()
+    dynamic = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model) if press is not None else torch.no_grad():
+        model(ids, **cache_kwargs(model, dynamic))
+    inplace = InPlaceCache.from_cache(dynamic, extra_tokens=8, bucket=16, model=model)
+    assert inplace.lengths() == [layer.keys.shape[2] for layer in dynamic.layers]
+    buffers = [layer.keys.data_ptr() for layer in inplace.layers]
+    try:
+        token = torch.tensor([[7]])
+        for step in range(6):
+            position = torch.tensor([[48 + step]])
+            with torch.no_grad():
+                expected = model(input_ids=token, position_ids=position, **cache_kwargs(model, dynamic)).logits
+                got = model(input_ids=token, position_ids=position, **cache_kwargs(model, inplace)).logits
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            token = expected[:, -1:].argmax(-1)
+    finally:
+        InPlaceCache.detach(model)
+    # written in place: same buffers, lengths advanced per layer
+    assert [layer.keys.data_ptr() for layer in inplace.layers] == buffers
+    assert inplace.lengths() == [layer.keys.shape[2] for layer in dynamic.layers]
+
+
+def test_capacity_is_bucketed_and_never_exceeded():
+    assert bucketed_capacity(1, 1024) == 1024 and bucketed_capacity(1025, 1024) == 2048
+    with pytest.raises(ValueError, match="bucket must be a positive"):
+        bucketed_capacity(10, 0)
+    model = get_model("llama")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(random_input_ids(1, 10), **cache_kwargs(model, cache))
+    inplace = InPlaceCache.from_cache(cache, extra_tokens=2, bucket=12, model=model)
+    try:
+        assert [layer.capacity for layer in inplace.layers] == [12, 12]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 6]]), **cache_kwargs(model, inplace))
+            with pytest.raises(CannotCompressError, match="holds 12 tokens per layer.*bring it to 13"):
+                model(input_ids=torch.tensor([[5]]), **cache_kwargs(model, inplace))
+    finally:
+        InPlaceCache.detach(model)
+
+
+def test_presses_cannot_resize_an_inplace_layer():
+    model = get_model("llama")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(random_input_ids(1, 10), **cache_kwargs(model, cache))
+    inplace = InPlaceCache.from_cache(cache, extra_tokens=4)
+    with pytest.raises(CannotCompressError, match="Cannot resize layer 0 of InPlaceCache"):
+        write_keys_and_values(inplace, 0, cache.layers[0].keys[:, :, :5], cache.layers[0].values[:, :, :5])
+
+
+def test_where_the_inplace_path_applies():
+    model = get_model("llama")
+    cache = DynamicCache(config=model.config)
+    assert not can_decode_in_place(model, cache)  # empty
+    with torch.no_grad():
+        model(random_input_ids(1, 10), **cache_kwargs(model, cache))
+    assert can_decode_in_place(model, cache)
+    gemma = get_model("gemma3_text")
+    gemma_cache = DynamicCache(config=gemma.config)
+    with torch.no_grad():
+        gemma(random_input_ids(1, 10), **cache_kwargs(gemma, gemma_cache))
+    assert not can_decode_in_place(gemma, gemma_cache)  # sliding-window layers keep the dynamic cache
+    with pytest.raises(TypeError, match="inplace_decoding must be True or False"):
+        make_pipeline()(CONTEXT, question="Who?", inplace_decoding="yes")
