@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTrainedModel, Qwen3Config
 
 import kvpress
+from kvpress.graphed_decoding import GraphedDecodeStep, graphable
+from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.presses.base_press import BasePress
 from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import get_language_model
@@ -227,11 +229,22 @@ def parameter_bytes(model: PreTrainedModel) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+DECODE_LOOPS = ("dynamic", "inplace", "graph")
+
+
+class NotApplicable(ValueError):
+    """A decoding loop that cannot serve this press or model (the row records why)."""
+
+
 @torch.no_grad()
 def run_press(
-    model: PreTrainedModel, request: PressRequest, input_ids: torch.Tensor, max_new_tokens: int
+    model: PreTrainedModel, request: PressRequest, input_ids: torch.Tensor, max_new_tokens: int, loop: str = "dynamic"
 ) -> dict[str, Any]:
-    """Prefill `input_ids` with the press, then decode greedily; times and memory of both phases."""
+    """Prefill `input_ids` with the press, then decode greedily; times and memory of both phases.
+
+    `loop`: `dynamic` is the copying loop (a DynamicCache that concatenates every step, as upstream), `inplace` the
+    preallocated in-place cache (`kvpress.inplace_cache`), `graph` the same with each step replayed from a CUDA graph
+    (`kvpress.graphed_decoding`)."""
     device = input_ids.device
     press = request.build()
     if request.name == "generate":
@@ -250,17 +263,41 @@ def run_press(
     stats = kv_statistics(cache, model)
 
     decoding = bool(getattr(press, "acts_during_decoding", False)) if press is not None else False
+    decode_cache: Any = cache
+    step_fn = None
+    capture = 0.0
+    if loop != "dynamic":
+        if decoding or not can_decode_in_place(model, cache):
+            raise NotApplicable(f"the {loop} loop does not apply (a press acting during decoding, or this cache)")
+        decode_cache = InPlaceCache.from_cache(cache, extra_tokens=max_new_tokens + 2, model=model)
+        del cache
+        if loop == "graph":
+            if not graphable(model, decode_cache):
+                raise NotApplicable("the graph loop needs CUDA and no head-wise masks")
+            start = time.perf_counter()
+            step_fn = GraphedDecodeStep(model, decode_cache, batch_size=batch)
+            _sync(device)
+            capture = time.perf_counter() - start
     _reset_peak(device)
     start = time.perf_counter()
-    with press(model) if decoding else contextlib.nullcontext():
-        for step in range(max_new_tokens - 1):
-            positions = torch.full((batch, 1), context_length + step, device=device)
-            logits = model(input_ids=token, position_ids=positions, logits_to_keep=1, **cache_kwargs(model, cache))
-            token = logits.logits[:, -1:].argmax(-1)
-    _sync(device)
+    try:
+        with press(model) if decoding else contextlib.nullcontext():
+            for step in range(max_new_tokens - 1):
+                positions = torch.full((batch, 1), context_length + step, device=device)
+                if step_fn is not None:
+                    logits = step_fn(token, positions)
+                else:
+                    logits = model(
+                        input_ids=token, position_ids=positions, logits_to_keep=1, **cache_kwargs(model, decode_cache)
+                    ).logits
+                token = logits[:, -1:].argmax(-1)
+        _sync(device)
+    finally:
+        InPlaceCache.detach(model)
     decode = time.perf_counter() - start
     steps = max(1, max_new_tokens - 1)
     return {
+        "graph_capture_s": capture,
         "prefill_s": prefill,
         "ttft_s": prefill,
         "decode_ms_per_token": 1000 * decode / steps,
@@ -268,7 +305,7 @@ def run_press(
         "peak_prefill_bytes": peak_prefill,
         "peak_decode_bytes": _peak(device),
         **stats,
-        "kv_bytes_after_decode": kv_statistics(cache, model)["kv_bytes"],
+        "kv_bytes_after_decode": kv_statistics(decode_cache, model)["kv_bytes"],
     }
 
 
@@ -314,6 +351,7 @@ def run_key(row: dict) -> tuple:
     return (
         row["model"],
         row["press"],
+        row.get("decode_loop", "dynamic"),
         row["context_length"],
         row["batch_size"],
         row["max_new_tokens"],
@@ -343,6 +381,7 @@ def append_row(path: Path, row: dict) -> None:
 def format_table(rows: list[dict]) -> str:
     columns = [
         ("press", "press", "{}"),
+        ("loop", "decode_loop", "{}"),
         ("ctx", "context_length", "{}"),
         ("bsz", "batch_size", "{}"),
         ("prefill s", "prefill_s", "{:.3f}"),
@@ -359,7 +398,10 @@ def format_table(rows: list[dict]) -> str:
     lines = [" | ".join(title for title, _, _ in columns)]
     for row in rows:
         if row.get("error"):
-            lines.append(f"{row['press']} | {row['context_length']} | {row['batch_size']} | error: {row['error']}")
+            lines.append(
+                f"{row['press']} | {row.get('decode_loop', '-')} | {row['context_length']} | {row['batch_size']} | "
+                f"error: {row['error']}"
+            )
             continue
         cells = []
         for _, key, fmt in columns:
@@ -442,6 +484,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--presses", default="none,generate,knorm:0.5", help="e.g. none,knorm:0.5,h2o:budget=256")
     parser.add_argument("--context_lengths", default="256", help="comma-separated, e.g. 8192,32768")
     parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument(
+        "--decode_loops",
+        default="dynamic,inplace",
+        help=f"comma-separated, of {', '.join(DECODE_LOOPS)} (graph: CUDA only); `generate` rows run once",
+    )
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--attn_implementation", default="sdpa")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float32")
@@ -475,6 +522,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
     if args.disable_cudnn_sdp:
         torch.backends.cuda.enable_cudnn_sdp(False)
+    loops = [loop.strip() for loop in args.decode_loops.split(",") if loop.strip()]
+    unknown = [loop for loop in loops if loop not in DECODE_LOOPS]
+    if unknown or not loops:
+        parser.error(f"--decode_loops: unknown {unknown}; allowed: {', '.join(DECODE_LOOPS)}")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(
         torch, args.dtype
@@ -493,10 +544,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     env = environment(device, bandwidth)
     logger.info("environment: %s", env)
 
-    runs = [(request, length) for length in lengths for request in requests]
+    runs = [
+        (request, length, loop)
+        for length in lengths
+        for request in requests
+        for loop in (["generate"] if request.name == "generate" else loops)
+    ]
     rows = []
-    for request, length in tqdm(runs, desc="benchmark", unit="run"):
-        key = (args.model, request.text, length, args.batch_size, args.max_new_tokens, env["cudnn_sdp"])
+    for request, length, loop in tqdm(runs, desc="benchmark", unit="run"):
+        key = (args.model, request.text, loop, length, args.batch_size, args.max_new_tokens, env["cudnn_sdp"])
         if key in done:
             rows.append(done[key])
             continue
@@ -505,6 +561,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         row: dict[str, Any] = {
             "model": args.model,
             "press": request.text,
+            "decode_loop": loop,
             "context_length": length,
             "batch_size": args.batch_size,
             "max_new_tokens": args.max_new_tokens,
@@ -514,13 +571,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             **env,
         }
         try:
-            measured = run_press(model, request, input_ids, args.max_new_tokens)
+            measured = run_press(model, request, input_ids, args.max_new_tokens, loop)
             # generate's cache also holds the new tokens (all but the last)
             cached = length + (args.max_new_tokens - 1 if request.name == "generate" else 0)
             full = full_kv_bytes(model, args.batch_size, cached)
             row.update(derive(measured, full, weights, bandwidth))
         except torch.cuda.OutOfMemoryError as error:
             row["error"] = f"out of memory: {str(error).splitlines()[0]}"
+        except NotApplicable as error:
+            row["error"] = f"not applicable: {error}"
         finally:
             del input_ids
             if device.type == "cuda":

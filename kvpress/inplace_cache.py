@@ -54,6 +54,9 @@ class InPlaceLayer(CacheLayerMixin):
         self.keys[:, :, :length].copy_(keys)
         self.values[:, :, :length].copy_(values)
         self.length = length
+        # The same length on the device: writes and masks read it, so a decoding step needs no host value and can be
+        # captured once in a CUDA graph and replayed (`kvpress.graphed_decoding`).
+        self.position = torch.tensor(length, dtype=torch.long, device=keys.device)
         self.device = keys.device
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -64,10 +67,17 @@ class InPlaceLayer(CacheLayerMixin):
                 f"The in-place decoding cache holds {self.capacity} tokens per layer and this forward would bring it "
                 f"to {end}: build it with a larger `extra_tokens` (question + answer tokens) or bucket."
             )
-        self.keys[:, :, self.length : end].copy_(key_states)
-        self.values[:, :, self.length : end].copy_(value_states)
+        slots = self.position + torch.arange(n_new, device=self.position.device)
+        self.keys.index_copy_(2, slots, key_states.to(self.keys.dtype))
+        self.values.index_copy_(2, slots, value_states.to(self.values.dtype))
+        self.position.add_(n_new)
         self.length = end
         return self.keys, self.values
+
+    def set_length(self, length: int) -> None:
+        """Forget the slots from `length` on (they are overwritten by later tokens)."""
+        self.length = length
+        self.position.fill_(length)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to do: the buffers exist from the start."""
@@ -85,7 +95,7 @@ class InPlaceLayer(CacheLayerMixin):
         return self.capacity
 
     def reset(self) -> None:
-        self.length = 0
+        self.set_length(0)
 
     @property
     def valid_keys(self) -> torch.Tensor:
@@ -144,7 +154,7 @@ class InPlaceCache(DynamicCache):
     def rollback(self, lengths: list[int]) -> None:
         """Forget every token written after the layers held `lengths` (the buffers are simply overwritten later)."""
         for layer, length in zip(self.layers, lengths):
-            layer.length = length  # type: ignore[attr-defined]
+            layer.set_length(length)  # type: ignore[attr-defined]
 
 
 def inplace_attention_mask(module, query: torch.Tensor, key: torch.Tensor):
@@ -154,9 +164,9 @@ def inplace_attention_mask(module, query: torch.Tensor, key: torch.Tensor):
     if layer is None or key.shape[2] != layer.capacity:
         return None
     q_len = query.shape[2]
-    last = layer.length - q_len  # slot of the first new token
+    # after the update, the layer's position is one past the last new token; new token i sits at position - q + i
     slots = torch.arange(layer.capacity, device=query.device)
-    limits = torch.arange(last + 1, last + 1 + q_len, device=query.device)
+    limits = layer.position.to(query.device) - q_len + 1 + torch.arange(q_len, device=query.device)
     return (slots[None, :] < limits[:, None])[None, None]
 
 

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, Cache, DynamicCache, Pipeline, QuantizedCache
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from kvpress.graphed_decoding import GraphedDecodeStep, graphable
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.press_state import restore_press_state, snapshot_press_state
 from kvpress.presses.base_press import BasePress
@@ -76,6 +77,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         enable_thinking: bool = False,
         cache: Optional[Cache] = None,
         inplace_decoding: bool = True,
+        cuda_graph: bool = False,
         **kwargs,
     ):
         if question is not None and questions is not None:
@@ -107,13 +109,15 @@ class KVPressTextGenerationPipeline(Pipeline):
             "max_context_length": max_context_length,
             "enable_thinking": enable_thinking,
         }
-        if not isinstance(inplace_decoding, bool):
-            raise TypeError(f"inplace_decoding must be True or False, got {inplace_decoding!r}.")
+        for name, flag in (("inplace_decoding", inplace_decoding), ("cuda_graph", cuda_graph)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}.")
         forward_kwargs = {
             "press": press,
             "max_new_tokens": max_new_tokens,
             "cache": cache,
             "inplace_decoding": inplace_decoding,
+            "cuda_graph": cuda_graph,
         }
         return preprocess_kwargs, forward_kwargs, postprocess_kwargs
 
@@ -164,6 +168,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         press: Optional[BasePress] = None,
         cache: Optional[Cache] = None,
         inplace_decoding: bool = True,
+        cuda_graph: bool = False,
     ):
         context_ids = input_tensors["context_ids"].to(self.model.device)
         context_length = context_ids.shape[1]
@@ -195,15 +200,23 @@ class KVPressTextGenerationPipeline(Pipeline):
             # The compressed cache is copied once into preallocated buffers; the answers are written in place and the
             # user's cache keeps the compressed context, as with the rollback below.
             extra = max(q.shape[1] for q in questions) + max_new_tokens
-            answer_cache = InPlaceCache.from_cache(cache, extra_tokens=extra, model=self.model)
+            answer_cache = InPlaceCache.from_cache(cache, extra_tokens=extra + 2, model=self.model)
             lengths = answer_cache.lengths()
             try:
+                step = None
+                if cuda_graph and graphable(self.model, answer_cache):
+                    step = GraphedDecodeStep(self.model, answer_cache)
+                elif cuda_graph:
+                    logger.info("cuda_graph: not applicable here (no CUDA, or head-wise masks); decoding without it")
                 with decoding_context:
                     answers = []
                     for question_ids in questions:
                         answer_cache.rollback(lengths)
                         question_ids = question_ids.to(self.model.device)
-                        answers.append(self.generate_answer(question_ids, answer_cache, context_length, max_new_tokens))
+                        graph = {"decode_step": step} if step is not None else {}
+                        answers.append(
+                            self.generate_answer(question_ids, answer_cache, context_length, max_new_tokens, **graph)
+                        )
             finally:
                 InPlaceCache.detach(self.model)
             return answers
@@ -229,9 +242,15 @@ class KVPressTextGenerationPipeline(Pipeline):
         return answers
 
     def generate_answer(
-        self, question_ids: torch.Tensor, cache: Cache, context_length: int, max_new_tokens: int
+        self,
+        question_ids: torch.Tensor,
+        cache: Cache,
+        context_length: int,
+        max_new_tokens: int,
+        decode_step: Optional[GraphedDecodeStep] = None,
     ) -> str:
-        """Greedy decoding of one answer. The question continues at position `context_length` (logical positions)."""
+        """Greedy decoding of one answer. The question continues at position `context_length` (logical positions).
+        With `decode_step` (a CUDA graph over an in-place cache), each new token is one graph replay."""
         position_ids = torch.arange(context_length, context_length + question_ids.shape[1], device=self.model.device)
         position_ids = position_ids.unsqueeze(0)
         with_cache = cache_kwargs(self.model, cache)
@@ -245,10 +264,13 @@ class KVPressTextGenerationPipeline(Pipeline):
         elif not isinstance(eos_token_ids, list):
             eos_token_ids = [eos_token_ids]
         for step in range(max_new_tokens - 1):
-            outputs = self.model(
-                input_ids=generated[-1].view(1, 1), position_ids=position_ids + step, logits_to_keep=1, **with_cache
-            )
-            generated.append(outputs.logits[0, -1].argmax())
+            if decode_step is not None:
+                logits = decode_step(generated[-1].view(1, 1), position_ids + step)
+            else:
+                logits = self.model(
+                    input_ids=generated[-1].view(1, 1), position_ids=position_ids + step, logits_to_keep=1, **with_cache
+                ).logits
+            generated.append(logits[0, -1].argmax())
             if generated[-1].item() in eos_token_ids:
                 break
         answer: str = self.tokenizer.decode(torch.stack(generated), skip_special_tokens=True)

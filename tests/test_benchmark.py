@@ -28,7 +28,8 @@ def run(tmp_path, *extra):
 
 
 def test_rows_measure_what_the_press_kept(tmp_path, capsys):
-    rows = run(tmp_path, "--presses", "none,generate,knorm:0.5,h2o:budget=32,adakv_snapkv:0.5,KnormPress:0.75")
+    presses = "none,generate,knorm:0.5,h2o:budget=32,adakv_snapkv:0.5,KnormPress:0.75"
+    rows = run(tmp_path, "--presses", presses, "--decode_loops", "dynamic")
     assert len(rows) == 12 and not any(row.get("error") for row in rows)
     by_key = {(row["press"], row["context_length"]): row for row in rows}
     for length in (96, 128):
@@ -51,12 +52,12 @@ def test_rows_measure_what_the_press_kept(tmp_path, capsys):
 
 
 def test_finished_runs_are_skipped_and_a_truncated_line_is_ignored(tmp_path, monkeypatch):
-    run(tmp_path, "--presses", "none")
+    run(tmp_path, "--presses", "none", "--decode_loops", "dynamic")
     with (tmp_path / "results.jsonl").open("a") as handle:
         handle.write('{"model": "tiny", "press"')  # a run killed while writing
     calls = []
     monkeypatch.setattr(benchmark, "run_press", lambda *a, **k: calls.append(a) or pytest.fail("must not rerun"))
-    rows = run(tmp_path, "--presses", "none")
+    rows = run(tmp_path, "--presses", "none", "--decode_loops", "dynamic")
     assert len(rows) == 2 and not calls
 
 
@@ -65,7 +66,7 @@ def test_out_of_memory_is_a_row(tmp_path, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
 
     monkeypatch.setattr(benchmark, "run_press", out_of_memory)
-    rows = run(tmp_path, "--presses", "knorm:0.5")
+    rows = run(tmp_path, "--presses", "knorm:0.5", "--decode_loops", "dynamic")
     assert [row["error"] for row in rows] == ["out of memory: CUDA out of memory. Tried to allocate 80 GiB"] * 2
 
 
@@ -88,3 +89,18 @@ def test_press_request_parsing():
     assert PressRequest.parse("none").build() is None
     with pytest.raises(ValueError, match="takes no settings"):
         PressRequest.parse("none:0.5")
+
+
+def test_decode_loops_side_by_side(tmp_path):
+    """The in-place loop keeps what the press kept (resident buffers: the bucketed capacity); the CUDA-graph loop is
+    a 'not applicable' row without CUDA, and a press acting during decoding keeps the copying loop only."""
+    rows = run(tmp_path, "--presses", "knorm:0.5,h2o:budget=32", "--decode_loops", "dynamic,inplace,graph")
+    by_key = {(row["press"], row["decode_loop"], row["context_length"]): row for row in rows}
+    for length in (96, 128):
+        dynamic, inplace = by_key[("knorm:0.5", "dynamic", length)], by_key[("knorm:0.5", "inplace", length)]
+        assert inplace["kv_bytes"] == dynamic["kv_bytes"] and inplace["achieved_ratio"] == pytest.approx(0.5)
+        assert inplace["kv_bytes_after_decode"] == 2 * 2 * 2 * 16 * 4 * 1024  # one bucket of 1024 slots
+        assert inplace["decode_ms_per_token"] > 0
+        assert by_key[("knorm:0.5", "graph", length)]["error"].startswith("not applicable")
+        assert by_key[("h2o:budget=32", "inplace", length)]["error"].startswith("not applicable")
+        assert not by_key[("h2o:budget=32", "dynamic", length)].get("error")

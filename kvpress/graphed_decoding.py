@@ -1,0 +1,75 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""One greedy decoding step captured in a CUDA graph over an `InPlaceCache`, replayed for every token.
+
+A decode step of a transformers model at batch 1 is hundreds of small kernels launched from Python; on a fast GPU
+the launches, not the bytes, set its time. The in-place cache keeps every shape fixed and every write and mask on
+device tensors, so the whole step can be recorded once (`torch.cuda.CUDAGraph`) and replayed with new token and
+position ids: one launch per token. The graph reads the token and positions from static input buffers and leaves
+the logits in a static output buffer (read it before the next step).
+
+Not for head-wise presses (their fake-key search is a data-dependent loop) nor for presses that act during decoding;
+`graphable` says whether a model and cache qualify.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvpress.inplace_cache import InPlaceCache
+from kvpress.transformers_adapter import CannotCompressError, cache_kwargs
+
+
+def graphable(model: torch.nn.Module, cache: InPlaceCache) -> bool:
+    """Whether a decoding step of `model` over `cache` can be captured: CUDA, and no head-wise masks to apply."""
+    if not cache.layers or cache.layers[0].keys.device.type != "cuda":  # type: ignore[union-attr]
+        return False
+    return all(getattr(module, "masked_key_indices", None) is None for module in model.modules())
+
+
+class GraphedDecodeStep:
+    """`step(token, position_ids) -> logits (B, 1, vocab)`: one decoding forward, replayed from a CUDA graph."""
+
+    def __init__(self, model: torch.nn.Module, cache: InPlaceCache, batch_size: int = 1, warmup: int = 2):
+        if not graphable(model, cache):
+            raise CannotCompressError(
+                "A CUDA-graph decoding step needs an in-place cache on a CUDA device and no head-wise masks "
+                "(AdaKV-style presses search fake keys step by step); decode without the graph instead."
+            )
+        self.model, self.cache = model, cache
+        device = cache.layers[0].keys.device  # type: ignore[union-attr]
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        lengths = cache.lengths()
+        if min(layer.capacity - length for layer, length in zip(cache.layers, lengths)) < warmup:  # type: ignore
+            raise CannotCompressError("The in-place cache has no room for the warm-up steps of the CUDA graph.")
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(warmup):  # kernels choose their algorithms and allocate their workspaces outside capture
+                self._forward()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        cache.rollback(lengths)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+        cache.rollback(lengths)  # capture ran the Python side only: put the host lengths back
+
+    def _forward(self) -> torch.Tensor:
+        with_cache = cache_kwargs(self.model, self.cache)
+        return self.model(input_ids=self.token, position_ids=self.position_ids, logits_to_keep=1, **with_cache).logits
+
+    def __call__(self, token: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        for layer in self.cache.layers:
+            if layer.length + 1 > layer.capacity:  # type: ignore[attr-defined]
+                capacity = layer.capacity  # type: ignore[attr-defined]
+                raise CannotCompressError(
+                    f"The in-place decoding cache holds {capacity} tokens per layer and is full: build it with a "
+                    "larger `extra_tokens` (question + answer tokens)."
+                )
+        self.token.copy_(token)
+        self.position_ids.copy_(position_ids)
+        self.graph.replay()
+        for layer in self.cache.layers:
+            layer.length += 1  # type: ignore[attr-defined]  # the host mirror of the position the graph advanced
+        return self.logits

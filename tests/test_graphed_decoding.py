@@ -1,0 +1,55 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The CUDA-graph decoding step gives the answers of the eager loops (GPU only; `python tests/test_graphed_decoding.py`
+runs the same checks without pytest on the GPU machine). On CPU only the refusal is checked."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from kvpress import AdaKVPress, CannotCompressError, KnormPress, KVPressTextGenerationPipeline, PyramidKVPress
+from kvpress.graphed_decoding import GraphedDecodeStep, graphable
+from kvpress.inplace_cache import InPlaceCache
+from kvpress.presses.snapkv_press import SnapKVPress
+from kvpress.transformers_adapter import cache_kwargs
+
+CONTEXT = "The special magic number for wide-willow is: 1456079. " + "The grass is green and the sky is blue. " * 30
+QUESTIONS = ["What is the special magic number for wide-willow?", "What colour is the grass?"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def test_refused_without_cuda_or_with_headwise_masks():
+    from tests.fixtures import get_model, random_input_ids
+
+    model = get_model("llama")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(random_input_ids(1, 10), **cache_kwargs(model, cache))
+    inplace = InPlaceCache.from_cache(cache, extra_tokens=4)
+    assert not graphable(model, inplace)
+    with pytest.raises(CannotCompressError, match="needs an in-place cache on a CUDA device"):
+        GraphedDecodeStep(model, inplace)
+
+
+@needs_cuda
+def test_graph_answers_equal_the_eager_loops():
+    model = AutoModelForCausalLM.from_pretrained("reference/model", dtype=torch.float32).cuda().eval()
+    tokenizer = AutoTokenizer.from_pretrained("reference/model")
+    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer, device="cuda")
+    presses = {
+        "none": lambda: None,
+        "knorm": lambda: KnormPress(0.5),
+        "pyramidkv": lambda: PyramidKVPress(0.5),
+        "adakv": lambda: AdaKVPress(SnapKVPress(0.5)),  # head-wise: falls back to the eager in-place loop
+    }
+    for name, make in presses.items():
+        answers = {}
+        for mode in ("dynamic", "inplace", "graph"):
+            options = {"inplace_decoding": mode != "dynamic", "cuda_graph": mode == "graph"}
+            answers[mode] = pipe(CONTEXT, questions=QUESTIONS, press=make(), max_new_tokens=12, **options)["answers"]
+        assert answers["graph"] == answers["inplace"] == answers["dynamic"], (name, answers)
+
+
+if __name__ == "__main__":
+    test_graph_answers_equal_the_eager_loops()
+    print("graph answers equal the eager loops")
