@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvpress.inplace_cache import inplace_attention_mask
+from kvpress.inplace_cache import MAX_INPLACE_QUERY_ROWS, inplace_attention, inplace_attention_mask
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,19 @@ def headwise_attention_mask(module, query: torch.Tensor, key: torch.Tensor, atte
     return torch.zeros_like(allowed, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def hide_masked_entries(module, mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """`mask` `(1 or B, 1 or H, q, k)` (True = visible) expanded to `(B, H, q, k)` with `module.masked_key_indices`
+    hidden in every query head of their KV head's group."""
+    bsz, num_heads = query.shape[:2]
+    full = mask.expand(bsz, num_heads, *mask.shape[2:]).clone()
+    num_kv_heads = module.config.num_key_value_heads
+    groups = num_heads // num_kv_heads
+    batch_idx, head_idx, seq_idx = (idx.to(query.device) for idx in module.masked_key_indices)
+    for g in range(groups):
+        full[batch_idx, head_idx * groups + g, :, seq_idx] = False
+    return full
+
+
 def fit_mask_to_keys(attention_mask, q_len: int, k_len: int):
     """Resize a 4-D attention mask to this layer's number of keys.
 
@@ -118,6 +131,8 @@ def attention_patch(func: Callable) -> Callable:
         return func
 
     def wrapper(module, query, key, value, attention_mask, *args, **kwargs):
+        # a preallocated decoding buffer (kvpress.inplace_cache): its own valid slots, whatever mask the model sized
+        inplace_mask = inplace_attention_mask(module, query, key)
         if query.shape[2] == key.shape[2]:
             # A square attention is a prefill: masks from an earlier context no longer apply.
             module.masked_key_indices = None
@@ -128,13 +143,19 @@ def attention_patch(func: Callable) -> Callable:
                 if "flash" in getattr(func, "__name__", ""):
                     raise
                 # no fake key separates these queries: hide the masked entries with an explicit per-head mask
-                attention_mask = headwise_attention_mask(module, query, key, attention_mask)
+                if inplace_mask is not None:
+                    inplace_mask = hide_masked_entries(module, inplace_mask, query)
+                else:
+                    attention_mask = headwise_attention_mask(module, query, key, attention_mask)
         if "cu_seq_lens_k" in kwargs and kwargs["cu_seq_lens_k"] is not None:
             # flash-attn varlen lengths must follow the (possibly compressed) cache length
             kwargs["cu_seq_lens_k"][-1] = key.shape[-2]
-        inplace_mask = inplace_attention_mask(module, query, key)
+        if inplace_mask is not None and query.shape[2] <= MAX_INPLACE_QUERY_ROWS and not kwargs.get("dropout"):
+            output = inplace_attention(
+                module, query, key, value, inplace_mask, kwargs.get("scaling"), kwargs.get("softcap")
+            )
+            return output, None
         if inplace_mask is not None:
-            # a preallocated decoding buffer: its own valid slots, whatever mask the model sized for layer 0
             if isinstance(attention_mask, torch.Tensor) and attention_mask.is_floating_point():
                 attention_mask = torch.zeros(inplace_mask.shape, dtype=attention_mask.dtype, device=query.device)
                 attention_mask = attention_mask.masked_fill(~inplace_mask, torch.finfo(attention_mask.dtype).min)

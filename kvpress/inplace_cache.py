@@ -183,3 +183,41 @@ def can_decode_in_place(model: torch.nn.Module, cache: Cache) -> bool:
         type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4
         for layer in cache.layers
     )
+
+
+# Query rows up to which a forward over an in-place layer uses `inplace_attention` (a decoding step, a question).
+MAX_INPLACE_QUERY_ROWS = 64
+
+
+def inplace_attention(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: Optional[float] = None,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of a few query rows over an in-place buffer, as two batched matrix products per KV head.
+
+    Each KV head's query group is folded into the rows of one product (no `repeat_kv` copy), and the boolean `mask`
+    `(1, 1, q, capacity)` (or a per-head `(B, H, q, capacity)` one) hides the unused slots. This reads every key and
+    value once at the memory bandwidth; SDPA's kernels that take a mask handle one query row per head poorly.
+    Returns `(B, q, H, d)`, as transformers' attention functions do.
+    """
+    bsz, num_heads, q_len, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    groups = num_heads // num_kv_heads
+    scale = scaling if scaling is not None else head_dim**-0.5
+    rows = query.reshape(bsz, num_kv_heads, groups * q_len, head_dim)  # query head h reads KV head h // groups
+    logits = torch.matmul(rows, key.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if mask.shape[0] == 1 and mask.shape[1] == 1:
+        visible = mask.reshape(q_len, -1).repeat(groups, 1)  # rows are ordered (group, query)
+    else:  # a per-head mask (head-wise presses whose entries no fake key can hide)
+        visible = mask.expand(bsz, num_heads, q_len, -1).reshape(bsz, num_kv_heads, groups * q_len, -1)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(logits, dim=-1).to(value.dtype)
+    output = torch.matmul(weights, value).reshape(bsz, num_heads, q_len, -1)
+    return output.transpose(1, 2).contiguous()
