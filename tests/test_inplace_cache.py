@@ -3,6 +3,8 @@
 """The in-place decoding cache gives the answers and logits of the copying loop, for every press family, on layers of
 different lengths, across questions; it never grows, and presses cannot resize it."""
 
+import functools
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -13,6 +15,7 @@ from kvpress import (
     KeyRerotationPress,
     KnormPress,
     KVPressTextGenerationPipeline,
+    KVzipPress,
     PyramidKVPress,
     SnapKVPress,
     StreamingLLMPress,
@@ -131,3 +134,47 @@ def test_where_the_inplace_path_applies():
     assert not can_decode_in_place(gemma, gemma_cache)  # sliding-window layers keep the dynamic cache
     with pytest.raises(TypeError, match="inplace_decoding must be True or False"):
         make_pipeline()(CONTEXT, question="Who?", inplace_decoding="yes")
+
+
+REFERENCE_PRESSES = {
+    "none": lambda: None,
+    "scorer": lambda: KnormPress(0.5),
+    "wrapper_headwise": lambda: AdaKVPress(SnapKVPress(0.5)),
+    "uneven_layers": lambda: PyramidKVPress(0.5),
+    "rerotation": lambda: KeyRerotationPress(StreamingLLMPress(0.5)),
+    "repeat_pass_headwise": lambda: KVzipPress(0.5),
+    "decoding_budget": lambda: KnormPress(cache_budget=256),  # keeps the copying loop: same call either way
+}
+
+
+@pytest.mark.parametrize("family", sorted(REFERENCE_PRESSES))
+def test_reference_model_greedy_tokens_equal_the_copying_loop(family):
+    """On the shipped reference model, with a task it solves, the in-place loop answers token for token as the
+    copying loop, for one press of each family."""
+    from evaluation.benchmarks.synthetic.tasks import generate_rows
+    from reference import REFERENCE_MODEL_DIR
+
+    pipe = reference_pipeline(str(REFERENCE_MODEL_DIR))
+    rows = generate_rows("niah_single_noise", 2, 512, pipe.tokenizer, seed=5) + generate_rows(
+        "variable_tracking", 1, 512, pipe.tokenizer, seed=5
+    )
+    for row in rows:
+        answers = [
+            pipe(
+                row["context"],
+                question=row["question"],
+                answer_prefix=row.get("answer_prefix", ""),
+                press=REFERENCE_PRESSES[family](),
+                max_new_tokens=16,
+                inplace_decoding=inplace,
+            )["answer"]
+            for inplace in (True, False)
+        ]
+        assert answers[0] == answers[1]
+
+
+@functools.lru_cache(maxsize=None)
+def reference_pipeline(path: str):
+    from transformers import pipeline
+
+    return pipeline("kv-press-text-generation", model=path, device="cpu")
