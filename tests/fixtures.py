@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from kvpress import BasePress
+from kvpress.transformers_adapter import cache_kwargs
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|end|>", "<|assistant|>"]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -199,7 +200,7 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor, press=None) -> Dyna
     """Run `input_ids` through the model (inside `press` when given) and return the filled cache."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model) if press is not None else contextlib.nullcontext():
-        model(input_ids, past_key_values=cache)
+        model(input_ids, **cache_kwargs(model, cache))
     return cache
 
 
@@ -207,7 +208,7 @@ def prefill_base_model(model: PreTrainedModel, press, input_ids: torch.Tensor) -
     """Run `input_ids` through the base model `model.model` (no LM head) inside `press`; return the filled cache."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
-        model.model(input_ids=input_ids, past_key_values=cache)
+        model.model(input_ids=input_ids, **cache_kwargs(model.model, cache))
     return cache
 
 

@@ -5,13 +5,12 @@ runs the same checks without pytest on the GPU machine). On CPU only the refusal
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvpress import AdaKVPress, CannotCompressError, KnormPress, KVPressTextGenerationPipeline, PyramidKVPress
 from kvpress.graphed_decoding import GraphedDecodeStep, graphable
 from kvpress.inplace_cache import InPlaceCache
 from kvpress.presses.snapkv_press import SnapKVPress
-from kvpress.transformers_adapter import cache_kwargs
 
 CONTEXT = "The special magic number for wide-willow is: 1456079. " + "The grass is green and the sky is blue. " * 30
 QUESTIONS = ["What is the special magic number for wide-willow?", "What colour is the grass?"]
@@ -19,12 +18,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 def test_refused_without_cuda_or_with_headwise_masks():
-    from tests.fixtures import get_model, random_input_ids
+    from tests.fixtures import get_model, prefill, random_input_ids
 
     model = get_model("llama")
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(random_input_ids(1, 10), **cache_kwargs(model, cache))
+    cache = prefill(model, random_input_ids(1, 10))
     inplace = InPlaceCache.from_cache(cache, extra_tokens=4)
     assert not graphable(model, inplace)
     with pytest.raises(CannotCompressError, match="needs an in-place cache on a CUDA device"):

@@ -23,7 +23,7 @@ from kvpress import (
 from kvpress.inplace_cache import InPlaceCache, bucketed_capacity, can_decode_in_place
 from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import write_keys_and_values
-from tests.fixtures import get_model, load_tokenizer, random_input_ids
+from tests.fixtures import get_model, load_tokenizer, prefill, random_input_ids
 
 pytestmark = pytest.mark.core
 
@@ -96,9 +96,7 @@ def test_capacity_is_bucketed_and_never_exceeded():
     with pytest.raises(ValueError, match="bucket must be a positive"):
         bucketed_capacity(10, 0)
     model = get_model("llama")
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(random_input_ids(1, 10), **cache_kwargs(model, cache))
+    cache = prefill(model, random_input_ids(1, 10))
     inplace = InPlaceCache.from_cache(cache, extra_tokens=2, bucket=12, model=model)
     try:
         assert [layer.capacity for layer in inplace.layers] == [12, 12]
@@ -112,9 +110,7 @@ def test_capacity_is_bucketed_and_never_exceeded():
 
 def test_presses_cannot_resize_an_inplace_layer():
     model = get_model("llama")
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(random_input_ids(1, 10), **cache_kwargs(model, cache))
+    cache = prefill(model, random_input_ids(1, 10))
     inplace = InPlaceCache.from_cache(cache, extra_tokens=4)
     with pytest.raises(CannotCompressError, match="Cannot resize layer 0 of InPlaceCache"):
         write_keys_and_values(inplace, 0, cache.layers[0].keys[:, :, :5], cache.layers[0].values[:, :, :5])
