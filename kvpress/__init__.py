@@ -3,6 +3,8 @@
 """kvpress: KV-cache compression for Hugging Face transformers models."""
 
 from kvpress.attention_patch import patch_attention_functions
+from kvpress.decoding_loop import greedy_generate
+from kvpress.inplace_cache import InPlaceCache
 from kvpress.pipeline import KVPressTextGenerationPipeline
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.base_press import SUPPORTED_MODELS, BasePress
@@ -111,4 +113,7 @@ __all__ = [
     "FullPress",
     # errors
     "CannotCompressError",
+    # decoding without copying the cache
+    "InPlaceCache",
+    "greedy_generate",
 ]

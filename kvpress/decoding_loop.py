@@ -1,0 +1,79 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""`greedy_generate`: compress a prompt with a press, then decode greedily into the in-place cache.
+
+For `model.generate` users who want the pipeline's fast decoding: the prompt is prefilled inside `press(model)`
+(so the press compresses it), the compressed cache is copied once into preallocated buffers (`InPlaceCache`), and
+each new token is written in place, optionally as one CUDA-graph replay per token (`cuda_graph=True`). Presses that
+act during decoding (a `cache_budget`, DecodingPress, ...) and caches the in-place path cannot hold keep the
+copying loop, as in the pipeline. Returns the prompt followed by the new tokens, like `generate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from kvpress.graphed_decoding import GraphedDecodeStep, graphable
+from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
+from kvpress.presses.base_press import BasePress
+from kvpress.transformers_adapter import cache_kwargs
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    press: Optional[BasePress] = None,
+    max_new_tokens: int = 32,
+    eos_token_id: Optional[int | Sequence[int]] = None,
+    inplace: bool = True,
+    cuda_graph: bool = False,
+) -> torch.Tensor:
+    """Greedy decoding of `max_new_tokens` after `input_ids` `(B, T)` (no padding), the prompt compressed by `press`.
+
+    New tokens continue at the prompt's logical positions T, T + 1, ... (the cache length for presses that re-rotate
+    their kept keys). Stops early once every row produced an `eos_token_id` (later tokens of a finished row repeat
+    its EOS)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}.")
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    batch, length = input_ids.shape
+    cache: object = DynamicCache(config=model.config)
+    with press(model) if press is not None else contextlib.nullcontext():
+        logits = model(input_ids=input_ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits
+    token = logits[:, -1:].argmax(-1)
+    start = cache.get_seq_length() if press is not None and press.rerotates_kept_keys else length  # type: ignore
+    decoding = press is not None and bool(getattr(press, "acts_during_decoding", False))
+    step = None
+    if inplace and not decoding and can_decode_in_place(model, cache):  # type: ignore[arg-type]
+        cache = InPlaceCache.from_cache(cache, extra_tokens=max_new_tokens + 2, model=model)  # type: ignore
+        if cuda_graph and graphable(model, cache):  # type: ignore[arg-type]
+            step = GraphedDecodeStep(model, cache, batch_size=batch)  # type: ignore[arg-type]
+    generated = [token]
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    try:
+        with press(model) if decoding else contextlib.nullcontext():
+            for index in range(max_new_tokens - 1):
+                if eos:
+                    finished |= torch.isin(token[:, 0], torch.tensor(sorted(eos), device=token.device))
+                    if bool(finished.all()):
+                        break
+                positions = torch.full((batch, 1), start + index, device=input_ids.device)
+                if step is not None:
+                    logits = step(token, positions)
+                else:
+                    logits = model(
+                        input_ids=token, position_ids=positions, logits_to_keep=1, **cache_kwargs(model, cache)
+                    ).logits
+                next_token = logits[:, -1:].argmax(-1)
+                token = torch.where(finished[:, None], token, next_token) if eos else next_token
+                generated.append(token)
+    finally:
+        InPlaceCache.detach(model)
+    return torch.cat([input_ids, *generated], dim=1)
