@@ -109,6 +109,10 @@ class RKVLSHPress(RKVPress):
         """SimHash codes `(B, H_kv, C)` of the keys `(B, H_kv, C, d)`."""
         return simhash_codes(keys, self.projection(keys.shape[-1], keys.device))
 
+    def candidate_redundancy(self, keys: torch.Tensor, n_candidates: int) -> torch.Tensor:
+        """The fork's LSH redundancy of the candidates among themselves (hashes stand in for the similarities)."""
+        return self.redundancy(keys[:, :, :n_candidates])
+
     def redundancy(self, keys: torch.Tensor) -> torch.Tensor:
         table = hamming_cosine_table(self.n_hash_bits, keys.device)
         return lsh_redundancy(self.hash_codes(keys), table, self.similarity_threshold)

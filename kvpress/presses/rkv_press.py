@@ -7,35 +7,70 @@ other). R-KV scores each cached token by `lam * importance - (1 - lam) * redunda
 the last `window_size` queries pay to it, redundancy is how similar its key is to the other keys (an older
 near-duplicate is redundant, its most recent copy is not). Generated tokens accumulate in a buffer of
 `compress_interval` entries beyond the budget, then the cache is pruned back to `cache_budget`.
+
+Both terms follow the R-KV authors' reference code (Zefan-Cai/R-KV, `rkv/compression/r1_kv.py` and `rkv/utils.py`),
+described here in words: importance takes the raw logits `q.k * scale` of the window queries, the maximum over each
+GQA group, a softmax over the candidates only (the entries before the window), the mean over the window queries and
+a max-pooling over `kernel_size` tokens; redundancy takes the cosine similarities between *all* cached keys (window
+included), zeroes the diagonal and each row's most recent entry above `similarity_threshold` (entry 0 when there is
+none, as the reference does), averages each column, takes the softmax over all entries and keeps the candidates'.
+Defaults are the reference's (`kernel_size=7`, a buffer of `compress_interval=128`, `lam=0.07`);
+`RKVPress(**RKVPress.FORK_SETTINGS, cache_budget=...)` reproduces the reasoning fork's (64, 5, 0.1).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kvpress.presses.scorer_press import DecodingState, ScorerPress, log_eviction
-from kvpress.presses.snapkv_press import SnapKVPress, pad_with_top_score
+from kvpress.presses.snapkv_press import pad_with_top_score
 from kvpress.transformers_adapter import position_embeddings_of
+from kvpress.utils import apply_rope, attention_scaling, get_prerope_query_states
 
 logger = logging.getLogger(__name__)
 
 
-def rkv_importance(weights: torch.Tensor, num_kv_heads: int, kernel_size: int) -> torch.Tensor:
-    """Importance `(B, H_kv, C)` from the observation attention `weights` `(B, H, w, C)` over the C candidates:
-    the mean over the w observation queries, the maximum over each GQA group, then a max-pooling over `kernel_size`
-    neighbouring tokens (so the neighbours of an important token are kept with it)."""
-    bsz, num_heads, _, n_candidates = weights.shape
-    scores = weights.float().mean(dim=-2)
-    scores = scores.view(bsz, num_kv_heads, num_heads // num_kv_heads, n_candidates).amax(dim=2)
+def window_logits(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Raw attention logits `(B, H, w, T)` of the window queries `(B, H, w, d)` over the keys `(B, H_kv, T, d)`, each
+    query head against its KV head (no `repeat_kv` copy)."""
+    bsz, num_heads, window, head_dim = queries.shape
+    num_kv_heads = keys.shape[1]
+    grouped = queries.reshape(bsz, num_kv_heads, (num_heads // num_kv_heads) * window, head_dim)
+    logits = (grouped @ keys.transpose(-1, -2)).float() * scale
+    return logits.reshape(bsz, num_heads, window, -1)
+
+
+def rkv_importance(logits: torch.Tensor, num_kv_heads: int, n_candidates: int, kernel_size: int) -> torch.Tensor:
+    """Importance `(B, H_kv, C)` from the window logits `(B, H, w, T)`: the maximum over each GQA group of the raw
+    logits, a softmax over the first `n_candidates` keys only, the mean over the w window queries, then a
+    max-pooling over `kernel_size` neighbouring tokens (so the neighbours of an important token are kept too)."""
+    bsz, num_heads, window, _ = logits.shape
+    grouped = logits.reshape(bsz, num_kv_heads, num_heads // num_kv_heads, window, -1).amax(dim=2)
+    scores = grouped[..., :n_candidates].softmax(dim=-1).mean(dim=-2)
     pooled = F.max_pool1d(
         scores.reshape(bsz * num_kv_heads, 1, n_candidates), kernel_size=kernel_size, padding=kernel_size // 2, stride=1
     )
     return pooled[..., :n_candidates].reshape(bsz, num_kv_heads, n_candidates)
+
+
+def reference_redundancy(keys: torch.Tensor, n_candidates: int, threshold: float) -> torch.Tensor:
+    """R-KV's redundancy `(B, H_kv, C)` of the first `n_candidates` of the keys `(B, H_kv, T, d)`, as the reference
+    code computes it: cosine similarities between all T keys, the diagonal and each row's most recent entry above
+    `threshold` zeroed (entry 0 when the row has none), column means, softmax over all T entries, then the first C."""
+    similarity = key_cosine_similarity(keys)
+    length = similarity.shape[-1]
+    diagonal = torch.eye(length, dtype=torch.bool, device=similarity.device)
+    similarity = similarity.masked_fill(diagonal, 0.0)
+    positions = torch.arange(length, device=similarity.device)
+    retained = torch.where(similarity > threshold, positions, 0).amax(dim=-1, keepdim=True)
+    similarity = similarity.scatter(-1, retained, 0.0)
+    return similarity.mean(dim=-2).softmax(dim=-1)[..., :n_candidates]
 
 
 def key_cosine_similarity(keys: torch.Tensor) -> torch.Tensor:
@@ -84,11 +119,14 @@ class RKVPress(ScorerPress):
     """
 
     compression_ratio: float = 0.0
-    compress_interval: int = 64
+    compress_interval: int = 128
     window_size: int = 8
-    kernel_size: int = 5
-    lam: float = 0.1
+    kernel_size: int = 7
+    lam: float = 0.07
     similarity_threshold: float = 0.5
+
+    # The reasoning fork's settings (its compress_interval, kernel and lambda), for reproducing its paper's numbers.
+    FORK_SETTINGS: ClassVar[dict] = {"compress_interval": 64, "kernel_size": 5, "lam": 0.1}
 
     def __post_init__(self):
         for name in ("compress_interval", "window_size", "kernel_size"):
@@ -124,15 +162,24 @@ class RKVPress(ScorerPress):
         return self.window_size
 
     def redundancy(self, keys: torch.Tensor) -> torch.Tensor:
-        """Redundancy `(B, H_kv, C)` of the candidate keys `(B, H_kv, C, d)` (exact cosine similarities)."""
+        """Redundancy `(B, H_kv, C)` of the candidate keys `(B, H_kv, C, d)` among themselves (exact cosine
+        similarities; RKVLSHPress estimates the same quantity from hashes)."""
         return redundancy_from_similarity(key_cosine_similarity(keys), self.similarity_threshold)
 
+    def candidate_redundancy(self, keys: torch.Tensor, n_candidates: int) -> torch.Tensor:
+        """Redundancy `(B, H_kv, C)` of the first `n_candidates` of all cached keys, as the reference computes it."""
+        return reference_redundancy(keys, n_candidates, self.similarity_threshold)
+
     def importance(self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict):
-        """Observation attention `(B, H, w, C)` of the last `window_size` queries and the importance `(B, H_kv, C)`."""
-        weights = SnapKVPress.compute_window_attention(
-            module, hidden_states, keys, self.window_size, position_embeddings_of(kwargs)
-        )
-        return weights, rkv_importance(weights, keys.shape[1], self.kernel_size)
+        """The window logits `(B, H, w, T)` of the last `window_size` queries (rebuilt from their hidden states at
+        their own RoPE positions) and the importance `(B, H_kv, C)` of the candidates before the window."""
+        window = self.window_size
+        cos, sin = position_embeddings_of(kwargs)
+        queries = get_prerope_query_states(module, hidden_states[:, -window:])
+        queries = apply_rope(queries, cos[:, -window:], sin[:, -window:])
+        logits = window_logits(queries, keys, attention_scaling(module))
+        n_candidates = keys.shape[2] - window
+        return logits, rkv_importance(logits, keys.shape[1], n_candidates, self.kernel_size)
 
     def score(
         self,
@@ -154,12 +201,13 @@ class RKVPress(ScorerPress):
                 f"{type(self).__name__} recomputes the attention of the last window_size={window} queries but got the "
                 f"hidden states of only {hidden_states.shape[1]} tokens."
             )
-        weights, importance = self.importance(module, hidden_states, keys, kwargs)
-        redundancy = self.redundancy(keys[:, :, : k_len - window])
+        logits, importance = self.importance(module, hidden_states, keys, kwargs)
+        redundancy = self.candidate_redundancy(keys, k_len - window)
         scores = self.lam * importance - (1 - self.lam) * redundancy
         state = self.layer_state(module.layer_idx) if self.cache_budget else None
         if state is not None and self.csv_path:
-            state.scratch["observation"] = weights[0].float()
+            # the eviction log's observation: each query head's attention over the candidates
+            state.scratch["observation"] = logits[0, :, :, : k_len - window].softmax(dim=-1)
         return pad_with_top_score(scores, window)
 
     def on_eviction(self, module: nn.Module, state: DecodingState, indices: torch.Tensor, k_len: int) -> None:

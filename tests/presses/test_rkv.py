@@ -15,11 +15,11 @@ from kvpress.presses.rkv_lsh_press import (
     lsh_redundancy,
     simhash_codes,
 )
-from kvpress.presses.rkv_press import RKVPress, key_cosine_similarity, redundancy_from_similarity, rkv_importance
+from kvpress.presses.rkv_press import RKVPress, key_cosine_similarity, redundancy_from_similarity
 from kvpress.presses.scorer_press import POSITIONS
 from kvpress.timing import EVICTION_LOG_COLUMNS
 from tests.fixtures import HEAD_DIM, HEADS, KV_HEADS, PAD_ID, get_model, random_input_ids, record_layers
-from tests.presses.test_snapkv_tova import reference_attention
+from tests.presses.test_snapkv_tova import reference_logits
 
 GROUPS = HEADS // KV_HEADS
 
@@ -46,16 +46,31 @@ def reference_redundancy(similarity: torch.Tensor, threshold: float) -> torch.Te
     return out
 
 
-def reference_importance(weights: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Mean over the window queries, max over each GQA group, max over `kernel` neighbouring tokens."""
-    mean = weights.mean(dim=-2)
-    grouped = mean.view(mean.shape[0], KV_HEADS, GROUPS, -1).amax(dim=2)
-    n = grouped.shape[-1]
-    pooled = torch.empty_like(grouped)
-    for j in range(n):
-        lo, hi = max(0, j - kernel // 2), min(n, j + kernel // 2 + 1)
-        pooled[..., j] = grouped[..., lo:hi].amax(dim=-1)
-    return pooled
+def reference_rkv_scores(logits: torch.Tensor, keys: torch.Tensor, window: int, kernel: int, lam: float, threshold):
+    """R-KV's scores of the candidates `(B, H_kv, T - w)` as the authors' reference code defines them, written with
+    loops: importance from the group maximum of the raw window logits softmaxed over the candidates, averaged over
+    the window queries and max-pooled; redundancy from the similarities of all keys, each row's most recent entry
+    above the threshold (entry 0 when none) and the diagonal zeroed, column means, softmax over all, candidates."""
+    bsz, heads_kv, length, _ = keys.shape
+    n = length - window
+    out = torch.zeros(bsz, heads_kv, n)
+    for b in range(bsz):
+        for g in range(heads_kv):
+            raw = torch.stack([logits[b, h, -window:] for h in range(g * GROUPS, (g + 1) * GROUPS)]).amax(dim=0)
+            mean = torch.stack([row[:n].double().softmax(dim=0) for row in raw]).mean(dim=0)
+            importance = torch.tensor(
+                [float(mean[max(0, j - kernel // 2) : j + kernel // 2 + 1].max()) for j in range(n)]
+            )
+            unit = keys[b, g].double() / (keys[b, g].double().norm(dim=-1, keepdim=True) + 1e-8)
+            matrix = unit @ unit.T
+            for i in range(length):
+                matrix[i, i] = 0.0
+            for i in range(length):
+                similar = [j for j in range(length) if matrix[i, j] > threshold]
+                matrix[i, max(similar) if similar else 0] = 0.0
+            redundancy = (matrix.sum(dim=0) / length).softmax(dim=0)[:n]
+            out[b, g] = (lam * importance - (1 - lam) * redundancy).float()
+    return out
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.0, -1.0, 1.0])
@@ -88,19 +103,37 @@ def constructed_case(n_tokens=16):
     return model, call, keys, values
 
 
-def test_score_is_importance_minus_redundancy_on_constructed_keys():
+@pytest.mark.parametrize("lam, kernel", [(0.3, 3), (0.07, 7)])
+def test_score_matches_the_reference_definition_on_constructed_keys(lam, kernel):
     model, call, keys, values = constructed_case()
-    press = RKVPress(0.25, window_size=4, kernel_size=3, lam=0.3)
+    press = RKVPress(0.25, window_size=4, kernel_size=kernel, lam=lam)
     scores = press.score(call["module"], call["hidden_states"], keys, values, None, call["kwargs"])
-    attention = reference_attention(model, 0, call["hidden_states"], keys)[..., -4:, :-4]
-    importance = reference_importance(attention, kernel=3)
-    redundancy = reference_redundancy(key_cosine_similarity(keys[:, :, :-4]), 0.5)
-    expected = 0.3 * importance - 0.7 * redundancy
+    logits = reference_logits(model, 0, call["hidden_states"], keys)
+    expected = reference_rkv_scores(logits, keys, window=4, kernel=kernel, lam=lam, threshold=0.5)
     torch.testing.assert_close(scores[..., :-4], expected, atol=1e-5, rtol=1e-4)
     assert (scores[..., -4:] > expected.max()).all()  # the observation window is always kept
-    torch.testing.assert_close(
-        rkv_importance(attention, KV_HEADS, 3), importance, atol=1e-6, rtol=1e-5
-    )  # the helper alone
+
+
+def test_kept_sets_equal_the_reference_on_random_keys():
+    """Top-k of the press against the reference definition on random keys and a real layer's queries: the same
+    kept set (the fork's formula overlapped 79-97% here)."""
+    model = get_model("llama")
+    call = record_layers(model, random_input_ids(1, 40, seed=8))[1]
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, KV_HEADS, 40, HEAD_DIM, generator=generator)
+    keys[:, :, 20:30] = keys[:, :, 5:15] + 0.05 * torch.randn(1, KV_HEADS, 10, HEAD_DIM, generator=generator)
+    press = RKVPress(0.5)
+    scores = press.score(call["module"], call["hidden_states"], keys, keys, None, call["kwargs"])
+    expected = reference_rkv_scores(reference_logits(model, 1, call["hidden_states"], keys), keys, 8, 7, 0.07, 0.5)
+    kept = scores[..., :-8].topk(16, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(kept, expected.topk(16, dim=-1).indices.sort(dim=-1).values)
+
+
+def test_defaults_are_the_reference_and_the_fork_settings_are_kept():
+    press = RKVPress(cache_budget=64)
+    assert (press.compress_interval, press.kernel_size, press.lam, press.window_size) == (128, 7, 0.07, 8)
+    fork = RKVPress(cache_budget=64, **RKVPress.FORK_SETTINGS)
+    assert (fork.compress_interval, fork.kernel_size, fork.lam) == (64, 5, 0.1)
 
 
 def test_the_older_near_duplicates_are_evicted():

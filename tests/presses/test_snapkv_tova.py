@@ -35,6 +35,14 @@ def kept_indices(full_keys: torch.Tensor, kept_keys: torch.Tensor) -> torch.Tens
 
 def reference_attention(model, layer_idx: int, hidden_states: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Causal attention weights `(B, H, T, T)` of a Llama layer, computed by hand from q_proj and the cached keys."""
+    logits = reference_logits(model, layer_idx, hidden_states, keys)
+    length = logits.shape[-1]
+    future = torch.ones(length, length, dtype=torch.bool).triu(diagonal=1)
+    return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+
+
+def reference_logits(model, layer_idx: int, hidden_states: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Raw attention logits `(B, H, T, T)` (no mask) of a Llama layer, by hand from q_proj and the cached keys."""
     attention = model.model.layers[layer_idx].self_attn
     bsz, length, _ = hidden_states.shape
     queries = attention.q_proj(hidden_states).view(bsz, length, HEADS, HEAD_DIM).transpose(1, 2)
@@ -43,9 +51,7 @@ def reference_attention(model, layer_idx: int, hidden_states: torch.Tensor, keys
     half = HEAD_DIM // 2
     rotated = torch.cat([-queries[..., half:], queries[..., :half]], dim=-1)
     queries = queries * angles.cos() + rotated * angles.sin()
-    logits = queries @ keys.repeat_interleave(GROUPS, dim=1).transpose(2, 3) / HEAD_DIM**0.5
-    future = torch.ones(length, length, dtype=torch.bool).triu(diagonal=1)
-    return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return queries @ keys.repeat_interleave(GROUPS, dim=1).transpose(2, 3) / HEAD_DIM**0.5
 
 
 def reference_snapkv_scores(attention: torch.Tensor, window: int, kernel: int) -> torch.Tensor:
