@@ -25,7 +25,6 @@ from kvpress.presses.scorer_press import (
     ScorerPress,
     ScorerWrapperPress,
     check_scores,
-    require_no_budget,
     require_scorer_press,
 )
 from kvpress.presses.snapkv_press import group_mean
@@ -82,11 +81,19 @@ class CriticalKVPress(InnerPressDelegation, ScorerPress):
     The first `int((1 - compression_ratio) * T * first_stage_ratio)` tokens of each head are chosen by the inner
     press's score; the rest of the budget by `(score + epsilon) * ||W_o v||_1`. `compression_ratio` is the inner
     press's (read and written through). Not a dataclass: `CriticalKVPress(press, epsilon, first_stage_ratio)`.
+
+    A token budget works as for every scorer, set on the inner press: `CriticalKVPress(KnormPress(cache_budget=256))`
+    keeps at most 256 entries per layer and KV head through prefill and decoding, `first_stage_ratio` of them by the
+    inner score. Stateful inner scorers (H2O, whose statistics follow its own cache) are refused with a budget.
     """
 
     def __init__(self, press: ScorerPress, epsilon: float = 1e-4, first_stage_ratio: float = 0.5):
         require_scorer_press(self, press)
-        require_no_budget(self, press)
+        if getattr(press, "cache_budget", 0) and type(press).update_state is not ScorerPress.update_state:
+            raise ValueError(
+                f"CriticalKVPress cannot carry the cache_budget of {type(press).__name__}: that press keeps its own "
+                "per-entry statistics during decoding. Use it alone with the budget, or give it a compression_ratio."
+            )
         _check_two_stage_parameters(self, epsilon, first_stage_ratio)
         self.press = press
         self.epsilon = epsilon
@@ -110,6 +117,33 @@ class CriticalKVPress(InnerPressDelegation, ScorerPress):
 
     __hash__ = None  # type: ignore[assignment]
 
+    # The budget and everything that depends on it are the inner press's.
+    @property
+    def cache_budget(self) -> int:  # type: ignore[override]
+        return int(getattr(self.press, "cache_budget", 0) or 0)
+
+    @cache_budget.setter
+    def cache_budget(self, value: int) -> None:
+        self.press.cache_budget = value
+
+    @property
+    def supports_decoding(self) -> bool:  # type: ignore[override]
+        return bool(self.press.supports_decoding)
+
+    @property
+    def decoding_window(self) -> int:
+        return int(self.press.decoding_window)
+
+    @property
+    def budget_buffer(self) -> int:
+        return int(self.press.budget_buffer)
+
+    def check_budget_settings(self, budget: int) -> None:
+        self.press.check_budget_settings(budget)
+
+    def layer_cache_budget(self, module: nn.Module) -> int:
+        return int(self.press.layer_cache_budget(module))
+
     @staticmethod
     def vwl1norm(values: torch.Tensor, module: nn.Module) -> torch.Tensor:
         """Projected value L1 norms `(B, H_kv, T)` (see `projected_value_l1_norm`)."""
@@ -126,7 +160,11 @@ class CriticalKVPress(InnerPressDelegation, ScorerPress):
     ) -> torch.Tensor:
         scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
         check_scores(self.press, scores, keys)
-        n_first = int((1 - self.compression_ratio) * keys.shape[2] * self.first_stage_ratio)
+        k_len = keys.shape[2]
+        kept = (
+            min(self.layer_cache_budget(module), k_len) if self.cache_budget else (1 - self.compression_ratio) * k_len
+        )
+        n_first = int(kept * self.first_stage_ratio)
         first_stage = scores.topk(n_first, dim=-1).indices
         scores = (scores.float() + self.epsilon) * self.vwl1norm(values, module)
         # +inf rather than the dtype's max: a product of two large floats cannot outrank a first-stage token

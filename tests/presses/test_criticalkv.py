@@ -334,3 +334,40 @@ def test_critical_adakv_on_every_architecture(arch, inner):
     with torch.no_grad():
         logits = model(random_input_ids(2, 1, seed=10), past_key_values=cache).logits
     assert torch.isfinite(logits).all()
+
+
+def test_criticalkv_with_a_budget_keeps_the_two_stage_selection_of_the_budget():
+    """`CriticalKVPress(inner with cache_budget=B)`: B entries kept, B * first_stage_ratio of them by the inner
+    score, the rest by the value-weighted score."""
+    module, hidden_states, keys, values, scores = constructed_inputs()
+    budget, epsilon = 12, 1e-2
+    press = CriticalKVPress(FixedScorePress(fixed=scores, cache_budget=budget), epsilon=epsilon, first_stage_ratio=0.5)
+    assert press.cache_budget == budget and press.acts_during_decoding
+    weighted = press.score(module, hidden_states, keys, values, None, {})
+    kept = weighted.topk(budget, dim=-1).indices.sort(dim=-1).values
+    value_norms = reference_value_norms(values, module.o_proj.weight.detach(), num_heads=4)
+    ratio = 1 - budget / keys.shape[2]  # the same kept count through the ratio formula
+    assert torch.equal(kept, reference_criticalkv_kept(scores, value_norms, ratio, 0.5, epsilon))
+
+
+def test_criticalkv_with_a_budget_through_generate():
+    model = get_model("llama")
+    press = CriticalKVPress(KnormPress(cache_budget=16))
+    lengths = []
+    handle = model.model.register_forward_hook(lambda m, a, out: lengths.append(out[0].shape[1]))
+    with torch.no_grad(), press(model):
+        out = model.generate(random_input_ids(1, 40), max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    handle.remove()
+    from kvpress.transformers_adapter import output_cache
+
+    cache = output_cache(out)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [16, 16]
+    assert len(lengths) == 6  # prefill and 5 decoding steps, each pruned back to the budget
+
+
+def test_criticalkv_refuses_a_budget_on_a_stateful_scorer():
+    from kvpress.presses.h2o_press import H2OPress
+
+    with pytest.raises(ValueError, match="cannot carry the cache_budget of H2OPress"):
+        CriticalKVPress(H2OPress(cache_budget=16))
+    CriticalKVPress(H2OPress(0.5))  # with a ratio it is fine
