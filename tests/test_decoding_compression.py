@@ -26,7 +26,7 @@ from kvpress.presses.cam_press import CAMPress
 from kvpress.presses.compression_ratio_decoding_press import CompressionRatioDecodingPress
 from kvpress.presses.decoding_press import DecodingPress, lower_masked_scores, remap_masked_key_indices
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
-from kvpress.transformers_adapter import find_cache
+from kvpress.transformers_adapter import cache_kwargs, find_cache
 from kvpress.utils import extract_keys_and_values
 from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, load_tokenizer, random_input_ids
 
@@ -605,3 +605,41 @@ def test_warns_that_the_base_ratio_is_overridden(caplog):
     with caplog.at_level("WARNING", logger="kvpress.presses.decoding_press"):
         DecodingPress(KnormPress(0.3))
     assert "ignored" in caplog.text
+
+
+def test_prefill_decoding_compress_dispatches_by_phase():
+    """`PrefillDecodingPress.compress` uses the prefilling press on a prefill and the decoding press on a decoding
+    step (upstream's dispatch), read from the cache the forward received; with no press for the phase it warns."""
+    model = get_model("llama")
+    module = model.model.layers[0].self_attn
+    calls = []
+
+    class Recorder(KnormPress):
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            calls.append(("prefill", keys.shape[2]))
+            return keys, values
+
+    class DecodingRecorder(DecodingPress):
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            calls.append(("decoding", keys.shape[2]))
+            return keys, values
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(random_input_ids(1, 12), **cache_kwargs(model, cache))
+    keys = cache.layers[0].keys
+    prompt_hidden, step_hidden = torch.zeros(1, 12, 64), torch.zeros(1, 1, 64)
+    press = PrefillDecodingPress(Recorder(0.5), DecodingRecorder(KnormPress(), INTERVAL, TARGET))
+    press.compress(module, prompt_hidden, keys, keys, None, cache_kwargs(model, cache))  # the cache holds the prompt
+    step_cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(random_input_ids(1, 13), **cache_kwargs(model, step_cache))  # 13 cached, a 1-token forward
+    step_keys = step_cache.layers[0].keys
+    press.compress(module, step_hidden, step_keys, step_keys, None, cache_kwargs(model, step_cache))
+    assert calls == [("prefill", 12), ("decoding", 13)]
+    # no decoding press: a decoding step is left alone, with upstream's warning
+    only_prefill = PrefillDecodingPress(Recorder(0.5), None)
+    out_keys, _ = only_prefill.compress(
+        module, step_hidden, step_keys, step_keys, None, cache_kwargs(model, step_cache)
+    )
+    assert out_keys is step_keys and calls == [("prefill", 12), ("decoding", 13)]

@@ -18,6 +18,7 @@ from torch import nn
 
 from kvpress.presses.base_press import BasePress, get_hook_inputs, layer_is_prefilling
 from kvpress.presses.decoding_press import DecodingPress
+from kvpress.transformers_adapter import find_cache
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +90,14 @@ class PrefillDecodingPress(BasePress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compress with the prefilling press, else with the decoding press (hooks dispatch by phase instead)."""
-        if self.prefilling_press is not None:
-            return self.prefilling_press.compress(module, hidden_states, keys, values, attentions, kwargs)
-        if self.decoding_press is not None:
-            return self.decoding_press.compress(module, hidden_states, keys, values, attentions, kwargs)
+        """Upstream's dispatch by phase: the prefilling press on a prefill, the decoding press on a decoding step
+        (the phase is read from the cache this forward received; without one, a forward that holds only its own
+        tokens is a prefill). Warns and returns the inputs when the phase has no press."""
+        cache = find_cache(kwargs)
+        q_len = hidden_states.shape[1]
+        prefilling = layer_is_prefilling(module, cache, q_len) if cache is not None else keys.shape[2] <= q_len
+        press = self.prefilling_press if prefilling else self.decoding_press
+        if press is not None:
+            return press.compress(module, hidden_states, keys, values, attentions, kwargs)
         logger.warning("No compression applied during prefill or decoding phase")
         return keys, values
