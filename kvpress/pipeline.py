@@ -172,6 +172,14 @@ class KVPressTextGenerationPipeline(Pipeline):
     ):
         context_ids = input_tensors["context_ids"].to(self.model.device)
         context_length = context_ids.shape[1]
+        if cache is not None and cache.get_seq_length() > 0:
+            # The context would be appended, uncompressed, after what the cache holds (an earlier context): the answer
+            # would then be about both contexts.
+            raise ValueError(
+                f"The cache passed to the pipeline already holds {cache.get_seq_length()} tokens (of an earlier "
+                "context): the pipeline prefills and compresses each context into an empty cache. Pass a fresh cache "
+                "(e.g. DynamicCache()) for every context, or cache=None to let the pipeline create one."
+            )
         if cache is None:
             # With the config, the cache knows which layers use sliding-window attention (Gemma3), so that the
             # attention masks are sized from the layers that presses compress.

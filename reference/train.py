@@ -51,6 +51,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -483,7 +484,9 @@ def save_resume(
     with a short warm-up)."""
     buffer = io.BytesIO()
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    torch.save({"model": state, "step": step, "max_steps": max_steps, "seconds": seconds, "args": vars(args)}, buffer)
+    # the arguments as JSON values: the checkpoint must load with torch.load(weights_only=True)
+    saved_args = json.loads(json.dumps(vars(args), default=str))
+    torch.save({"model": state, "step": step, "max_steps": max_steps, "seconds": seconds, "args": saved_args}, buffer)
     data = buffer.getvalue()
     directory = Path(args.output_dir) / "resume"
     directory.mkdir(parents=True, exist_ok=True)
@@ -496,11 +499,24 @@ def save_resume(
         os.replace(directory / "optimizer.pt.tmp", directory / "optimizer.pt")
 
 
+def _load_checkpoint(source, what: str) -> dict:
+    """`torch.load(weights_only=True)`: what save_resume writes is tensors, dicts, lists, tuples, strings and numbers
+    only, so a resume never needs a full pickle load (which would run any code a tampered file names)."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"--resume: {what} cannot be loaded with torch.load(weights_only=True) (it holds objects other than "
+            f"tensors, dicts, lists and numbers: {str(error).splitlines()[-1]}). save_resume never writes such "
+            "objects, so this file was not written by this script; it is not unpickled."
+        ) from error
+
+
 def load_resume(directory: str) -> dict:
     parts = sorted(Path(directory).glob("part*"), key=lambda p: int(p.name[4:]))
     if not parts:
         raise FileNotFoundError(f"--resume {directory}: no part* files written by save_resume there.")
-    return torch.load(io.BytesIO(b"".join(p.read_bytes() for p in parts)), map_location="cpu", weights_only=False)
+    return _load_checkpoint(io.BytesIO(b"".join(p.read_bytes() for p in parts)), f"the checkpoint in {directory}")
 
 
 def save_model(model, tokenizer, output_dir: Path) -> Path:
@@ -623,7 +639,7 @@ def train(args: argparse.Namespace) -> dict:
     model.to(device).train()
     optimizer_state = None
     if args.resume and (Path(args.resume) / "optimizer.pt").exists():
-        saved = torch.load(Path(args.resume) / "optimizer.pt", map_location="cpu", weights_only=False)
+        saved = _load_checkpoint(Path(args.resume) / "optimizer.pt", f"{Path(args.resume) / 'optimizer.pt'}")
         if int(saved["step"]) == start_step:
             optimizer_state = saved["optimizer"]
     n_params = sum(p.numel() for p in model.parameters())

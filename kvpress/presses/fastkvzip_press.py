@@ -12,16 +12,23 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Generator, Optional
+from typing import ClassVar, Generator, Mapping, Optional
 
 import torch
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from kvpress.presses.base_press import BasePress, get_hook_inputs, layer_is_prefilling
+from kvpress.presses.base_press import (
+    BasePress,
+    FieldCheck,
+    get_hook_inputs,
+    layer_is_prefilling,
+    refuse_nested_press,
+)
 from kvpress.presses.kvzip_press import compressed_attention_modules, headwise_masks
 from kvpress.utils import get_language_model, validate_compression_ratio
 
@@ -97,41 +104,84 @@ def get_gate_id(model_name: str) -> str:
     return f"{model_name.rstrip('/').split('/')[-1].lower()}/q{ngroup}_dim16_sink16.pt"
 
 
-def _load_gate_file(path: str, trusted: bool) -> list[dict]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        if not trusted:
-            raise
-        # the published checkpoints are plain pickles; only they are loaded without `weights_only`
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+class UnsafePickleError(ValueError):
+    """A gate file needs a full pickle load (which can run arbitrary code) and `allow_unsafe_pickle` is off."""
+
+
+def _gates_from_safetensors(path: str) -> dict:
+    """A safetensors gate file: flat tensors named `module.<layer>.<parameter>` -> {"module": [state dict, ...]}."""
+    from safetensors.torch import load_file
+
+    layers: dict[int, dict] = {}
+    for name, tensor in load_file(path, device="cpu").items():
+        prefix, _, rest = name.partition(".")
+        index, _, parameter = rest.partition(".")
+        if prefix != "module" or not index.isdigit() or not parameter:
+            raise ValueError(
+                f"{path} is not a Fast-KVzip gate file: its tensors must be named module.<layer>.<parameter> "
+                f"(e.g. module.0.q_proj.weight), found {name!r}."
+            )
+        layers.setdefault(int(index), {})[parameter] = tensor
+    if sorted(layers) != list(range(len(layers))):
+        raise ValueError(f"{path}: the gate layers must be numbered 0..n-1, found {sorted(layers)}.")
+    return {"module": [layers[index] for index in range(len(layers))]}
+
+
+def _load_gate_file(path: str, allow_unsafe_pickle: bool = False) -> list[dict]:
+    """The per-layer state dicts of a gate file. Never a full pickle load unless `allow_unsafe_pickle` is True:
+    `.safetensors` files are read with safetensors, others with `torch.load(weights_only=True)` (tensors, dicts,
+    lists and numbers only)."""
+    if path.endswith(".safetensors"):
+        checkpoint: object = _gates_from_safetensors(path)
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if not allow_unsafe_pickle:
+                raise UnsafePickleError(
+                    f"The Fast-KVzip gate file {path} cannot be loaded with torch.load(weights_only=True): it holds "
+                    f"objects other than tensors, dicts, lists and numbers ({str(error).splitlines()[-1]}). Loading "
+                    "it needs a full pickle load, which runs whatever code the file names. If you trust the file's "
+                    "source, pass FastKVzipPress(..., allow_unsafe_pickle=True) (or allow_unsafe_pickle=True to "
+                    "load_fastkvzip); otherwise save the gates as {'module': [state dict of each layer]} or as "
+                    "safetensors (tensors named module.<layer>.<parameter>)."
+                ) from error
+            logger.warning("Loading the Fast-KVzip gate file %s with a full pickle load (allow_unsafe_pickle)", path)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(checkpoint, dict) or "module" not in checkpoint:
         raise ValueError(f"{path} is not a Fast-KVzip gate file: expected a dict with a 'module' list of state dicts.")
     return list(checkpoint["module"])
 
 
-def get_gate_weight(model_name: str, repo_or_path: str = FASTKVZIP_REPO_ID) -> tuple[list[dict], str]:
+def get_gate_weight(
+    model_name: str, repo_or_path: str = FASTKVZIP_REPO_ID, allow_unsafe_pickle: bool = False
+) -> tuple[list[dict], str]:
     """Per-layer gate state dicts and the gate id. `repo_or_path` is a Hub repo laid out like
-    `Jang-Hyun/Fast-KVzip`, a local directory with the same layout, or a local `.pt` file."""
+    `Jang-Hyun/Fast-KVzip`, a local directory with the same layout, or a local `.pt` or `.safetensors` file.
+    Files are never unpickled in full (whatever their source) unless `allow_unsafe_pickle` is True."""
     if os.path.isfile(repo_or_path):
-        return _load_gate_file(repo_or_path, trusted=False), os.path.basename(repo_or_path)
+        return _load_gate_file(repo_or_path, allow_unsafe_pickle), os.path.basename(repo_or_path)
     gate_id = get_gate_id(model_name)
     if os.path.isdir(repo_or_path):
         path = os.path.join(repo_or_path, *gate_id.split("/"))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No Fast-KVzip gates for {model_name!r} in {repo_or_path!r}: expected {path}.")
-        return _load_gate_file(path, trusted=False), gate_id
+        return _load_gate_file(path, allow_unsafe_pickle), gate_id
     from huggingface_hub import hf_hub_download
 
     path = hf_hub_download(repo_id=repo_or_path, filename=gate_id)
-    return _load_gate_file(path, trusted=repo_or_path == FASTKVZIP_REPO_ID), gate_id
+    return _load_gate_file(path, allow_unsafe_pickle), gate_id
 
 
 def load_fastkvzip(
-    model_name: str = "Qwen/Qwen3-8B", device: str | torch.device = "cuda", gates_path: Optional[str] = None
+    model_name: str = "Qwen/Qwen3-8B",
+    device: str | torch.device = "cuda",
+    gates_path: Optional[str] = None,
+    allow_unsafe_pickle: bool = False,
 ) -> list[FastKVzipGate]:
-    """Build one gate per layer from the trained weights (Hub by default; `gates_path`: a local file/directory)."""
-    state_dicts, gate_id = get_gate_weight(model_name, gates_path or FASTKVZIP_REPO_ID)
+    """Build one gate per layer from the trained weights (Hub by default; `gates_path`: a local file/directory).
+    `allow_unsafe_pickle`: see `FastKVzipPress`."""
+    state_dicts, gate_id = get_gate_weight(model_name, gates_path or FASTKVZIP_REPO_ID, allow_unsafe_pickle)
     if len(state_dicts) == 0:
         raise ValueError(f"The Fast-KVzip gate file {gate_id} holds no layer.")
     first = state_dicts[0]
@@ -151,6 +201,15 @@ def load_fastkvzip(
     return gates
 
 
+def _check_opt_in(press: object, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"{type(press).__name__}.{name} must be True or False, got {value!r} (True allows a full pickle load of "
+            "the gate files, which can run arbitrary code; keep the default False unless you trust their source)."
+        )
+    return value
+
+
 @dataclass
 class FastKVzipPress(BasePress):
     """Predict KVzip scores with per-layer gates during the prefill; mask the lowest ones head-wise at exit.
@@ -163,7 +222,11 @@ class FastKVzipPress(BasePress):
     window_size: the last `window_size` tokens are always kept when the context has 32000 tokens or more.
     window_ratio: below that, the last `int(T * window_ratio)` tokens are always kept (none when that is 0).
     gates_path: where the trained gates are: None (default) for the Hub repo `Jang-Hyun/Fast-KVzip`, or a local
-        `.pt` file, a local directory laid out like that repo, or another Hub repo id.
+        `.pt` or `.safetensors` file, a local directory laid out like that repo, or another Hub repo id.
+    allow_unsafe_pickle: default False: gate files are read with safetensors (`.safetensors`) or
+        `torch.load(weights_only=True)` (tensors, dicts, lists, numbers), whatever their source, the default Hub repo
+        included, and a file that needs a full pickle load is refused with an error. True allows that full pickle load
+        (`torch.load(weights_only=False)`), which runs any code the file names: only for files whose source you trust.
 
     The masks are set when the `with press(model):` block exits normally; the cache keeps its length and the
     patched attention neutralises the masked entries (`module.masked_key_indices`).
@@ -175,11 +238,14 @@ class FastKVzipPress(BasePress):
     window_size: int = 4096
     window_ratio: float = 0.02
     gates_path: Optional[str] = None
+    allow_unsafe_pickle: bool = False
     gates: Optional[list[FastKVzipGate]] = field(default=None, init=False, repr=False, compare=False)
     score_val: Optional[list[Optional[torch.Tensor]]] = field(default=None, init=False, repr=False, compare=False)
 
     # Scores in one pass and masks at exit, head by head: it cannot be chained.
     composable: ClassVar[bool] = False
+
+    field_checks: ClassVar[Mapping[str, FieldCheck]] = {"allow_unsafe_pickle": _check_opt_in}
 
     def __post_init__(self):
         validate_compression_ratio(self.compression_ratio)
@@ -199,14 +265,21 @@ class FastKVzipPress(BasePress):
         if self.gates is None:
             name = str(getattr(model.config, "name_or_path", "") or "")
             try:
-                self.gates = load_fastkvzip(model_name=name, device=model.device, gates_path=self.gates_path)
+                self.gates = load_fastkvzip(
+                    model_name=name,
+                    device=model.device,
+                    gates_path=self.gates_path,
+                    allow_unsafe_pickle=self.allow_unsafe_pickle,
+                )
+            except UnsafePickleError:
+                raise  # the gates exist: the error says how to load them
             except Exception as error:
                 where = self.gates_path or f"the Hub repo {FASTKVZIP_REPO_ID}"
                 raise RuntimeError(
                     f"The gates for the given model are not released! Could not load Fast-KVzip gates for "
                     f"{name or 'this model'} from {where} ({type(error).__name__}: {error}). Trained gates are "
-                    f"published for some models in {FASTKVZIP_REPO_ID}; pass gates_path=<local .pt file or directory> "
-                    "to use your own."
+                    f"published for some models in {FASTKVZIP_REPO_ID}; pass gates_path=<local .pt/.safetensors file "
+                    "or directory> to use your own."
                 ) from error
         config = model.config.get_text_config()
         expected = (
@@ -226,6 +299,7 @@ class FastKVzipPress(BasePress):
     @contextmanager
     def __call__(self, model: PreTrainedModel) -> Generator:
         """Score during the prefill inside the block; mask the lowest scores when the block exits normally."""
+        refuse_nested_press(self, model)  # before touching the scores of a block that may still be open
         self.score_val = [None] * len(get_language_model(model).layers)
         with BasePress.__call__(self, model):
             yield
