@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -161,6 +162,75 @@ def check_columns(df: pd.DataFrame, required: Sequence[str], source: str, datase
                 f"Column {column!r} is missing from {source}. Dataset {dataset!r} needs the columns "
                 f"{', '.join(required)}; the data has {', '.join(map(str, df.columns)) or 'no columns'}."
             )
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
+def _is_positive_integer(value) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return bool(value > 0)
+    return isinstance(value, (float, np.floating)) and float(value).is_integer() and bool(value > 0)
+
+
+def _row_list(row_ids: list) -> str:
+    shown = ", ".join(str(row_id) for row_id in row_ids[:10])
+    return shown + (f" and {len(row_ids) - 10} more" if len(row_ids) > 10 else "")
+
+
+def check_rows(df: pd.DataFrame, required: Sequence[str], source: str, dataset: str) -> None:
+    """Raise a ValueError naming the first row (its `row_id`, the index of the row in the data, from 0) and the
+    column of the first missing or malformed value: every required column needs a value in every row, `context` is
+    text and `max_new_tokens` a positive integer. Run before any model is loaded."""
+    for column in required:
+        if column not in df.columns:
+            continue
+        values = df[column]
+        bad = [row_id for row_id, value in zip(df.index, values) if _is_missing(value)]
+        if bad:
+            hint = " or pass --max_new_tokens" if column == "max_new_tokens" else ""
+            raise ValueError(
+                f"Row {bad[0]} of {source} has no value in column {column!r} (rows with none: {_row_list(bad)}; "
+                f"rows are counted from 0). Dataset {dataset!r} needs {', '.join(required)} in every row: fill in "
+                f"the missing values{hint}."
+            )
+        if column == "context":
+            bad = [row_id for row_id, value in zip(df.index, values) if not isinstance(value, str)]
+            kind = "text"
+        elif column == "max_new_tokens":
+            bad = [row_id for row_id, value in zip(df.index, values) if not _is_positive_integer(value)]
+            kind = "a positive integer"
+        else:
+            continue
+        if bad:
+            value = values.loc[bad[0]]
+            value = value.item() if isinstance(value, np.generic) else value
+            raise ValueError(
+                f"Row {bad[0]} of {source} has {value!r:.60} in column {column!r}, which must be {kind} (rows "
+                f"affected: {_row_list(bad)}; rows are counted from 0)."
+            )
+
+
+def _json_value(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def data_fingerprint(df: pd.DataFrame) -> str:
+    """A hash of the rows a run evaluates (every column of every row, in order), stored with the results so that a
+    finished run is reused only for the same data."""
+    columns = sorted(map(str, df.columns))
+    digest = hashlib.sha256(json.dumps(columns).encode("utf-8"))
+    for record in df.rename(columns=str)[columns].to_dict("records"):
+        line = json.dumps(record, sort_keys=True, default=_json_value, ensure_ascii=False)
+        digest.update(line.encode("utf-8", "surrogatepass") + b"\n")
+    return digest.hexdigest()[:16]
 
 
 def row_fingerprint(context: str, question: str, answer_prefix: str) -> str:

@@ -6,8 +6,12 @@ The one idea (upstream kvpress's evaluation harness, https://github.com/NVIDIA/k
 "kv-press-text-generation" pipeline over a dataset, compressing each context once and answering its questions, then
 score the answers with the benchmark's metric. Configuration is layered: dataclass defaults, then
 `evaluate_config.yaml`, then command-line flags. Each run writes `predictions.csv`, `metrics.json` and `config.yaml`
-to its own directory; a finished run is skipped (unless `--force`), an interrupted one resumes, and under
-`accelerate launch` each process answers a shard of the rows and the main process merges them.
+to its own directory; a finished run is skipped (unless `--force` or its data changed), an interrupted one resumes,
+and under `accelerate launch` each process answers a shard of the rows and the main process merges them.
+
+No lost or stale results: everything is validated (press, rows, metric, model) before a file is touched, a run
+folder is locked while a run writes to it, earlier results are replaced only once new ones exist, and no path
+leaves `--output_dir`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ if __package__ in (None, ""):
 import logging  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, fields  # noqa: E402
 from typing import Any, Callable, Dict, List, Optional, Union  # noqa: E402
@@ -38,6 +43,8 @@ import yaml  # noqa: E402
 from evaluation.data import (  # noqa: E402
     BASE_COLUMNS,
     check_columns,
+    check_rows,
+    data_fingerprint,
     load_hub_dataset,
     load_local_dataset,
     load_synthetic,
@@ -52,10 +59,14 @@ from evaluation.evaluate_registry import (  # noqa: E402
 )
 from evaluation.results import (  # noqa: E402
     PartialResults,
+    RunLock,
+    RunLockedError,
     atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
+    check_inside,
     merge_predictions,
+    remove_inside,
     shard,
 )
 from evaluation.summary import headline_score, run_summary  # noqa: E402
@@ -71,6 +82,19 @@ KV_CACHE_BACKENDS = ("quanto", "hqq", "fp8")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Fields that do not change the results: a finished or partial run is reused whatever their value.
 NON_RESULT_FIELDS = ("output_dir", "log_level", "force", "device", "device_map", "press_init_command", "progress")
+# Saved in config.yaml next to the options: the hash of the rows evaluated (a finished run is reused only for them).
+DATA_FINGERPRINT = "data_fingerprint"
+# Earlier results a rerun replaces wait here until the new results are written (then the folder is removed).
+REPLACED_DIR = ".replaced"
+# Characters kept in the parts of a results directory name; every other run of characters becomes "_".
+UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._,+=-]+")
+# Metrics not tried on a placeholder answer before a run: LooGLE's BERTScore would load a large model for it.
+METRICS_NOT_CHECKED = ("loogle",)
+
+
+def name_component(value: Any) -> str:
+    """One part of a results directory name, with path separators and other unsafe characters replaced."""
+    return UNSAFE_NAME_CHARACTERS.sub("_", str(value))
 
 
 def reference_model() -> tuple[Path, Optional[int]]:
@@ -268,8 +292,9 @@ class EvaluationConfig:
             parts.append("fp8")
         if self.seed != 42:
             parts.append(f"seed{self.seed}")
-        name = "__".join(str(part) for part in parts if part != "")
-        return Path(output_dir if output_dir is not None else self.output_dir) / name
+        name = "__".join(name_component(part) for part in parts if part != "")
+        root = Path(output_dir if output_dir is not None else self.output_dir)
+        return check_inside(root / name, root)
 
     def context_lengths(self) -> list[int]:
         """Synthetic context lengths: `context_length`, else the reference model's trained length."""
@@ -294,8 +319,12 @@ class EvaluationConfig:
                 config.pop(name, None)
         return config
 
-    def save_config(self, path: Union[str, Path]) -> None:
-        text = yaml.dump(self.to_dict(), default_flow_style=False, indent=2, sort_keys=False)
+    def save_config(self, path: Union[str, Path], fingerprint: Optional[str] = None) -> None:
+        """config.yaml: the resolved configuration and, when given, the fingerprint of the rows evaluated."""
+        values = self.to_dict()
+        if fingerprint is not None:
+            values[DATA_FINGERPRINT] = fingerprint
+        text = yaml.dump(values, default_flow_style=False, indent=2, sort_keys=False)
         atomic_write_text(Path(path), text)
 
 
@@ -390,41 +419,66 @@ class EvaluationRunner:
         self.press: Any = None
         self.pipeline: Any = None
         self.df: Optional[pd.DataFrame] = None
+        self.tokenizer: Any = None
+        self._model_path: Optional[str] = None
+        self._stash: Optional[Path] = None
 
     # -- the run --------------------------------------------------------------------------------------------------
     def run_evaluation(self) -> Optional[dict]:
-        """Evaluate, or reuse finished results. Returns the metrics on the main process (None on the others)."""
+        """Evaluate, or reuse finished results. Returns the metrics on the main process (None on the others).
+
+        Everything that can fail on bad input is checked before a file is touched: the results path (inside
+        `output_dir`), the press, every row, the metric (a placeholder answer per task) and the model (loaded). Then
+        the run folder is locked, and earlier results (`--force`, or rows that changed) are moved aside only when the
+        new ones are written, and removed once they are.
+        """
         config = self.config
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        results_dir = config.get_results_dir()
+        output_dir = Path(config.output_dir)
+        results_dir = config.get_results_dir()  # its name sanitised, checked to resolve inside output_dir
+        self.press = self._setup_press()
+        rows = self._load_rows()
+        self._check_metric(rows)
+        fingerprint = data_fingerprint(rows)
+        finished = self._finished_metrics(results_dir, fingerprint)
+        if finished is not None:
+            return self._report_finished(results_dir, finished)
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        created = not results_dir.exists()
+        lock = RunLock(results_dir / f".lock.rank{self.group.rank}")
+        lock.acquire()
+        try:
+            check_inside(results_dir, output_dir)
+            # A run that finished between the check above and taking the lock.
+            finished = self._finished_metrics(results_dir, fingerprint, quiet=True)
+            if finished is not None:
+                return self._report_finished(results_dir, finished)
+            return self._evaluate(results_dir, rows, fingerprint)
+        finally:
+            lock.release()
+            if created:
+                try:
+                    results_dir.rmdir()  # only when empty: a run that failed before writing anything
+                except OSError:
+                    pass
+
+    def _evaluate(self, results_dir: Path, rows: pd.DataFrame, fingerprint: str) -> Optional[dict]:
+        """Load the model, answer the rows (resuming saved answers unless `--force`), write the results."""
+        config = self.config
         predictions_file, metrics_file = results_dir / "predictions.csv", results_dir / "metrics.json"
         config_file = results_dir / "config.yaml"
         partial = PartialResults(results_dir)
+        partial_config = partial.directory / "config.yaml"
+        if self.group.is_main and not config.force and partial.exists():
+            self._check_same_config(partial_config if partial_config.exists() else config_file)
 
-        if predictions_file.exists() and metrics_file.exists() and not config.force:
-            self._check_same_config(config_file)
-            logger.info("Results already exist in %s; skipping (pass --force to run again).", results_dir)
-            metrics = _read_json(metrics_file)
-            if self.group.is_main:
-                n_rows = len(pd.read_csv(predictions_file))
-                print(run_summary(_read_yaml(config_file) or config.to_dict(), metrics, n_rows, results_dir))
-            return metrics if self.group.is_main else None
-
+        self.pipeline = self._setup_model_pipeline()
+        self.df = self._finish_rows(rows)
         if self.group.is_main:
             if config.force:
-                for path in (predictions_file, metrics_file):
-                    path.unlink(missing_ok=True)
-                partial.clear()
-            elif partial.exists():
-                self._check_same_config(config_file)
+                self._set_aside(results_dir, [partial.directory])  # a forced run starts over
+            config.save_config(partial_config, fingerprint)  # the configuration of the answers being saved
         self.group.wait()
-
-        self.press = self._setup_press()
-        self.pipeline = self._setup_model_pipeline()
-        self.df = self._load_and_prepare_dataset()
-        if self.group.is_main:
-            results_dir.mkdir(parents=True, exist_ok=True)
-            config.save_config(config_file)
 
         started = time.time()
         self._run_inference(self.df, partial)
@@ -434,31 +488,87 @@ class EvaluationRunner:
         # until every row has a saved answer.
         records = wait_for_all_rows(partial, self.df, self.group.world_size)
         df = merge_predictions(self.df, records)
-        atomic_write_csv(predictions_file, self._predictions_table(df))
+        table = self._predictions_table(df)
         metrics = SCORER_REGISTRY[config.dataset](df)
+        # Only now are earlier results replaced: moved aside, the new ones written (metrics.json, which marks a run
+        # as finished, last), then the earlier ones removed.
+        self._set_aside(results_dir, [predictions_file, metrics_file, config_file])
+        atomic_write_csv(predictions_file, table)
+        config.save_config(config_file, fingerprint)
         atomic_write_json(metrics_file, metrics)
-        config.save_config(config_file)
-        partial.clear()
+        remove_inside(partial.directory, results_dir)
+        remove_inside(results_dir / REPLACED_DIR, results_dir)
         logger.info("Evaluated %d rows in %.1f s; results in %s", len(df), time.time() - started, results_dir)
         print(run_summary(config.to_dict(), metrics, len(df), results_dir))
         return metrics
 
-    def _check_same_config(self, config_file: Path) -> None:
-        """Refuse to mix results of a different configuration that landed in the same directory."""
+    def _finished_metrics(self, results_dir: Path, fingerprint: str, quiet: bool = False) -> Optional[Any]:
+        """The saved metrics when `results_dir` holds a finished run of this configuration on these rows, else None
+        (no finished run, `--force`, or rows that changed since: those runs are evaluated again)."""
+        predictions_file, metrics_file = results_dir / "predictions.csv", results_dir / "metrics.json"
+        if not (predictions_file.exists() and metrics_file.exists()):
+            return None
+        if self.config.force:
+            if not quiet:
+                logger.info(
+                    "--force: evaluating again; the results in %s are replaced once new ones exist.", results_dir
+                )
+            return None
+        saved = self._check_same_config(results_dir / "config.yaml") or {}
+        saved_fingerprint = saved.get(DATA_FINGERPRINT)
+        if saved_fingerprint == fingerprint:
+            return _read_json(metrics_file)
+        if not quiet:
+            logger.warning(
+                "The results in %s were computed on other rows (data fingerprint %s, now %s): evaluating again; "
+                "they are replaced once the new results are written.",
+                results_dir,
+                saved_fingerprint or "not recorded",
+                fingerprint,
+            )
+        return None
+
+    def _report_finished(self, results_dir: Path, metrics: Any) -> Optional[Any]:
+        logger.info("Results already exist in %s; skipping (pass --force to run again).", results_dir)
+        if not self.group.is_main:
+            return None
+        n_rows = len(pd.read_csv(results_dir / "predictions.csv"))
+        saved = _read_yaml(results_dir / "config.yaml") or self.config.to_dict()
+        print(run_summary(saved, metrics, n_rows, results_dir))
+        return metrics
+
+    def _set_aside(self, results_dir: Path, paths: list[Path]) -> None:
+        """Move the existing `paths` into `<results_dir>/.replaced/<time>-<pid>/` (removed once new results exist)."""
+        existing = [path for path in paths if path.exists()]
+        if not existing:
+            return
+        if self._stash is None:
+            self._stash = results_dir / REPLACED_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        stash = check_inside(self._stash, results_dir)
+        stash.mkdir(parents=True, exist_ok=True)
+        for path in existing:
+            check_inside(path, results_dir)
+            os.replace(path, stash / path.name)
+        logger.info("Moved %s aside to %s until the new results are written.", [p.name for p in existing], stash)
+
+    def _check_same_config(self, config_file: Path) -> Optional[dict]:
+        """Refuse to mix results of a different configuration that landed in the same directory; returns the saved
+        configuration (None when there is none)."""
         saved = _read_yaml(config_file)
         if not saved:
-            return
+            return saved
         current = self.config.to_dict()
         differences = sorted(
             name
             for name in set(saved) | set(current)
-            if name not in NON_RESULT_FIELDS and saved.get(name) != current.get(name)
+            if name not in NON_RESULT_FIELDS and name != DATA_FINGERPRINT and saved.get(name) != current.get(name)
         )
         if differences:
             raise ValueError(
                 f"{config_file.parent} holds results of a different configuration (differences: "
                 f"{', '.join(differences)}). Pass --force to overwrite them, or choose another --output_dir."
             )
+        return saved
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def _setup_press(self):
@@ -502,6 +612,12 @@ class EvaluationRunner:
         return press
 
     def _resolve_model(self) -> str:
+        """The model to load: the reference model's directory, a local directory, or a Hub id checked to exist."""
+        if self._model_path is None:
+            self._model_path = self._find_model()
+        return self._model_path
+
+    def _find_model(self) -> str:
         model = self.config.model
         if model == REFERENCE_MODEL:
             directory = reference_model()[0]
@@ -520,7 +636,20 @@ class EvaluationRunner:
                 f"The model directory {model} does not exist; pass a Hugging Face Hub id (org/name) or an existing "
                 "local directory saved with save_pretrained."
             )
+        check_hub_model(model)
         return model
+
+    def _get_tokenizer(self):
+        """The model's tokenizer (loaded alone when the data needs it before the model, e.g. synthetic rows)."""
+        if self.pipeline is not None:
+            return self.pipeline.tokenizer
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                self._resolve_model(), trust_remote_code=self.config.trust_remote_code
+            )
+        return self.tokenizer
 
     def _setup_model_pipeline(self):
         from transformers import pipeline
@@ -553,6 +682,8 @@ class EvaluationRunner:
             pipeline_kwargs["device_map"] = config.device_map or "auto"
         else:
             pipeline_kwargs["device"] = device
+        if self.tokenizer is not None:
+            pipeline_kwargs["tokenizer"] = self.tokenizer
         pipe = pipeline("kv-press-text-generation", model=self._resolve_model(), **pipeline_kwargs)
         pipe.model.eval()
         return pipe
@@ -566,16 +697,19 @@ class EvaluationRunner:
                 config.data_dir,
                 config.num_samples,
                 config.context_lengths(),
-                tokenizer=self.pipeline.tokenizer,
+                tokenizer=self._get_tokenizer(),
                 seed=config.seed,
             )
             return df, f"the synthetic tasks {config.data_dir!r}"
         hub_id = DATASET_REGISTRY[config.dataset]
         return load_hub_dataset(hub_id, config.data_dir), f"the Hub dataset {hub_id} (data_dir={config.data_dir})"
 
-    def _load_and_prepare_dataset(self) -> pd.DataFrame:
-        """Rows with a stable `row_id`, checked, sampled, and rewritten for the needle / query-aware modes."""
+    def _load_rows(self) -> pd.DataFrame:
+        """The rows a run evaluates, with a stable `row_id`, checked (columns, then every value) and sampled; the
+        needle rows built. Needs at most the tokenizer, never the model."""
         config = self.config
+        if "FinchPress" in press_class_names(self.press) and not config.query_aware:
+            raise ValueError("FinchPress compresses with the question: run it with --query_aware.")
         df, source = self._load_raw_dataframe()
         needle = config.dataset == "needle_in_haystack"
         required = list(BASE_COLUMNS) + list(REQUIRED_COLUMNS.get(config.dataset, ()))
@@ -590,10 +724,11 @@ class EvaluationRunner:
             df = df.sample(frac=config.fraction, random_state=config.seed)
         if config.max_samples is not None:
             df = df.head(config.max_samples)
+        check_rows(df, [column for column in required if column != "question"], source, config.dataset)
         if needle:
             from evaluation.benchmarks.needle_in_haystack.utils import insert_needle_in_haystack
 
-            df = insert_needle_in_haystack(df, self.pipeline.tokenizer, config.max_context_length, config.needle_depth)
+            df = insert_needle_in_haystack(df, self._get_tokenizer(), config.max_context_length, config.needle_depth)
             if config.max_new_tokens is None and df["max_new_tokens"].isna().any():
                 raise ValueError(f"Column 'max_new_tokens' is missing from {source}; or pass --max_new_tokens.")
         df = df.copy()
@@ -603,10 +738,13 @@ class EvaluationRunner:
             df["answer_prefix"] = ""
         df["answer_prefix"] = df["answer_prefix"].fillna("").astype(str)
         df["question"] = df["question"].fillna("").astype(str)
+        return df
 
+    def _finish_rows(self, df: pd.DataFrame) -> pd.DataFrame:
+        """The rows as the pipeline gets them (FinchPress delimiter, question-aware contexts) and their fingerprints."""
+        config = self.config
+        df = df.copy()
         if "FinchPress" in press_class_names(self.press):
-            if not config.query_aware:
-                raise ValueError("FinchPress compresses with the question: run it with --query_aware.")
             self.press.update_model_and_tokenizer(self.pipeline.model, self.pipeline.tokenizer)
             df["context"] = df["context"] + self.press.delimiter_token
         if config.query_aware:
@@ -616,6 +754,25 @@ class EvaluationRunner:
             row_fingerprint(c, q, p) for c, q, p in zip(df["context"], df["question"], df["answer_prefix"])
         ]
         return df
+
+    def _load_and_prepare_dataset(self) -> pd.DataFrame:
+        """Rows with a stable `row_id`, checked, sampled, and rewritten for the needle / query-aware modes."""
+        return self._finish_rows(self._load_rows())
+
+    def _check_metric(self, df: pd.DataFrame) -> None:
+        """Score a placeholder answer on one row of each task, so that rows the metric cannot score (an unknown task,
+        a malformed reference) fail now, before the model is loaded and before any file is touched."""
+        dataset = self.config.dataset
+        if dataset in METRICS_NOT_CHECKED:
+            return
+        sample = df.groupby("task", sort=False).head(1) if "task" in df.columns else df.head(1)
+        sample = sample.copy()
+        sample["predicted_answer"] = "placeholder"
+        sample["compression_ratio"] = self.config.compression_ratio
+        try:
+            SCORER_REGISTRY[dataset](sample)
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise ValueError(f"The {dataset!r} metric cannot score these rows: {error}") from error
 
     # -- inference ------------------------------------------------------------------------------------------------
     def _groups(self, df: pd.DataFrame) -> list[list[int]]:
@@ -766,6 +923,26 @@ def wait_for_all_rows(partial: PartialResults, df: pd.DataFrame, world_size: int
         time.sleep(poll_seconds)
 
 
+def check_hub_model(model: str) -> None:
+    """Raise a one-line FileNotFoundError when `model`, which is not a local directory, is not on the Hugging Face Hub
+    or in its cache (offline, a typo, a private or gated repository), before anything long starts. Uses the Hub's own
+    download code for one small file (`config.json`), which the model's loading needs anyway."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        hf_hub_download(repo_id=model, filename="config.json")
+    except Exception as error:  # noqa: BLE001 - offline, unknown id, gated repo, bad id: all need the same hint
+        if isinstance(error, EntryNotFoundError) and not isinstance(error, LocalEntryNotFoundError):
+            return  # the repository is reachable but has no config.json: transformers decides what it can load
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise FileNotFoundError(
+            f"The model {model!r} is neither a local directory nor reachable on the Hugging Face Hub "
+            f"({type(error).__name__}: {reason}). Pass --model with a local copy: a directory saved with "
+            f"save_pretrained, or one downloaded where there is network with `hf download {model} --local-dir DIR`."
+        ) from error
+
+
 def _read_json(path: Path):
     import json
 
@@ -790,7 +967,7 @@ def main(config_file: Optional[str] = None, **overrides: Any) -> None:
     try:
         config = load_config(config_file, **overrides)
         EvaluationRunner(config).run_evaluation()
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RunLockedError) as error:
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)
 

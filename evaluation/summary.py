@@ -129,6 +129,8 @@ def collect_runs(results_dir: str | Path) -> list[dict]:
     """Every finished run under `results_dir` (a folder with config.yaml and metrics.json), with its score."""
     runs = []
     for metrics_path in sorted(Path(results_dir).rglob("metrics.json")):
+        if any(part.startswith(".") for part in metrics_path.relative_to(results_dir).parts):
+            continue  # earlier results a rerun moved aside (`.replaced/`), not a finished run
         config_path = metrics_path.with_name("config.yaml")
         if not config_path.exists():
             continue
