@@ -10,7 +10,7 @@ TORCH_FIND_LINKS := $(if $(wildcard /opt/wheels/torch-*.whl),--find-links /opt/w
 TRANSFORMERS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install format style test test-core reports clean
+.PHONY: install format style test test-core notebooks reports clean
 
 install:
 	python3 -m venv $(VENV)
@@ -41,6 +41,11 @@ test: reports
 
 test-core: reports
 	$(PYTHON) -m pytest -n 2 -m core $(PYTEST_ARGS) tests
+
+# Execute every notebook of notebooks/ (offline, CPU, the reference model); fails on any error.
+NOTEBOOK_TIMEOUT ?= 300
+notebooks:
+	$(PYTHON) notebooks/run_all.py --timeout $(NOTEBOOK_TIMEOUT)
 
 clean:
 	rm -rf reports .pytest_cache .mypy_cache build dist
