@@ -19,6 +19,7 @@ from datasets import Dataset
 import evaluation.evaluate as evaluate_module
 import kvpress  # noqa: F401  (registers the pipeline)
 from evaluation.evaluate import EvaluationConfig, EvaluationRunner
+from tests.evaluation.test_end_to_end import CountingRunner
 from tests.fixtures import saved_model_dir
 
 # Three contexts, one question each: 3 rows, 3 pipeline calls.
@@ -46,22 +47,6 @@ def make_config(output_dir, data_file, model_dir, **options) -> EvaluationConfig
     options.setdefault("press_name", "knorm")
     options.setdefault("model_kwargs", {"dtype": "float32"})
     return EvaluationConfig(data_path=str(data_file), model=model_dir, output_dir=str(output_dir), **options)
-
-
-class CountingRunner(EvaluationRunner):
-    """Counts pipeline calls; optionally interrupts the run on the n-th call."""
-
-    interrupt_at = None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.calls = 0
-
-    def answer_group(self, rows):
-        self.calls += 1
-        if self.interrupt_at is not None and self.calls == self.interrupt_at:
-            raise KeyboardInterrupt
-        return super().answer_group(rows)
 
 
 def snapshot(directory) -> dict:
