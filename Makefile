@@ -6,7 +6,8 @@ PYTHON := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 # Machines that keep a local CPU wheel of torch (as this project's CI machines do) install it from there.
 TORCH_FIND_LINKS := $(if $(wildcard /opt/wheels/torch-*.whl),--find-links /opt/wheels,)
-# Extra requirement installed after the project, e.g. TRANSFORMERS=transformers==5.2.0 to test the oldest release.
+# Extra requirement resolved together with the project, e.g. TRANSFORMERS=transformers==5.2.0 to test the oldest
+# release (one resolution: nothing a newer transformers pulls in, such as `kernels`, is left behind).
 TRANSFORMERS ?=
 PYTEST_ARGS ?=
 
@@ -16,8 +17,7 @@ install:
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade "pip>=25.1"
 	$(PYTHON) -m pip install --quiet $(TORCH_FIND_LINKS) "$(TORCH)"
-	$(PYTHON) -m pip install --quiet -e ".[eval]" --group dev
-	@if [ -n "$(TRANSFORMERS)" ]; then $(PYTHON) -m pip install --quiet "$(TRANSFORMERS)"; fi
+	$(PYTHON) -m pip install --quiet -e ".[eval]" --group dev $(if $(TRANSFORMERS),"$(TRANSFORMERS)",)
 	$(PYTHON) -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 
 format:

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 # The releases the whole test suite runs on (CI: the oldest and the newest that pip resolves).
 OLDEST_TESTED_TRANSFORMERS = "5.2.0"
-NEWEST_TESTED_TRANSFORMERS = "5.24.0"
+NEWEST_TESTED_TRANSFORMERS = "5.25.0"
 
 # Names under which transformers has passed the cache, newest first: `cache` (5.24+), `past_key_values` (5.0-5.23,
 # and still accepted by 5.24+ until 5.40), `past_key_value` (4.x attention modules).
