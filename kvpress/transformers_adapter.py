@@ -277,6 +277,44 @@ def drop_decoder_tokens(args: tuple, kwargs: dict, keep: torch.Tensor) -> tuple[
     return args, kwargs
 
 
+def decoder_inputs_of(args: tuple, kwargs: dict) -> dict:
+    """A decoder forward's keyword arguments, with positional token ids moved to `input_ids`."""
+    inputs = dict(kwargs)
+    if args and "input_ids" not in inputs:
+        inputs["input_ids"] = args[0]
+    return inputs
+
+
+_PER_TOKEN_DECODER_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache_position")
+
+
+def decoder_call(
+    model: torch.nn.Module,
+    inputs: dict,
+    cache: Cache,
+    tokens: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> dict:
+    """Keyword arguments to call `model` (a decoder) again with `cache`: the non-token entries of a forward's
+    `inputs`, then `tokens` (ids, or embeddings when floating point; the forward's own when None), positions, mask."""
+    call = {k: v for k, v in inputs.items() if k not in _PER_TOKEN_DECODER_INPUTS and k not in CACHE_KEYWORDS}
+    call["use_cache"] = True
+    call.update(cache_kwargs(model, cache))
+    if tokens is None:
+        ids = inputs.get("input_ids")
+        call.update({"input_ids": ids} if ids is not None else {"inputs_embeds": inputs.get("inputs_embeds")})
+    elif tokens.is_floating_point():
+        call["inputs_embeds"] = tokens
+    else:
+        call["input_ids"] = tokens
+    if position_ids is not None:
+        call["position_ids"] = position_ids
+    if attention_mask is not None:
+        call["attention_mask"] = attention_mask
+    return call
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Calling a model with a cache, and reading the cache it returns
 # ----------------------------------------------------------------------------------------------------------------

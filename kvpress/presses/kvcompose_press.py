@@ -25,10 +25,11 @@ from kvpress.attention_weights import causal_attention_chunks
 from kvpress.presses.base_press import BasePress, get_hook_inputs
 from kvpress.presses.scorer_press import gather_tokens
 from kvpress.transformers_adapter import (
-    CACHE_KEYWORDS,
     attention_mask_of,
-    cache_kwargs,
+    decoder_call,
+    decoder_inputs_of,
     find_cache,
+    input_ids_of,
     input_tokens_of,
     output_cache,
     position_ids_of,
@@ -262,15 +263,13 @@ class KVComposePress(BasePress):
         if cache is None:
             logger.warning("KVComposePress: the prefill ran without a cache (use_cache=False); nothing compressed.")
             return output
-        inputs = dict(kwargs)
-        if args:
-            inputs.setdefault("input_ids", args[0])
+        inputs = decoder_inputs_of(args, kwargs)
         context = input_tokens_of((), inputs)
         if context is None:
             raise ValueError("KVComposePress could not find the prefill's input_ids or inputs_embeds.")
         if self.compression_ratio == 0:
             return output
-        self.register_context_ids(inputs.get("input_ids"), context.shape[1])
+        self.register_context_ids(input_ids_of((), inputs), context.shape[1])
         self.cache = cache
         snapshot = snapshot_cache(cache)
         self._scoring = True
@@ -290,10 +289,6 @@ class KVComposePress(BasePress):
     def _scoring_inputs(self, decoder: nn.Module, inputs: dict, bsz: int) -> list[dict]:
         """The keyword arguments of each scoring pass: the context again, or each registered prompt."""
         context_len = self.context_len
-        per_token = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache_position", *CACHE_KEYWORDS)
-        shared = {k: v for k, v in inputs.items() if k not in per_token}
-        shared["use_cache"] = True
-        shared.update(cache_kwargs(decoder, self.cache))
         mask = attention_mask_of(inputs)
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         position_ids = position_ids_of(inputs)
@@ -303,25 +298,15 @@ class KVComposePress(BasePress):
             position_ids, next_position = None, torch.full((bsz, 1), context_len, device=self.device)
         replays = []
         if not self.prompt_ids:
-            replay = dict(shared)
-            if inputs.get("input_ids") is not None:
-                replay["input_ids"] = inputs["input_ids"]
-            else:
-                replay["inputs_embeds"] = inputs["inputs_embeds"]
             offsets = torch.arange(context_len, device=next_position.device)[None]
-            replay["position_ids"] = (
-                (position_ids + next_position) if position_ids is not None else next_position + offsets
-            )
-            if mask is not None:
-                replay["attention_mask"] = torch.cat([mask, mask], dim=1)
-            replays.append(replay)
+            positions = (position_ids + next_position) if position_ids is not None else next_position + offsets
+            replay_mask = torch.cat([mask, mask], dim=1) if mask is not None else None
+            replays.append(decoder_call(decoder, inputs, self.cache, None, positions, replay_mask))
         for prompt in self.prompt_ids:
-            replay = dict(shared)
-            replay["input_ids"] = prompt.to(next_position.device).expand(bsz, -1)
-            replay["position_ids"] = next_position + torch.arange(prompt.shape[1], device=next_position.device)[None]
-            if mask is not None:
-                replay["attention_mask"] = torch.cat([mask, mask.new_ones(bsz, prompt.shape[1])], dim=1)
-            replays.append(replay)
+            tokens = prompt.to(next_position.device).expand(bsz, -1)
+            positions = next_position + torch.arange(prompt.shape[1], device=next_position.device)[None]
+            replay_mask = torch.cat([mask, mask.new_ones(bsz, prompt.shape[1])], dim=1) if mask is not None else None
+            replays.append(decoder_call(decoder, inputs, self.cache, tokens, positions, replay_mask))
         return replays
 
     def forward_hook(self, module: nn.Module, input: tuple, kwargs: dict, output: tuple):
