@@ -229,7 +229,9 @@ def parameter_bytes(model: PreTrainedModel) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-DECODE_LOOPS = ("dynamic", "inplace", "graph")
+DECODE_LOOPS = ("dynamic", "inplace", "graph", "compiled", "autotuned")
+# decode loops replayed from a CUDA graph, and the `torch.compile` mode each compiles the step with first
+GRAPH_LOOPS = {"graph": None, "compiled": "default", "autotuned": "max-autotune-no-cudagraphs"}
 
 
 class NotApplicable(ValueError):
@@ -244,7 +246,8 @@ def run_press(
 
     `loop`: `dynamic` is the copying loop (a DynamicCache that concatenates every step, as upstream), `inplace` the
     preallocated in-place cache (`kvpress.inplace_cache`), `graph` the same with each step replayed from a CUDA graph
-    (`kvpress.graphed_decoding`)."""
+    (`kvpress.graphed_decoding`), `compiled` / `autotuned` the graph of the step compiled first by `torch.compile`
+    (default mode / max-autotune without its own graphs)."""
     device = input_ids.device
     press = request.build()
     if request.name == "generate":
@@ -271,11 +274,11 @@ def run_press(
             raise NotApplicable(f"the {loop} loop does not apply (a press acting during decoding, or this cache)")
         decode_cache = InPlaceCache.from_cache(cache, extra_tokens=max_new_tokens + 2, model=model)
         del cache
-        if loop == "graph":
+        if loop in GRAPH_LOOPS:
             if not graphable(model, decode_cache):
-                raise NotApplicable("the graph loop needs CUDA and no head-wise masks")
+                raise NotApplicable(f"the {loop} loop needs CUDA and no head-wise masks")
             start = time.perf_counter()
-            step_fn = GraphedDecodeStep(model, decode_cache, batch_size=batch)
+            step_fn = GraphedDecodeStep(model, decode_cache, batch_size=batch, compile_mode=GRAPH_LOOPS[loop])
             _sync(device)
             capture = time.perf_counter() - start
     _reset_peak(device)
@@ -487,7 +490,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument(
         "--decode_loops",
         default="dynamic,inplace",
-        help=f"comma-separated, of {', '.join(DECODE_LOOPS)} (graph: CUDA only); `generate` rows run once",
+        help=f"comma-separated, of {', '.join(DECODE_LOOPS)} (graph, compiled, autotuned: CUDA only); `generate` rows "
+        "run once",
     )
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--attn_implementation", default="sdpa")
