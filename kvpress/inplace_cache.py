@@ -185,6 +185,9 @@ def can_decode_in_place(model: torch.nn.Module, cache: Cache) -> bool:
     )
 
 
+# Slots per chunk of the weights @ values product of `inplace_attention` (the bucket size: capacities are multiples)
+VALUE_SPLIT = 1024
+
 # Query rows up to which a forward over an in-place layer uses `inplace_attention` (a decoding step, a question).
 MAX_INPLACE_QUERY_ROWS = 64
 
@@ -219,5 +222,18 @@ def inplace_attention(
         visible = mask.expand(bsz, num_heads, q_len, -1).reshape(bsz, num_kv_heads, groups * q_len, -1)
     logits = logits.masked_fill(~visible, float("-inf"))
     weights = torch.softmax(logits, dim=-1).to(value.dtype)
-    output = torch.matmul(weights, value).reshape(bsz, num_heads, q_len, -1)
+    capacity = value.shape[2]
+    if capacity % VALUE_SPLIT == 0 and capacity > VALUE_SPLIT:
+        # weights @ values reduces over the whole buffer with only (batch x KV heads) output tiles: too few thread
+        # blocks to read the values at the memory bandwidth. Split the buffer into chunks (views of the buffer, no
+        # copy), one product per chunk in one batched call, then add the partial outputs (in float32).
+        splits = capacity // VALUE_SPLIT
+        rows_count = weights.shape[2]
+        chunked_weights = weights.reshape(bsz, num_kv_heads, rows_count, splits, VALUE_SPLIT).transpose(2, 3)
+        chunked_values = value.reshape(bsz, num_kv_heads, splits, VALUE_SPLIT, value.shape[-1])
+        partial = torch.matmul(chunked_weights, chunked_values)  # (B, H_kv, splits, rows, d)
+        output = partial.sum(dim=2, dtype=torch.float32).to(value.dtype)
+    else:
+        output = torch.matmul(weights, value)
+    output = output.reshape(bsz, num_heads, q_len, -1)
     return output.transpose(1, 2).contiguous()
