@@ -10,8 +10,9 @@ plan per shape (cuDNN) plan once per bucket instead of once per step and per lay
 
 Attention over the buffer hides the unused slots with a per-layer mask built from the layer's own length (layers may
 hold different lengths, e.g. after PyramidKV): `attention_patch` asks `inplace_attention_mask` for it. Rolling back
-after a question only resets the lengths. Presses cannot resize these layers (they raise `CannotCompressError`):
-convert after the presses that act on the context, and keep the dynamic cache for presses that act during decoding.
+after a question only resets the lengths. A press that evicts during decoding (a `cache_budget`, DecodingPress)
+reads the valid slots and writes the kept entries back into the start of the same buffers (`InPlaceLayer.replace`,
+through `kvpress.utils.write_keys_and_values`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,28 @@ class InPlaceLayer(CacheLayerMixin):
         self.position.add_(n_new)
         self.length = end
         return self.keys, self.values
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold exactly `keys`/`values` `(B, H, n, d)` from now on, written into the start of the buffers (a press
+        that evicts during decoding compacts the layer in place: no new allocation, the same shapes for attention)."""
+        n = keys.shape[2]
+        if keys.shape[:2] != self.keys.shape[:2] or keys.shape[-1] != self.keys.shape[-1] or values.shape != keys.shape:
+            raise ValueError(
+                f"keys {tuple(keys.shape)} / values {tuple(values.shape)} do not fit this in-place layer of "
+                f"(batch, heads, capacity, head_dim) = {tuple(self.keys.shape)}"
+            )
+        if n > self.capacity:
+            raise CannotCompressError(
+                f"The in-place decoding cache holds {self.capacity} tokens per layer; a press wrote {n} into it."
+            )
+        # the new entries may be views of the buffers (e.g. a prefix); copy out first when they overlap
+        if keys.untyped_storage().data_ptr() == self.keys.untyped_storage().data_ptr():
+            keys = keys.clone()
+        if values.untyped_storage().data_ptr() == self.values.untyped_storage().data_ptr():
+            values = values.clone()
+        self.keys[:, :, :n].copy_(keys)
+        self.values[:, :, :n].copy_(values)
+        self.set_length(n)
 
     def set_length(self, length: int) -> None:
         """Forget the slots from `length` on (they are overwritten by later tokens)."""
