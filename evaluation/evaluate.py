@@ -16,48 +16,33 @@ leaves `--output_dir`.
 
 from __future__ import annotations
 
+import logging
+import os
+import random
+import re
 import sys
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
 
-if __package__ in (None, ""):
-    # Run as a script (`python evaluation/evaluate.py`, `accelerate launch evaluation/evaluate.py`) from any folder:
-    # import the harness as the `evaluation` package, and keep this folder off sys.path so that its modules
-    # (evaluate.py, data.py, ...) cannot shadow installed packages of the same name.
-    _HERE = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
-    sys.path.insert(0, str(_HERE.parent))
+import numpy as np
+import pandas as pd
+import torch
+import yaml
 
-import logging  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass, fields  # noqa: E402
-from typing import Any, Callable, Dict, List, Optional, Union  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from evaluation.data import (  # noqa: E402
-    BASE_COLUMNS,
-    check_columns,
-    check_rows,
-    data_fingerprint,
-    load_hub_dataset,
-    load_local_dataset,
-    load_synthetic,
-    row_fingerprint,
-)
-from evaluation.evaluate_registry import (  # noqa: E402
+from evaluation.data import BASE_COLUMNS, check_columns, check_rows, load_synthetic
+from evaluation.evaluate_registry import (
     DATASET_REGISTRY,
     DEFAULT_DATA_DIR,
     PRESS_REGISTRY,
     REQUIRED_COLUMNS,
     SCORER_REGISTRY,
 )
-from evaluation.results import (  # noqa: E402
+from evaluation.summary import headline_score, run_summary
+from harness.data import data_fingerprint, load_hub_dataset, load_local_dataset, row_fingerprint
+from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
+from harness.results import (
     PartialResults,
     RunLock,
     RunLockedError,
@@ -69,7 +54,6 @@ from evaluation.results import (  # noqa: E402
     remove_inside,
     shard,
 )
-from evaluation.summary import headline_score, run_summary  # noqa: E402
 
 logger = logging.getLogger("evaluation")
 
@@ -98,13 +82,8 @@ def name_component(value: Any) -> str:
 
 
 def reference_model() -> tuple[Path, Optional[int]]:
-    """`(REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH)` from the `reference` package (defaults if it is absent)."""
-    try:
-        import reference
-    except ImportError:
-        reference = None  # type: ignore[assignment]
-    directory = getattr(reference, "REFERENCE_MODEL_DIR", None) or REPO_ROOT / "reference" / "model"
-    return Path(directory), getattr(reference, "TRAINED_CONTEXT_LENGTH", None)
+    """`(REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH)`: the model `--model reference` loads, and its trained length."""
+    return Path(REFERENCE_MODEL_DIR), TRAINED_CONTEXT_LENGTH
 
 
 def _is_positive_int(value: Any) -> bool:

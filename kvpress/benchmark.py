@@ -132,13 +132,13 @@ def _number(value: str) -> Any:
 
 
 def _press_by_name(name: str) -> BasePress:
-    """A fresh press: an evaluation-registry name (when the `evaluation` package is importable, i.e. from the
+    """A fresh press: a press-registry name (when the `harness` package is importable, i.e. from a checkout of the
     repository root) or a kvpress class name such as `KnormPress`."""
     cls = getattr(kvpress, name, None)
     if isinstance(cls, type) and issubclass(cls, BasePress):
         return cls()
     try:
-        from evaluation.evaluate_registry import PRESS_REGISTRY
+        from harness.press_registry import PRESS_REGISTRY
     except ImportError:
         raise ValueError(
             f"Unknown press {name!r}: pass a kvpress class name (e.g. KnormPress), or run from the repository root "

@@ -30,7 +30,7 @@ def test_refused_without_cuda_or_with_headwise_masks():
 
 @needs_cuda
 def test_graph_answers_equal_the_eager_loops():
-    from reference import REFERENCE_MODEL_DIR  # the shipped offline model (a local directory)
+    from harness.reference_model import REFERENCE_MODEL_DIR  # the shipped offline model (a local directory)
 
     model = AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL_DIR, dtype=torch.float32).cuda().eval()
     tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)

@@ -164,8 +164,8 @@ REFERENCE_PRESSES = {
 def test_reference_model_greedy_tokens_equal_the_copying_loop(family):
     """On the shipped reference model, with a task it solves, the in-place loop answers token for token as the
     copying loop, for one press of each family."""
-    from evaluation.benchmarks.synthetic.tasks import generate_rows
-    from reference import REFERENCE_MODEL_DIR
+    from harness.reference_model import REFERENCE_MODEL_DIR
+    from harness.synthetic.tasks import generate_rows
 
     pipe = reference_pipeline(str(REFERENCE_MODEL_DIR))
     rows = generate_rows("niah_single_noise", 2, 512, pipe.tokenizer, seed=5) + generate_rows(

@@ -7,8 +7,8 @@ import os
 import pandas as pd
 import pytest
 
-import evaluation.results as results
-from evaluation.results import PartialResults, atomic_write_text, merge_predictions, shard
+import harness.results as results
+from harness.results import PartialResults, atomic_write_text, merge_predictions, shard
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from evaluation.benchmarks.synthetic.words import (
+from harness.reference_model import REFERENCE_MODEL_DIR
+from harness.synthetic.words import (
     ADJECTIVES,
     ADVERBS,
     CODED_WORDS,
@@ -84,20 +85,12 @@ ESSAY_SENTENCES = 4000  # size of the essay pool
 ESSAY_SEED = 20260503
 
 
-def _reference_tokenizer_dir() -> Path:
-    try:
-        from reference import REFERENCE_MODEL_DIR
-    except ImportError:  # not run from the repository root
-        return Path(__file__).resolve().parents[3] / "reference" / "model"
-    return Path(REFERENCE_MODEL_DIR)
-
-
 @functools.lru_cache(maxsize=1)
 def load_reference_tokenizer():
     """The tokenizer of the reference model (`reference/model/`), loaded offline."""
     from transformers import AutoTokenizer
 
-    path = _reference_tokenizer_dir()
+    path = Path(REFERENCE_MODEL_DIR)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
         raise FileNotFoundError(
             f"No reference tokenizer in {path}; build one with `python reference/build_tokenizer.py --output_dir DIR` "
