@@ -484,7 +484,7 @@ NEEDLE_DEPTHS = (0.05, 0.5, 0.95)
 
 def needle_rows(context_lengths: list[int], depths: tuple[float, ...], samples: int, tokenizer) -> list[dict]:
     """Needle-in-a-haystack rows (the synthetic tasks' sweep: one needle at each depth of each length)."""
-    from evaluation.benchmarks.synthetic.tasks import needle_sweep_rows
+    from harness.synthetic.tasks import needle_sweep_rows
 
     return needle_sweep_rows(context_lengths, depths=depths, num_samples=samples, tokenizer=tokenizer)
 
@@ -499,7 +499,7 @@ def run_needle(
 ) -> list[dict]:
     """Answer every needle row with every press through the pipeline (a fresh press per row); one result row per
     (press, context length, depth), appended to `results_path` as it finishes (a rerun resumes)."""
-    from evaluation.benchmarks.synthetic.calculate_metrics import row_score
+    from harness.synthetic.scoring import row_score
 
     from kvpress.pipeline import KVPressTextGenerationPipeline
 
@@ -515,7 +515,7 @@ def run_needle(
         if run_key_ in done:
             results.append(done[run_key_])
             continue
-        scores, kept = [], []
+        scores = []
         for row in groups[(length, depth)]:
             press = request.build()
             answer = pipe(

@@ -153,8 +153,9 @@ def dequantize_layer(cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def resizable_layer(cache: Cache, layer_idx: int):
-    """`cache.layers[layer_idx]`, checked to be a layer a press can shrink: a dynamic (growing) layer or a quantized
-    one, or an in-place decoding layer (written back into its own buffers). Raises CannotCompressError for any other layout (a static, preallocated layer; an unknown class)."""
+    """`cache.layers[layer_idx]`, checked to be a layer a press can shrink: a dynamic (growing) layer, a quantized
+    one, or an in-place decoding layer (written back into its own buffers). Raises CannotCompressError for any other
+    layout (a static, preallocated layer; an unknown class)."""
     layers = getattr(cache, "layers", None)
     if layers is None or layer_idx >= len(layers):
         raise CannotCompressError(

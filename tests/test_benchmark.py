@@ -110,7 +110,7 @@ def test_needle_mode_scores_each_press_at_each_depth(tmp_path, capsys):
     """`--needle` answers the synthetic needle at each depth through the pipeline, with and without a press, on a
     model that can do it (the shipped reference model): the full cache finds every needle; keeping only the last
     tenth of the context (StreamingLLM at 0.9, 4 sinks) loses the needles placed early. Rows resume."""
-    from reference import REFERENCE_MODEL_DIR
+    from harness.reference_model import REFERENCE_MODEL_DIR
 
     argv = [
         "--model",
