@@ -13,6 +13,7 @@ from torch import nn
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
+from kvpress.inplace_cache import InPlaceLayer
 from kvpress.transformers_adapter import CannotCompressError
 
 # Attention classes whose per-head q/k RMSNorm is applied after the head reshape (Qwen3, Gemma3).
@@ -152,8 +153,9 @@ def dequantize_layer(cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def resizable_layer(cache: Cache, layer_idx: int):
-    """`cache.layers[layer_idx]`, checked to be a layer a press can shrink: a dynamic (growing) layer or a quantized
-    one. Raises CannotCompressError for any other layout (a static, preallocated layer; an unknown class)."""
+    """`cache.layers[layer_idx]`, checked to be a layer a press can shrink: a dynamic (growing) layer, a quantized
+    one, or an in-place decoding layer (written back into its own buffers). Raises CannotCompressError for any other
+    layout (a static, preallocated layer; an unknown class)."""
     layers = getattr(cache, "layers", None)
     if layers is None or layer_idx >= len(layers):
         raise CannotCompressError(
@@ -161,7 +163,7 @@ def resizable_layer(cache: Cache, layer_idx: int):
             ": kvpress compresses caches that hold one layer object per attention layer (DynamicCache, QuantizedCache)."
         )
     cache_layer = layers[layer_idx]
-    if is_quantized_layer(cache_layer) or isinstance(cache_layer, DynamicLayer):
+    if is_quantized_layer(cache_layer) or isinstance(cache_layer, (DynamicLayer, InPlaceLayer)):
         return cache_layer
     raise CannotCompressError(
         f"Cannot resize layer {layer_idx} of {type(cache).__name__}: its {type(cache_layer).__name__} keeps a fixed "
@@ -175,6 +177,8 @@ def extract_keys_and_values(cache: Cache, layer_idx: int) -> tuple[torch.Tensor,
     cache_layer = resizable_layer(cache, layer_idx)
     if is_quantized_layer(cache_layer):
         return dequantize_layer(cache_layer)
+    if isinstance(cache_layer, InPlaceLayer):
+        return cache_layer.valid_keys, cache_layer.valid_values
     return cache_layer.keys, cache_layer.values
 
 
@@ -194,6 +198,8 @@ def write_keys_and_values(cache: Cache, layer_idx: int, keys: torch.Tensor, valu
         empty = torch.zeros(0, dtype=keys.dtype, device=keys.device)
         cache_layer.keys, cache_layer.values = empty, empty.clone()
         cache_layer.cumulative_length = keys.shape[2]
+    elif isinstance(cache_layer, InPlaceLayer):
+        cache_layer.replace(keys, values)
     else:
         cache_layer.keys = keys
         cache_layer.values = values

@@ -1,7 +1,7 @@
 # SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
 # SPDX-License-Identifier: Apache-2.0
 """The in-place decoding cache gives the answers and logits of the copying loop, for every press family, on layers of
-different lengths, across questions; it never grows, and presses cannot resize it."""
+different lengths, across questions; it never grows, and presses that evict compact it in place."""
 
 import functools
 
@@ -22,7 +22,7 @@ from kvpress import (
 )
 from kvpress.inplace_cache import InPlaceCache, bucketed_capacity, can_decode_in_place
 from kvpress.transformers_adapter import cache_kwargs
-from kvpress.utils import write_keys_and_values
+from kvpress.utils import extract_keys_and_values, write_keys_and_values
 from tests.fixtures import get_model, load_tokenizer, prefill, random_input_ids
 
 pytestmark = pytest.mark.core
@@ -108,12 +108,29 @@ def test_capacity_is_bucketed_and_never_exceeded():
         InPlaceCache.detach(model)
 
 
-def test_presses_cannot_resize_an_inplace_layer():
+def test_presses_compact_an_inplace_layer_in_place():
+    """A press writing kept entries into an in-place layer (decoding-time eviction) compacts it into the start of its
+    own buffers: same storage, the kept entries, the new length; more than the capacity is refused."""
     model = get_model("llama")
     cache = prefill(model, random_input_ids(1, 10))
-    inplace = InPlaceCache.from_cache(cache, extra_tokens=4)
-    with pytest.raises(CannotCompressError, match="Cannot resize layer 0 of InPlaceCache"):
-        write_keys_and_values(inplace, 0, cache.layers[0].keys[:, :, :5], cache.layers[0].values[:, :, :5])
+    inplace = InPlaceCache.from_cache(cache, extra_tokens=4, bucket=16)
+    layer = inplace.layers[0]
+    pointer = layer.keys.data_ptr()
+    kept = torch.tensor([0, 3, 4, 9])
+    keys, values = extract_keys_and_values(inplace, 0)
+    assert keys.shape[2] == 10 and torch.equal(keys, cache.layers[0].keys)
+    write_keys_and_values(inplace, 0, keys[:, :, kept], values[:, :, kept])
+    assert layer.keys.data_ptr() == pointer and layer.length == 4 and int(layer.position) == 4
+    assert torch.equal(layer.valid_keys, cache.layers[0].keys[:, :, kept])
+    assert torch.equal(layer.valid_values, cache.layers[0].values[:, :, kept])
+    # a prefix view of the buffers themselves is copied safely
+    write_keys_and_values(inplace, 0, layer.valid_keys[:, :, 1:], layer.valid_values[:, :, 1:])
+    assert torch.equal(layer.valid_keys, cache.layers[0].keys[:, :, kept[1:]])
+    too_many = torch.zeros(1, layer.keys.shape[1], 17, layer.keys.shape[-1])
+    with pytest.raises(CannotCompressError, match="holds 16 tokens per layer; a press wrote 17"):
+        write_keys_and_values(inplace, 0, too_many, too_many)
+    with pytest.raises(ValueError, match="do not fit this in-place layer"):
+        write_keys_and_values(inplace, 0, too_many[:, :1, :3], too_many[:, :1, :3])
 
 
 def test_where_the_inplace_path_applies():
