@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import ScorerWrapperPress
+from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
 
 logger = logging.getLogger(__name__)
 

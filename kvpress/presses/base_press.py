@@ -9,7 +9,6 @@ Every registered hook is wrapped by `kvpress.timing`, so any press reports its t
 from __future__ import annotations
 
 import logging
-import numbers
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -30,13 +29,8 @@ from transformers import (
 
 from kvpress.timing import telemetry_of, timed_hook
 from kvpress.transformers_adapter import CacheWatch, find_cache, hook_inputs, input_tokens_of, replace_inputs
-from kvpress.utils import (
-    cache_layer_length,
-    extract_keys_and_values,
-    get_language_model,
-    validate_compression_ratio,
-    write_keys_and_values,
-)
+from kvpress.utils import cache_layer_length, extract_keys_and_values, get_language_model, write_keys_and_values
+from kvpress.validation import FieldCheck, integer_check, ratio_check  # noqa: F401 (importable from here)
 
 logger = logging.getLogger(__name__)
 
@@ -145,33 +139,6 @@ def _continue_at_cache_length(module: nn.Module, args: tuple, kwargs: dict):
     past = cache.get_seq_length()
     positions = torch.arange(past, past + length, device=tokens.device).unsqueeze(0).expand(batch, -1)
     return args, replace_inputs(kwargs, position_ids=positions)
-
-
-# A field check takes the press, the field's name and the value being assigned; it raises a ValueError/TypeError that
-# says what is allowed, or returns the value to store (e.g. a numpy scalar as a Python number).
-FieldCheck = Callable[[Any, str, Any], Any]
-
-
-def ratio_check(allow_one: bool = False) -> FieldCheck:
-    """The field check of a compression ratio: a real number in [0, 1) ([0, 1] with `allow_one`), stored as float."""
-
-    def check(press: Any, name: str, value: Any) -> float:
-        return validate_compression_ratio(value, name=name, allow_one=allow_one)
-
-    return check
-
-
-def integer_check(minimum: int, meaning: str) -> FieldCheck:
-    """The field check of an integer >= `minimum` (`meaning` says what it counts); numpy integers are stored as int."""
-
-    def check(press: Any, name: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-            raise ValueError(
-                f"{type(press).__name__}.{name} must be an integer >= {minimum} ({meaning}), got {value!r}."
-            )
-        return int(value)
-
-    return check
 
 
 # True while `_assign_unchecked` runs: the field checks are skipped for that one assignment (and what it triggers).

@@ -20,7 +20,8 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.decoding_press import DecodingPress, remap_masked_key_indices, validate_int
-from kvpress.presses.scorer_press import ScorerPress, check_scores, gather_tokens
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.token_selection import check_scores, gather_tokens
 from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import (
     apply_rope,

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import ScorerWrapperPress, check_token_count, gather_tokens
+from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
+from kvpress.token_selection import gather_tokens
+from kvpress.validation import check_token_count
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ from torch import nn
 
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.base_press import BasePress, get_hook_inputs, layer_is_prefilling
-from kvpress.presses.scorer_press import ScorerPress, check_scores, gather_tokens
-from kvpress.transformers_adapter import optional_position_embeddings, replace_inputs
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.recent_tokens import RecentTokens
+from kvpress.token_selection import check_scores, gather_tokens
 from kvpress.utils import cache_layer_length, extract_keys_and_values, write_keys_and_values
 
 logger = logging.getLogger(__name__)
@@ -187,16 +188,12 @@ class DecodingPress(BasePress):
         self.reset()
 
     def reset(self) -> None:
-        """Forget every layer's buffered hidden states and step count (done for each layer at every prefill)."""
-        self.hidden_states_buffer: defaultdict[int, list[torch.Tensor]] = defaultdict(list)
-        self.position_embeddings_buffer: defaultdict[int, list[Optional[tuple[torch.Tensor, torch.Tensor]]]] = (
-            defaultdict(list)
-        )
+        """Forget every layer's buffered tokens and step count (done for each layer at every prefill)."""
+        self.recent_tokens: defaultdict[int, RecentTokens] = defaultdict(RecentTokens)
         self.layer_step_counts: defaultdict[int, int] = defaultdict(int)
 
     def reset_layer(self, layer_idx: int) -> None:
-        self.hidden_states_buffer.pop(layer_idx, None)
-        self.position_embeddings_buffer.pop(layer_idx, None)
+        self.recent_tokens.pop(layer_idx, None)
         self.layer_step_counts.pop(layer_idx, None)
 
     def post_init_from_model(self, model):
@@ -204,52 +201,23 @@ class DecodingPress(BasePress):
 
     # ----------------------------------------------------------------------------------------- hidden-state buffer
     def remember(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict, prefill: bool = False) -> None:
-        """Append the hidden states of this forward (and their cos/sin) to the layer's buffer.
-
-        Of a prefill only the last `hidden_states_buffer_size` tokens are kept (copied, so the prompt's full hidden
-        states are freed).
-        """
-        q_len = hidden_states.shape[1]
-        n = min(q_len, self.hidden_states_buffer_size) if prefill else q_len
-        if n == 0:
-            return
-        self.hidden_states_buffer[layer_idx].append(hidden_states[:, q_len - n :].detach().clone())
-        position_embeddings = optional_position_embeddings(kwargs)
-        if position_embeddings is None or position_embeddings[0].shape[-2] != q_len:
-            self.position_embeddings_buffer[layer_idx].append(None)  # the scorer then gets the current cos/sin
-            return
-        bsz = hidden_states.shape[0]
-        cos, sin = (t[:, q_len - n :].expand(bsz, -1, -1).detach().clone() for t in position_embeddings)
-        self.position_embeddings_buffer[layer_idx].append((cos, sin))
+        """Append the hidden states of this forward (and their cos/sin) to the layer's buffer; of a prefill only the
+        last `hidden_states_buffer_size` tokens are kept."""
+        buffer = self.recent_tokens[layer_idx]
+        buffer.append(hidden_states, kwargs)
+        if prefill:
+            buffer.keep_last(self.hidden_states_buffer_size)
 
     def truncate_buffer(self, layer_idx: int, minimum: int = 0) -> None:
         """Keep the last `max(hidden_states_buffer_size, minimum)` tokens of the layer's buffer."""
-        states = self.hidden_states_buffer[layer_idx]
-        positions = self.position_embeddings_buffer[layer_idx]
-        excess = sum(s.shape[1] for s in states) - max(self.hidden_states_buffer_size, minimum)
-        while excess > 0 and states:
-            first = states[0].shape[1]
-            if first <= excess:
-                states.pop(0)
-                positions.pop(0)
-                excess -= first
-            else:
-                states[0] = states[0][:, excess:].clone()
-                if positions[0] is not None:
-                    cos, sin = positions[0]
-                    positions[0] = (cos[:, excess:].clone(), sin[:, excess:].clone())
-                excess = 0
+        buffer = self.recent_tokens[layer_idx]
+        size = max(self.hidden_states_buffer_size, minimum)
+        if buffer.n_tokens > size:
+            buffer.keep_last(size)
 
     def buffered_inputs(self, layer_idx: int, kwargs: dict) -> tuple[torch.Tensor, dict]:
         """The buffered hidden states `(B, n, hidden)` and the kwargs for the scorer, with matching cos/sin."""
-        states = self.hidden_states_buffer[layer_idx]
-        hidden_states = torch.cat(states, dim=1)
-        positions = self.position_embeddings_buffer[layer_idx]
-        if all(position is not None for position in positions):
-            cos = torch.cat([position[0] for position in positions], dim=1)  # type: ignore[index]
-            sin = torch.cat([position[1] for position in positions], dim=1)  # type: ignore[index]
-            kwargs = replace_inputs(kwargs, position_embeddings=(cos, sin))
-        return hidden_states, dict(kwargs)
+        return self.recent_tokens[layer_idx].scoring_inputs(kwargs)
 
     # ------------------------------------------------------------------------------------------------ the hook
     def cache_length(self, module: nn.Module, cache, bsz: int) -> float:

@@ -21,7 +21,8 @@ from torch import nn
 
 from kvpress.presses.base_press import BasePress, FieldCheck, get_hook_inputs, layer_is_prefilling
 from kvpress.presses.decoding_press import CANNOT_SCORE_DURING_DECODING, decoding_problem, validate_int
-from kvpress.presses.scorer_press import ScorerPress, require_scorer_press
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.scorer_wrapper_press import require_scorer_press
 from kvpress.utils import extract_keys_and_values, real_number
 
 logger = logging.getLogger(__name__)

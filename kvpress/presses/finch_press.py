@@ -21,8 +21,8 @@ from transformers import PreTrainedModel
 
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
-from kvpress.presses.scorer_press import gather_tokens
 from kvpress.presses.snapkv_press import SnapKVPress, group_mean, pad_with_top_score
+from kvpress.token_selection import gather_tokens
 from kvpress.transformers_adapter import drop_decoder_tokens, input_ids_of, position_embeddings_of
 from kvpress.utils import validate_compression_ratio
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from kvpress.attention_weights import received_attention_sums
-from kvpress.presses.scorer_press import DecodingState, ScorerPress, log_eviction
+from kvpress.decoding_budget import DecodingState, log_eviction
+from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.snapkv_press import group_mean
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import ScorerWrapperPress, gather_tokens
+from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
+from kvpress.token_selection import gather_tokens
 from kvpress.utils import rope_inv_freq, rotate_half
 
 

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from kvpress.attention_weights import causal_attention_chunks
 from kvpress.presses.base_press import BasePress, get_hook_inputs
-from kvpress.presses.scorer_press import gather_tokens
+from kvpress.token_selection import gather_tokens
 from kvpress.transformers_adapter import (
     attention_mask_of,
     decoder_call,

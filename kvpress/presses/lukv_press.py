@@ -27,7 +27,9 @@ from transformers import PreTrainedModel
 
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
-from kvpress.presses.scorer_press import ScorerPress, check_scores, require_no_budget, require_scorer_press
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.scorer_wrapper_press import require_no_budget, require_scorer_press
+from kvpress.token_selection import check_scores
 from kvpress.utils import validate_compression_ratio
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import ScorerPress, ScorerWrapperPress, gather_tokens
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
+from kvpress.token_selection import gather_tokens
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import check_scores, keep_top_scores
 from kvpress.presses.snapkv_press import SnapKVPress
+from kvpress.token_selection import check_scores, keep_top_scores
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvpress.presses.scorer_press import DecodingState, ScorerPress, log_eviction
+from kvpress.decoding_budget import DecodingState, log_eviction
+from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.snapkv_press import pad_with_top_score
 from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import apply_rope, attention_scaling, get_prerope_query_states
