@@ -262,7 +262,7 @@ def run_press(
     peak_prefill = _peak(device)
     stats = kv_statistics(cache, model)
 
-    decoding = bool(getattr(press, "acts_during_decoding", False)) if press is not None else False
+    decoding = press is not None and press.acts_during_decoding
     decode_cache: Any = cache
     step_fn = None
     capture = 0.0

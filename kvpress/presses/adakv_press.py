@@ -41,6 +41,7 @@ class AdaKVPress(ScorerWrapperPress):
     # The masks index the cache positions as they are after this press; a later press that removes tokens would
     # make them point at the wrong entries, so ComposedPress refuses head-wise presses.
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()

@@ -196,6 +196,19 @@ class BasePress:
     # Not dataclass fields: plain attributes a user may set on an instance, as in the fork.
     csv_path: ClassVar[Optional[str]] = None
 
+    # Capabilities, declared once on each press class and read by the pipeline, the wrappers, the evaluation CLI and
+    # the benchmark (never a press's class name). Also `acts_during_decoding` and `rerotates_kept_keys` below.
+    # Whether ComposedPress may chain it (False: it masks head by head, or runs passes of its own).
+    composable: ClassVar[bool] = True
+    # Whether it masks cache entries head by head (`module.masked_key_indices`) instead of removing tokens.
+    head_wise: ClassVar[bool] = False
+    # Whether it scores with the attention weights of the whole context, which only eager attention returns.
+    needs_attention_weights: ClassVar[bool] = False
+    # Why DecodingPress cannot rank a layer's cache by its score from the recent hidden states (None: it can).
+    cannot_score_during_decoding: ClassVar[Optional[str]] = None
+    # Why DMSPress(decoding=True) cannot score a new token on its own with it (None: it can).
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = None
+
     # Checks of dataclass fields, by name, run on every assignment: in the constructor and whenever a field is set
     # later (`press.compression_ratio = 1.5` raises the constructor's error). Subclasses declare their own fields'
     # checks in their own `field_checks`; the nearest class along the MRO that names a field gives its check.
@@ -273,6 +286,12 @@ class BasePress:
         self.post_init_from_model(model)
         with self._hooked(language_model, self.forward_hook), self._positions_after_rerotation(language_model):
             yield
+
+    @property
+    def acts_during_decoding(self) -> bool:
+        """Whether the press also compresses while the model generates (the pipeline then keeps it on while it
+        answers): DecodingPress, a press with a `cache_budget`, DMSPress(decoding=True), ..."""
+        return False
 
     @property
     def rerotates_kept_keys(self) -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from kvpress.presses.adakv_press import AdaKVPress
-from kvpress.presses.decoding_press import DecodingPress, remap_masked_key_indices, validate_int
+from kvpress.presses.decoding_press import DecodingPress, remap_masked_key_indices
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.token_selection import check_scores, gather_tokens
 from kvpress.transformers_adapter import position_embeddings_of
@@ -30,6 +30,7 @@ from kvpress.utils import (
     get_prerope_query_states,
     write_keys_and_values,
 )
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,11 @@ class CapPress(ScorerPress):
     n_future_positions: int = 512
     n_sink: int = 4
     epsilon: float = 1e-6
+
+    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = (
+        "it estimates a query anchor from more than n_sink scored tokens"
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -47,6 +47,12 @@ class CompactorPress(ScorerPress):
     # The score needs the hidden state of every cached token, which only a prefill has.
     supports_decoding: ClassVar[bool] = False
 
+    # Why it cannot score during decoding, nor a new token alone (see BasePress).
+    cannot_score_during_decoding: ClassVar[Optional[str]] = (
+        "it recomputes its scores from the hidden states of every cached token (prefill only)"
+    )
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = cannot_score_during_decoding
+
     def __post_init__(self):
         super().__post_init__()
         for name in ("sink_size_start", "sink_size_end"):

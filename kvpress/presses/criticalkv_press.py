@@ -196,6 +196,7 @@ class CriticalAdaKVPress(ScorerWrapperPress):
 
     # head-wise masks index the cache as it is after this press; see AdaKVPress
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()

@@ -14,7 +14,7 @@ import logging
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Generator, Optional
+from typing import Generator, Optional
 
 import torch
 from torch import nn
@@ -25,44 +25,24 @@ from kvpress.presses.scorer_press import ScorerPress
 from kvpress.recent_tokens import RecentTokens
 from kvpress.token_selection import check_scores, gather_tokens
 from kvpress.utils import cache_layer_length, extract_keys_and_values, write_keys_and_values
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
-# Presses that cannot rank a whole cache during decoding, where only the recent hidden states are at hand.
-CANNOT_SCORE_DURING_DECODING = {
-    "ObservedAttentionPress": "it needs the attention matrix of the whole context, which decoding steps do not produce",
-    "PyramidKVPress": "it sets its own per-layer budgets, which would override the decoding target",
-    "CompactorPress": "it recomputes its scores from the hidden states of every cached token (prefill only)",
-    "LeverageScorePress": "it recomputes its scores from the hidden states of every cached token (prefill only)",
-    "NonCausalAttnPress": "it recomputes its scores from the hidden states of every cached token (prefill only)",
-    "H2OPress": (
-        "it accumulates the attention each token received through its own hook; use H2OPress(cache_budget=...) "
-        "on an eager model instead"
-    ),
-    "KVzapPress": (
-        "it predicts one score per hidden state and decoding keeps only the recent ones; "
-        "use DMSPress(KVzapPress(...), decoding=True) to score each new token instead"
-    ),
-}
 DECODING_SCORERS = (
     "KnormPress, RandomPress, StreamingLLMPress, SnapKVPress, TOVAPress, ExpectedAttentionPress, KeyDiffPress, "
     "LagKVPress, CURPress, QFilterPress, CriticalKVPress, RKVPress, RKVLSHPress or your own ScorerPress"
 )
 
 
-def decoding_problem(press: object, table: dict[str, str], honour_flags: bool = True) -> Optional[str]:
-    """Why `press` cannot score during decoding according to `table` (class names in its MRO), or None.
-
-    With `honour_flags`, a press also opts out by declaring `supports_decoding = False` or
-    `scores_during_decoding = False` (it cannot score a whole cache from the recent hidden states).
-    """
-    for cls in type(press).__mro__:
-        if cls.__name__ in table:
-            return table[cls.__name__]
-    if honour_flags:
-        for flag in ("supports_decoding", "scores_during_decoding"):
-            if getattr(press, flag, True) is False:
-                return f"it declares {flag} = False"
+def decoding_problem(press: BasePress) -> Optional[str]:
+    """Why `press` cannot score a layer's cache during decoding, or None: its `cannot_score_during_decoding`, or an
+    opt-out flag (`supports_decoding = False` or `scores_during_decoding = False`)."""
+    if press.cannot_score_during_decoding is not None:
+        return press.cannot_score_during_decoding
+    for flag in ("supports_decoding", "scores_during_decoding"):
+        if getattr(press, flag, True) is False:
+            return f"it declares {flag} = False"
     return None
 
 
@@ -84,15 +64,9 @@ def require_decoding_scorer(wrapper: object, press: object, allow_adakv: bool = 
             f"cache_budget (got {type(press).__name__} with cache_budget={budget}): set cache_budget=0, or use the "
             "budget press alone."
         )
-    problem = decoding_problem(press, CANNOT_SCORE_DURING_DECODING)
+    problem = decoding_problem(press)
     if problem is not None:
         raise ValueError(f"{name} cannot use {type(press).__name__} during decoding: {problem}. Use {allowed}.")
-
-
-def validate_int(owner: object, name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{type(owner).__name__}.{name} must be {bound}, got {value!r}.")
 
 
 def masked_entries(module: nn.Module, k_len: int) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -170,8 +144,10 @@ class DecodingPress(BasePress):
     target_size: int = 2048
     hidden_states_buffer_size: int = 256
 
-    # The pipeline keeps this press active while it generates the answer.
-    acts_during_decoding: ClassVar[bool] = True
+    @property
+    def acts_during_decoding(self) -> bool:
+        """Always: the pipeline keeps this press active while it generates the answer."""
+        return True
 
     def __post_init__(self):
         require_decoding_scorer(self, self.base_press)

@@ -291,6 +291,7 @@ class DuoAttentionPress(BasePress):
     # The masks index the cache as this press leaves it; a later press that removes tokens would make them point
     # at the wrong entries.
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"head_compression_ratio": ratio_check(allow_one=True)}
 

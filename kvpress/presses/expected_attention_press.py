@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
@@ -41,6 +41,11 @@ class ExpectedAttentionPress(ScorerPress):
     epsilon: float = 0.0
 
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"n_sink": integer_check(0, "first tokens always kept")}
+
+    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = (
+        "it estimates query statistics from more than n_sink scored tokens"
+    )
 
     def get_query_statistics(
         self, module: nn.Module, hidden_states: torch.Tensor, start_position: int | None = None

@@ -244,6 +244,7 @@ class FastKVzipPress(BasePress):
 
     # Scores in one pass and masks at exit, head by head: it cannot be chained.
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"allow_unsafe_pickle": _check_opt_in}
 

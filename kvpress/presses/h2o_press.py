@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -63,6 +63,13 @@ class H2OPress(ScorerPress):
     compression_ratio: float = 0.0
     n_recent: int = 0
     output_attentions: bool = True
+
+    # Why it cannot score during decoding, nor a new token alone (see BasePress).
+    cannot_score_during_decoding: ClassVar[Optional[str]] = (
+        "it accumulates the attention each token received through its own hook; use H2OPress(cache_budget=...) on an "
+        "eager model instead"
+    )
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = cannot_score_during_decoding
 
     def __post_init__(self):
         if isinstance(self.n_recent, bool) or not isinstance(self.n_recent, int) or self.n_recent < 0:

@@ -157,6 +157,7 @@ class KVComposePress(BasePress):
 
     # Needs its own context manager (the extra scoring pass), which a ComposedPress never enters.
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         validate_compression_ratio(self.compression_ratio)

@@ -101,6 +101,12 @@ class KVzapPress(ScorerPress):
     # The score needs the hidden state of every cached token, which decoding steps do not provide.
     supports_decoding: ClassVar[bool] = False
 
+    # Why DecodingPress cannot use it (see BasePress); DMSPress(decoding=True) can: it scores each token alone.
+    cannot_score_during_decoding: ClassVar[Optional[str]] = (
+        "it predicts one score per hidden state and decoding keeps only the recent ones; use DMSPress(KVzapPress(...), "
+        "decoding=True) to score each new token instead"
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.model_type not in KVZAP_MODEL_TYPES:

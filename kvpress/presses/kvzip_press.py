@@ -158,6 +158,7 @@ class KVzipPress(BasePress):
 
     # Runs its own passes in its own context manager, and masks entries head by head: it cannot be chained.
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         validate_compression_ratio(self.compression_ratio)

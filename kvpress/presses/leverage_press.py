@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -50,6 +50,12 @@ class LeverageScorePress(ScorerPress):
 
     # The score needs the hidden state of every cached token, which only a prefill has.
     supports_decoding: ClassVar[bool] = False
+
+    # Why it cannot score during decoding, nor a new token alone (see BasePress).
+    cannot_score_during_decoding: ClassVar[Optional[str]] = (
+        "it recomputes its scores from the hidden states of every cached token (prefill only)"
+    )
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = cannot_score_during_decoding
 
     def __post_init__(self):
         super().__post_init__()

@@ -143,6 +143,7 @@ class LUKVPress(BasePress):
 
     # head-wise masks index the cache as it is after this press; see AdaKVPress
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     def __post_init__(self):
         require_scorer_press(self, self.press)

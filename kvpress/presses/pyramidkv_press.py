@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -38,6 +39,12 @@ class PyramidKVPress(SnapKVPress):
     window_size: int = 64
     kernel_size: int = 5
     beta: int = 20
+
+    # Why it cannot score during decoding, nor a new token alone (see BasePress).
+    cannot_score_during_decoding: ClassVar[Optional[str]] = (
+        "it sets its own per-layer budgets, which would override the decoding target"
+    )
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = cannot_score_during_decoding
 
     def __post_init__(self):
         super().__post_init__()

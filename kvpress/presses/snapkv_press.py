@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,11 @@ class SnapKVPress(ScorerPress):
     compression_ratio: float = 0.0
     window_size: int = 64
     kernel_size: int = 5
+
+    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = (
+        "it needs an observation window of window_size queries before the scored tokens"
+    )
 
     def __post_init__(self):
         for name in ("window_size", "kernel_size"):

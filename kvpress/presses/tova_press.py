@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -27,6 +28,11 @@ class TOVAPress(ScorerPress):
     """
 
     compression_ratio: float = 0.0
+
+    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = (
+        "it scores tokens by the attention of the last scored token"
+    )
 
     def score(
         self,
