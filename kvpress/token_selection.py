@@ -1,10 +1,12 @@
 # SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Keep the best-scored cache entries: check a score tensor, pick the top entries per KV head, gather them."""
+"""Keep the best-scored cache entries: check a score tensor, pick the top entries per KV head, gather them (and pad
+scores so that entries a scorer does not rank, e.g. its observation window, are always kept)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def keep_top_scores(
@@ -34,3 +36,10 @@ def check_scores(press: object, scores: torch.Tensor, keys: torch.Tensor) -> Non
             f"{press.__class__.__name__}.score returned shape {tuple(scores.shape)}; it must return one score per "
             f"cached token and KV head, shape (batch, kv_heads, seq_len) = {tuple(expected)}."
         )
+
+
+def pad_with_top_score(scores: torch.Tensor, n_pad: int, left: bool = False) -> torch.Tensor:
+    """Add `n_pad` positions scored `max + 1` (always kept) to the right of `scores` (or to the left)."""
+    top = scores.max().item() + 1 if scores.numel() > 0 else 1.0
+    padding = (n_pad, 0) if left else (0, n_pad)
+    return F.pad(scores, padding, value=top)

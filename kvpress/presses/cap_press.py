@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from kvpress.attention_weights import group_mean
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.presses.snapkv_press import group_mean, pad_with_top_score
+from kvpress.token_selection import pad_with_top_score
 from kvpress.utils import get_prerope_query_states, rope_cos_sin
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from torch import nn
 from kvpress.presses.leverage_press import LeverageScorePress, require_prefill
 from kvpress.presses.non_causal_attention_press import NonCausalAttnPress
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.presses.snapkv_press import pad_with_top_score
+from kvpress.token_selection import pad_with_top_score
 from kvpress.transformers_adapter import position_embeddings_of, replace_inputs
 
 logger = logging.getLogger(__name__)

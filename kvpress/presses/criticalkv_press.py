@@ -18,11 +18,11 @@ from typing import ClassVar, cast
 import torch
 from torch import nn
 
+from kvpress.attention_weights import group_mean
 from kvpress.presses.adakv_press import check_alpha_safeguard
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.scorer_wrapper_press import InnerPressDelegation, ScorerWrapperPress, require_scorer_press
-from kvpress.presses.snapkv_press import group_mean
 from kvpress.token_selection import check_scores
 
 logger = logging.getLogger(__name__)

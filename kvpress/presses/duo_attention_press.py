@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from kvpress.attention_weights import attention_probabilities
 from kvpress.presses.base_press import BasePress, FieldCheck, ratio_check
 from kvpress.utils import (
     apply_rope,
-    attention_scaling,
     get_language_model,
     get_prerope_key_states,
     get_prerope_query_states,
@@ -256,12 +256,7 @@ def _score_heads_on_the_fly(model: PreTrainedModel, texts: list[str], q_len: int
             keys = keys.expand(-1, -1, q_len, -1)
             cos, sin = rope_cos_sin(module, queries, positions)
             queries, keys = apply_rope(queries, cos, sin), apply_rope(keys, cos, sin)
-            keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
-            logits = (queries[:, :, -1:] @ keys.transpose(2, 3)).float()[:, :, 0] * attention_scaling(module)
-            softcap = getattr(module, "attn_logit_softcapping", None)
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            weights = logits.softmax(dim=-1)  # (1, H, q_len)
+            weights = attention_probabilities(module, queries[:, :, -1:], keys, causal=False)[:, :, 0]  # (1, H, q_len)
             area = weights.cumsum(dim=-1).mean(dim=-1)[0]  # (H,)
             area = area.view(num_kv_heads, -1).mean(dim=-1)
             scores[layer_idx] += area.cpu().numpy() / len(texts)

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from kvpress.attention_weights import group_mean
 from kvpress.presses.base_press import FieldCheck, integer_check
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.presses.snapkv_press import group_mean, pad_with_top_score
+from kvpress.token_selection import pad_with_top_score
 from kvpress.transformers_adapter import position_ids_of
 from kvpress.utils import attention_scaling, get_prerope_query_states, rope_cos_sin
 

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from kvpress.attention_weights import group_mean, window_attention
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
-from kvpress.presses.snapkv_press import SnapKVPress, group_mean, pad_with_top_score
-from kvpress.token_selection import gather_tokens
+from kvpress.token_selection import gather_tokens, pad_with_top_score
 from kvpress.transformers_adapter import drop_decoder_tokens, input_ids_of, position_embeddings_of
 from kvpress.utils import validate_compression_ratio
 
@@ -160,9 +160,7 @@ class FinchPress(BasePress):
         if attentions is not None:
             weights = attentions[..., -window:, :-window]
         else:
-            weights = SnapKVPress.compute_window_attention(
-                module, hidden_states, keys, window, position_embeddings_of(kwargs)
-            )
+            weights = window_attention(module, hidden_states, keys, window, position_embeddings_of(kwargs))
         if self.normalize_scores:
             query_positions = torch.arange(k_len - window, k_len, device=weights.device, dtype=weights.dtype)
             weights = weights * query_positions[:, None]

@@ -16,10 +16,9 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from kvpress.attention_weights import received_attention_sums
+from kvpress.attention_weights import group_mean, received_attention_sums
 from kvpress.decoding_budget import DecodingState, log_eviction
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.presses.snapkv_press import group_mean
 
 logger = logging.getLogger(__name__)
 

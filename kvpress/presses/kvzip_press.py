@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from kvpress.attention_weights import attention_logits, future_mask
 from kvpress.presses.base_press import SUPPORTED_MODELS, BasePress, get_hook_inputs
 from kvpress.timing import telemetry_of
 from kvpress.transformers_adapter import cache_kwargs, find_cache, input_ids_of, output_cache, position_embeddings_of
 from kvpress.utils import (
     apply_rope,
-    attention_scaling,
     extract_keys_and_values,
     get_language_model,
     get_prerope_query_states,
@@ -386,9 +386,8 @@ class KVzipPress(BasePress):
             parts = [states[:, :, :sink], states[:, :, self.start_idx : self.end_idx], states[:, :, -q_len:]]
             return torch.cat(parts, dim=2)
 
-        sub_keys, scaling = subsample(keys), attention_scaling(module)
-        softcap = getattr(module, "attn_logit_softcapping", None)
-        future = torch.ones(q_len, q_len, dtype=torch.bool, device=keys.device).triu(diagonal=1)
+        sub_keys = subsample(keys)
+        future = future_mask(q_len, sub_keys.shape[2], keys.device)
         if self.kvzip_plus_normalization:
             sub_values = subsample(values)
             # each query head's slice of W_o, (H_kv, G, d, hidden), and its (d, d) Gram matrix: ||W_o v||^2 = v'Mv
@@ -399,11 +398,8 @@ class KVzipPress(BasePress):
         layer_scores = self.score_val[int(module.layer_idx)]
         # one KV head at a time: the (B, G, q_len, K) float32 weights of a 2048-token chunk stay small
         for head in range(num_kv_heads):
-            logits = torch.einsum("bgqd,bkd->bgqk", queries[:, head].float(), sub_keys[:, head].float()) * scaling
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            logits[..., -q_len:] = logits[..., -q_len:].masked_fill(future, float("-inf"))
-            weights = logits.softmax(dim=-1)
+            logits = attention_logits(module, queries[:, head].float(), sub_keys[:, head, None].float())
+            weights = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
             if self.kvzip_plus_normalization:
                 # rows divided by the repeating token's hidden-state norm, columns times ||W_o v|| of the entry
                 head_values = sub_values[:, head].float()

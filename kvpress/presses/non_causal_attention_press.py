@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from kvpress.attention_weights import group_mean
 from kvpress.presses.leverage_press import global_zscore, require_prefill
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.presses.snapkv_press import group_mean
 from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import apply_rope, get_prerope_query_states
 

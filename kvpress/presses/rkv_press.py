@@ -30,7 +30,7 @@ from torch import nn
 
 from kvpress.decoding_budget import DecodingState, log_eviction
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.presses.snapkv_press import pad_with_top_score
+from kvpress.token_selection import pad_with_top_score
 from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import apply_rope, attention_scaling, get_prerope_query_states
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvpress.attention_weights import window_attention
 from kvpress.presses.base_press import BasePress
-from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.transformers_adapter import position_embeddings_of
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class SimLayerKVPress(BasePress):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> bool:
         """Whether the last `n_last` queries attend mostly to the initial and recent tokens."""
-        weights = SnapKVPress.compute_window_attention(module, hidden_states, keys, self.n_last, position_embeddings)
+        weights = window_attention(module, hidden_states, keys, self.n_last, position_embeddings)
         attention = weights.float().mean(dim=(0, 1, 2))  # over the keys before the last n_last tokens
         score = attention[: self.n_initial].sum() + attention[-self.n_recent :].sum()
         return bool(score.item() > self.lazy_threshold)
