@@ -11,6 +11,7 @@ from torch import nn
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
+from kvpress.resources import text_config
 from kvpress.transformers_adapter import CannotCompressError
 from kvpress.validation import real_number, validate_compression_ratio  # noqa: F401 (importable from here as before)
 
@@ -236,8 +237,7 @@ def get_language_model(model: nn.Module) -> nn.Module:
 def attention_implementation(model: nn.Module) -> str | None:
     """The attention backend the language model runs ("eager", "sdpa", ...), composite configs included."""
     config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    implementation = getattr(text_config, "_attn_implementation", None)
+    implementation = getattr(text_config(model), "_attn_implementation", None)
     if implementation is None:
         implementation = getattr(config, "_attn_implementation", None)
     return implementation

@@ -16,10 +16,9 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from io import StringIO
-from typing import Any, ClassVar, Hashable, Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from transformers import PreTrainedModel
 
 from kvpress.attention_weights import attention_probabilities
 from kvpress.presses.base_press import BasePress, FieldCheck, ratio_check
+from kvpress.resources import LRUCache, cache, load_cached, text_config  # noqa: F401 (upstream exposes them here)
 from kvpress.utils import (
     apply_rope,
     get_language_model,
@@ -65,35 +65,7 @@ ON_THE_FLY_SINK_SIZE = 128
 ON_THE_FLY_RECENT_SIZE = 256
 
 
-class LRUCache(OrderedDict):
-    """A mapping that keeps its `maxsize` most recently used entries."""
-
-    def __init__(self, maxsize: int = 128):
-        super().__init__()
-        self.maxsize = maxsize
-
-    def __getitem__(self, key):
-        value = super().__getitem__(key)
-        self.move_to_end(key)
-        return value
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        while len(self) > self.maxsize:
-            self.popitem(last=False)
-
-
-# Loaded patterns and on-the-fly scores, shared by every DuoAttentionPress (cleared with `cache.clear()`).
-cache: LRUCache = LRUCache(maxsize=128)
-
-
-def _cached(key: Hashable, compute) -> Any:
-    if key in cache:
-        return cache[key]
-    value = compute()
-    cache[key] = value
-    return value
+# Loaded patterns and on-the-fly scores live in the shared resource cache (cleared with `cache.clear()`).
 
 
 def _normalize_name(name: str) -> str:
@@ -178,11 +150,6 @@ def read_attention_pattern(location: str) -> tuple[int, int, np.ndarray]:
     return sizes[0], sizes[1], head_scores
 
 
-def _text_config(model: PreTrainedModel):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _sample_texts(dataset: str | Sequence[str], num_samples: int) -> list[str]:
     """`num_samples` texts: from a list, or sampled (seed 42) from the train split of a Hub or local dataset."""
     if not isinstance(dataset, str):
@@ -228,7 +195,7 @@ def duo_attention_on_the_fly(
     if tokenizer is not None or not isinstance(dataset, str):
         return compute()
     key = ("on_the_fly", model.config.name_or_path, type(model).__name__, num_samples, q_len, dataset)
-    return _cached(key, compute)
+    return load_cached(key, compute)
 
 
 @torch.no_grad()
@@ -238,7 +205,7 @@ def _score_heads_on_the_fly(model: PreTrainedModel, texts: list[str], q_len: int
 
         tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
     language_model = get_language_model(model)
-    config = _text_config(model)
+    config = text_config(model)
     num_kv_heads = config.num_key_value_heads
     scores = np.zeros((len(language_model.layers), num_kv_heads))
     device = next(model.parameters()).device
@@ -297,7 +264,9 @@ class DuoAttentionPress(BasePress):
     def load_attention_pattern(model: PreTrainedModel) -> tuple[int, int, np.ndarray]:
         """`(sink_size, recent_size, head_scores)` for `model`, from `PATTERNS_DICT` (cached)."""
         name = model.config.name_or_path
-        return _cached(("pattern", name, pattern_entry(name)), lambda: read_attention_pattern(pattern_location(name)))
+        return load_cached(
+            ("pattern", name, pattern_entry(name)), lambda: read_attention_pattern(pattern_location(name))
+        )
 
     def post_init_from_model(self, model: PreTrainedModel) -> None:
         if self.on_the_fly_scoring:
@@ -305,7 +274,7 @@ class DuoAttentionPress(BasePress):
             head_scores = duo_attention_on_the_fly(model)
         else:
             self.sink_size, self.recent_size, head_scores = self.load_attention_pattern(model)
-        config = _text_config(model)
+        config = text_config(model)
         expected = (config.num_hidden_layers, config.num_key_value_heads)
         head_scores = torch.as_tensor(np.asarray(head_scores, dtype=float))
         if tuple(head_scores.shape) != expected:

@@ -30,6 +30,7 @@ from kvpress.presses.base_press import (
     refuse_nested_press,
 )
 from kvpress.presses.kvzip_press import compressed_attention_modules, headwise_masks
+from kvpress.resources import text_config
 from kvpress.utils import get_language_model, validate_compression_ratio
 
 logger = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ class FastKVzipPress(BasePress):
                     f"published for some models in {FASTKVZIP_REPO_ID}; pass gates_path=<local .pt/.safetensors file "
                     "or directory> to use your own."
                 ) from error
-        config = model.config.get_text_config()
+        config = text_config(model)
         expected = (
             len(get_language_model(model).layers),
             config.hidden_size,

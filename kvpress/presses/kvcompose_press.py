@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from kvpress.attention_weights import causal_attention_chunks
 from kvpress.presses.base_press import BasePress, get_hook_inputs
+from kvpress.resources import text_config
 from kvpress.token_selection import gather_tokens
 from kvpress.transformers_adapter import (
     attention_mask_of,
@@ -188,7 +189,7 @@ class KVComposePress(BasePress):
 
     def _register_model(self, model: PreTrainedModel) -> None:
         language_model = get_language_model(model)
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model)
         self.layer_ids = [
             i for i, layer in enumerate(language_model.layers) if not getattr(layer.self_attn, "is_sliding", False)
         ]

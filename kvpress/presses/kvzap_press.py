@@ -22,6 +22,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from kvpress.presses.scorer_press import ScorerPress
+from kvpress.resources import text_config
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class KVzapPress(ScorerPress):
 
     def check_kvzap_model(self, model: PreTrainedModel) -> None:
         """Raise a ValueError when the loaded KVzap model was not trained for `model`'s sizes."""
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model)
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         expected = {
             "n_modules": config.num_hidden_layers,

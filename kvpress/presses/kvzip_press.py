@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvpress.attention_weights import attention_logits, future_mask
 from kvpress.presses.base_press import SUPPORTED_MODELS, BasePress, get_hook_inputs
+from kvpress.resources import text_config
 from kvpress.timing import telemetry_of
 from kvpress.transformers_adapter import cache_kwargs, find_cache, input_ids_of, output_cache, position_embeddings_of
 from kvpress.utils import (
@@ -337,7 +338,7 @@ class KVzipPress(BasePress):
         """
         ctx_ids = self._context_ids[:, self.prefix_length :].cpu()
         bsz = ctx_ids.shape[0]
-        config = model.config.get_text_config()
+        config = text_config(model)
         n_layers = len(get_language_model(model).layers)
         self.score_val = torch.zeros(
             (n_layers, bsz, config.num_key_value_heads, self.context_length), dtype=torch.float32, device=model.device
