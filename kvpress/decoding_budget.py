@@ -25,6 +25,7 @@ from kvpress.timing import attention_loss_rows, write_eviction_rows
 from kvpress.token_selection import check_scores, gather_tokens, top_indices
 from kvpress.transformers_adapter import position_ids_of
 from kvpress.utils import cache_layer_length, extract_keys_and_values, is_quantized_layer, write_keys_and_values
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +131,8 @@ class CacheBudget:
         """Raise a ValueError, saying what is allowed, when `cache_budget` cannot be used as set."""
         budget = self.cache_budget
         name = type(self).__name__
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-            raise ValueError(
-                f"{name}.cache_budget must be a non-negative integer (cache entries kept per layer and KV head; "
-                f"0 means no budget), got {budget!r}."
-            )
+        meaning = "cache entries kept per layer and KV head; 0 means no budget"
+        validate_int(self, "cache_budget", budget, 0, meaning, bound="a non-negative integer")
         if budget == 0:
             return
         if self.compression_ratio:

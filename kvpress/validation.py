@@ -44,20 +44,42 @@ def validate_compression_ratio(value: object, name: str = "compression_ratio", a
     return number
 
 
-def validate_int(owner: object, name: str, value: object, minimum: int, meaning: str = "") -> None:
-    """Raise a ValueError unless `value` (the field `name` of `owner`) is an integer >= `minimum` (`meaning`: what
-    it counts, said in the message)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        detail = f" ({meaning})" if meaning else ""
-        raise ValueError(f"{type(owner).__name__}.{name} must be {bound}{detail}, got {value!r}.")
+def validate_int(
+    owner: object,
+    name: str,
+    value: object,
+    minimum: int,
+    meaning: str = "",
+    *,
+    maximum: Optional[int] = None,
+    allow_none: bool = False,
+    bound: Optional[str] = None,
+) -> None:
+    """Raise a ValueError unless `value` is an integer (bools refused) in `[minimum, maximum]` (or None with
+    `allow_none`). The message names `type(owner).__name__ + "." + name` (just `name` when `owner` is None), says the
+    allowed values (`bound` replaces the default words: "a positive integer", "an integer >= m", "an integer in
+    [m, M]") and what the value counts (`meaning`)."""
+    if allow_none and value is None:
+        return
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if is_int and minimum <= value and (maximum is None or value <= maximum):  # type: ignore[operator]
+        return
+    if bound is None:
+        if maximum is not None:
+            bound = f"an integer in [{minimum}, {maximum}]"
+        else:
+            bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if allow_none:
+        bound = f"None or {bound}"
+    detail = f" ({meaning})" if meaning else ""
+    field_name = name if owner is None else f"{type(owner).__name__}.{name}"
+    raise ValueError(f"{field_name} must be {bound}{detail}, got {value!r}.")
 
 
 def check_token_count(name: str, value: object, meaning: str) -> None:
     """Raise a ValueError unless `value` (the field `name`, a number of tokens described by `meaning`) is a
     positive integer; used by the wrappers that walk the context in chunks or blocks."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer ({meaning}), got {value!r}.")
+    validate_int(None, name, value, 1, meaning)
 
 
 def check_prefill_lengths(press_name: str, q_len: int, k_len: int) -> None:

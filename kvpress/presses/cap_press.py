@@ -18,6 +18,7 @@ from kvpress.attention_weights import group_mean
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.token_selection import pad_with_top_score
 from kvpress.utils import get_prerope_query_states, rope_cos_sin
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,7 @@ class CapPress(ScorerPress):
     def __post_init__(self):
         super().__post_init__()
         for name, minimum in (("n_future_positions", 1), ("n_sink", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"CapPress.{name} must be an integer >= {minimum}, got {value!r}.")
+            validate_int(self, name, getattr(self, name), minimum, bound=f"an integer >= {minimum}")
 
     def score(
         self,

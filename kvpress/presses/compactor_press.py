@@ -17,6 +17,7 @@ from kvpress.presses.non_causal_attention_press import NonCausalAttnPress
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.token_selection import pad_with_top_score
 from kvpress.transformers_adapter import position_embeddings_of, replace_inputs
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,7 @@ class CompactorPress(ScorerPress):
     def __post_init__(self):
         super().__post_init__()
         for name in ("sink_size_start", "sink_size_end"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"CompactorPress.{name} must be an integer >= 0 (tokens always kept), got {value!r}.")
+            validate_int(self, name, getattr(self, name), 0, "tokens always kept")
         if self.blending is not None and (
             isinstance(self.blending, bool) or not isinstance(self.blending, (int, float))
         ):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvpress.presses.scorer_press import ScorerPress
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,8 @@ class CURPress(ScorerPress):
         super().__post_init__()
         _check_leverage_type(self.leverage_type)
         for name in ("num_sinks", "local_window_size"):
-            value = getattr(self, name)
             minimum = 0 if name == "num_sinks" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"CURPress.{name} must be an integer >= {minimum}, got {value!r}.")
+            validate_int(self, name, getattr(self, name), minimum, bound=f"an integer >= {minimum}")
 
     def local_normalize(self, squared_norms: torch.Tensor) -> torch.Tensor:
         """Divide each entry of `(B, H_kv, T)` by the sum over its window of `local_window_size` tokens."""

@@ -35,6 +35,7 @@ from kvpress.utils import (
     get_prerope_query_states,
     rope_cos_sin,
 )
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -184,10 +185,8 @@ def duo_attention_on_the_fly(
     whose attention stays on recent positions scores low. Averaged over `num_samples` texts of `dataset` (a Hub
     name, a local dataset directory, or a list of strings). Results are cached per model and arguments.
     """
-    if isinstance(q_len, bool) or not isinstance(q_len, int) or q_len < 1:
-        raise ValueError(f"q_len must be a positive integer (positions of the synthetic sequence), got {q_len!r}.")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+    validate_int(None, "q_len", q_len, 1, "positions of the synthetic sequence")
+    validate_int(None, "num_samples", num_samples, 1)
 
     def compute() -> np.ndarray:
         return _score_heads_on_the_fly(model, _sample_texts(dataset, num_samples), q_len, tokenizer)

@@ -32,6 +32,7 @@ from kvpress.presses.base_press import (
 from kvpress.presses.kvzip_press import compressed_attention_modules, headwise_masks
 from kvpress.resources import text_config
 from kvpress.utils import get_language_model, validate_compression_ratio
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -252,9 +253,7 @@ class FastKVzipPress(BasePress):
     def __post_init__(self):
         validate_compression_ratio(self.compression_ratio)
         for name in ("n_sink", "window_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{type(self).__name__}.{name} must be a non-negative integer, got {value!r}.")
+            validate_int(self, name, getattr(self, name), 0, bound="a non-negative integer")
         ratio = self.window_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
             raise ValueError(

@@ -25,6 +25,7 @@ from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.token_selection import gather_tokens, pad_with_top_score
 from kvpress.transformers_adapter import drop_decoder_tokens, input_ids_of, position_embeddings_of
 from kvpress.utils import validate_compression_ratio
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,7 @@ class FinchPress(BasePress):
 
     def __post_init__(self) -> None:
         validate_compression_ratio(self.compression_ratio)
-        chunk = self.chunk_length
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"FinchPress.chunk_length must be None or a positive integer, got {chunk!r}.")
+        validate_int(self, "chunk_length", self.chunk_length, 1, allow_none=True)
 
     def update_model_and_tokenizer(
         self, model: PreTrainedModel, tokenizer, delimiter_token: str = DEFAULT_DELIMITER_TOKEN

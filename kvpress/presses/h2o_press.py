@@ -19,6 +19,7 @@ from torch import nn
 from kvpress.attention_weights import group_mean, received_attention_sums
 from kvpress.decoding_budget import DecodingState, log_eviction
 from kvpress.presses.scorer_press import ScorerPress
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,7 @@ class H2OPress(ScorerPress):
     cannot_score_new_tokens_alone: ClassVar[Optional[str]] = cannot_score_during_decoding
 
     def __post_init__(self):
-        if isinstance(self.n_recent, bool) or not isinstance(self.n_recent, int) or self.n_recent < 0:
-            raise ValueError(f"H2OPress.n_recent must be a non-negative integer, got {self.n_recent!r}.")
+        validate_int(self, "n_recent", self.n_recent, 0, bound="a non-negative integer")
         super().__post_init__()
 
     def check_budget_settings(self, budget: int) -> None:

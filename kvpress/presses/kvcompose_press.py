@@ -44,6 +44,7 @@ from kvpress.utils import (
     validate_compression_ratio,
     write_keys_and_values,
 )
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +167,7 @@ class KVComposePress(BasePress):
             value = getattr(self, name)
             if value not in aggregator_by_name:
                 raise ValueError(f"KVComposePress.{name} must be one of {sorted(aggregator_by_name)}, got {value!r}.")
-        bound = self.keep_token_lower_bound
-        if isinstance(bound, bool) or not isinstance(bound, int) or bound < 0:
-            raise ValueError(f"keep_token_lower_bound must be a non-negative integer, got {bound!r}.")
+        validate_int(None, "keep_token_lower_bound", self.keep_token_lower_bound, 0, bound="a non-negative integer")
         self.prompt_ids: list[torch.Tensor] = []
         self._scoring = False
         self._prefilling = False

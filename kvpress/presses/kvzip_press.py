@@ -36,6 +36,7 @@ from kvpress.utils import (
     snapshot_cache,
     validate_compression_ratio,
 )
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +164,7 @@ class KVzipPress(BasePress):
 
     def __post_init__(self) -> None:
         validate_compression_ratio(self.compression_ratio)
-        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise ValueError(f"{type(self).__name__}.n_sink must be a non-negative integer, got {self.n_sink!r}.")
+        validate_int(self, "n_sink", self.n_sink, 0, bound="a non-negative integer")
         global _overhead_warned
         if not _overhead_warned:
             logger.warning(

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from kvpress.presses.scorer_press import ScorerPress
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +43,7 @@ class LagKVPress(ScorerPress):
     def __post_init__(self):
         super().__post_init__()
         for name, minimum in (("n_sink", 0), ("lag_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"LagKVPress.{name} must be an integer >= {minimum}, got {value!r}.")
+            validate_int(self, name, getattr(self, name), minimum, bound=f"an integer >= {minimum}")
 
     def lag_relative_scores(self, states: torch.Tensor) -> torch.Tensor:
         """Scores `(B, H_kv, m - 1, lag_size)` of partitions `(B, H_kv, m, lag_size, d)` against their successors."""

@@ -14,6 +14,7 @@ from torch import nn
 
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.utils import get_prerope_key_states
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,7 @@ class LeverageScorePress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        value = self.sketch_dimension
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{type(self).__name__}.sketch_dimension must be a positive integer, got {value!r}.")
+        validate_int(self, "sketch_dimension", self.sketch_dimension, 1)
 
     @staticmethod
     def chol_with_jitter(gram: torch.Tensor, jitter: float = 0.0, max_tries: int = 5) -> torch.Tensor:

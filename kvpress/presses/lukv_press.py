@@ -31,6 +31,7 @@ from kvpress.presses.scorer_wrapper_press import require_no_budget, require_scor
 from kvpress.resources import cache, load_cached, text_config  # noqa: F401 (upstream exposes `cache` here)
 from kvpress.token_selection import check_scores
 from kvpress.utils import validate_compression_ratio
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +116,7 @@ class LUKVPress(BasePress):
         require_no_budget(self, self.press)
         validate_compression_ratio(self.compression_ratio)
         for name in ("sink", "window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"LUKVPress.{name} must be an integer >= 0 (tokens always kept), got {value!r}.")
+            validate_int(self, name, getattr(self, name), 0, "tokens always kept")
         if self.budget_curve_path is not None and not isinstance(self.budget_curve_path, (str, os.PathLike)):
             raise TypeError(
                 "budget_curve_path must be a local .npy file or a URL (a string), got "

@@ -19,6 +19,7 @@ from kvpress.presses.leverage_press import global_zscore, require_prefill
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import apply_rope, get_prerope_query_states
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -101,5 +102,4 @@ class NonCausalAttnPress(ScorerPress):
 
 
 def _check_chunk_size(chunk_size: int) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"NonCausalAttnPress.chunk_size must be a positive integer, got {chunk_size!r}.")
+    validate_int(None, "NonCausalAttnPress.chunk_size", chunk_size, 1)

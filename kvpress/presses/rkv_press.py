@@ -33,6 +33,7 @@ from kvpress.presses.scorer_press import ScorerPress
 from kvpress.token_selection import pad_with_top_score
 from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import apply_rope, attention_scaling, get_prerope_query_states
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +132,7 @@ class RKVPress(ScorerPress):
 
     def __post_init__(self):
         for name in ("compress_interval", "window_size", "kernel_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}.")
+            validate_int(self, name, getattr(self, name), 1)
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0 <= self.lam <= 1:
             raise ValueError(
                 f"{type(self).__name__}.lam must be a number in [0, 1] (the weight of importance against "

@@ -17,14 +17,13 @@ from torch import nn
 from kvpress.attention_weights import window_attention
 from kvpress.presses.base_press import BasePress
 from kvpress.transformers_adapter import position_embeddings_of
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"SimLayerKVPress.{name} must be {kind}, got {value!r}.")
+    validate_int(None, f"SimLayerKVPress.{name}", value, minimum)
 
 
 @dataclass

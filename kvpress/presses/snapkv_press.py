@@ -16,6 +16,7 @@ from kvpress.attention_weights import group_mean, window_attention
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.token_selection import pad_with_top_score
 from kvpress.transformers_adapter import position_embeddings_of
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +46,7 @@ class SnapKVPress(ScorerPress):
 
     def __post_init__(self):
         for name in ("window_size", "kernel_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}.")
+            validate_int(self, name, getattr(self, name), 1)
         super().__post_init__()
 
     @property
