@@ -47,7 +47,7 @@ class AdaKVPress(ScorerWrapperPress):
         super().__post_init__()
         check_alpha_safeguard(self.alpha_safeguard)
 
-    def compress(
+    def compress_with_inner(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -56,8 +56,6 @@ class AdaKVPress(ScorerWrapperPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.compression_ratio == 0:
-            return keys, values
         scores = self.inner_scores(module, hidden_states, keys, values, attentions, kwargs)
         bsz, num_kv_heads, k_len = scores.shape
         n_kept = int(k_len * (1 - self.compression_ratio))

@@ -53,6 +53,9 @@ def is_prefilling(cache_position: torch.Tensor, q_len: int) -> bool:
 
 _PREFILL_FLAG = "_kvpress_prefilling"
 
+# The `cannot_score_during_decoding` / `cannot_score_new_tokens_alone` of scorers that need every token's hidden state.
+NEEDS_EVERY_HIDDEN_STATE = "it recomputes its scores from the hidden states of every cached token (prefill only)"
+
 
 def layer_is_prefilling(module: nn.Module, cache, q_len: int) -> bool:
     """Whether the forward that just ran on this attention layer was a prefill (it started on an empty layer).

@@ -33,7 +33,7 @@ class ChunkPress(ScorerWrapperPress):
         super().__post_init__()
         check_token_count("chunk_length", self.chunk_length, "tokens per chunk")
 
-    def compress(
+    def compress_with_inner(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -42,8 +42,6 @@ class ChunkPress(ScorerWrapperPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.compression_ratio == 0:
-            return keys, values
         k_len = keys.shape[2]
         q_len = hidden_states.shape[1]
         check_prefill_lengths("ChunkPress", q_len, k_len)

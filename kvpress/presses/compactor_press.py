@@ -12,6 +12,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from kvpress.presses.base_press import NEEDS_EVERY_HIDDEN_STATE
 from kvpress.presses.leverage_press import LeverageScorePress, require_prefill
 from kvpress.presses.non_causal_attention_press import NonCausalAttnPress
 from kvpress.presses.scorer_press import ScorerPress
@@ -47,12 +48,8 @@ class CompactorPress(ScorerPress):
 
     # The score needs the hidden state of every cached token, which only a prefill has.
     supports_decoding: ClassVar[bool] = False
-
-    # Why it cannot score during decoding, nor a new token alone (see BasePress).
-    cannot_score_during_decoding: ClassVar[Optional[str]] = (
-        "it recomputes its scores from the hidden states of every cached token (prefill only)"
-    )
-    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = cannot_score_during_decoding
+    cannot_score_during_decoding: ClassVar[Optional[str]] = NEEDS_EVERY_HIDDEN_STATE
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = NEEDS_EVERY_HIDDEN_STATE
 
     def __post_init__(self):
         super().__post_init__()

@@ -216,7 +216,7 @@ class CriticalAdaKVPress(ScorerWrapperPress):
         budgets.scatter_add_(1, winners // k_len, torch.ones_like(winners))
         return budgets, reserved
 
-    def compress(
+    def compress_with_inner(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -225,8 +225,6 @@ class CriticalAdaKVPress(ScorerWrapperPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.compression_ratio == 0:
-            return keys, values
         scores = self.inner_scores(module, hidden_states, keys, values, attentions, kwargs)
         k_len = scores.shape[-1]
         n_kept = int(k_len * (1 - self.compression_ratio))

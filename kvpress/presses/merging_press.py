@@ -56,7 +56,7 @@ class MergingPress(ScorerWrapperPress):
                 "evicted tokens (the most similar ones) that may be merged; 1 merges all of them."
             )
 
-    def compress(
+    def compress_with_inner(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -65,8 +65,6 @@ class MergingPress(ScorerWrapperPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.compression_ratio == 0:
-            return keys, values
         scores = self.inner_scores(module, hidden_states, keys, values, attentions, kwargs)
         n_kept = int(keys.shape[2] * (1 - self.compression_ratio))
         indices = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from kvpress.attention_weights import group_mean
+from kvpress.presses.base_press import NEEDS_EVERY_HIDDEN_STATE
 from kvpress.presses.leverage_press import global_zscore, require_prefill
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.transformers_adapter import position_embeddings_of
@@ -39,12 +40,8 @@ class NonCausalAttnPress(ScorerPress):
 
     # The score needs the hidden state of every cached token, which only a prefill has.
     supports_decoding: ClassVar[bool] = False
-
-    # Why it cannot score during decoding, nor a new token alone (see BasePress).
-    cannot_score_during_decoding: ClassVar[Optional[str]] = (
-        "it recomputes its scores from the hidden states of every cached token (prefill only)"
-    )
-    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = cannot_score_during_decoding
+    cannot_score_during_decoding: ClassVar[Optional[str]] = NEEDS_EVERY_HIDDEN_STATE
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = NEEDS_EVERY_HIDDEN_STATE
 
     def __post_init__(self):
         super().__post_init__()

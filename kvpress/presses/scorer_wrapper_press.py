@@ -61,6 +61,8 @@ class ScorerWrapperPress(InnerPressDelegation, BasePress):
     """Base of the presses that wrap a ScorerPress (AdaKV, KeyRerotation, Chunk, ...).
 
     Checks that `press` is a ScorerPress, delegates `compression_ratio` to it and forwards `post_init_from_model`.
+    `compress` leaves the cache alone at `compression_ratio == 0`; otherwise it calls `compress_with_inner`, where a
+    wrapper does its own work (usually from `inner_scores`).
     """
 
     press: ScorerPress
@@ -68,6 +70,31 @@ class ScorerWrapperPress(InnerPressDelegation, BasePress):
     def __post_init__(self):
         require_scorer_press(self, self.press)
         require_no_budget(self, self.press)
+
+    def compress(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compression_ratio == 0:
+            return keys, values
+        return self.compress_with_inner(module, hidden_states, keys, values, attentions, kwargs)
+
+    def compress_with_inner(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The wrapper's compression, at a nonzero `compression_ratio`."""
+        raise NotImplementedError
 
     def inner_scores(
         self,
