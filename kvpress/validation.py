@@ -76,6 +76,39 @@ def validate_int(
     raise ValueError(f"{field_name} must be {bound}{detail}, got {value!r}.")
 
 
+def validate_number(
+    owner: object,
+    name: str,
+    value: object,
+    minimum: Optional[float] = None,
+    maximum: Optional[float] = None,
+    *,
+    open_minimum: bool = False,
+    meaning: str = "",
+    note: str = "",
+    bound: Optional[str] = None,
+) -> None:
+    """Raise a ValueError unless `value` is a Python int or float (bools refused) in `[minimum, maximum]` (`(minimum,`
+    with `open_minimum`; a missing bound is unbounded). The message names the field as `validate_int` does, says the
+    allowed values (`bound` replaces "a number in [m, M]" / "a number >= m"), what it means (`meaning`, in
+    parentheses) and, after the value, `note`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and minimum is not None:
+        ok = value > minimum if open_minimum else value >= minimum  # type: ignore[operator]
+    if ok and maximum is not None:
+        ok = value <= maximum  # type: ignore[operator]
+    if ok:
+        return
+    if bound is None:
+        if maximum is None:
+            bound = f"a number >= {minimum}"
+        else:
+            bound = f"a number in {'(' if open_minimum else '['}{minimum}, {maximum}]"
+    detail = f" ({meaning})" if meaning else ""
+    field_name = name if owner is None else f"{type(owner).__name__}.{name}"
+    raise ValueError(f"{field_name} must be {bound}{detail}, got {value!r}." + (f" {note}" if note else ""))
+
+
 def check_token_count(name: str, value: object, meaning: str) -> None:
     """Raise a ValueError unless `value` (the field `name`, a number of tokens described by `meaning`) is a
     positive integer; used by the wrappers that walk the context in chunks or blocks."""

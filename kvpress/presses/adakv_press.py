@@ -12,17 +12,18 @@ import torch
 from torch import nn
 
 from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
+from kvpress.validation import validate_number
 
 logger = logging.getLogger(__name__)
 
 
 def check_alpha_safeguard(alpha: object) -> None:
     """Raise a ValueError unless `alpha` (AdaKV's `alpha_safeguard`) is a number in [0, 1]."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise ValueError(
-            f"alpha_safeguard must be a number in [0, 1], got {alpha!r}. It is the fraction of each head's "
-            "uniform budget that the head always keeps (0 lets a head lose everything, 1 disables AdaKV)."
-        )
+    note = (
+        "It is the fraction of each head's uniform budget that the head always keeps (0 lets a head lose everything, "
+        "1 disables AdaKV)."
+    )
+    validate_number(None, "alpha_safeguard", alpha, 0, 1, note=note)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from torch import nn
 
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.token_selection import check_scores, keep_top_scores
+from kvpress.validation import validate_number
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,8 @@ class PyramidKVPress(SnapKVPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1:
-            raise ValueError(
-                f"PyramidKVPress.beta must be a number >= 1 (the ratio between the average and the smallest layer "
-                f"budget), got {self.beta!r}."
-            )
+        meaning = "the ratio between the average and the smallest layer budget"
+        validate_number(self, "beta", self.beta, 1, meaning=meaning)
 
     def get_layer_budget(self, module: nn.Module, q_len: int) -> int:
         """Number of tokens layer `module.layer_idx` keeps out of `q_len`."""

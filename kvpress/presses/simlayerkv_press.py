@@ -17,7 +17,7 @@ from torch import nn
 from kvpress.attention_weights import window_attention
 from kvpress.presses.base_press import BasePress
 from kvpress.transformers_adapter import position_embeddings_of
-from kvpress.validation import validate_int
+from kvpress.validation import validate_int, validate_number
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +45,11 @@ class SimLayerKVPress(BasePress):
 
     def __post_init__(self) -> None:
         threshold = self.lazy_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise ValueError(
-                f"lazy_threshold must be a number in [0, 1], got {threshold!r}. It is the share of attention on the "
-                "initial and recent tokens above which a layer is lazy (1.0 disables compression)."
-            )
+        note = (
+            "It is the share of attention on the initial and recent tokens above which a layer is lazy (1.0 disables "
+            "compression)."
+        )
+        validate_number(None, "lazy_threshold", threshold, 0, 1, note=note)
         _check_int("n_last", self.n_last, 1)
         _check_int("n_recent", self.n_recent, 1)
         _check_int("n_initial", self.n_initial, 0)
