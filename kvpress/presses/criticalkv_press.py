@@ -23,7 +23,6 @@ from kvpress.presses.adakv_press import check_alpha_safeguard
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.scorer_wrapper_press import InnerPressDelegation, ScorerWrapperPress, require_scorer_press
-from kvpress.token_selection import check_scores
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +153,7 @@ class CriticalKVPress(InnerPressDelegation, ScorerPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> torch.Tensor:
-        scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
-        check_scores(self.press, scores, keys)
+        scores = self.inner_scores(module, hidden_states, keys, values, attentions, kwargs)
         k_len = keys.shape[2]
         kept = (
             min(self.layer_cache_budget(module), k_len) if self.cache_budget else (1 - self.compression_ratio) * k_len

@@ -40,7 +40,7 @@ def require_no_budget(wrapper: object, press: object) -> None:
 
 class InnerPressDelegation:
     """Mixin of the presses built around an inner `press`: `compression_ratio` reads and writes the inner press's,
-    and `post_init_from_model` is forwarded to it."""
+    `post_init_from_model` is forwarded to it, and `inner_scores` returns its scores checked for shape."""
 
     press: ScorerPress
 
@@ -54,6 +54,20 @@ class InnerPressDelegation:
 
     def post_init_from_model(self, model):
         self.press.post_init_from_model(model)
+
+    def inner_scores(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        """The inner press's scores `(B, H_kv, T)`, checked for shape."""
+        scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
+        check_scores(self.press, scores, keys)
+        return scores
 
 
 @dataclass
@@ -95,17 +109,3 @@ class ScorerWrapperPress(InnerPressDelegation, BasePress):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The wrapper's compression, at a nonzero `compression_ratio`."""
         raise NotImplementedError
-
-    def inner_scores(
-        self,
-        module: nn.Module,
-        hidden_states: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        attentions: torch.Tensor | None,
-        kwargs: dict,
-    ) -> torch.Tensor:
-        """The inner press's scores `(B, H_kv, T)`, checked for shape."""
-        scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
-        check_scores(self.press, scores, keys)
-        return scores
