@@ -94,29 +94,37 @@ def _in_unit_interval(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
-def press_class_names(press: Any) -> set[str]:
-    """Class names (whole MRO) of a press and of every press inside it (wrappers, compositions)."""
-    names: set[str] = set()
+def nested_presses(press: Any) -> list:
+    """A press and every press inside it (wrappers' `press` / `base_press`, compositions' `presses`)."""
+    found: list = []
     stack = [press]
     while stack:
         current = stack.pop()
         if current is None:
             continue
-        names.update(cls.__name__ for cls in type(current).__mro__)
+        found.append(current)
         for attribute in ("press", "base_press"):
             inner = getattr(current, attribute, None)
             if inner is not None and hasattr(inner, "forward_hook"):
                 stack.append(inner)
         stack.extend(getattr(current, "presses", None) or [])
-    return names
+    return found
+
+
+def query_aware_press(press: Any) -> Any:
+    """The press (nested or not) that compresses with the question (FinchPress: it adds a delimiter token), or None."""
+    return next((p for p in nested_presses(press) if hasattr(p, "update_model_and_tokenizer")), None)
+
+
+def takes_field(press: Any, name: str) -> bool:
+    """Whether `press` has a dataclass field `name` (what the CLI sets on it: threshold, target_size, ...)."""
+    return press is not None and name in getattr(type(press), "__dataclass_fields__", {})
 
 
 def is_decoding_press(press: Any) -> bool:
-    """Presses that compress while the answer is generated: one pipeline call per question."""
-    return press is not None and (
-        "DecodingPress" in {cls.__name__ for cls in type(press).__mro__}
-        or bool(getattr(press, "acts_during_decoding", False))
-    )
+    """Presses that compress while the answer is generated (`acts_during_decoding`): one pipeline call per
+    question."""
+    return press is not None and bool(getattr(press, "acts_during_decoding", False))
 
 
 @dataclass
@@ -554,20 +562,19 @@ class EvaluationRunner:
         """A fresh press for `press_name`, with the configured ratio (or threshold, head ratio, ...)."""
         config = self.config
         press = PRESS_REGISTRY[config.press_name]
-        names = {cls.__name__ for cls in type(press).__mro__} if press is not None else set()
         if press is None:
             logger.warning("No press: the KV cache is not compressed (compression_ratio 0).")
-        elif "DuoAttentionPress" in names:
+        elif takes_field(press, "head_compression_ratio"):
             if config.head_compression_ratio is None:
                 raise ValueError(f"Press {config.press_name!r} needs --head_compression_ratio.")
             press.head_compression_ratio = config.head_compression_ratio
-        elif "DMSPress" in names:
+        elif takes_field(press, "threshold"):
             if config.threshold is None:
                 raise ValueError(f"Press {config.press_name!r} needs --threshold.")
             press.threshold = config.threshold
-        elif "ComposedPress" in names:
+        elif takes_field(press, "presses"):
             for inner in press.presses:
-                if "ThinKPress" in {cls.__name__ for cls in type(inner).__mro__}:
+                if takes_field(inner, "key_channel_compression_ratio"):
                     if config.key_channel_compression_ratio is None:
                         raise ValueError(f"Press {config.press_name!r} needs --key_channel_compression_ratio.")
                     inner.key_channel_compression_ratio = config.key_channel_compression_ratio
@@ -575,11 +582,11 @@ class EvaluationRunner:
                     inner.compression_ratio = config.compression_ratio
                 else:
                     logger.warning("%s has no compression_ratio; left as is.", type(inner).__name__)
-        elif "ThinKPress" in names:
+        elif takes_field(press, "key_channel_compression_ratio"):
             if config.key_channel_compression_ratio is None:
                 raise ValueError(f"Press {config.press_name!r} needs --key_channel_compression_ratio.")
             press.key_channel_compression_ratio = config.key_channel_compression_ratio
-        elif "DecodingPress" in names:
+        elif takes_field(press, "target_size"):
             for name in ("compression_interval", "target_size", "hidden_states_buffer_size"):
                 if getattr(config, name):  # upstream: only a set (truthy) value replaces the press's own
                     setattr(press, name, getattr(config, name))
@@ -641,7 +648,7 @@ class EvaluationRunner:
             from transformers import FineGrainedFP8Config
 
             model_kwargs["quantization_config"] = FineGrainedFP8Config()
-        if "ObservedAttentionPress" in press_class_names(self.press):
+        if any(getattr(p, "needs_attention_weights", False) for p in nested_presses(self.press)):
             model_kwargs["attn_implementation"] = "eager"
         elif model_kwargs.get("attn_implementation") is None:
             try:
@@ -687,7 +694,7 @@ class EvaluationRunner:
         """The rows a run evaluates, with a stable `row_id`, checked (columns, then every value) and sampled; the
         needle rows built. Needs at most the tokenizer, never the model."""
         config = self.config
-        if "FinchPress" in press_class_names(self.press) and not config.query_aware:
+        if query_aware_press(self.press) is not None and not config.query_aware:
             raise ValueError("FinchPress compresses with the question: run it with --query_aware.")
         df, source = self._load_raw_dataframe()
         needle = config.dataset == "needle_in_haystack"
@@ -723,9 +730,10 @@ class EvaluationRunner:
         """The rows as the pipeline gets them (FinchPress delimiter, question-aware contexts) and their fingerprints."""
         config = self.config
         df = df.copy()
-        if "FinchPress" in press_class_names(self.press):
-            self.press.update_model_and_tokenizer(self.pipeline.model, self.pipeline.tokenizer)
-            df["context"] = df["context"] + self.press.delimiter_token
+        finch = query_aware_press(self.press)
+        if finch is not None:
+            finch.update_model_and_tokenizer(self.pipeline.model, self.pipeline.tokenizer)
+            df["context"] = df["context"] + finch.delimiter_token
         if config.query_aware:
             df["context"] = df["context"] + df["question"]
             df["question"] = ""

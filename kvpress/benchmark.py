@@ -40,6 +40,7 @@ import kvpress
 from kvpress.graphed_decoding import GraphedDecodeStep, graphable
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.presses.base_press import BasePress
+from kvpress.resources import text_config
 from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import get_language_model
 
@@ -216,7 +217,7 @@ def kv_statistics(cache, model: PreTrainedModel) -> dict:
 
 def full_kv_bytes(model: PreTrainedModel, batch: int, length: int) -> int:
     """Bytes of an uncompressed cache of `length` tokens (sliding-window layers hold at most their window)."""
-    config = model.config.get_text_config()
+    config = text_config(model)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     window = getattr(config, "sliding_window", None) or length
@@ -265,7 +266,7 @@ def run_press(
     peak_prefill = _peak(device)
     stats = kv_statistics(cache, model)
 
-    decoding = bool(getattr(press, "acts_during_decoding", False)) if press is not None else False
+    decoding = press is not None and press.acts_during_decoding
     decode_cache: Any = cache
     step_fn = None
     capture = 0.0
@@ -626,7 +627,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     model = load_model(args.model, str(device), dtype, args.attn_implementation, args.trust_remote_code)
     if args.needle:
         return _needle_main(parser, args, model, requests, lengths, output_dir)
-    vocab = model.config.get_text_config().vocab_size
+    vocab = text_config(model).vocab_size
     bandwidth = copy_bandwidth(device)
     weights = parameter_bytes(model)
     env = environment(device, bandwidth)

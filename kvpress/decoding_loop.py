@@ -51,7 +51,7 @@ def greedy_generate(
         logits = model(input_ids=input_ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits
     token = logits[:, -1:].argmax(-1)
     start = cache.get_seq_length() if press is not None and press.rerotates_kept_keys else length  # type: ignore
-    decoding = press is not None and bool(getattr(press, "acts_during_decoding", False))
+    decoding = press is not None and press.acts_during_decoding
     step = None
     if inplace and not decoding and can_decode_in_place(model, cache):  # type: ignore[arg-type]
         cache = InPlaceCache.from_cache(cache, extra_tokens=max_new_tokens + 2, model=model)  # type: ignore

@@ -27,7 +27,7 @@ def _is_decoding_press(press: Optional[BasePress]) -> bool:
     (`acts_during_decoding`, e.g. DecodingPress or a press with a `cache_budget`), or a ComposedPress holding one."""
     if press is None:
         return False
-    if bool(getattr(press, "acts_during_decoding", False)):
+    if press.acts_during_decoding:
         return True
     inner = getattr(press, "presses", None)
     return isinstance(inner, (list, tuple)) and any(_is_decoding_press(p) for p in inner)
@@ -35,7 +35,7 @@ def _is_decoding_press(press: Optional[BasePress]) -> bool:
 
 def _uses_rerotated_positions(press: Optional[BasePress]) -> bool:
     """Presses that re-rotate kept keys to positions 0..n_kept-1, so generation continues at n_kept."""
-    return bool(getattr(press, "rerotates_kept_keys", False))
+    return press is not None and press.rerotates_kept_keys
 
 
 class KVPressTextGenerationPipeline(Pipeline):

@@ -20,25 +20,13 @@ import torch
 from torch import nn
 
 from kvpress.presses.base_press import BasePress, FieldCheck, get_hook_inputs, layer_is_prefilling
-from kvpress.presses.decoding_press import CANNOT_SCORE_DURING_DECODING, decoding_problem, validate_int
-from kvpress.presses.scorer_press import ScorerPress, require_scorer_press
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.scorer_wrapper_press import require_scorer_press
 from kvpress.utils import extract_keys_and_values, real_number
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
-# With decoding=True each new token is scored on its own (one token per step), which these presses cannot do.
-CANNOT_SCORE_NEW_TOKENS_ALONE = {
-    # KVzapPress scores each token from its own hidden state: it is the intended scorer here.
-    **{name: reason for name, reason in CANNOT_SCORE_DURING_DECODING.items() if name != "KVzapPress"},
-    "StreamingLLMPress": "its score depends on where a token sits in the scored sequence, not on the token",
-    "SnapKVPress": "it needs an observation window of window_size queries before the scored tokens",
-    "TOVAPress": "it scores tokens by the attention of the last scored token",
-    "ExpectedAttentionPress": "it estimates query statistics from more than n_sink scored tokens",
-    "CapPress": "it estimates a query anchor from more than n_sink scored tokens",
-    "LagKVPress": "it compares partitions of lag_size scored tokens",
-    "KeyDiffPress": "it scores a key against the mean of the scored keys, which is the key itself for one token",
-    "CURPress": "it normalises scores over windows of the scored sequence",
-}
 PER_TOKEN_SCORERS = "KnormPress, RandomPress, KVzapPress, QFilterPress or your own per-token ScorerPress"
 
 
@@ -78,6 +66,7 @@ class DMSPress(BasePress):
 
     # Masks index the cache as this press leaves it; a press that removed tokens afterwards would break them.
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"threshold": _check_threshold}
 
@@ -93,7 +82,8 @@ class DMSPress(BasePress):
         if not isinstance(self.decoding, bool):
             raise TypeError(f"DMSPress.decoding must be True or False, got {self.decoding!r}.")
         if self.decoding:
-            problem = decoding_problem(self.press, CANNOT_SCORE_NEW_TOKENS_ALONE, honour_flags=False)
+            # KVzapPress scores each token from its own hidden state: it is the intended scorer here.
+            problem = self.press.cannot_score_new_tokens_alone
             if problem is not None:
                 raise ValueError(
                     f"DMSPress(decoding=True) scores each new token on its own, which {type(self.press).__name__} "
