@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import MAX_INPLACE_QUERY_ROWS, inplace_attention, inplace_attention_mask
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def apply_masked_key_indices(module, query: torch.Tensor, key: torch.Tensor) -> 
     groups = num_heads // num_kv_heads
     queries = query.reshape(bsz * num_kv_heads, groups * q_len, head_dim)
     fake_keys = search_hyperplane(queries.float()).to(key.dtype).view(bsz, num_kv_heads, head_dim)
-    batch_idx, head_idx, seq_idx = (idx.to(key.device) for idx in module.masked_key_indices)
+    batch_idx, head_idx, seq_idx = (idx.to(key.device) for idx in get_masks(module))
     key[batch_idx, head_idx, seq_idx] = fake_keys[batch_idx, head_idx]
 
 
@@ -86,7 +87,7 @@ def headwise_attention_mask(module, query: torch.Tensor, key: torch.Tensor, atte
         given = attention_mask[..., -k_len:]
         given = given if given.dtype == torch.bool else given == 0
         allowed &= given.expand(bsz, -1, q_len, k_len)
-    batch_idx, head_idx, seq_idx = (idx.to(query.device) for idx in module.masked_key_indices)
+    batch_idx, head_idx, seq_idx = (idx.to(query.device) for idx in get_masks(module))
     for g in range(groups):
         allowed[batch_idx, head_idx * groups + g, :, seq_idx] = False
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
@@ -103,7 +104,7 @@ def hide_masked_entries(module, mask: torch.Tensor, query: torch.Tensor) -> torc
     full = mask.expand(bsz, num_heads, *mask.shape[2:]).clone()
     num_kv_heads = module.config.num_key_value_heads
     groups = num_heads // num_kv_heads
-    batch_idx, head_idx, seq_idx = (idx.to(query.device) for idx in module.masked_key_indices)
+    batch_idx, head_idx, seq_idx = (idx.to(query.device) for idx in get_masks(module))
     for g in range(groups):
         full[batch_idx, head_idx * groups + g, :, seq_idx] = False
     return full
@@ -135,8 +136,8 @@ def attention_patch(func: Callable) -> Callable:
         inplace_mask = inplace_attention_mask(module, query, key)
         if query.shape[2] == key.shape[2]:
             # A square attention is a prefill: masks from an earlier context no longer apply.
-            module.masked_key_indices = None
-        elif getattr(module, "masked_key_indices", None) is not None:
+            clear_masks(module)
+        elif get_masks(module) is not None:
             try:
                 apply_masked_key_indices(module, query, key)
             except ValueError:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from kvpress.headwise_masks import set_masks
 from kvpress.presses.base_press import SUPPORTED_MODELS, BasePress, get_hook_inputs
 from kvpress.timing import telemetry_of
 from kvpress.transformers_adapter import cache_kwargs, find_cache, input_ids_of, output_cache, position_embeddings_of
@@ -421,4 +422,4 @@ class KVzipPress(BasePress):
         masks = headwise_masks(self.score_val[layer_ids], self.compression_ratio, self.layerwise)
         for module, mask in zip(modules, masks):
             # read by the patched attention at every later (non-prefill) attention call of this layer
-            setattr(module, "masked_key_indices", mask)
+            set_masks(module, mask)
