@@ -25,6 +25,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import MAX_INPLACE_QUERY_ROWS, inplace_attention, inplace_attention_mask
+from kvpress.ragged_attention import register_ragged_attention, run_ragged_attention
+from kvpress.ragged_cache import ragged_layer_of
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +134,15 @@ def attention_patch(func: Callable) -> Callable:
         return func
 
     def wrapper(module, query, key, value, attention_mask, *args, **kwargs):
+        # a ragged layer (kvpress.ragged_cache) holds only the kept entries: attention runs over its segments
+        ragged = ragged_layer_of(module, key)
+        if ragged is not None:
+            if kwargs.get("dropout"):
+                raise ValueError("ragged attention serves inference only (dropout must be 0)")
+            return (
+                run_ragged_attention(ragged, query, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")),
+                None,
+            )
         # a preallocated decoding buffer (kvpress.inplace_cache): its own valid slots, whatever mask the model sized
         inplace_mask = inplace_attention_mask(module, query, key)
         if query.shape[2] == key.shape[2]:
@@ -174,6 +185,7 @@ def attention_patch(func: Callable) -> Callable:
 
 def patch_attention_functions() -> None:
     """Wrap transformers' attention functions and the supported models' eager attention. Safe to call twice."""
+    register_ragged_attention()
     for name, func in list(ALL_ATTENTION_FUNCTIONS.items()):
         ALL_ATTENTION_FUNCTIONS[name] = attention_patch(func)
     for module_name in _EAGER_MODULES:
