@@ -300,3 +300,36 @@ def test_caches_it_cannot_copy_keep_the_masking_path(caplog):
         RaggedLayer(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, dtype=torch.bool), -1)
     with pytest.raises(ValueError, match="unknown ragged attention backend"):
         set_ragged_backend("triton")
+
+
+def test_flex_backend_matches_the_masking_path_end_to_end():
+    """The CUDA path's block mask and mask_mod (FlexAttention, unfused on CPU) give the masking path's logits."""
+    set_ragged_backend("flex")
+    model = get_model("qwen3")
+    ids = random_input_ids(2, 40)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), AdaKVPress(SnapKVPress(0.5, window_size=2))(model):
+        model(ids, **cache_kwargs(model, cache))
+    ragged = RaggedCache.from_cache(cache, model, extra_tokens=SPARE)
+    question = random_input_ids(2, 3, seed=5)
+    try:
+        ragged_logits = _decode(model, ragged, question, steps=4)
+    finally:
+        RaggedCache.detach(model)
+    masked_logits = _decode(model, cache, question, steps=4)
+    torch.testing.assert_close(ragged_logits, masked_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_benchmark_ragged_loop_holds_only_the_kept_entries(tmp_path):
+    from kvpress.benchmark import main
+
+    args = ["--model", "tiny", "--context_lengths", "128", "--max_new_tokens", "4", "--output_dir", str(tmp_path)]
+    rows = main([*args, "--presses", "adakv_snapkv:0.5,knorm:0.5", "--decode_loops", "inplace,ragged"])
+    by_key = {(row["press"], row["decode_loop"]): row for row in rows}
+    ragged, masked = by_key[("adakv_snapkv:0.5", "ragged")], by_key[("adakv_snapkv:0.5", "inplace")]
+    # tiny shape: 2 layers x 2 KV heads x head_dim 16, float32; 64 kept entries + 6 spare rows per segment
+    assert ragged["kv_bytes"] == 2 * 2 * 2 * 16 * 4 * (64 + 6)
+    assert masked["kv_bytes"] == 2 * 2 * 2 * 16 * 4 * 128  # the masking path keeps every entry
+    assert ragged["kv_bytes_dense_prefill"] == masked["kv_bytes"]
+    assert by_key[("knorm:0.5", "ragged")]["kv_bytes"] == ragged["kv_bytes"]  # the same kept size
+    assert ragged["decode_ms_per_token"] > 0
