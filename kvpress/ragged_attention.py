@@ -118,14 +118,16 @@ def segment_block_mask(layer: RaggedLayer, q_len: int, groups: int, attention_ma
     n_q = groups * q_len
     q_blocks = -(-n_q // _FLEX_BLOCK)
     total_blocks = -(-n_rows // _FLEX_BLOCK)
-    max_blocks = min(int(layer.capacities.max()) // _FLEX_BLOCK + 2, total_blocks)
+    max_blocks = min(layer.max_capacity // _FLEX_BLOCK + 2, total_blocks)
     first = offsets[:-1] // _FLEX_BLOCK
     last = (offsets[:-1] + lengths - 1).clamp(min=0) // _FLEX_BLOCK
     count = torch.where(lengths > 0, last - first + 1, torch.zeros_like(first))
     indices = (first[:, None] + torch.arange(max_blocks, device=layer.device)).clamp(max=total_blocks - 1)
     kv_num_blocks = count.to(torch.int32)[None, :, None].expand(1, segments, q_blocks).contiguous()
     kv_indices = indices.to(torch.int32)[None, :, None, :].expand(1, segments, q_blocks, max_blocks).contiguous()
-    base = torch.tensor(layer.logical_length - q_len, device=layer.device)
+    base = layer.logical_position - q_len  # on the device: no host value in the mask, one kernel for every step
+    # key blocks run past the last row: those indices read a position of -1 (and are outside every segment anyway)
+    positions = torch.cat([positions, positions.new_full((total_blocks * _FLEX_BLOCK - n_rows,), -1)])
     starts, ends = offsets[:-1], offsets[:-1] + lengths
     padding = None
     if isinstance(attention_mask, torch.Tensor):
@@ -137,14 +139,19 @@ def segment_block_mask(layer: RaggedLayer, q_len: int, groups: int, attention_ma
 
     def mask_mod(b, h, q_idx, kv_idx):
         query_pos = base + q_idx % q_len
-        entry_pos = positions[kv_idx.clamp(max=n_rows - 1)]
+        entry_pos = positions[kv_idx]
         keep = (kv_idx >= starts[h]) & (kv_idx < ends[h]) & (entry_pos <= query_pos)
         if padding is not None:
             keep = keep & padding[h, q_idx % q_len, entry_pos.clamp(0, padding.shape[-1] - 1)]
         return keep
 
     return BlockMask.from_kv_blocks(
-        kv_num_blocks, kv_indices, BLOCK_SIZE=_FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(n_q, n_rows)
+        kv_num_blocks,
+        kv_indices,
+        BLOCK_SIZE=_FLEX_BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(n_q, n_rows),
+        compute_q_blocks=False,  # inference only: no backward pass
     )
 
 

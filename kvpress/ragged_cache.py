@@ -84,6 +84,14 @@ class RaggedLayer(CacheLayerMixin):
         self.lengths = lengths.to(torch.int32)
         self.capacities = capacities.to(torch.int32)
         self.logical_length = seq_len
+        self._track_free_rows()
+
+    def _track_free_rows(self) -> None:
+        """Host-side bookkeeping read by every step without a device sync: the fewest free rows of any segment, the
+        largest segment capacity, and the logical length on the device (for the attention masks)."""
+        self.min_free_rows = int((self.capacities - self.lengths).min()) if self.num_segments else 0
+        self.max_capacity = int(self.capacities.max()) if self.num_segments else 0
+        self.logical_position = torch.tensor(self.logical_length, dtype=torch.long, device=self.device)
 
     # -- transformers' cache-layer interface --------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -98,7 +106,7 @@ class RaggedLayer(CacheLayerMixin):
                 f"this ragged layer holds batch {self.batch_size} x {self.num_kv_heads} KV heads; the forward brought "
                 f"{bsz} x {num_kv_heads}."
             )
-        if bool((self.lengths + n_new > self.capacities).any()):
+        if n_new > self.min_free_rows:
             self._grow(n_new)
         rows = (self.offsets[:-1] + self.lengths).long()[:, None] + torch.arange(n_new, device=self.device)
         rows = rows.reshape(-1)
@@ -108,6 +116,8 @@ class RaggedLayer(CacheLayerMixin):
         self.positions.index_copy_(0, rows, new_positions.to(torch.int32).repeat(bsz * num_kv_heads))
         self.lengths += n_new
         self.logical_length += n_new
+        self.logical_position.add_(n_new)
+        self.min_free_rows -= n_new
         return self.keys[None, None], self.values[None, None]
 
     def get_seq_length(self, *args, **kwargs) -> int:
@@ -151,6 +161,7 @@ class RaggedLayer(CacheLayerMixin):
         lengths, logical_length = state
         self.lengths.copy_(lengths)
         self.logical_length = logical_length
+        self._track_free_rows()
 
     def segment_rows(self, segment: int) -> torch.Tensor:
         """The rows of `segment` in use (for tests and inspection)."""
@@ -179,6 +190,7 @@ class RaggedLayer(CacheLayerMixin):
             new[new_rows] = old[old_rows]
             setattr(self, name, new)
         self.offsets, self.capacities = offsets.to(torch.int32), capacities.to(torch.int32)
+        self._track_free_rows()
 
     def evict(self, batch_idx: torch.Tensor, head_idx: torch.Tensor, positions: torch.Tensor) -> int:
         """Drop the entries at logical `positions` of segments (batch_idx, head_idx) and close the gaps in place
@@ -218,6 +230,7 @@ class RaggedLayer(CacheLayerMixin):
             buffer = getattr(self, name)
             buffer[target] = buffer[source].clone()
         self.lengths.copy_((segment_start[1:] - segment_start[:-1]).to(torch.int32))
+        self._track_free_rows()
         return n_dropped
 
 
