@@ -10,7 +10,15 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpress import AdaKVPress, DMSPress, KnormPress, KVPressTextGenerationPipeline, RandomPress, SnapKVPress
+from kvpress import (
+    AdaKVPress,
+    DMSPress,
+    KnormPress,
+    KVPressTextGenerationPipeline,
+    RandomPress,
+    RestoreKVPress,
+    SnapKVPress,
+)
 from kvpress.headwise_masks import add_masks, get_masks, masks_as_bool, set_masks
 from kvpress.ragged_attention import (
     flex_ragged_attention,
@@ -19,8 +27,17 @@ from kvpress.ragged_attention import (
 )
 from kvpress.ragged_cache import RaggedCache, RaggedLayer, ragged_cache_for
 from kvpress.transformers_adapter import cache_kwargs
-from tests.fixtures import attention_modules, compressed_layers, get_model, load_tokenizer, random_input_ids
+from tests.fixtures import (
+    attention_modules,
+    compressed_layers,
+    get_model,
+    load_saved_model,
+    load_tokenizer,
+    random_input_ids,
+    saved_model_dir,
+)
 from tests.presses.test_headwise_matrix import FACTORIES, MockDuoAttentionPress
+from tests.presses.test_restorekv import needs_compatible_peft, restore_resources
 
 SPARE = 8
 
@@ -333,3 +350,16 @@ def test_benchmark_ragged_loop_holds_only_the_kept_entries(tmp_path):
     assert ragged["kv_bytes_dense_prefill"] == masked["kv_bytes"]
     assert by_key[("knorm:0.5", "ragged")]["kv_bytes"] == ragged["kv_bytes"]  # the same kept size
     assert ragged["decode_ms_per_token"] > 0
+
+
+@needs_compatible_peft
+def test_restorekv_pipeline_matches_the_masking_path():
+    """RestoreKV appends its restore tokens after the context: the questions continue after them on both paths."""
+    model = load_saved_model(saved_model_dir("llama", with_chat_template=True))
+    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=load_tokenizer(True), device="cpu")
+    context, questions = "The quick brown fox jumps over the lazy dog. " * 2, ["Who?", "Why?"]
+    answers = []
+    for ragged in (True, False):
+        press = RestoreKVPress(0.4, restore_repo_or_dir=restore_resources("llama", zero_embeddings=False))
+        answers.append(pipe(context, questions=questions, press=press, max_new_tokens=4, ragged_cache=ragged))
+    assert answers[0] == answers[1]
