@@ -41,7 +41,7 @@ from kvpress.graphed_decoding import GraphedDecodeStep, graphable
 from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.presses.base_press import BasePress
-from kvpress.ragged_cache import RaggedCache, RaggedLayer, ragged_problem
+from kvpress.ragged_cache import RaggedCache, RaggedLayer, ragged_problem, release_dense_layers
 from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import get_language_model
 
@@ -283,6 +283,7 @@ def run_press(
         decode_cache = RaggedCache.from_cache(cache, model, extra_tokens=max_new_tokens + 2)
         for module in get_language_model(model).layers:
             clear_masks(module.self_attn)  # applied: the ragged layers hold only the kept entries
+        release_dense_layers(cache)
         del cache
         stats = {**kv_statistics(decode_cache, model), "kv_bytes_dense_prefill": stats["kv_bytes"]}
     elif loop != "dynamic":

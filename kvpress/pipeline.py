@@ -188,6 +188,7 @@ class KVPressTextGenerationPipeline(Pipeline):
                 "context): the pipeline prefills and compresses each context into an empty cache. Pass a fresh cache "
                 "(e.g. DynamicCache()) for every context, or cache=None to let the pipeline create one."
             )
+        own_cache = cache is None  # a cache the pipeline made: its dense layers can go once copied (ragged)
         if cache is None:
             # With the config, the cache knows which layers use sliding-window attention (Gemma3), so that the
             # attention masks are sized from the layers that presses compress.
@@ -213,7 +214,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             context_length = cache.get_seq_length()
         questions = input_tensors["questions_ids"]
         extra = max(q.shape[1] for q in questions) + max_new_tokens
-        ragged = ragged_cache_for(self.model, cache, decoding, extra + 2) if ragged_cache else None
+        ragged = ragged_cache_for(self.model, cache, decoding, extra + 2, own_cache) if ragged_cache else None
         if ragged is not None:
             # Only the entries each head kept are copied (kvpress.ragged_cache); answers are appended in place.
             state = ragged.state()

@@ -360,11 +360,16 @@ def log_once(message: str) -> None:
 
 
 def ragged_cache_for(
-    model: torch.nn.Module, cache: Cache, press_acts_during_decoding: bool, extra_tokens: int
+    model: torch.nn.Module,
+    cache: Cache,
+    press_acts_during_decoding: bool,
+    extra_tokens: int,
+    release_source: bool = False,
 ) -> Optional[RaggedCache]:
     """A RaggedCache holding the kept entries of `cache` for decoding `model`, or None (said once in the log) when
     it cannot apply: the press acts during decoding (it resizes a dynamic cache), or the cache holds layers the
-    ragged cache cannot copy (quantized). Head-wise masks then stay on the masking path."""
+    ragged cache cannot copy (quantized). Head-wise masks then stay on the masking path. With `release_source`, the
+    dense layers of `cache` are dropped once copied (the caller no longer needs them)."""
     if press_acts_during_decoding:
         log_once("ragged_cache: the press acts during decoding and resizes a dynamic cache; using the masking path")
         return None
@@ -372,4 +377,16 @@ def ragged_cache_for(
     if problem is not None:
         log_once(f"ragged_cache: not applicable ({problem}); using the masking path")
         return None
-    return RaggedCache.from_cache(cache, model, extra_tokens=extra_tokens)
+    ragged = RaggedCache.from_cache(cache, model, extra_tokens=extra_tokens)
+    if release_source:
+        release_dense_layers(cache)
+    return ragged
+
+
+def release_dense_layers(cache: Cache) -> None:
+    """Drop the tensors of `cache`'s full-attention dynamic layers (copied into a RaggedCache), so that only the kept
+    entries stay resident; the cache is empty afterwards."""
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.keys = layer.values = None
+            layer.is_initialized = False

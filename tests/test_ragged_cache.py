@@ -363,3 +363,14 @@ def test_restorekv_pipeline_matches_the_masking_path():
         press = RestoreKVPress(0.4, restore_repo_or_dir=restore_resources("llama", zero_embeddings=False))
         answers.append(pipe(context, questions=questions, press=press, max_new_tokens=4, ragged_cache=ragged))
     assert answers[0] == answers[1]
+
+
+def test_pipeline_leaves_a_cache_the_user_passed_as_compressed_context():
+    pipe = KVPressTextGenerationPipeline(model=get_model("llama"), tokenizer=load_tokenizer(), device="cpu")
+    context = "The quick brown fox jumps over the lazy dog. " * 4
+    cache = DynamicCache()
+    press = AdaKVPress(KnormPress(0.5))
+    answer = pipe(context, question="Who?", press=press, max_new_tokens=4, cache=cache, ragged_cache=True)
+    length = cache.get_seq_length()
+    assert length > 0 and all(layer.keys.shape[2] == length for layer in cache.layers)  # kept, dense, untouched
+    assert answer == pipe(context, question="Who?", press=AdaKVPress(KnormPress(0.5)), max_new_tokens=4)
