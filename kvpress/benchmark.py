@@ -41,6 +41,7 @@ from kvpress.graphed_decoding import GraphedDecodeStep, graphable
 from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.presses.base_press import BasePress
+from kvpress.ragged_attention import effective_backend
 from kvpress.ragged_cache import RaggedCache, RaggedLayer, ragged_problem, release_dense_layers
 from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import get_language_model
@@ -327,6 +328,7 @@ def run_press(
         "peak_decode_bytes": _peak(device),
         **stats,
         "kv_bytes_after_decode": kv_statistics(decode_cache, model)["kv_bytes"],
+        **({"ragged_backend": effective_backend(device)} if loop == "ragged" else {}),
     }
 
 

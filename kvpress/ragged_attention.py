@@ -52,6 +52,12 @@ def ragged_backend(device: torch.device) -> str:
     return name
 
 
+def effective_backend(device: torch.device) -> str:
+    """The backend decoding steps use on `device` ("reference" after a failure of the compiled FlexAttention)."""
+    name = ragged_backend(device)
+    return "reference (flex failed)" if name == "flex" and _state.get("flex_failed") else name
+
+
 def _visible_by_mask(layer: RaggedLayer, attention_mask, q_len: int, positions: torch.Tensor) -> Optional[torch.Tensor]:
     """The model's mask `(B or 1, 1, q, W)` read at the entries' logical `positions` `(S, L)`: `(S, q, L)` bool
     (True = visible), or None when the mask hides nothing beyond causality."""

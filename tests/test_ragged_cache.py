@@ -350,6 +350,7 @@ def test_benchmark_ragged_loop_holds_only_the_kept_entries(tmp_path):
     assert ragged["kv_bytes_dense_prefill"] == masked["kv_bytes"]
     assert by_key[("knorm:0.5", "ragged")]["kv_bytes"] == ragged["kv_bytes"]  # the same kept size
     assert ragged["decode_ms_per_token"] > 0
+    assert ragged["ragged_backend"] == "reference"
 
 
 @needs_compatible_peft
