@@ -38,8 +38,11 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTra
 
 import kvpress
 from kvpress.graphed_decoding import GraphedDecodeStep, graphable
+from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.presses.base_press import BasePress
+from kvpress.ragged_attention import effective_backend
+from kvpress.ragged_cache import RaggedCache, RaggedLayer, ragged_problem, release_dense_layers
 from kvpress.resources import text_config
 from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import get_language_model
@@ -204,13 +207,18 @@ def kv_statistics(cache, model: PreTrainedModel) -> dict:
     resident, entries, unmasked = 0, 0, 0
     attentions = {layer.self_attn.layer_idx: layer.self_attn for layer in get_language_model(model).layers}
     for layer_idx, layer in enumerate(cache.layers):
+        if isinstance(layer, RaggedLayer):  # only the kept entries are stored (spare rows for decoding included)
+            resident += layer.kv_bytes()
+            entries += layer.used_rows()
+            unmasked += layer.used_rows()
+            continue
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
             continue
         resident += keys.numel() * keys.element_size() + values.numel() * values.element_size()
         n = keys.shape[0] * keys.shape[1] * keys.shape[2]
         entries += n
-        masked = getattr(attentions.get(layer_idx), "masked_key_indices", None)
+        masked = get_masks(attentions[layer_idx]) if layer_idx in attentions else None
         unmasked += n - (int(masked[0].numel()) if masked is not None else 0)
     return {"kv_bytes": resident, "kv_entries": entries, "kv_unmasked_entries": unmasked}
 
@@ -230,7 +238,7 @@ def parameter_bytes(model: PreTrainedModel) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-DECODE_LOOPS = ("dynamic", "inplace", "graph", "compiled", "autotuned")
+DECODE_LOOPS = ("dynamic", "inplace", "graph", "compiled", "autotuned", "ragged")
 # decode loops replayed from a CUDA graph, and the `torch.compile` mode each compiles the step with first
 GRAPH_LOOPS = {"graph": None, "compiled": "default", "autotuned": "max-autotune-no-cudagraphs"}
 
@@ -248,7 +256,9 @@ def run_press(
     `loop`: `dynamic` is the copying loop (a DynamicCache that concatenates every step, as upstream), `inplace` the
     preallocated in-place cache (`kvpress.inplace_cache`), `graph` the same with each step replayed from a CUDA graph
     (`kvpress.graphed_decoding`), `compiled` / `autotuned` the graph of the step compiled first by `torch.compile`
-    (default mode / max-autotune without its own graphs)."""
+    (default mode / max-autotune without its own graphs), `ragged` the per-head variable-length cache
+    (`kvpress.ragged_cache`: only the entries each head kept, for head-wise presses; `kv_bytes` is then what it holds
+    after the conversion)."""
     device = input_ids.device
     press = request.build()
     if request.name == "generate":
@@ -270,7 +280,19 @@ def run_press(
     decode_cache: Any = cache
     step_fn = None
     capture = 0.0
-    if loop != "dynamic":
+    if loop == "ragged":
+        if decoding:
+            raise NotApplicable("the ragged loop does not apply to a press acting during decoding")
+        problem = ragged_problem(cache)
+        if problem is not None:
+            raise NotApplicable(f"the ragged loop does not apply: {problem}")
+        decode_cache = RaggedCache.from_cache(cache, model, extra_tokens=max_new_tokens + 2)
+        for module in get_language_model(model).layers:
+            clear_masks(module.self_attn)  # applied: the ragged layers hold only the kept entries
+        release_dense_layers(cache)
+        del cache
+        stats = {**kv_statistics(decode_cache, model), "kv_bytes_dense_prefill": stats["kv_bytes"]}
+    elif loop != "dynamic":
         if decoding or not can_decode_in_place(model, cache):
             raise NotApplicable(f"the {loop} loop does not apply (a press acting during decoding, or this cache)")
         decode_cache = InPlaceCache.from_cache(cache, extra_tokens=max_new_tokens + 2, model=model)
@@ -298,6 +320,7 @@ def run_press(
         _sync(device)
     finally:
         InPlaceCache.detach(model)
+        RaggedCache.detach(model)
     decode = time.perf_counter() - start
     steps = max(1, max_new_tokens - 1)
     return {
@@ -310,6 +333,7 @@ def run_press(
         "peak_decode_bytes": _peak(device),
         **stats,
         "kv_bytes_after_decode": kv_statistics(decode_cache, model)["kv_bytes"],
+        **({"ragged_backend": effective_backend(device)} if loop == "ragged" else {}),
     }
 
 

@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from kvpress.headwise_masks import set_masks
 from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
 from kvpress.validation import validate_number
 
@@ -75,5 +76,5 @@ class AdaKVPress(ScorerWrapperPress):
         batch_idx = torch.arange(bsz, device=pruned.device).repeat_interleave(n_pruned)
         pruned = pruned.reshape(-1)
         # read by the patched attention at every later (non-prefill) attention call of this layer
-        setattr(module, "masked_key_indices", (batch_idx, pruned // k_len, pruned % k_len))
+        set_masks(module, (batch_idx, pruned // k_len, pruned % k_len))
         return keys, values

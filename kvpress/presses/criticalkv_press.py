@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kvpress.attention_weights import group_mean
+from kvpress.headwise_masks import set_masks
 from kvpress.presses.adakv_press import check_alpha_safeguard
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.scorer_press import ScorerPress
@@ -241,5 +242,5 @@ class CriticalAdaKVPress(ScorerWrapperPress):
 
         batch_idx, head_idx, seq_idx = (~kept).nonzero(as_tuple=True)
         # read by the patched attention at every later (non-prefill) attention call of this layer
-        setattr(module, "masked_key_indices", (batch_idx, head_idx, seq_idx))
+        set_masks(module, (batch_idx, head_idx, seq_idx))
         return keys, values

@@ -19,6 +19,9 @@ from typing import Generator, Optional
 import torch
 from torch import nn
 
+from kvpress.headwise_masks import masks_inside as masked_entries
+from kvpress.headwise_masks import merge_masks as merge_masked_key_indices  # noqa: F401 (re-exported)
+from kvpress.headwise_masks import remap_masks as remap_masked_key_indices
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.base_press import BasePress, get_hook_inputs, layer_is_prefilling
 from kvpress.presses.scorer_press import ScorerPress
@@ -69,16 +72,6 @@ def require_decoding_scorer(wrapper: object, press: object, allow_adakv: bool = 
         raise ValueError(f"{name} cannot use {type(press).__name__} during decoding: {problem}. Use {allowed}.")
 
 
-def masked_entries(module: nn.Module, k_len: int) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The head-wise masks of `module` (set by AdaKV, DMS, ...) that point inside a cache of `k_len` tokens."""
-    masked = getattr(module, "masked_key_indices", None)
-    if masked is None:
-        return None
-    batch_idx, head_idx, seq_idx = masked
-    inside = seq_idx < k_len
-    return batch_idx[inside], head_idx[inside], seq_idx[inside]
-
-
 def lower_masked_scores(module: nn.Module, scores: torch.Tensor) -> torch.Tensor:
     """Give masked entries (already evicted by a head-wise press) the lowest score, so they are removed first."""
     masked = masked_entries(module, scores.shape[-1])
@@ -88,39 +81,6 @@ def lower_masked_scores(module: nn.Module, scores: torch.Tensor) -> torch.Tensor
     batch_idx, head_idx, seq_idx = (idx.to(scores.device) for idx in masked)
     scores[batch_idx, head_idx, seq_idx] = float("-inf")
     return scores
-
-
-def remap_masked_key_indices(module: nn.Module, kept: torch.Tensor, k_len: int) -> None:
-    """After keeping the tokens `kept` `(B, H_kv, n)` (sorted) of a cache of `k_len`, move the layer's head-wise
-    masks to the new positions of the entries they still point at, and drop those that were removed."""
-    masked = masked_entries(module, k_len)
-    if masked is None:
-        return
-    bsz, num_kv_heads, n_kept = kept.shape
-    new_position = torch.full((bsz, num_kv_heads, k_len), -1, dtype=torch.long, device=kept.device)
-    new_position.scatter_(2, kept, torch.arange(n_kept, device=kept.device).expand_as(kept))
-    batch_idx, head_idx, seq_idx = (idx.to(kept.device) for idx in masked)
-    mapped = new_position[batch_idx, head_idx, seq_idx]
-    still_there = mapped >= 0
-    if not still_there.any():
-        setattr(module, "masked_key_indices", None)
-        return
-    setattr(module, "masked_key_indices", (batch_idx[still_there], head_idx[still_there], mapped[still_there]))
-
-
-def merge_masked_key_indices(module: nn.Module, previous) -> None:
-    """Keep masking what `previous` masked in addition to the masks just set (the patched attention rewrites a
-    fresh fake key for every listed entry at each step, so an entry dropped from the list would come back)."""
-    current = getattr(module, "masked_key_indices", None)
-    if previous is None or current is previous:
-        return
-    if current is None:
-        setattr(module, "masked_key_indices", previous)
-        return
-    device = current[0].device
-    parts = [torch.stack([idx.to(device) for idx in masks]) for masks in (previous, current)]
-    union = torch.unique(torch.cat(parts, dim=1), dim=1)
-    setattr(module, "masked_key_indices", (union[0], union[1], union[2]))
 
 
 @dataclass

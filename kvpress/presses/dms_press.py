@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Mapping, Optional
 import torch
 from torch import nn
 
+from kvpress.headwise_masks import add_masks, clear_masks, get_masks
 from kvpress.presses.base_press import BasePress, FieldCheck, get_hook_inputs, layer_is_prefilling
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.scorer_wrapper_press import require_scorer_press
@@ -124,7 +125,7 @@ class DMSPress(BasePress):
         if prefilling:
             self.scores_buffer.pop(layer_idx, None)
             self.compression_ratios.pop(layer_idx, None)
-            setattr(module, "masked_key_indices", None)
+            clear_masks(module)
         elif not self.decoding:
             return output
         if self.threshold is None:
@@ -159,20 +160,11 @@ class DMSPress(BasePress):
                 self._add_masks(module, batch_idx, head_idx, seq_idx)
         self.scores_buffer[layer_idx] = buffer
 
-        masked = getattr(module, "masked_key_indices", None)
+        masked = get_masks(module)
         n_masked = 0 if masked is None else masked[0].numel()
         self.compression_ratios[layer_idx] = n_masked / (bsz * num_kv_heads * cache_len)
         return output
 
     @staticmethod
     def _add_masks(module: nn.Module, batch_idx: torch.Tensor, head_idx: torch.Tensor, seq_idx: torch.Tensor) -> None:
-        masked = getattr(module, "masked_key_indices", None)
-        if masked is None:
-            setattr(module, "masked_key_indices", (batch_idx, head_idx, seq_idx))
-            return
-        device = masked[0].device
-        setattr(
-            module,
-            "masked_key_indices",
-            tuple(torch.cat([old, new.to(device)]) for old, new in zip(masked, (batch_idx, head_idx, seq_idx))),
-        )
+        add_masks(module, batch_idx, head_idx, seq_idx)

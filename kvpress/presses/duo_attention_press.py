@@ -26,6 +26,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from kvpress.attention_weights import attention_probabilities
+from kvpress.headwise_masks import set_masks
 from kvpress.presses.base_press import BasePress, FieldCheck, ratio_check
 from kvpress.resources import LRUCache, cache, load_cached, text_config  # noqa: F401 (upstream exposes them here)
 from kvpress.utils import (
@@ -329,6 +330,6 @@ class DuoAttentionPress(BasePress):
         masked[:, streaming_heads, start:end] = True
         # read by the patched attention at every later (non-prefill) attention call of this layer
         indices = masked.nonzero(as_tuple=True) if bool(masked.any()) else None
-        setattr(module, "masked_key_indices", indices)
+        set_masks(module, indices)
         self.compression_ratio_ = self._streaming_fraction * (end - start) / k_len
         return keys, values

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
+from kvpress.headwise_masks import set_masks
 from kvpress.presses.base_press import (
     BasePress,
     FieldCheck,
@@ -341,4 +342,4 @@ class FastKVzipPress(BasePress):
             return
         scores = torch.stack([self.score_val[int(module.layer_idx)] for module in scored])
         for module, mask in zip(scored, headwise_masks(scores, self.compression_ratio, self.layerwise)):
-            setattr(module, "masked_key_indices", mask)
+            set_masks(module, mask)

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from kvpress.attention_weights import causal_attention_chunks
+from kvpress.headwise_masks import set_masks
 from kvpress.presses.base_press import BasePress, get_hook_inputs
 from kvpress.resources import text_config
 from kvpress.token_selection import gather_tokens
@@ -426,4 +427,4 @@ class KVComposePress(BasePress):
             masked = pruned[None].expand(bsz, -1, -1).to(device)
             indices = masked.nonzero(as_tuple=True) if bool(masked.any()) else None
             # read by the patched attention at every later (non-prefill) attention call of this layer
-            setattr(self._attention_modules[layer_idx], "masked_key_indices", indices)
+            set_masks(self._attention_modules[layer_idx], indices)

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvpress.attention_weights import attention_logits, future_mask
+from kvpress.headwise_masks import set_masks
 from kvpress.presses.base_press import SUPPORTED_MODELS, BasePress, get_hook_inputs
 from kvpress.resources import text_config
 from kvpress.timing import telemetry_of
@@ -419,4 +420,4 @@ class KVzipPress(BasePress):
         masks = headwise_masks(self.score_val[layer_ids], self.compression_ratio, self.layerwise)
         for module, mask in zip(modules, masks):
             # read by the patched attention at every later (non-prefill) attention call of this layer
-            setattr(module, "masked_key_indices", mask)
+            set_masks(module, mask)

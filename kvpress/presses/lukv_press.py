@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from kvpress.headwise_masks import clear_masks, set_masks_from_bool
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.scorer_press import ScorerPress
@@ -209,12 +210,12 @@ class LUKVPress(BasePress):
             )
         budgets = self.head_budgets(module.layer_idx, k_len).to(keys.device)
         if (budgets >= k_len).all():
-            setattr(module, "masked_key_indices", None)
+            clear_masks(module)
             return keys, values
         order = scores.argsort(dim=-1, descending=True, stable=True)
         pruned_rank = torch.arange(k_len, device=keys.device) >= budgets.unsqueeze(-1)  # (H_kv, T)
         pruned = torch.zeros(scores.shape, dtype=torch.bool, device=keys.device)
         pruned.scatter_(-1, order, pruned_rank.expand_as(pruned))
         # read by the patched attention at every later (non-prefill) attention call of this layer
-        setattr(module, "masked_key_indices", pruned.nonzero(as_tuple=True))
+        set_masks_from_bool(module, pruned, empty_as_none=False)
         return keys, values
