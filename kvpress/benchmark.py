@@ -293,8 +293,11 @@ def run_press(
         del cache
         stats = {**kv_statistics(decode_cache, model), "kv_bytes_dense_prefill": stats["kv_bytes"]}
     elif loop != "dynamic":
-        if decoding or not can_decode_in_place(model, cache):
-            raise NotApplicable(f"the {loop} loop does not apply (a press acting during decoding, or this cache)")
+        if not can_decode_in_place(model, cache):
+            raise NotApplicable(f"the {loop} loop does not apply to this cache (sliding-window, quantized or empty)")
+        if decoding and loop in GRAPH_LOOPS:
+            raise NotApplicable(f"the {loop} loop does not apply to a press acting during decoding (host decisions)")
+        # a press acting during decoding evicts inside the in-place buffers
         decode_cache = InPlaceCache.from_cache(cache, extra_tokens=max_new_tokens + 2, model=model)
         del cache
         if loop in GRAPH_LOOPS:

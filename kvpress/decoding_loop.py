@@ -53,9 +53,10 @@ def greedy_generate(
     start = cache.get_seq_length() if press is not None and press.rerotates_kept_keys else length  # type: ignore
     decoding = press is not None and press.acts_during_decoding
     step = None
-    if inplace and not decoding and can_decode_in_place(model, cache):  # type: ignore[arg-type]
+    if inplace and can_decode_in_place(model, cache):  # type: ignore[arg-type]
+        # a press acting during decoding evicts inside the same buffers (InPlaceLayer.replace); it cannot be graphed
         cache = InPlaceCache.from_cache(cache, extra_tokens=max_new_tokens + 2, model=model)  # type: ignore
-        if cuda_graph and graphable(model, cache):  # type: ignore[arg-type]
+        if cuda_graph and not decoding and graphable(model, cache):  # type: ignore[arg-type]
             step = GraphedDecodeStep(
                 model, cache, batch_size=batch, compile_mode=compile_mode  # type: ignore[arg-type]
             )

@@ -18,7 +18,7 @@ from kvpress.press_state import restore_press_state, snapshot_press_state
 from kvpress.presses.base_press import BasePress
 from kvpress.ragged_cache import RaggedCache, ragged_cache_for
 from kvpress.transformers_adapter import cache_kwargs
-from kvpress.utils import restore_cache, snapshot_cache
+from kvpress.utils import restore_cache, snapshot_cache, write_keys_and_values
 
 logger = logging.getLogger(__name__)
 
@@ -228,26 +228,41 @@ class KVPressTextGenerationPipeline(Pipeline):
             finally:
                 RaggedCache.detach(self.model)
             return answers
-        if inplace_decoding and not decoding and can_decode_in_place(self.model, cache):
+        if inplace_decoding and can_decode_in_place(self.model, cache):
             # The compressed cache is copied once into preallocated buffers; the answers are written in place and the
-            # user's cache keeps the compressed context, as with the rollback below.
+            # user's cache keeps the compressed context, as with the rollback below. A press acting during decoding
+            # evicts inside the buffers (not graphable: its evictions are decided on the host).
             answer_cache = InPlaceCache.from_cache(cache, extra_tokens=extra + 2, model=self.model)
             lengths = answer_cache.lengths()
             try:
                 step = None
-                if cuda_graph and graphable(self.model, answer_cache):
+                if cuda_graph and not decoding and graphable(self.model, answer_cache):
                     step = GraphedDecodeStep(self.model, answer_cache)
                 elif cuda_graph:
-                    logger.info("cuda_graph: not applicable here (no CUDA, or head-wise masks); decoding without it")
+                    logger.info(
+                        "cuda_graph: not applicable here (no CUDA, head-wise masks, or a press acting during "
+                        "decoding); decoding without it"
+                    )
                 with decoding_context:
+                    press_snapshot = snapshot_press_state(press, self.model) if decoding else None
                     answers = []
-                    for question_ids in questions:
+                    for index, question_ids in enumerate(questions):
+                        if decoding and index > 0:
+                            # eviction rewrote the buffers: start again from the compressed context
+                            answer_cache = InPlaceCache.from_cache(cache, extra_tokens=extra + 2, model=self.model)
+                            restore_press_state(press_snapshot, self.model)
                         answer_cache.rollback(lengths)
                         question_ids = question_ids.to(self.model.device)
                         graph = {"decode_step": step} if step is not None else {}
                         answers.append(
                             self.generate_answer(question_ids, answer_cache, context_length, max_new_tokens, **graph)
                         )
+                    if decoding:
+                        # as with the dynamic cache, the user's cache is left as decoding compressed it (after the
+                        # last question)
+                        for layer_idx, layer in enumerate(answer_cache.layers):
+                            keys, values = layer.valid_keys.clone(), layer.valid_values.clone()  # type: ignore
+                            write_keys_and_values(cache, layer_idx, keys, values)
             finally:
                 InPlaceCache.detach(self.model)
             return answers

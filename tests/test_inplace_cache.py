@@ -12,11 +12,14 @@ from transformers import DynamicCache
 from kvpress import (
     AdaKVPress,
     CannotCompressError,
+    DecodingPress,
+    H2OPress,
     KeyRerotationPress,
     KnormPress,
     KVPressTextGenerationPipeline,
     KVzipPress,
     PyramidKVPress,
+    RKVPress,
     SnapKVPress,
     StreamingLLMPress,
 )
@@ -191,3 +194,72 @@ def reference_pipeline(path: str):
     from transformers import pipeline
 
     return pipeline("kv-press-text-generation", model=path, device="cpu")
+
+
+DECODING_PRESSES = {
+    "knorm_budget": lambda: KnormPress(cache_budget=24),
+    "streaming_budget": lambda: StreamingLLMPress(cache_budget=24, n_sink=2),
+    "h2o": lambda: H2OPress(cache_budget=24),
+    "rkv": lambda: RKVPress(cache_budget=24, compress_interval=4),
+    "decoding_knorm": lambda: DecodingPress(base_press=KnormPress(), compression_interval=4, target_size=24),
+    "decoding_adakv": lambda: DecodingPress(
+        base_press=AdaKVPress(SnapKVPress(window_size=4)), compression_interval=4, target_size=24
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECODING_PRESSES))
+def test_decoding_presses_evict_inside_the_buffers(name):
+    """A press acting during decoding evicts inside the in-place buffers: the same greedy tokens as the copying loop,
+    the same buffers throughout (no new allocation), and the layer length held at the budget."""
+    from kvpress import greedy_generate
+
+    model = get_model("llama")
+    ids = random_input_ids(1, 40, seed=1)
+    make = DECODING_PRESSES[name]
+    copying = greedy_generate(model, ids, make(), max_new_tokens=20, inplace=False)
+    assert torch.equal(greedy_generate(model, ids, make(), max_new_tokens=20, inplace=True), copying)
+
+    press = make()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model):
+        logits = model(ids, **cache_kwargs(model, cache)).logits
+    inplace = InPlaceCache.from_cache(cache, extra_tokens=24, bucket=64, model=model)
+    buffers = [layer.keys.data_ptr() for layer in inplace.layers]
+    token, longest = logits[:, -1:].argmax(-1), 0
+    try:
+        with torch.no_grad(), press(model):
+            for step in range(19):
+                position = torch.tensor([[40 + step]])
+                logits = model(input_ids=token, position_ids=position, **cache_kwargs(model, inplace)).logits
+                token = logits[:, -1:].argmax(-1)
+                longest = max(longest, *inplace.lengths())
+    finally:
+        InPlaceCache.detach(model)
+    assert [layer.keys.data_ptr() for layer in inplace.layers] == buffers
+    if name == "decoding_adakv":
+        # head-wise: entries are masked per head, not evicted, so the layer keeps every token (the ragged cache
+        # is what frees them)
+        assert longest == 40 + 19
+    else:
+        assert longest <= 24 + 4  # the budget, plus at most one compression interval between evictions
+    assert torch.equal(torch.cat([ids, token], dim=1)[:, -1], copying[:, 40 + 19])
+
+
+@pytest.mark.parametrize("name", ["knorm_budget", "decoding_knorm"])
+def test_pipeline_decoding_press_in_place_answers_equal_the_copying_loop(name):
+    pipe = make_pipeline()
+    answers, caches = {}, {}
+    for inplace in (True, False):
+        cache = DynamicCache(config=pipe.model.config)
+        press = DECODING_PRESSES[name]()
+        answers[inplace] = pipe(
+            CONTEXT, questions=QUESTIONS, press=press, max_new_tokens=8, cache=cache, inplace_decoding=inplace
+        )["answers"]
+        caches[inplace] = cache
+    assert answers[True] == answers[False]
+    # the user's cache is left as decoding compressed it after the last question, either way (the keys of the
+    # generated tokens come from attention computed over the buffers, equal up to float rounding)
+    for layer, ref_layer in zip(caches[True].layers, caches[False].layers):
+        torch.testing.assert_close(layer.keys, ref_layer.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.values, ref_layer.values, atol=1e-5, rtol=1e-5)
