@@ -26,7 +26,7 @@ import yaml
 from reason import generation, records
 from reason.benchmarks import get_benchmark
 from reason.loading import load_rows, select_rows
-from reason.presses import EAGER_PRESSES, PRESSES, compresses, make_press, press_spec
+from reason.presses import EAGER_PRESSES, compresses, make_press
 from reason.shared import REFERENCE_MODEL_DIR, ProcessGroup, RunLock, atomic_write_json, atomic_write_text
 from reason.shared import check_inside, data_fingerprint
 from reason.telemetry import SampleTelemetry
@@ -69,7 +69,7 @@ def _is_int(value: Any) -> bool:
 def check_settings(settings: dict) -> None:
     """Every setting's type and range, before anything is loaded."""
     get_benchmark(settings["dataset"])
-    press_spec(settings["press_name"], settings["cache_budget"])
+    make_press(settings["press_name"], settings["cache_budget"])  # the press checks its own fields (on the CPU)
     budget = settings["cache_budget"]
     if settings["press_name"] == "full" and budget:
         logger.info("press full keeps the whole cache; cache_budget=%s only names the run.", budget)
@@ -145,50 +145,59 @@ def _max_new_tokens(settings: dict, model, prompt_length: int) -> int:
     return limit - prompt_length
 
 
-def _answer(benchmark, settings, model, tokenizer, press, telemetry, device, sample_id, row_index, row) -> dict:
-    prompt = benchmark.format_prompt(row)
-    ids = generation.prompt_ids(tokenizer, prompt, settings["chat_template"], settings["max_context_length"])
-    input_ids = torch.tensor([ids], device=device)
+def _answer(benchmark, settings, model, tokenizer, press, telemetry, items) -> list[dict]:
+    """Records of a batch of (sample_id, row_index, row)."""
+    prompts = [benchmark.format_prompt(row) for _, _, row in items]
+    ids = [
+        generation.prompt_ids(tokenizer, prompt, settings["chat_template"], settings["max_context_length"])
+        for prompt in prompts
+    ]
     if settings["do_sampling"]:
-        torch.manual_seed(settings["random_seed"] + sample_id)
+        torch.manual_seed(settings["random_seed"] + items[0][0])
     telemetry.start()
-    out = generation.generate_response(
+    outputs = generation.generate_response(
         model,
         tokenizer,
-        input_ids,
+        ids,
         press,
-        max_new_tokens=_max_new_tokens(settings, model, len(ids)),
+        max_new_tokens=_max_new_tokens(settings, model, max(len(prompt_ids) for prompt_ids in ids)),
         do_sampling=settings["do_sampling"],
         temperature=settings["temperature"],
         top_p=settings["top_p"],
         repetition_penalty=settings["repetition_penalty"],
     )
-    extracted = benchmark.extract(out["response"])
-    gold = benchmark.gold_answer(row)
-    scores = benchmark.score(extracted, gold)
-    output_count = len(out["output_ids"])
-    stats = telemetry.stop(output_count)
-    uncompressed = len(ids) + output_count - 1  # the last token is never written to the cache
-    return {
-        "sample_id": sample_id,
-        "row_index": row_index,
-        "row": row,
-        "prompt": prompt,
-        "response": out["response"],
-        "extracted_answer": extracted,
-        "gold_answer": gold,
-        "correct": scores["correct"],
-        "scores": scores,
-        "stop_reason": out["stop_reason"],
-        "input_token_count": len(ids),
-        "output_token_count": output_count,
-        "total_token_count": len(ids) + output_count,
-        "cache_budget": settings["cache_budget"],
-        "kept_cache_mean": out["kept_cache_mean"],
-        "kept_cache_max": out["kept_cache_max"],
-        "compression_ratio": out["kept_cache_mean"] / uncompressed if uncompressed > 0 else 1.0,
-        **stats,
-    }
+    stats = telemetry.stop(sum(len(out["output_ids"]) for out in outputs))
+    batch = []
+    for (sample_id, row_index, row), prompt, prompt_ids, out in zip(items, prompts, ids, outputs):
+        extracted = benchmark.extract(out["response"])
+        gold = benchmark.gold_answer(row)
+        scores = benchmark.score(extracted, gold)
+        output_count = len(out["output_ids"])
+        uncompressed = len(prompt_ids) + output_count - 1  # the last token is never written to the cache
+        batch.append(
+            {
+                "sample_id": sample_id,
+                "row_index": row_index,
+                "row": row,
+                "prompt": prompt,
+                "response": out["response"],
+                "extracted_answer": extracted,
+                "gold_answer": gold,
+                "correct": scores["correct"],
+                "scores": scores,
+                "stop_reason": out["stop_reason"],
+                "input_token_count": len(prompt_ids),
+                "output_token_count": output_count,
+                "total_token_count": len(prompt_ids) + output_count,
+                "cache_budget": settings["cache_budget"],
+                "kept_cache_mean": out["kept_cache_mean"],
+                "kept_cache_max": out["kept_cache_max"],
+                "compression_ratio": out["kept_cache_mean"] / uncompressed if uncompressed > 0 else 1.0,
+                "batch_size": len(items),
+                **stats,  # of the whole batch
+            }
+        )
+    return batch
 
 
 def _rescore(benchmark, record: dict) -> dict:
@@ -331,12 +340,13 @@ def _run(benchmark, settings, pending, done, mine, log, group) -> None:
 
     press.progress_update = on_tokens
     try:
-        for sample_id, row_index, row in pending:
-            record = _answer(benchmark, settings, model, tokenizer, press, telemetry, device, sample_id, row_index, row)
-            log.append(record)
-            answered.append(record["correct"])
-            bar.set_postfix_str(f"acc={_accuracy(answered)}")
-            bar.update(1)
+        size = settings["batch_size"]
+        for start in range(0, len(pending), size):
+            for record in _answer(benchmark, settings, model, tokenizer, press, telemetry, pending[start : start + size]):
+                log.append(record)
+                answered.append(record["correct"])
+                bar.set_postfix_str(f"acc={_accuracy(answered)}")
+                bar.update(1)
     finally:
         bar.close()
 

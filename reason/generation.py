@@ -43,7 +43,7 @@ class RepeatedNGramStop(StoppingCriteria):
         self.prompt_length = prompt_length
         self.min_repeat = min_repeat
         self.ngram_min, self.ngram_max = ngram_min, ngram_max
-        self.stopped: dict[int, int] = {}  # row -> n of the repeated n-gram
+        self.stopped: dict[int, tuple[int, int]] = {}  # row -> (n of the repeated n-gram, tokens generated)
 
     def repeated_ngram(self, tokens: Sequence[int]) -> Optional[int]:
         """The n of an n-gram that `tokens` ends with `min_repeat` times in a row, or None."""
@@ -65,7 +65,7 @@ class RepeatedNGramStop(StoppingCriteria):
                 continue
             n = self.repeated_ngram(tokens)
             if n is not None:
-                self.stopped[row] = n
+                self.stopped[row] = (n, len(tokens))
                 done[row] = True
                 logger.info("Row %d stopped: a %d-gram repeated %d times in a row.", row, n, self.min_repeat)
         return done
@@ -125,7 +125,7 @@ def kept_cache_lengths(cache) -> list[int]:
 def generate_response(
     model,
     tokenizer,
-    input_ids: torch.Tensor,
+    prompts: Sequence[Sequence[int]],
     press=None,
     max_new_tokens: int = 2048,
     do_sampling: bool = False,
@@ -133,46 +133,61 @@ def generate_response(
     top_p: float = 0.9,
     repetition_penalty: float = 1.2,
     eos_ids: Optional[list[int]] = None,
-) -> dict:
-    """Generate after `input_ids` `(1, T)` with `press` on; returns the response text, the new token ids, why it
-    stopped, and the kept cache (mean and max entries over layers, read from the cache after generation)."""
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids must be (1, length), got shape {tuple(input_ids.shape)}.")
+) -> list[dict]:
+    """Generate after each prompt (token ids; several are left-padded into one batch) with `press` on.
+
+    Returns, per prompt: the response text, its new token ids (up to and including EOS), why it stopped
+    ("eos", "repetition" or "max_new_tokens"), and the kept cache: the mean and max entries over layers, read from
+    the cache after generation (padding and the steps after the row finished not counted)."""
+    if not prompts or any(len(ids) == 0 for ids in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists.")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     eos_ids = eos_ids if eos_ids is not None else eos_token_ids(model, tokenizer)
-    prompt_length = input_ids.shape[1]
-    stop = RepeatedNGramStop(prompt_length)
-    sampling = {"do_sample": False}
+    pad_id = eos_ids[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    width = max(len(ids) for ids in prompts)
+    pads = [width - len(ids) for ids in prompts]
+    device = model.device
+    input_ids = torch.tensor([[pad_id] * pad + list(ids) for pad, ids in zip(pads, prompts)], device=device)
+    attention_mask = torch.tensor([[0] * pad + [1] * len(ids) for pad, ids in zip(pads, prompts)], device=device)
+    stop = RepeatedNGramStop(width)
+    sampling: dict = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     if do_sampling:
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
-    else:
-        sampling.update(temperature=None, top_p=None, top_k=None)
     cache = DynamicCache(config=model.config)
     with press(model) if press is not None else contextlib.nullcontext():
         output = model.generate(
             input_ids,
-            attention_mask=torch.ones_like(input_ids),
+            attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_ids,
-            pad_token_id=eos_ids[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
+            pad_token_id=pad_id,
             stopping_criteria=StoppingCriteriaList([stop]),
             use_cache=True,
             **sampling,
             **cache_kwargs(model, cache),
         )
-    new_tokens = output[0, prompt_length:].tolist()
-    if new_tokens and new_tokens[-1] in eos_ids:
-        stop_reason = "eos"
-    elif stop.stopped:
-        stop_reason = "repetition"
-    else:
-        stop_reason = "max_new_tokens"
+    steps = output.shape[1] - width
     lengths = kept_cache_lengths(cache)
-    return {
-        "response": tokenizer.decode(new_tokens, skip_special_tokens=True),
-        "output_ids": new_tokens,
-        "stop_reason": stop_reason,
-        "kept_cache_mean": sum(lengths) / len(lengths) if lengths else 0.0,
-        "kept_cache_max": max(lengths) if lengths else 0,
-    }
+    results = []
+    for row, pad in enumerate(pads):
+        tokens = output[row, width:].tolist()
+        stop_reason = "max_new_tokens"
+        end = next((i + 1 for i, token in enumerate(tokens) if token in eos_ids), None)
+        if end is not None:
+            stop_reason = "eos"
+        elif row in stop.stopped:
+            end, stop_reason = stop.stopped[row][1], "repetition"
+        tokens = tokens[: end if end is not None else len(tokens)]
+        unused = pad + (steps - len(tokens))  # entries of padding, and of the steps after this row finished
+        kept = [length - unused for length in lengths]
+        results.append(
+            {
+                "response": tokenizer.decode(tokens, skip_special_tokens=True),
+                "output_ids": tokens,
+                "stop_reason": stop_reason,
+                "kept_cache_mean": sum(kept) / len(kept) if kept else 0.0,
+                "kept_cache_max": max(kept) if kept else 0,
+            }
+        )
+    return results
