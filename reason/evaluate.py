@@ -100,7 +100,10 @@ def resolve_model(model: Optional[str], model_name: Optional[str]) -> str:
     if model is not None and model_name is not None and str(model) != str(model_name):
         raise ValueError(f"--model {model!r} and --model_name {model_name!r} disagree; pass one of them.")
     chosen = model if model is not None else model_name
-    return str(chosen) if chosen is not None else str(REFERENCE_MODEL_DIR)
+    if chosen is None:
+        return str(REFERENCE_MODEL_DIR)
+    local = Path(str(chosen)).expanduser()
+    return str(local.resolve()) if local.exists() else str(chosen)
 
 
 def _device(device: Optional[str], group: ProcessGroup) -> torch.device:
