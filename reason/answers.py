@@ -141,7 +141,9 @@ def _fix_fracs(text: str) -> str:
 
     text = re.sub(r"\\frac\s*([0-9a-zA-Z])\s*([0-9a-zA-Z])", one, text)
     text = re.sub(r"\\frac\s*([0-9a-zA-Z])\s*\{", lambda m: "\\frac{" + m.group(1) + "}{", text)
-    return re.sub(r"\\frac\s*\{([^{}]*)\}\s*([0-9a-zA-Z])", lambda m: "\\frac{" + m.group(1) + "}{" + m.group(2) + "}", text)
+    return re.sub(
+        r"\\frac\s*\{([^{}]*)\}\s*([0-9a-zA-Z])", lambda m: "\\frac{" + m.group(1) + "}{" + m.group(2) + "}", text
+    )
 
 
 def normalize_math(answer: str) -> str:
@@ -243,7 +245,7 @@ def _label_of(text: str, labels: Sequence[str]) -> str:
 
 
 def extract_boolean(response: str, allowed: Sequence[str]) -> str:
-    """"true", "false" or (when allowed) "uncertain" from a response, lowercased; "yes"/"no" read as true/false.
+    """ "true", "false" or (when allowed) "uncertain" from a response, lowercased; "yes"/"no" read as true/false.
 
     Reads the first of the first three words of the last box, else of the text after an answer phrase, else a
     response that is one word; "" when none."""

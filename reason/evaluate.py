@@ -27,8 +27,15 @@ from reason import generation, records
 from reason.benchmarks import get_benchmark
 from reason.loading import load_rows, select_rows
 from reason.presses import EAGER_PRESSES, compresses, make_press
-from reason.shared import REFERENCE_MODEL_DIR, ProcessGroup, RunLock, atomic_write_json, atomic_write_text
-from reason.shared import check_inside, data_fingerprint
+from reason.shared import (
+    REFERENCE_MODEL_DIR,
+    ProcessGroup,
+    RunLock,
+    atomic_write_json,
+    atomic_write_text,
+    check_inside,
+    data_fingerprint,
+)
 from reason.telemetry import SampleTelemetry
 
 logger = logging.getLogger("reason.evaluate")
@@ -76,16 +83,28 @@ def check_settings(settings: dict) -> None:
     if settings["press_name"] != "full" and budget == 0:
         logger.warning("cache_budget=0: press %s evicts nothing.", settings["press_name"])
     max_new = settings["max_new_tokens"]
-    _check(max_new is None or (_is_int(max_new) and max_new > 0), f"max_new_tokens must be a positive integer or None, got {max_new!r}.")
+    _check(
+        max_new is None or (_is_int(max_new) and max_new > 0),
+        f"max_new_tokens must be a positive integer or None, got {max_new!r}.",
+    )
     _check(_is_int(settings["random_seed"]), f"random_seed must be an integer, got {settings['random_seed']!r}.")
-    _check(_is_int(settings["batch_size"]) and settings["batch_size"] >= 1, f"batch_size must be a positive integer, got {settings['batch_size']!r}.")
-    _check(isinstance(settings["do_sampling"], bool), f"do_sampling must be True or False, got {settings['do_sampling']!r}.")
+    _check(
+        _is_int(settings["batch_size"]) and settings["batch_size"] >= 1,
+        f"batch_size must be a positive integer, got {settings['batch_size']!r}.",
+    )
+    _check(
+        isinstance(settings["do_sampling"], bool),
+        f"do_sampling must be True or False, got {settings['do_sampling']!r}.",
+    )
     _check(isinstance(settings["latency"], bool), f"latency must be True or False, got {settings['latency']!r}.")
     for name in ("resume", "skip_existing"):
         _check(isinstance(settings[name], bool), f"{name} must be True or False, got {settings[name]!r}.")
     _check(settings["temperature"] > 0, f"temperature must be > 0, got {settings['temperature']!r}.")
     _check(0 < settings["top_p"] <= 1, f"top_p must be in (0, 1], got {settings['top_p']!r}.")
-    _check(settings["chat_template"] in generation.CHAT_TEMPLATE_MODES, f"chat_template must be auto, True or False, got {settings['chat_template']!r}.")
+    _check(
+        settings["chat_template"] in generation.CHAT_TEMPLATE_MODES,
+        f"chat_template must be auto, True or False, got {settings['chat_template']!r}.",
+    )
     if settings["batch_size"] > 1:
         _check(
             not compresses(settings["press_name"], budget),
@@ -208,7 +227,13 @@ def _rescore(benchmark, record: dict) -> dict:
     extracted = benchmark.extract(record["response"])
     gold = benchmark.gold_answer(record["row"])
     scores = benchmark.score(extracted, gold)
-    return {**record, "extracted_answer": extracted, "gold_answer": gold, "correct": scores["correct"], "scores": scores}
+    return {
+        **record,
+        "extracted_answer": extracted,
+        "gold_answer": gold,
+        "correct": scores["correct"],
+        "scores": scores,
+    }
 
 
 def _read_yaml(path: Path) -> Optional[dict]:
@@ -335,8 +360,13 @@ def _run(benchmark, settings, pending, done, mine, log, group) -> None:
     press = make_press(settings["press_name"], settings["cache_budget"], seed=settings["random_seed"])
     telemetry = SampleTelemetry(press, device, latency=settings["latency"])
     answered = [done[sample_id]["correct"] for sample_id, _, _ in mine if sample_id in done]
-    bar = tqdm(total=len(mine), initial=len(answered), desc=f"{settings['dataset']} {settings['press_name']}",
-               disable=not settings["progress"] or not group.is_main, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(mine),
+        initial=len(answered),
+        desc=f"{settings['dataset']} {settings['press_name']}",
+        disable=not settings["progress"] or not group.is_main,
+        dynamic_ncols=True,
+    )
 
     def on_tokens(prefill_tokens, decoding_tokens, phase, label):
         bar.set_postfix_str(f"acc={_accuracy(answered)} dec={decoding_tokens}", refresh=False)
@@ -345,7 +375,9 @@ def _run(benchmark, settings, pending, done, mine, log, group) -> None:
     try:
         size = settings["batch_size"]
         for start in range(0, len(pending), size):
-            for record in _answer(benchmark, settings, model, tokenizer, press, telemetry, pending[start : start + size]):
+            for record in _answer(
+                benchmark, settings, model, tokenizer, press, telemetry, pending[start : start + size]
+            ):
                 log.append(record)
                 answered.append(record["correct"])
                 bar.set_postfix_str(f"acc={_accuracy(answered)}")

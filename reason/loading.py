@@ -138,7 +138,9 @@ def select_rows(
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}.")
     if num_samples > 0 and fraction < 1:
-        raise ValueError(f"Pass num_samples or fraction, not both (got num_samples={num_samples}, fraction={fraction}).")
+        raise ValueError(
+            f"Pass num_samples or fraction, not both (got num_samples={num_samples}, fraction={fraction})."
+        )
     if num_samples > len(rows):
         raise ValueError(f"num_samples={num_samples} is more than the {len(rows)} rows of the dataset.")
     indices = list(range(len(rows)))

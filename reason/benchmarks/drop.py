@@ -15,7 +15,9 @@ def gold_answer(row: dict) -> list:
     if isinstance(spans, dict):
         spans = spans.get("spans")
     if not isinstance(spans, (list, tuple)) or not spans:
-        raise ValueError(f'a DROP row needs answers_spans = {{"spans": [...]}} with a span, got {row["answers_spans"]!r}.')
+        raise ValueError(
+            f'a DROP row needs answers_spans = {{"spans": [...]}} with a span, got {row["answers_spans"]!r}.'
+        )
     return [str(span) for span in spans]
 
 

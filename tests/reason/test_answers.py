@@ -72,7 +72,9 @@ def test_math_equal(prediction, gold):
     assert math_equal(prediction, gold)
 
 
-@pytest.mark.parametrize("prediction, gold", [("0.49", r"\frac{1}{2}"), ("", "0"), (r"\frac{2}{3}", r"\frac{3}{2}"), ("7", "-7")])
+@pytest.mark.parametrize(
+    "prediction, gold", [("0.49", r"\frac{1}{2}"), ("", "0"), (r"\frac{2}{3}", r"\frac{3}{2}"), ("7", "-7")]
+)
 def test_math_unequal(prediction, gold):
     assert not math_equal(prediction, gold)
 

@@ -75,7 +75,9 @@ def test_parquet_and_saved_dataset(tmp_path):
     pd.DataFrame(rows).to_parquet(tmp_path / "obqa.parquet")
     from_parquet, _ = load_rows(benchmark, data_path=str(tmp_path / "obqa.parquet"))
     assert from_parquet == rows  # nested choices come back as plain dicts of lists
-    DatasetDict({"train": Dataset.from_list(rows[:1]), "test": Dataset.from_list(rows)}).save_to_disk(tmp_path / "saved")
+    DatasetDict({"train": Dataset.from_list(rows[:1]), "test": Dataset.from_list(rows)}).save_to_disk(
+        tmp_path / "saved"
+    )
     from_disk, _ = load_rows(benchmark, data_path=str(tmp_path / "saved"))
     assert from_disk == rows
     only_train, _ = load_rows(benchmark, data_path=str(tmp_path / "saved"), data_split="train")

@@ -46,7 +46,9 @@ def test_paper_sweep_dry_run(tmp_path):
     evaluations = [line for line in commands if "evaluate.py" in line]
     assert len(evaluations) == 11 * (1 + 5 * 4)  # datasets x (baseline + presses x budgets)
     assert all(line.startswith("+ accelerate launch --num_processes 4 ") for line in evaluations)
-    assert all("--max_new_tokens 2048 --num_samples 100" in line and "--model org/model" in line for line in evaluations)
+    assert all(
+        "--max_new_tokens 2048 --num_samples 100" in line and "--model org/model" in line for line in evaluations
+    )
     budgets = {line.split("--cache_budget ")[1].split()[0] for line in evaluations}
     assert budgets == {"0", "128", "256", "384", "512"}
     assert commands[-1].split()[2].endswith("plot.py")
