@@ -329,7 +329,7 @@ def evaluate(
         if done:
             logger.info("Resuming %s: %d of %d samples already answered.", run_dir, len(mine) - len(pending), len(mine))
         if pending:
-            _run(benchmark, settings, pending, done, mine, log, group)
+            _run(benchmark, settings, tokenizer, pending, done, mine, log, group)
         group.wait()
         if not group.is_main:
             return None
@@ -348,15 +348,12 @@ def evaluate(
     return {**summary, "metrics": metrics, "run_dir": str(run_dir)}
 
 
-def _run(benchmark, settings, pending, done, mine, log, group) -> None:
+def _run(benchmark, settings, tokenizer, pending, done, mine, log, group) -> None:
     from tqdm.auto import tqdm
 
     device = _device(settings["device"], group)
     random.seed(settings["random_seed"])
     model = _load_model(settings, device)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(settings["model"])
     press = make_press(settings["press_name"], settings["cache_budget"], seed=settings["random_seed"])
     telemetry = SampleTelemetry(press, device, latency=settings["latency"])
     answered = [done[sample_id]["correct"] for sample_id, _, _ in mine if sample_id in done]

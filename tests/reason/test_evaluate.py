@@ -10,7 +10,6 @@ import yaml
 
 from reason import generation
 from reason.evaluate import evaluate
-from reason.generation import RepeatedNGramStop
 from reason.shared import REFERENCE_MODEL_DIR, synthetic_rows
 
 BUDGET = 64
@@ -159,24 +158,3 @@ def test_batches_with_full_press_match_single_rows(data_path, tmp_path):
     one, three = predictions(single["run_dir"]), predictions(batched["run_dir"])
     assert [r["response"] for r in one] == [r["response"] for r in three]
     assert [r["kept_cache_mean"] for r in one] == [r["kept_cache_mean"] for r in three]
-
-
-@pytest.mark.parametrize(
-    "tokens, stops",
-    [
-        ([1, 2] * 5, True),
-        ([1, 2] * 4 + [1], False),
-        ([9, 9, 9] + [4, 5, 6] * 5, True),
-        ([7] * 9, False),
-        ([7] * 10, True),
-        (list(range(40)), False),
-        ([3, 1, 4, 1, 5, 9, 2, 6, 5, 3] * 5, True),  # a 10-gram five times
-    ],
-)
-def test_repeated_ngram_stop(tokens, stops):
-    import torch
-
-    criterion = RepeatedNGramStop(prompt_length=2)
-    ids = torch.tensor([[0, 0] + tokens, [0, 0] + list(range(100, 100 + len(tokens)))])
-    done = criterion(ids, None)
-    assert done.tolist() == [stops, False]
