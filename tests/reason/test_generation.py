@@ -8,7 +8,8 @@ import torch
 from reason.generation import RepeatedNGramStop, eos_token_ids, prompt_ids
 from reason.shared import REFERENCE_MODEL_DIR
 
-TEMPLATE = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+USER_TURNS = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+TEMPLATE = USER_TURNS + "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 
 
 @pytest.fixture
