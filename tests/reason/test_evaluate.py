@@ -158,3 +158,40 @@ def test_batches_with_full_press_match_single_rows(data_path, tmp_path):
     one, three = predictions(single["run_dir"]), predictions(batched["run_dir"])
     assert [r["response"] for r in one] == [r["response"] for r in three]
     assert [r["kept_cache_mean"] for r in one] == [r["kept_cache_mean"] for r in three]
+
+
+def test_data_parallel_shards_merge(data_path, tmp_path, monkeypatch):
+    """Two processes of a data-parallel run, run one after the other: each answers every other sample into its own
+    file; the main process waits for all of them, then merges them into predictions.jsonl in sample order."""
+    import reason.evaluate as harness
+    from reason.shared import ProcessGroup
+
+    reference = run(data_path, tmp_path / "one", num_samples=4)
+    monkeypatch.setattr(harness, "ProcessGroup", _group_of(ProcessGroup, 0, 2))
+    with pytest.raises(RuntimeError, match="2 of 4 samples have no prediction"):  # rank 1 has not run yet
+        run(data_path, tmp_path / "two", num_samples=4)
+    run_dir = next((tmp_path / "two").iterdir())
+    assert [r["sample_id"] for r in predictions_of(run_dir / "predictions.rank0.jsonl")] == [0, 2]
+    monkeypatch.setattr(harness, "ProcessGroup", _group_of(ProcessGroup, 1, 2))
+    assert run(data_path, tmp_path / "two", num_samples=4) is None
+    assert [r["sample_id"] for r in predictions_of(run_dir / "predictions.rank1.jsonl")] == [1, 3]
+    monkeypatch.setattr(harness, "ProcessGroup", _group_of(ProcessGroup, 0, 2))
+    result = run(data_path, tmp_path / "two", num_samples=4)
+    assert not list(run_dir.glob("predictions.rank*.jsonl"))
+    merged = predictions(run_dir)
+    assert [r["sample_id"] for r in merged] == [0, 1, 2, 3]
+    assert [r["response"] for r in merged] == [r["response"] for r in predictions(reference["run_dir"])]
+    assert result["metrics"]["accuracy"] == reference["metrics"]["accuracy"]
+
+
+def _group_of(process_group, rank, world_size):
+    class Group(process_group):
+        @classmethod
+        def from_environment(cls):
+            return process_group(rank=rank, world_size=world_size, local_rank=rank, barrier=None)
+
+    return Group
+
+
+def predictions_of(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
