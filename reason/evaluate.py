@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 # SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
 # SPDX-License-Identifier: Apache-2.0
 """`python reason/evaluate.py`: accuracy and trace length of a model on a reasoning dataset under a KV-cache budget.
