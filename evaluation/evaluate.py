@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,7 @@ from evaluation.evaluate_registry import (
 )
 from evaluation.summary import headline_score, run_summary
 from harness.data import data_fingerprint, load_hub_dataset, load_local_dataset, row_fingerprint
+from harness.process_group import ProcessGroup
 from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
 from harness.results import (
     PartialResults,
@@ -335,46 +336,6 @@ def load_config(config_file: Union[str, Path, None] = None, **overrides: Any) ->
     if unknown:
         raise ValueError(f"Unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}.")
     return EvaluationConfig(**merged)
-
-
-@dataclass
-class ProcessGroup:
-    """Where this process stands in a data-parallel run (`accelerate launch`): rank, size, and a barrier."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    barrier: Optional[Callable[[], None]] = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def wait(self) -> None:
-        if self.barrier is not None:
-            self.barrier()
-
-    @classmethod
-    def from_environment(cls) -> "ProcessGroup":
-        """One process, unless launched by `accelerate launch` / torchrun (WORLD_SIZE > 1).
-
-        On GPUs, accelerate's PartialState sets up the process group (NCCL); without CUDA (where PartialState falls
-        back to a single process) a gloo process group is used, so data-parallel runs also work on CPUs.
-        """
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size <= 1:
-            return cls()
-        if torch.cuda.is_available():
-            from accelerate import PartialState
-
-            state = PartialState()
-            return cls(state.process_index, state.num_processes, state.local_process_index, state.wait_for_everyone)
-        import torch.distributed as distributed
-
-        if not distributed.is_initialized():
-            distributed.init_process_group("gloo")
-        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        return cls(rank, world_size, local_rank, distributed.barrier)
 
 
 def configure_logging(level: str) -> None:
