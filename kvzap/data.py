@@ -134,6 +134,8 @@ def load_local_documents(path: Union[str, Path]) -> pd.DataFrame:
         frame = pd.concat([_frame_of_file(file, in_directory=True) for file in files], ignore_index=True)
     else:
         frame = _frame_of_file(path, in_directory=False)
+    if frame.empty:
+        raise ValueError(f"{path} holds no non-empty document.")
     bad = [i for i, text in enumerate(frame["text"]) if not isinstance(text, str)]
     if bad:
         raise ValueError(f"{path}: the 'text' of rows {bad[:5]} is not a string.")

@@ -118,7 +118,7 @@ def train_mlp_layer(
             loss.backward()
             nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
             optimizer.step()
-            total += float(loss) * batch.numel()
+            total += float(loss.detach()) * batch.numel()
         scheduler.step()
         history["train_loss"].append(total / X_train.shape[0])
         if n_val == 0:
