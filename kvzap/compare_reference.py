@@ -80,7 +80,10 @@ def compare(
     context_length: int = TRAINED_CONTEXT_LENGTH,
     output: Optional[Path] = None,
     baselines: tuple[str, ...] = BASELINES,
+    baseline_types: Optional[list[str]] = None,
 ) -> dict:
+    """Run the cells (see the module docstring); baselines are matched to the surrogates in `baseline_types`
+    (default: all of `model_types`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import kvpress  # noqa: F401  (registers the pipeline task)
@@ -113,7 +116,10 @@ def compare(
         with torch.no_grad():
             answers, ratios = run_rows(pipe, rows, press)
         scores = synthetic_accuracy(rows, answers)
-        cell = {"accuracy": {k: round(v, 2) for k, v in scores.items()}, "seconds": round(time.perf_counter() - started)}
+        cell = {
+            "accuracy": {k: round(v, 2) for k, v in scores.items()},
+            "seconds": round(time.perf_counter() - started),
+        }
         if ratios:
             cell["achieved_ratio"] = round(sum(ratios) / len(ratios), 4)
         cells[key] = cell
@@ -127,6 +133,8 @@ def compare(
             scorer = KVzapPress(model_type=model_type, kvzap_model_path=str(kvzap_model_path))
             cell = run(f"kvzap_{model_type}|{threshold:g}", DMSPress(scorer, threshold=threshold))
             ratio = cell["achieved_ratio"]
+            if baseline_types is not None and model_type not in baseline_types:
+                continue
             for name in baselines:
                 run(f"{name}|{ratio:.4f}", baseline_press(name, ratio) if ratio > 0 else None)
     results["table"] = table(results, thresholds, model_types, baselines)
@@ -144,10 +152,15 @@ def table(results: dict, thresholds: list[float], model_types: list[str], baseli
             if cell is None:
                 continue
             ratio = cell["achieved_ratio"]
-            values = [f"{cells.get(f'{name}|{ratio:.4f}', {}).get('accuracy', {}).get('all', float('nan')):.1f}"
-                      for name in baselines]
-            lines.append(f"| {model_type} | {threshold:g} | {ratio:.3f} | {cell['accuracy']['all']:.1f} | "
-                         + " | ".join(values) + " |")
+            values = []
+            for name in baselines:
+                baseline = cells.get(f"{name}|{ratio:.4f}")
+                values.append(f"{baseline['accuracy']['all']:.1f}" if baseline else "")
+            lines.append(
+                f"| {model_type} | {threshold:g} | {ratio:.3f} | {cell['accuracy']['all']:.1f} | "
+                + " | ".join(values)
+                + " |"
+            )
     full = cells.get("no_press", {}).get("accuracy", {}).get("all")
     return (f"No compression: {full:.1f}\n\n" if full is not None else "") + "\n".join(lines)
 
@@ -168,6 +181,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--kvzap_model_path", required=True, help="kvzap/train.py's output_dir")
     parser.add_argument("--thresholds", type=_floats, default=[-6.5, -6.0, -5.5])
     parser.add_argument("--model_types", default="mlp,linear")
+    parser.add_argument("--baseline_types", default=None, help="surrogates the baselines are matched to (default all)")
     parser.add_argument("--rows_per_task", type=int, default=3)
     parser.add_argument("--context_length", type=int, default=TRAINED_CONTEXT_LENGTH)
     parser.add_argument("--output", type=Path, default=None, help="JSON file (resumed when it exists)")
@@ -175,8 +189,16 @@ def main(argv=None) -> dict:
     if args.rows_per_task < 1:
         parser.error(f"--rows_per_task must be at least 1, got {args.rows_per_task}")
     types = [name for name in args.model_types.split(",") if name]
-    results = compare(args.kvzap_model_path, args.thresholds, types, args.rows_per_task, args.context_length,
-                      args.output)
+    matched = None if args.baseline_types is None else [name for name in args.baseline_types.split(",") if name]
+    results = compare(
+        args.kvzap_model_path,
+        args.thresholds,
+        types,
+        args.rows_per_task,
+        args.context_length,
+        args.output,
+        baseline_types=matched,
+    )
     print(results["table"])  # noqa: T201 - a script's output
     return results
 

@@ -189,10 +189,11 @@ def select_documents(
     documents = pd.concat(frames, ignore_index=True) if frames else kept.iloc[:0].assign(split=[])
     n_train = int((documents["split"] == "train").sum())
     if n_train == 0:
+        lengths = sorted(frame["length"])
         raise ValueError(
             f"No training document is left: {len(frame)} documents, {len(kept)} of them with more than {min_tokens} "
-            f"and fewer than {max_tokens} tokens (lengths {sorted(frame['length'])[:3]}...{sorted(frame['length'])[-3:]}"
-            f"), {n_test_per_subset} per subset kept for testing. Adjust --min_tokens/--max_tokens or add documents."
+            f"and fewer than {max_tokens} tokens (shortest {lengths[:3]}, longest {lengths[-3:]}), "
+            f"{n_test_per_subset} per subset kept for testing. Adjust --min_tokens/--max_tokens or add documents."
         )
     logger.info("KVzap documents: %d train, %d test", n_train, len(documents) - n_train)
     return documents[["text", "length", "subset", "split"]].reset_index(drop=True)
@@ -277,7 +278,10 @@ def output_projection_weight(o_proj: nn.Module) -> torch.Tensor:
     scale = getattr(o_proj, "weight_scale_inv", None)
     if scale is None:
         return weight.float()
-    block = getattr(o_proj, "block_size", None) or (weight.shape[0] // scale.shape[0], weight.shape[1] // scale.shape[1])
+    block = getattr(o_proj, "block_size", None) or (
+        weight.shape[0] // scale.shape[0],
+        weight.shape[1] // scale.shape[1],
+    )
     expanded = scale.float().repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
     return weight.float() * expanded[: weight.shape[0], : weight.shape[1]]
 
@@ -486,7 +490,9 @@ def collect(
                 end = stop
             parts = []
             for doc in range(done, end):
-                sample = collector.document_samples(documents["text"].iloc[doc], n_tokens, document_generator(seed, doc))
+                sample = collector.document_samples(
+                    documents["text"].iloc[doc], n_tokens, document_generator(seed, doc)
+                )
                 sample["doc"] = torch.full((sample["X"].shape[0],), doc, dtype=torch.int64)
                 parts.append(sample)
                 bar.update(1)

@@ -56,7 +56,9 @@ def fit_ridge(X: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> tuple[tor
     if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha >= 0 and math.isfinite(alpha)):
         raise ValueError(f"ridge alpha must be a finite number >= 0, got {alpha!r}.")
     if X.ndim != 2 or y.ndim != 2 or X.shape[0] != y.shape[0]:
-        raise ValueError(f"fit_ridge needs X (N, D) and y (N, K) with the same N, got {tuple(X.shape)}, {tuple(y.shape)}.")
+        raise ValueError(
+            f"fit_ridge needs X (N, D) and y (N, K) with the same N, got {tuple(X.shape)}, {tuple(y.shape)}."
+        )
     X64, y64 = X.double(), y.double()
     x_mean, y_mean = X64.mean(0), y64.mean(0)
     Xc, yc = X64 - x_mean, y64 - y_mean
@@ -288,8 +290,10 @@ def train(
     ):
         _positive_int(name, value)
     if n_tokens >= min_tokens:
-        raise ValueError(f"n_tokens ({n_tokens}) must be smaller than min_tokens ({min_tokens}): every document must "
-                         "have more context tokens than are sampled from it.")
+        raise ValueError(
+            f"n_tokens ({n_tokens}) must be smaller than min_tokens ({min_tokens}): every document must "
+            "have more context tokens than are sampled from it."
+        )
     if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}.")
     if not (isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1):
@@ -400,8 +404,12 @@ def train(
     }
     write_report(output / "metrics.json", report)
     for name in types:
-        logger.info("%s: mean test R2 %.3f (per layer %s)", name, metrics[name]["mean_test_r2"],
-                    ", ".join(f"{e['test_r2']:.2f}" for e in metrics[name]["layers"]))
+        logger.info(
+            "%s: mean test R2 %.3f (per layer %s)",
+            name,
+            metrics[name]["mean_test_r2"],
+            ", ".join(f"{e['test_r2']:.2f}" for e in metrics[name]["layers"]),
+        )
     return report
 
 

@@ -78,7 +78,10 @@ def eager_reference_targets(text: str, tokenizer) -> tuple[torch.Tensor, torch.T
             row_norm = torch.stack([hidden[row].norm() for row in rows])
             weights = attention[head][list(rows)][:, list(ctx)]
             per_head.append((weights / row_norm[:, None] * column_norm[None, :]).max(dim=0).values)
-        per_kv = [torch.stack(per_head[k * groups : (k + 1) * groups]).max(dim=0).values for k in range(len(per_head) // groups)]
+        per_kv = [
+            torch.stack(per_head[k * groups : (k + 1) * groups]).max(dim=0).values
+            for k in range(len(per_head) // groups)
+        ]
         all_targets.append(torch.stack(per_kv, dim=-1).log())
         all_states.append(hidden[list(ctx)])
     return torch.stack(all_states, dim=1), torch.stack(all_targets, dim=1)
@@ -120,16 +123,26 @@ def documents_of(tokenizer, tiny_text_file):
 def test_collection_resumes_to_the_same_samples(reference_model, tokenizer, tiny_text_file, tmp_path):
     documents = documents_of(tokenizer, tiny_text_file)
     assert list(documents["split"]) == ["test"] + ["train"] * 4
-    whole = collect(reference_model, tokenizer, documents, tmp_path / "whole", n_tokens=8, docs_per_shard=2,
-                    progress=False)
+    whole = collect(
+        reference_model, tokenizer, documents, tmp_path / "whole", n_tokens=8, docs_per_shard=2, progress=False
+    )
     assert whole["complete"] and [s["n_docs"] for s in whole["shards"]] == [2, 2, 1]
-    partial = collect(reference_model, tokenizer, documents, tmp_path / "resumed", n_tokens=8, docs_per_shard=2,
-                      max_documents=3, progress=False)
+    partial = collect(
+        reference_model,
+        tokenizer,
+        documents,
+        tmp_path / "resumed",
+        n_tokens=8,
+        docs_per_shard=2,
+        max_documents=3,
+        progress=False,
+    )
     assert not partial["complete"] and sum(s["n_docs"] for s in partial["shards"]) == 3
     with pytest.raises(ValueError, match="incomplete"):
         load_layer(tmp_path / "resumed", 0)
-    resumed = collect(reference_model, tokenizer, documents, tmp_path / "resumed", n_tokens=8, docs_per_shard=2,
-                      progress=False)
+    resumed = collect(
+        reference_model, tokenizer, documents, tmp_path / "resumed", n_tokens=8, docs_per_shard=2, progress=False
+    )
     assert resumed["complete"] and [s["n_docs"] for s in resumed["shards"]] == [2, 1, 2]
     for layer in range(6):
         for a, b in zip(load_layer(tmp_path / "whole", layer), load_layer(tmp_path / "resumed", layer)):
@@ -142,11 +155,17 @@ def test_collection_resumes_to_the_same_samples(reference_model, tokenizer, tiny
     assert manifest["n_test_documents"] == 1 and manifest["n_tokens"] == 8
     # Another setting on the same directory is refused rather than mixed in.
     with pytest.raises(ValueError, match="other settings"):
-        collect(reference_model, tokenizer, documents, tmp_path / "whole", n_tokens=4, docs_per_shard=2,
-                progress=False)
+        collect(reference_model, tokenizer, documents, tmp_path / "whole", n_tokens=4, docs_per_shard=2, progress=False)
     with pytest.raises(ValueError, match="other settings"):
-        collect(reference_model, tokenizer, documents.iloc[:4], tmp_path / "whole", n_tokens=8, docs_per_shard=2,
-                progress=False)
+        collect(
+            reference_model,
+            tokenizer,
+            documents.iloc[:4],
+            tmp_path / "whole",
+            n_tokens=8,
+            docs_per_shard=2,
+            progress=False,
+        )
 
 
 def test_local_documents_formats(tmp_path, tokenizer):
@@ -190,7 +209,13 @@ def test_bad_inputs_raise(tmp_path, tokenizer, reference_model):
     with pytest.raises(ValueError, match="n_tokens must be a positive integer"):
         collect(reference_model, tokenizer, documents, tmp_path / "d", n_tokens=0, progress=False)
     with pytest.raises(ValueError, match="test documents first"):
-        collect(reference_model, tokenizer, documents.assign(split=["train"]).iloc[[0, 0]].assign(
-            split=["train", "test"]), tmp_path / "d", n_tokens=1, progress=False)
+        collect(
+            reference_model,
+            tokenizer,
+            documents.assign(split=["train"]).iloc[[0, 0]].assign(split=["train", "test"]),
+            tmp_path / "d",
+            n_tokens=1,
+            progress=False,
+        )
     with pytest.raises(FileNotFoundError, match="no KVzap collection"):
         load_layer(tmp_path / "nothing", 0)

@@ -52,7 +52,9 @@ def test_fit_ridge_matches_an_augmented_least_squares_solution():
     for alpha in (0.0, 1.0, 50.0):
         weight, bias = fit_ridge(torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32), alpha)
         # min ||[X 1] [W; b] - y||^2 + alpha ||W||^2, the intercept not penalised: stack sqrt(alpha) I under X
-        design = np.vstack([np.hstack([X, np.ones((200, 1))]), np.hstack([np.sqrt(alpha) * np.eye(12), np.zeros((12, 1))])])
+        design = np.vstack(
+            [np.hstack([X, np.ones((200, 1))]), np.hstack([np.sqrt(alpha) * np.eye(12), np.zeros((12, 1))])]
+        )
         target = np.vstack([y, np.zeros((12, 3))])
         solution = np.linalg.lstsq(design, target, rcond=None)[0]
         np.testing.assert_allclose(weight.numpy(), solution[:12].T, rtol=1e-4, atol=1e-4)
@@ -80,8 +82,9 @@ def test_mlp_learns_a_smooth_target_and_stops_early():
     assert r2 > 0.8
     assert history["val_loss"][history["best_epoch"] - 1] == min(history["val_loss"])
     # pure noise: the validation loss stops improving, so training stops before max_epochs
-    _, noisy = train_mlp_layer(torch.randn(400, 8), torch.randn(400, 1), 64, "cpu", max_epochs=50, lr=5e-2,
-                               batch_size=32, patience=2)
+    _, noisy = train_mlp_layer(
+        torch.randn(400, 8), torch.randn(400, 1), 64, "cpu", max_epochs=50, lr=5e-2, batch_size=32, patience=2
+    )
     assert noisy["epochs"] < 50 and noisy["epochs"] - noisy["best_epoch"] == 2
 
 
@@ -130,23 +133,27 @@ def test_kvzap_press_loads_the_checkpoint_and_dms_evicts_below_the_threshold(tra
     # DMSPress(KVzapPress(linear)): the masked entries are the surrogate's scores below the threshold, computed by
     # hand from the saved weights on the attention inputs of the prefill
     weights = load_file(str(out / "linear" / "model.safetensors"))
-    ids = tokenizer("<s>" + "The river is wide. The hills are green. " * 30, return_tensors="pt",
-                    add_special_tokens=False).input_ids
+    ids = tokenizer(
+        "<s>" + "The river is wide. The hills are green. " * 30, return_tensors="pt", add_special_tokens=False
+    ).input_ids
     attention_inputs = {}
 
     def keep_input(module, args, kwargs):
         attention_inputs[module.layer_idx] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
-    hooks = [layer.self_attn.register_forward_pre_hook(keep_input, with_kwargs=True)
-             for layer in reference_model.model.layers]
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(keep_input, with_kwargs=True)
+        for layer in reference_model.model.layers
+    ]
     window = 32
     try:
         with torch.no_grad():
             reference_model.model(input_ids=ids)
         scores0 = attention_inputs[0][0] @ weights["layers.0.weight"].T + weights["layers.0.bias"]  # (T, H_kv)
         threshold = float(scores0[: ids.shape[1] - window].median())
-        press = DMSPress(KVzapPress(model_type="linear", kvzap_model_path=str(out)), threshold=threshold,
-                         sliding_window_size=window)
+        press = DMSPress(
+            KVzapPress(model_type="linear", kvzap_model_path=str(out)), threshold=threshold, sliding_window_size=window
+        )
         with torch.no_grad(), press(reference_model):
             reference_model.model(input_ids=ids, use_cache=True)
     finally:
@@ -157,8 +164,10 @@ def test_kvzap_press_loads_the_checkpoint_and_dms_evicts_below_the_threshold(tra
     for layer in reference_model.model.layers:
         layer.self_attn.masked_key_indices = None  # the session's model stays as it was
     for layer_idx, mask in enumerate(masks):
-        scores = attention_inputs[layer_idx][0] @ weights[f"layers.{layer_idx}.weight"].T + weights[
-            f"layers.{layer_idx}.bias"]
+        scores = (
+            attention_inputs[layer_idx][0] @ weights[f"layers.{layer_idx}.weight"].T
+            + weights[f"layers.{layer_idx}.bias"]
+        )
         expected = {(h, t) for t in range(T - window) for h in range(2) if scores[t, h] < threshold}
         batch, heads, positions = mask
         assert set(zip(heads.tolist(), positions.tolist())) == expected
@@ -188,8 +197,14 @@ def test_push_to_hub_only_when_asked(trained, tiny_text_file, tmp_path, monkeypa
     pushed = []
     monkeypatch.setattr(KVzapModel, "push_to_hub", lambda self, repo_id, **kw: pushed.append(repo_id), raising=False)
     options = {**SMALL, "model_types": "linear"}
-    report = train("reference/model", str(tmp_path / "o"), data_path=str(tiny_text_file), data_dir=str(out / "data"),
-                   push_to_hub="someone", **options)
+    report = train(
+        "reference/model",
+        str(tmp_path / "o"),
+        data_path=str(tiny_text_file),
+        data_dir=str(out / "data"),
+        push_to_hub="someone",
+        **options,
+    )
     assert pushed == ["someone/KVzap-linear-model"] and report["linear"]["hub_repo"] == pushed[0]
     assert not (tmp_path / "o" / "mlp").exists()
 
