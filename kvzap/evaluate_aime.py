@@ -96,7 +96,8 @@ def load_problems(data_path: Optional[str]) -> pd.DataFrame:
 
 
 def _run_dir(output_dir: str, task: str, model_name: str, kvzap_model_type: str, threshold: float) -> Path:
-    tag = f"{task}__{Path(model_name).name if Path(model_name).exists() else model_name.replace('/', '--')}"
+    path = resolve_model_name(model_name)  # a local model is named by its folder, a Hub id as org--name
+    tag = f"{task}__{Path(path).name if Path(path).exists() else model_name.replace('/', '--')}"
     directory = Path(output_dir) / f"{tag}__kvzap_{kvzap_model_type}__{threshold:.2f}" / uuid.uuid4().hex
     directory.mkdir(parents=True, exist_ok=False)
     return directory
