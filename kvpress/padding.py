@@ -10,8 +10,9 @@ gives, row by row, the greedy tokens each row gives alone:
   states, attention weights, RoPE and masks, and the press compresses the row alone, so padding is never scored and
   never kept in place of a real token, and each row keeps what the press keeps of its own length (for a ratio:
   `int(n_real * (1 - compression_ratio))` of its `n_real` real tokens);
-- the compressed rows are left-padded again to the longest one; those padding slots (and a head-wise press's
-  masked entries, per row) are hidden at attention time through `module.masked_key_indices`;
+- the compressed rows are left-padded again to the longest one; those padding slots are hidden exactly at attention
+  time (`hide_padding_slots`, called by `kvpress.attention_patch`), and a head-wise press's masked entries of each
+  row move with the row (`module.masked_key_indices`);
 - during decoding the decoder receives an all-visible 2-D mask over the compressed cache (the padding slots are
   hidden per layer), and, after a press that re-rotates the kept keys, each row continues at its own kept length.
 
@@ -99,7 +100,7 @@ class PaddingState:
             new_values[row, :, pad:] = row_values[0]
             pads.append(pad)
         self.cache_pad[layer_idx] = torch.tensor(pads, dtype=torch.long)
-        setattr(module, "masked_key_indices", _batch_indices(row_masks, pads, num_kv_heads, keys.device))
+        setattr(module, "masked_key_indices", _batch_indices(row_masks, pads, keys.device))
         return new_keys, new_values
 
 
@@ -115,24 +116,43 @@ def _row_indices(indices: Optional[tuple], row: int, start: int) -> Optional[tup
     return torch.zeros_like(batch_idx[selected]), head_idx[selected], seq_idx[selected] - start
 
 
-def _batch_indices(row_masks: list, pads: list, num_kv_heads: int, device: torch.device) -> Optional[tuple]:
-    """The masked entries of the re-padded batch: every padding slot of every head, and each row's own masked
-    entries shifted past its padding; None when nothing is masked."""
-    batch_parts, head_parts, seq_parts = [], [], []
+def _batch_indices(row_masks: list, pads: list, device: torch.device) -> Optional[tuple]:
+    """The head-wise masked entries of the re-padded batch: each row's own, shifted past its padding slots; None when
+    no row has any."""
+    parts = []
     for row, (masked, pad) in enumerate(zip(row_masks, pads)):
-        if pad:
-            heads = torch.arange(num_kv_heads, device=device).repeat_interleave(pad)
-            batch_parts.append(torch.full_like(heads, row))
-            head_parts.append(heads)
-            seq_parts.append(torch.arange(pad, device=device).repeat(num_kv_heads))
         if masked is not None:
             batch_idx, head_idx, seq_idx = (index.to(device) for index in masked)
-            batch_parts.append(torch.full_like(batch_idx, row))
-            head_parts.append(head_idx)
-            seq_parts.append(seq_idx + pad)
-    if not batch_parts:
+            parts.append((torch.full_like(batch_idx, row), head_idx, seq_idx + pad))
+    if not parts:
         return None
-    return torch.cat(batch_parts), torch.cat(head_parts), torch.cat(seq_parts)
+    return tuple(torch.cat([part[i] for part in parts]) for i in range(3))
+
+
+def hide_padding_slots(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Any) -> Any:
+    """The attention mask of a layer compressed row by row, with each row's padding slots hidden exactly (for every
+    query, whatever it is: a fake key would not hide them from an all-zero query); `attention_mask` unchanged
+    elsewhere. Called by `kvpress.attention_patch` for backends that take a mask."""
+    state = module.__dict__.get(_STATE)
+    pad = state.cache_pad.get(getattr(module, "layer_idx", None)) if state is not None else None
+    if pad is None:
+        return attention_mask
+    bsz, _, q_len, _ = query.shape
+    k_len = key.shape[2]
+    if pad.shape[0] != bsz or k_len <= q_len:
+        return attention_mask
+    slots = torch.arange(k_len, device=query.device)
+    allowed = (slots[None, :] >= pad.to(query.device)[:, None])[:, None, None, :]
+    allowed = allowed & torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(diagonal=k_len - q_len)
+    if isinstance(attention_mask, torch.Tensor):
+        given = attention_mask[..., -k_len:]
+        allowed = allowed & (given if given.dtype == torch.bool else given == 0)
+        if attention_mask.dtype == torch.bool:
+            return allowed
+        dtype = attention_mask.dtype
+    else:
+        dtype = query.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=query.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def padding_refusal(press: Any) -> Optional[str]:
@@ -228,6 +248,8 @@ def _before_decoder(state: PaddingState, language_model: nn.Module):
             reason = padding_refusal(state.press)
             if reason is None and sliding:
                 reason = "the model has sliding-window layers, which presses leave uncompressed"
+            if reason is None and "flash" in str(getattr(language_model.config, "_attn_implementation", "")):
+                reason = "flash attention takes no mask that could hide the padding slots of the compressed rows"
             if reason is not None:
                 raise ValueError(
                     f"{name} cannot compress a padded batch: {reason}. Run the rows one at a time (or as a batch of "
