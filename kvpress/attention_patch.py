@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvpress.padding import hide_padding_slots
 from kvpress.inplace_cache import MAX_INPLACE_QUERY_ROWS, inplace_attention, inplace_attention_mask
+from kvpress.padding import hide_padding_slots
 
 logger = logging.getLogger(__name__)
 

@@ -63,7 +63,8 @@ class PaddingState:
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`press.compress` on each row alone (its padding stripped), the results left-padded to one tensor."""
-        assert self.input_pad is not None
+        if self.input_pad is None:
+            raise RuntimeError("compress_rows runs on a padded prefill only (see padded_prefill).")
         layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
         input_pad = self.input_pad.tolist()
         cache_pad = self.cache_pad.get(layer_idx, self.input_pad).tolist()
@@ -262,7 +263,11 @@ def _before_decoder(state: PaddingState, language_model: nn.Module):
             # nothing was compressed row by row: the cache keeps the layout the mask describes
             return None
         q_len = tokens.shape[1] if tokens is not None else 0
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool((mask[:, mask.shape[1] - q_len :] != 0).all()):
+        if (
+            isinstance(mask, torch.Tensor)
+            and mask.dim() == 2
+            and not bool((mask[:, mask.shape[1] - q_len :] != 0).all())
+        ):
             raise ValueError(
                 f"{name}: the tokens that follow a compressed padded batch must not be padding (the attention_mask "
                 "has a 0 among the new tokens); pad on the left, before the context only."

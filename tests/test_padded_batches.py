@@ -91,8 +91,6 @@ def assert_rows_as_alone(model, press, lengths=LENGTHS, seed: int = 0) -> None:
         torch.testing.assert_close(logits[i], alone_logits[0], atol=LOGITS_ATOL, rtol=0)
 
 
-
-
 def _draws_unseeded_random_numbers(cls, kwargs) -> bool:
     """Scores from the global random generator (unseeded RandomPress, random leverage, the random sketch of
     LeverageScorePress and CompactorPress): a row alone draws other numbers than the same row in a batch."""
@@ -146,7 +144,9 @@ SUPPORTED = {
     "block": lambda model, tmp: BlockPress(KnormPress(0.5), block_size=8),
     "merging": lambda model, tmp: MergingPress(KnormPress(0.5)),
     "composed": lambda model, tmp: ComposedPress([KnormPress(0.3), StreamingLLMPress(0.4)]),
-    "composed_rerotation": lambda model, tmp: ComposedPress([SnapKVPress(0.3, window_size=2), KeyRerotationPress(KnormPress(0.3))]),
+    "composed_rerotation": lambda model, tmp: ComposedPress(
+        [SnapKVPress(0.3, window_size=2), KeyRerotationPress(KnormPress(0.3))]
+    ),
     "per_layer": lambda model, tmp: PerLayerCompressionPress(
         KnormPress(), [0.2 + 0.6 * (i % 2) for i in range(_layers(model))]
     ),
@@ -172,7 +172,9 @@ def test_each_row_keeps_its_own_share_of_its_own_tokens(ratio):
     cache = DynamicCache(config=model.config)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # what generate passes: each row from 0
     with torch.no_grad(), press(model):
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache_kwargs(model, cache))
+        model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **cache_kwargs(model, cache)
+        )
     kept = [int(n * (1 - ratio)) for n in LENGTHS]
     for layer_idx in compressed_layers(model):
         keys = cache.layers[layer_idx].keys
@@ -198,7 +200,9 @@ def test_issue_reproduction_streaming_llm_long_and_short_rows():
     tokens, logits = greedy(model, StreamingLLMPress(0.5), encoded["input_ids"], encoded["attention_mask"], 12)
     for i, text in enumerate([long, short]):
         alone = tokenizer([text], return_tensors="pt")
-        alone_tokens, alone_logits = greedy(model, StreamingLLMPress(0.5), alone["input_ids"], alone["attention_mask"], 12)
+        alone_tokens, alone_logits = greedy(
+            model, StreamingLLMPress(0.5), alone["input_ids"], alone["attention_mask"], 12
+        )
         assert tokens[i].tolist() == alone_tokens[0].tolist()
         torch.testing.assert_close(logits[i], alone_logits[0], atol=LOGITS_ATOL, rtol=0)
 
@@ -235,14 +239,24 @@ def test_reference_model_rows_match_rows_alone(reference, name):
     pad = tokenizer.pad_token_id
     with torch.no_grad(), press(model):
         out = model.generate(
-            **encoded, max_new_tokens=6, do_sample=False, pad_token_id=pad, output_logits=True, return_dict_in_generate=True
+            **encoded,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=pad,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
     width = encoded["input_ids"].shape[1]
     for i, text in enumerate(texts):
         alone = tokenizer([text], return_tensors="pt")
         with torch.no_grad(), press(model):
             one = model.generate(
-                **alone, max_new_tokens=6, do_sample=False, pad_token_id=pad, output_logits=True, return_dict_in_generate=True
+                **alone,
+                max_new_tokens=6,
+                do_sample=False,
+                pad_token_id=pad,
+                output_logits=True,
+                return_dict_in_generate=True,
             )
         alone_tokens = one.sequences[0, alone["input_ids"].shape[1] :].tolist()
         assert out.sequences[i, width : width + len(alone_tokens)].tolist() == alone_tokens
@@ -264,7 +278,8 @@ REFUSED = {
     "rkv_budget": lambda: RKVPress(cache_budget=16),
     "decoding": lambda: DecodingPress(KnormPress(), compression_interval=2, target_size=8),
     "prefill_decoding": lambda: PrefillDecodingPress(
-        prefilling_press=KnormPress(0.5), decoding_press=DecodingPress(KnormPress(), compression_interval=2, target_size=8)
+        prefilling_press=KnormPress(0.5),
+        decoding_press=DecodingPress(KnormPress(), compression_interval=2, target_size=8),
     ),
     "composed_with_budget": lambda: ComposedPress([StreamingLLMPress(0.5), KnormPress(cache_budget=8)]),
     "dms": lambda: DMSPress(KnormPress(), threshold=-0.5, sliding_window_size=4),
