@@ -25,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import MAX_INPLACE_QUERY_ROWS, inplace_attention, inplace_attention_mask
+from kvpress.padding import hide_padding_slots
 from kvpress.ragged_attention import register_ragged_attention, run_ragged_attention
 from kvpress.ragged_cache import ragged_layer_of
 
@@ -176,6 +177,7 @@ def attention_patch(func: Callable) -> Callable:
             kwargs.pop("is_causal", None)
         else:
             attention_mask = fit_mask_to_keys(attention_mask, query.shape[2], key.shape[2])
+            attention_mask = hide_padding_slots(module, query, key, attention_mask)  # a padded batch's rows
         return func(module, query, key, value, attention_mask, *args, **kwargs)
 
     setattr(wrapper, _PATCHED_FLAG, True)

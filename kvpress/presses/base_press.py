@@ -27,6 +27,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from kvpress.padding import cache_left_padding, padded_batches, padded_prefill
 from kvpress.timing import telemetry_of, timed_hook
 from kvpress.transformers_adapter import CacheWatch, find_cache, hook_inputs, input_tokens_of, replace_inputs
 from kvpress.utils import cache_layer_length, extract_keys_and_values, get_language_model, write_keys_and_values
@@ -141,6 +142,9 @@ def _continue_at_cache_length(module: nn.Module, args: tuple, kwargs: dict):
     batch, length = tokens.shape[:2]
     past = cache.get_seq_length()
     positions = torch.arange(past, past + length, device=tokens.device).unsqueeze(0).expand(batch, -1)
+    padding = cache_left_padding(module)  # a padded batch: each row continues at its own kept length
+    if padding is not None:
+        positions = positions - padding.to(tokens.device)[:, None]
     return args, replace_inputs(kwargs, position_ids=positions)
 
 
@@ -268,7 +272,11 @@ class BasePress:
         if not layer_is_prefilling(module, cache, q_len):
             return output
         keys, values = extract_keys_and_values(cache, module.layer_idx)
-        keys, values = self.compress(module, hidden_states, keys, values, output[1], kwargs)
+        rows = padded_prefill(module)  # a left-padded batch: each row is compressed alone (kvpress.padding)
+        if rows is not None:
+            keys, values = rows.compress_rows(self, module, hidden_states, keys, values, output[1], kwargs)
+        else:
+            keys, values = self.compress(module, hidden_states, keys, values, output[1], kwargs)
         write_keys_and_values(cache, module.layer_idx, keys, values)
         return output
 
@@ -356,7 +364,8 @@ class BasePress:
                 object.__setattr__(attention, "rotary_emb", language_model.rotary_emb)
                 handles.append(attention.register_forward_pre_hook(_record_prefill_state, with_kwargs=True))
                 handles.append(attention.register_forward_hook(watched, with_kwargs=True))
-            yield
+            with padded_batches(self, language_model, attentions):
+                yield
         finally:
             language_model.__dict__.pop(_ACTIVE_PRESS, None)
             watch.abandon()
