@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Generator, Optional
 import torch
 from torch import nn
 
+from kvpress.headwise_masks import get_masks, set_masks
 from kvpress.transformers_adapter import attention_mask_of, find_cache, input_tokens_of, replace_inputs, row_kwargs
 
 if TYPE_CHECKING:
@@ -69,14 +70,14 @@ class PaddingState:
         input_pad = self.input_pad.tolist()
         cache_pad = self.cache_pad.get(layer_idx, self.input_pad).tolist()
         q_len = hidden_states.shape[1]
-        previous = getattr(module, "masked_key_indices", None)
+        previous = get_masks(module)
         rows, row_masks = [], []
         try:
             for row, (start, cached_start) in enumerate(zip(input_pad, cache_pad)):
                 row_attentions = None
                 if isinstance(attentions, torch.Tensor):
                     row_attentions = attentions[row : row + 1, :, start:, start:]
-                setattr(module, "masked_key_indices", _row_indices(previous, row, cached_start))
+                set_masks(module, _row_indices(previous, row, cached_start))
                 row_keys, row_values = press.compress(
                     module,
                     hidden_states[row : row + 1, start:],
@@ -86,9 +87,9 @@ class PaddingState:
                     row_kwargs(kwargs, row, start, q_len),
                 )
                 rows.append((row_keys, row_values))
-                row_masks.append(getattr(module, "masked_key_indices", None))
+                row_masks.append(get_masks(module))
         except BaseException:
-            setattr(module, "masked_key_indices", previous)
+            set_masks(module, previous)
             raise
         length = max(row_keys.shape[2] for row_keys, _ in rows)
         bsz, num_kv_heads = keys.shape[:2]
@@ -101,7 +102,7 @@ class PaddingState:
             new_values[row, :, pad:] = row_values[0]
             pads.append(pad)
         self.cache_pad[layer_idx] = torch.tensor(pads, dtype=torch.long)
-        setattr(module, "masked_key_indices", _batch_indices(row_masks, pads, keys.device))
+        set_masks(module, _batch_indices(row_masks, pads, keys.device))
         return new_keys, new_values
 
 

@@ -42,7 +42,7 @@ from kvpress import (
 )
 from kvpress.padding import left_padding, padding_refusal
 from kvpress.transformers_adapter import cache_kwargs
-from reference import REFERENCE_MODEL_DIR
+from harness.reference_model import REFERENCE_MODEL_DIR
 from tests.default_presses import default_presses
 from tests.fixtures import compressed_layers, distinct_ids, get_model, load_tokenizer
 from tests.presses.test_headwise_matrix import MockDuoAttentionPress, uniform_curve
