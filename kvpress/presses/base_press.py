@@ -59,6 +59,14 @@ def is_prefilling(cache_position: torch.Tensor, q_len: int) -> bool:
 
 _PREFILL_FLAG = "_kvpress_prefilling"
 
+# True while `kvpress.chunked_prefill` runs a chunk of a context through the model: every chunk is a prefill, although
+# the layers already hold the (compressed) earlier chunks.
+PREFILL_CHUNK: ContextVar[bool] = ContextVar("kvpress_prefill_chunk", default=False)
+
+# What a press does under chunked prefill (`BasePress.chunked_prefill`): "exact" keeps the tokens it keeps unchunked,
+# "approximate" scores each chunk with what it sees (the kept cache and the chunk), "unsupported" refuses.
+CHUNKED_PREFILL_SUPPORT = ("exact", "approximate", "unsupported")
+
 
 def layer_is_prefilling(module: nn.Module, cache, q_len: int) -> bool:
     """Whether the forward that just ran on this attention layer was a prefill (it started on an empty layer).
@@ -84,7 +92,7 @@ def _record_prefill_state(module: nn.Module, args: tuple, kwargs: dict) -> None:
     elif layer_idx >= len(cache.layers):
         prefilling = True
     else:
-        prefilling = not cache.layers[layer_idx].is_initialized
+        prefilling = PREFILL_CHUNK.get() or not cache.layers[layer_idx].is_initialized
     object.__setattr__(module, _PREFILL_FLAG, prefilling)
 
 
@@ -233,6 +241,10 @@ class BasePress:
     # later (`press.compression_ratio = 1.5` raises the constructor's error). Subclasses declare their own fields'
     # checks in their own `field_checks`; the nearest class along the MRO that names a field gives its check.
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"compression_ratio": ratio_check()}
+
+    # Under chunked prefill (`kvpress.chunked_prefill`): one of CHUNKED_PREFILL_SUPPORT, set by each press class that
+    # supports it. Unsupported by default: a press must be shown to work on a chunk and the kept cache.
+    chunked_prefill: ClassVar[str] = "unsupported"
 
     if not TYPE_CHECKING:  # hidden from mypy, which keeps checking assignments against the declared attributes
 

@@ -26,6 +26,8 @@ class TOVAPress(ScorerPress):
     attention from its pre-RoPE query.
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     compression_ratio: float = 0.0
 
     def score(
