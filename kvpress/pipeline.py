@@ -48,7 +48,8 @@ class KVPressTextGenerationPipeline(Pipeline):
 
     Call as `pipe(context, question=..., questions=[...], answer_prefix=..., press=..., max_new_tokens=...,
     max_context_length=..., enable_thinking=..., cache=..., prefill_chunk_size=...)`. Returns `{"answer": str}` for a
-    single question and `{"answers": [str, ...]}` when `questions` is given. The context may also be passed as `context=...`.
+    single question and `{"answers": [str, ...]}` when `questions` is given. The context may also be passed as
+    `context=...`.
     """
 
     _load_tokenizer = True

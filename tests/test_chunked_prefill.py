@@ -364,3 +364,32 @@ def test_pipeline_chunked_answers_from_the_compressed_cache():
                 break
             step_ids, positions = torch.tensor([[tokens[-1]]]), positions[:, -1:] + 1
     assert answer["answer"] == pipe.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+# ---- the benchmark's --prefill_chunk_size ----------------------------------------------------------------------
+
+
+def _benchmark(tmp_path, *extra):
+    from kvpress.benchmark import main
+
+    common = ["--model", "tiny", "--context_lengths", "96", "--max_new_tokens", "3", "--output_dir", str(tmp_path)]
+    return main([*common, "--decode_loops", "dynamic", *extra])
+
+
+def test_benchmark_rows_with_and_without_chunks(tmp_path):
+    chunked = _benchmark(tmp_path, "--presses", "none,knorm:0.5,StreamingLLMPress:0.8", "--prefill_chunk_size", "32")
+    unchunked = _benchmark(tmp_path, "--presses", "none,knorm:0.5,StreamingLLMPress:0.8")
+    assert [row["prefill_chunk_size"] for row in chunked] == [32] * 3
+    assert [row["prefill_chunk_size"] for row in unchunked] == [None] * 3  # measured anew, not the chunked rows
+    for row, reference in zip(chunked, unchunked):
+        assert not row.get("error") and row["kv_bytes"] == reference["kv_bytes"]
+        assert row["peak_prefill_bytes"] >= 0 and row["tokens_per_s"] > 0
+    assert [row["achieved_ratio"] for row in chunked] == pytest.approx([0.0, 0.5, 0.8], abs=0.01)
+
+
+def test_benchmark_refuses_an_unsupported_press_before_running(tmp_path):
+    with pytest.raises(SystemExit):
+        _benchmark(tmp_path, "--presses", "none,LeverageScorePress:0.5", "--prefill_chunk_size", "32")
+    with pytest.raises(SystemExit):
+        _benchmark(tmp_path, "--presses", "none", "--prefill_chunk_size", "0")
+    assert not (tmp_path / "results.jsonl").exists()
