@@ -393,3 +393,25 @@ def test_benchmark_refuses_an_unsupported_press_before_running(tmp_path):
     with pytest.raises(SystemExit):
         _benchmark(tmp_path, "--presses", "none", "--prefill_chunk_size", "0")
     assert not (tmp_path / "results.jsonl").exists()
+
+
+# ---- scorers that chunk their own work --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length,chunk", [(40, 8), (37, 8), (5, 8)])
+@pytest.mark.parametrize("budget", [1, 2 * 4 * 8 * 8 * 2, 1 << 26])
+def test_non_causal_attention_in_groups_of_chunks_equals_the_direct_sum(monkeypatch, length, chunk, budget):
+    from kvpress.presses import non_causal_attention_press as module
+
+    monkeypatch.setattr(module, "_SCORE_ELEMENTS", budget)  # 1: one chunk per group; 1 << 26: all at once
+    generator = torch.Generator().manual_seed(length)
+    queries, keys = torch.randn(2, 4, length, 16, generator=generator), torch.randn(
+        2, 4, length, 16, generator=generator
+    )
+    received = module.NonCausalAttnPress.non_causal_chunked_attn(queries, keys, chunk)
+    expected = torch.zeros(2, 4, length)
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)
+        weights = (queries[:, :, start:end] @ keys[:, :, start:end].transpose(-1, -2)).softmax(dim=-1)
+        expected[:, :, start:end] = weights.sum(dim=-2)
+    torch.testing.assert_close(received, expected, atol=1e-5, rtol=1e-5)
