@@ -22,7 +22,8 @@ attention mask covers the (compressed) cache the chunk attends to.
 With `chunk_size` None, or at least the context length, the prefill is exactly today's single forward.
 
 For `generate` users: `chunked_prefill(model, input_ids, cache, press=press, chunk_size=4096)` fills `cache` and
-returns the last position's logits; continue decoding at position `input_ids.shape[1]` (see the README's "Long
+returns the last position's logits; continue decoding at position `input_ids.shape[1]`, or let
+`generate_with_chunked_prefill(model, input_ids, press, chunk_size, max_new_tokens)` do both (see the README's "Long
 contexts").
 """
 
@@ -32,10 +33,10 @@ import contextlib
 import logging
 import numbers
 from contextlib import contextmanager
-from typing import Generator, Optional
+from typing import Generator, Optional, Sequence
 
 import torch
-from transformers import Cache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 
 from kvpress.presses.base_press import CHUNKED_PREFILL_SUPPORT, PREFILL_CHUNK, BasePress, compression_ratio_set_to
 from kvpress.transformers_adapter import cache_kwargs
@@ -187,3 +188,44 @@ def chunked_prefill(
                     decoder(input_ids=chunk, position_ids=positions, **cache_kwargs(decoder, cache))
             logger.debug("prefill chunk %d-%d: cache %d tokens", start, end, cache.get_seq_length())
     return logits
+
+
+@torch.no_grad()
+def generate_with_chunked_prefill(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    press: Optional[BasePress] = None,
+    chunk_size: Optional[int] = None,
+    max_new_tokens: int = 32,
+    eos_token_id: Optional[int | Sequence[int]] = None,
+) -> torch.Tensor:
+    """Greedy decoding after a chunked prefill, for `generate` users: the prompt `input_ids` `(B, T)` is prefilled
+    `chunk_size` tokens at a time (compressed by `press` after each chunk), then `max_new_tokens` are decoded at
+    logical positions T, T + 1, ... (inside the press for presses that act during decoding). Returns the prompt
+    followed by the new tokens, like `generate`; stops once every row produced an `eos_token_id`."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    cache = DynamicCache(config=model.config)
+    logits = chunked_prefill(model, input_ids, cache, press=press, chunk_size=chunk_size)
+    if logits is None:  # pragma: no cover - return_logits is True
+        raise RuntimeError("chunked_prefill returned no logits")
+    batch, length = input_ids.shape
+    token = logits[:, -1:].argmax(-1)
+    generated = [token]
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    decoding = press is not None and bool(getattr(press, "acts_during_decoding", False))
+    with press(model) if press is not None and decoding else contextlib.nullcontext():
+        for index in range(max_new_tokens - 1):
+            if eos:
+                finished |= torch.isin(token[:, 0], torch.tensor(sorted(eos), device=token.device))
+                if bool(finished.all()):
+                    break
+            positions = torch.full((batch, 1), length + index, device=input_ids.device)
+            logits = model(
+                input_ids=token, position_ids=positions, logits_to_keep=1, **cache_kwargs(model, cache)
+            ).logits
+            next_token = logits[:, -1:].argmax(-1)
+            token = torch.where(finished[:, None], token, next_token) if eos else next_token
+            generated.append(token)
+    return torch.cat([input_ids, *generated], dim=1)

@@ -415,3 +415,38 @@ def test_non_causal_attention_in_groups_of_chunks_equals_the_direct_sum(monkeypa
         weights = (queries[:, :, start:end] @ keys[:, :, start:end].transpose(-1, -2)).softmax(dim=-1)
         expected[:, :, start:end] = weights.sum(dim=-2)
     torch.testing.assert_close(received, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- the generate helper ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "press", [None, KnormPress(0.5), StreamingLLMPress(0.7), KnormPress(cache_budget=24)], ids=lambda p: repr(p)[:20]
+)
+def test_generate_helper_with_one_chunk_equals_greedy_generate(press):
+    from kvpress.chunked_prefill import generate_with_chunked_prefill
+    from kvpress.decoding_loop import greedy_generate
+
+    model = get_model("llama")
+    ids = _ids(batch=2)
+    expected = greedy_generate(model, ids, press=press, max_new_tokens=6, inplace=False)
+    assert torch.equal(generate_with_chunked_prefill(model, ids, press, chunk_size=LENGTH, max_new_tokens=6), expected)
+
+
+def test_generate_helper_chunked_continues_the_pipeline_way():
+    """Chunked: the new tokens are the greedy continuation of the chunked cache at logical positions."""
+    from kvpress.chunked_prefill import generate_with_chunked_prefill
+
+    model = get_model("llama")
+    ids = _ids()
+    out = generate_with_chunked_prefill(model, ids, StreamingLLMPress(0.5), chunk_size=CHUNK, max_new_tokens=4)
+    cache, logits = _chunked(model, ids, StreamingLLMPress(0.5), CHUNK)
+    tokens = [logits[:, -1:].argmax(-1)]
+    with torch.no_grad():
+        for step in range(3):
+            position = torch.tensor([[LENGTH + step]])
+            logits = model(input_ids=tokens[-1], position_ids=position, **cache_kwargs(model, cache)).logits
+            tokens.append(logits[:, -1:].argmax(-1))
+    assert torch.equal(out, torch.cat([ids, *tokens], dim=1))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_with_chunked_prefill(model, ids, max_new_tokens=0)
