@@ -16,48 +16,34 @@ leaves `--output_dir`.
 
 from __future__ import annotations
 
+import logging
+import os
+import random
+import re
 import sys
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
 
-if __package__ in (None, ""):
-    # Run as a script (`python evaluation/evaluate.py`, `accelerate launch evaluation/evaluate.py`) from any folder:
-    # import the harness as the `evaluation` package, and keep this folder off sys.path so that its modules
-    # (evaluate.py, data.py, ...) cannot shadow installed packages of the same name.
-    _HERE = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
-    sys.path.insert(0, str(_HERE.parent))
+import numpy as np
+import pandas as pd
+import torch
+import yaml
 
-import logging  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass, fields  # noqa: E402
-from typing import Any, Callable, Dict, List, Optional, Union  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from evaluation.data import (  # noqa: E402
-    BASE_COLUMNS,
-    check_columns,
-    check_rows,
-    data_fingerprint,
-    load_hub_dataset,
-    load_local_dataset,
-    load_synthetic,
-    row_fingerprint,
-)
-from evaluation.evaluate_registry import (  # noqa: E402
+from evaluation.data import BASE_COLUMNS, check_columns, check_rows, load_synthetic
+from evaluation.evaluate_registry import (
     DATASET_REGISTRY,
     DEFAULT_DATA_DIR,
     PRESS_REGISTRY,
     REQUIRED_COLUMNS,
     SCORER_REGISTRY,
 )
-from evaluation.results import (  # noqa: E402
+from evaluation.summary import headline_score, run_summary
+from harness.data import data_fingerprint, load_hub_dataset, load_local_dataset, row_fingerprint
+from harness.process_group import ProcessGroup
+from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
+from harness.results import (
     PartialResults,
     RunLock,
     RunLockedError,
@@ -69,7 +55,6 @@ from evaluation.results import (  # noqa: E402
     remove_inside,
     shard,
 )
-from evaluation.summary import headline_score, run_summary  # noqa: E402
 
 logger = logging.getLogger("evaluation")
 
@@ -98,13 +83,8 @@ def name_component(value: Any) -> str:
 
 
 def reference_model() -> tuple[Path, Optional[int]]:
-    """`(REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH)` from the `reference` package (defaults if it is absent)."""
-    try:
-        import reference
-    except ImportError:
-        reference = None  # type: ignore[assignment]
-    directory = getattr(reference, "REFERENCE_MODEL_DIR", None) or REPO_ROOT / "reference" / "model"
-    return Path(directory), getattr(reference, "TRAINED_CONTEXT_LENGTH", None)
+    """`(REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH)`: the model `--model reference` loads, and its trained length."""
+    return Path(REFERENCE_MODEL_DIR), TRAINED_CONTEXT_LENGTH
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -115,29 +95,37 @@ def _in_unit_interval(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
-def press_class_names(press: Any) -> set[str]:
-    """Class names (whole MRO) of a press and of every press inside it (wrappers, compositions)."""
-    names: set[str] = set()
+def nested_presses(press: Any) -> list:
+    """A press and every press inside it (wrappers' `press` / `base_press`, compositions' `presses`)."""
+    found: list = []
     stack = [press]
     while stack:
         current = stack.pop()
         if current is None:
             continue
-        names.update(cls.__name__ for cls in type(current).__mro__)
+        found.append(current)
         for attribute in ("press", "base_press"):
             inner = getattr(current, attribute, None)
             if inner is not None and hasattr(inner, "forward_hook"):
                 stack.append(inner)
         stack.extend(getattr(current, "presses", None) or [])
-    return names
+    return found
+
+
+def query_aware_press(press: Any) -> Any:
+    """The press (nested or not) that compresses with the question (FinchPress: it adds a delimiter token), or None."""
+    return next((p for p in nested_presses(press) if hasattr(p, "update_model_and_tokenizer")), None)
+
+
+def takes_field(press: Any, name: str) -> bool:
+    """Whether `press` has a dataclass field `name` (what the CLI sets on it: threshold, target_size, ...)."""
+    return press is not None and name in getattr(type(press), "__dataclass_fields__", {})
 
 
 def is_decoding_press(press: Any) -> bool:
-    """Presses that compress while the answer is generated: one pipeline call per question."""
-    return press is not None and (
-        "DecodingPress" in {cls.__name__ for cls in type(press).__mro__}
-        or bool(getattr(press, "acts_during_decoding", False))
-    )
+    """Presses that compress while the answer is generated (`acts_during_decoding`): one pipeline call per
+    question."""
+    return press is not None and bool(getattr(press, "acts_during_decoding", False))
 
 
 @dataclass
@@ -350,46 +338,6 @@ def load_config(config_file: Union[str, Path, None] = None, **overrides: Any) ->
     return EvaluationConfig(**merged)
 
 
-@dataclass
-class ProcessGroup:
-    """Where this process stands in a data-parallel run (`accelerate launch`): rank, size, and a barrier."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    barrier: Optional[Callable[[], None]] = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def wait(self) -> None:
-        if self.barrier is not None:
-            self.barrier()
-
-    @classmethod
-    def from_environment(cls) -> "ProcessGroup":
-        """One process, unless launched by `accelerate launch` / torchrun (WORLD_SIZE > 1).
-
-        On GPUs, accelerate's PartialState sets up the process group (NCCL); without CUDA (where PartialState falls
-        back to a single process) a gloo process group is used, so data-parallel runs also work on CPUs.
-        """
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size <= 1:
-            return cls()
-        if torch.cuda.is_available():
-            from accelerate import PartialState
-
-            state = PartialState()
-            return cls(state.process_index, state.num_processes, state.local_process_index, state.wait_for_everyone)
-        import torch.distributed as distributed
-
-        if not distributed.is_initialized():
-            distributed.init_process_group("gloo")
-        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        return cls(rank, world_size, local_rank, distributed.barrier)
-
-
 def configure_logging(level: str) -> None:
     level_number = getattr(logging, str(level).upper())
     if not logging.getLogger().handlers:
@@ -575,20 +523,19 @@ class EvaluationRunner:
         """A fresh press for `press_name`, with the configured ratio (or threshold, head ratio, ...)."""
         config = self.config
         press = PRESS_REGISTRY[config.press_name]
-        names = {cls.__name__ for cls in type(press).__mro__} if press is not None else set()
         if press is None:
             logger.warning("No press: the KV cache is not compressed (compression_ratio 0).")
-        elif "DuoAttentionPress" in names:
+        elif takes_field(press, "head_compression_ratio"):
             if config.head_compression_ratio is None:
                 raise ValueError(f"Press {config.press_name!r} needs --head_compression_ratio.")
             press.head_compression_ratio = config.head_compression_ratio
-        elif "DMSPress" in names:
+        elif takes_field(press, "threshold"):
             if config.threshold is None:
                 raise ValueError(f"Press {config.press_name!r} needs --threshold.")
             press.threshold = config.threshold
-        elif "ComposedPress" in names:
+        elif takes_field(press, "presses"):
             for inner in press.presses:
-                if "ThinKPress" in {cls.__name__ for cls in type(inner).__mro__}:
+                if takes_field(inner, "key_channel_compression_ratio"):
                     if config.key_channel_compression_ratio is None:
                         raise ValueError(f"Press {config.press_name!r} needs --key_channel_compression_ratio.")
                     inner.key_channel_compression_ratio = config.key_channel_compression_ratio
@@ -596,11 +543,11 @@ class EvaluationRunner:
                     inner.compression_ratio = config.compression_ratio
                 else:
                     logger.warning("%s has no compression_ratio; left as is.", type(inner).__name__)
-        elif "ThinKPress" in names:
+        elif takes_field(press, "key_channel_compression_ratio"):
             if config.key_channel_compression_ratio is None:
                 raise ValueError(f"Press {config.press_name!r} needs --key_channel_compression_ratio.")
             press.key_channel_compression_ratio = config.key_channel_compression_ratio
-        elif "DecodingPress" in names:
+        elif takes_field(press, "target_size"):
             for name in ("compression_interval", "target_size", "hidden_states_buffer_size"):
                 if getattr(config, name):  # upstream: only a set (truthy) value replaces the press's own
                     setattr(press, name, getattr(config, name))
@@ -662,7 +609,7 @@ class EvaluationRunner:
             from transformers import FineGrainedFP8Config
 
             model_kwargs["quantization_config"] = FineGrainedFP8Config()
-        if "ObservedAttentionPress" in press_class_names(self.press):
+        if any(getattr(p, "needs_attention_weights", False) for p in nested_presses(self.press)):
             model_kwargs["attn_implementation"] = "eager"
         elif model_kwargs.get("attn_implementation") is None:
             try:
@@ -708,7 +655,7 @@ class EvaluationRunner:
         """The rows a run evaluates, with a stable `row_id`, checked (columns, then every value) and sampled; the
         needle rows built. Needs at most the tokenizer, never the model."""
         config = self.config
-        if "FinchPress" in press_class_names(self.press) and not config.query_aware:
+        if query_aware_press(self.press) is not None and not config.query_aware:
             raise ValueError("FinchPress compresses with the question: run it with --query_aware.")
         df, source = self._load_raw_dataframe()
         needle = config.dataset == "needle_in_haystack"
@@ -744,9 +691,10 @@ class EvaluationRunner:
         """The rows as the pipeline gets them (FinchPress delimiter, question-aware contexts) and their fingerprints."""
         config = self.config
         df = df.copy()
-        if "FinchPress" in press_class_names(self.press):
-            self.press.update_model_and_tokenizer(self.pipeline.model, self.pipeline.tokenizer)
-            df["context"] = df["context"] + self.press.delimiter_token
+        finch = query_aware_press(self.press)
+        if finch is not None:
+            finch.update_model_and_tokenizer(self.pipeline.model, self.pipeline.tokenizer)
+            df["context"] = df["context"] + finch.delimiter_token
         if config.query_aware:
             df["context"] = df["context"] + df["question"]
             df["question"] = ""

@@ -11,18 +11,11 @@ and draw `no_press` as the horizontal reference line. The points are also printe
 
 from __future__ import annotations
 
-import sys
+from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
-if __package__ in (None, ""):
-    _HERE = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
-    sys.path.insert(0, str(_HERE.parent))
-
-from collections import defaultdict  # noqa: E402
-from typing import Optional  # noqa: E402
-
-from evaluation.summary import collect_runs, format_table  # noqa: E402
+from evaluation.summary import collect_runs, format_table
 
 
 def _line_name(run: dict) -> str:

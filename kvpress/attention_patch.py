@@ -23,7 +23,11 @@ from typing import Callable
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import MAX_INPLACE_QUERY_ROWS, inplace_attention, inplace_attention_mask
+from kvpress.padding import hide_padding_slots
+from kvpress.ragged_attention import register_ragged_attention, run_ragged_attention
+from kvpress.ragged_cache import ragged_layer_of
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ def apply_masked_key_indices(module, query: torch.Tensor, key: torch.Tensor) -> 
     groups = num_heads // num_kv_heads
     queries = query.reshape(bsz * num_kv_heads, groups * q_len, head_dim)
     fake_keys = search_hyperplane(queries.float()).to(key.dtype).view(bsz, num_kv_heads, head_dim)
-    batch_idx, head_idx, seq_idx = (idx.to(key.device) for idx in module.masked_key_indices)
+    batch_idx, head_idx, seq_idx = (idx.to(key.device) for idx in get_masks(module))
     key[batch_idx, head_idx, seq_idx] = fake_keys[batch_idx, head_idx]
 
 
@@ -86,7 +90,7 @@ def headwise_attention_mask(module, query: torch.Tensor, key: torch.Tensor, atte
         given = attention_mask[..., -k_len:]
         given = given if given.dtype == torch.bool else given == 0
         allowed &= given.expand(bsz, -1, q_len, k_len)
-    batch_idx, head_idx, seq_idx = (idx.to(query.device) for idx in module.masked_key_indices)
+    batch_idx, head_idx, seq_idx = (idx.to(query.device) for idx in get_masks(module))
     for g in range(groups):
         allowed[batch_idx, head_idx * groups + g, :, seq_idx] = False
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
@@ -103,7 +107,7 @@ def hide_masked_entries(module, mask: torch.Tensor, query: torch.Tensor) -> torc
     full = mask.expand(bsz, num_heads, *mask.shape[2:]).clone()
     num_kv_heads = module.config.num_key_value_heads
     groups = num_heads // num_kv_heads
-    batch_idx, head_idx, seq_idx = (idx.to(query.device) for idx in module.masked_key_indices)
+    batch_idx, head_idx, seq_idx = (idx.to(query.device) for idx in get_masks(module))
     for g in range(groups):
         full[batch_idx, head_idx * groups + g, :, seq_idx] = False
     return full
@@ -131,12 +135,21 @@ def attention_patch(func: Callable) -> Callable:
         return func
 
     def wrapper(module, query, key, value, attention_mask, *args, **kwargs):
+        # a ragged layer (kvpress.ragged_cache) holds only the kept entries: attention runs over its segments
+        ragged = ragged_layer_of(module, key)
+        if ragged is not None:
+            if kwargs.get("dropout"):
+                raise ValueError("ragged attention serves inference only (dropout must be 0)")
+            return (
+                run_ragged_attention(ragged, query, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")),
+                None,
+            )
         # a preallocated decoding buffer (kvpress.inplace_cache): its own valid slots, whatever mask the model sized
         inplace_mask = inplace_attention_mask(module, query, key)
         if query.shape[2] == key.shape[2]:
             # A square attention is a prefill: masks from an earlier context no longer apply.
-            module.masked_key_indices = None
-        elif getattr(module, "masked_key_indices", None) is not None:
+            clear_masks(module)
+        elif get_masks(module) is not None:
             try:
                 apply_masked_key_indices(module, query, key)
             except ValueError:
@@ -164,6 +177,7 @@ def attention_patch(func: Callable) -> Callable:
             kwargs.pop("is_causal", None)
         else:
             attention_mask = fit_mask_to_keys(attention_mask, query.shape[2], key.shape[2])
+            attention_mask = hide_padding_slots(module, query, key, attention_mask)  # a padded batch's rows
         return func(module, query, key, value, attention_mask, *args, **kwargs)
 
     setattr(wrapper, _PATCHED_FLAG, True)
@@ -173,6 +187,7 @@ def attention_patch(func: Callable) -> Callable:
 
 def patch_attention_functions() -> None:
     """Wrap transformers' attention functions and the supported models' eager attention. Safe to call twice."""
+    register_ragged_attention()
     for name, func in list(ALL_ATTENTION_FUNCTIONS.items()):
         ALL_ATTENTION_FUNCTIONS[name] = attention_patch(func)
     for module_name in _EAGER_MODULES:

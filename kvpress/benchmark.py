@@ -39,8 +39,12 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTra
 import kvpress
 from kvpress.chunked_prefill import check_chunk_size, chunked_prefill, require_chunked_prefill_support
 from kvpress.graphed_decoding import GraphedDecodeStep, graphable
+from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.presses.base_press import BasePress
+from kvpress.ragged_attention import effective_backend
+from kvpress.ragged_cache import RaggedCache, RaggedLayer, ragged_problem, release_dense_layers
+from kvpress.resources import text_config
 from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import get_language_model
 
@@ -133,13 +137,13 @@ def _number(value: str) -> Any:
 
 
 def _press_by_name(name: str) -> BasePress:
-    """A fresh press: an evaluation-registry name (when the `evaluation` package is importable, i.e. from the
+    """A fresh press: a press-registry name (when the `harness` package is importable, i.e. from a checkout of the
     repository root) or a kvpress class name such as `KnormPress`."""
     cls = getattr(kvpress, name, None)
     if isinstance(cls, type) and issubclass(cls, BasePress):
         return cls()
     try:
-        from evaluation.evaluate_registry import PRESS_REGISTRY
+        from harness.press_registry import PRESS_REGISTRY
     except ImportError:
         raise ValueError(
             f"Unknown press {name!r}: pass a kvpress class name (e.g. KnormPress), or run from the repository root "
@@ -204,20 +208,25 @@ def kv_statistics(cache, model: PreTrainedModel) -> dict:
     resident, entries, unmasked = 0, 0, 0
     attentions = {layer.self_attn.layer_idx: layer.self_attn for layer in get_language_model(model).layers}
     for layer_idx, layer in enumerate(cache.layers):
+        if isinstance(layer, RaggedLayer):  # only the kept entries are stored (spare rows for decoding included)
+            resident += layer.kv_bytes()
+            entries += layer.used_rows()
+            unmasked += layer.used_rows()
+            continue
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
             continue
         resident += keys.numel() * keys.element_size() + values.numel() * values.element_size()
         n = keys.shape[0] * keys.shape[1] * keys.shape[2]
         entries += n
-        masked = getattr(attentions.get(layer_idx), "masked_key_indices", None)
+        masked = get_masks(attentions[layer_idx]) if layer_idx in attentions else None
         unmasked += n - (int(masked[0].numel()) if masked is not None else 0)
     return {"kv_bytes": resident, "kv_entries": entries, "kv_unmasked_entries": unmasked}
 
 
 def full_kv_bytes(model: PreTrainedModel, batch: int, length: int) -> int:
     """Bytes of an uncompressed cache of `length` tokens (sliding-window layers hold at most their window)."""
-    config = model.config.get_text_config()
+    config = text_config(model)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     window = getattr(config, "sliding_window", None) or length
@@ -230,7 +239,9 @@ def parameter_bytes(model: PreTrainedModel) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-DECODE_LOOPS = ("dynamic", "inplace", "graph")
+DECODE_LOOPS = ("dynamic", "inplace", "graph", "compiled", "autotuned", "ragged")
+# decode loops replayed from a CUDA graph, and the `torch.compile` mode each compiles the step with first
+GRAPH_LOOPS = {"graph": None, "compiled": "default", "autotuned": "max-autotune-no-cudagraphs"}
 
 
 class NotApplicable(ValueError):
@@ -250,7 +261,10 @@ def run_press(
 
     `loop`: `dynamic` is the copying loop (a DynamicCache that concatenates every step, as upstream), `inplace` the
     preallocated in-place cache (`kvpress.inplace_cache`), `graph` the same with each step replayed from a CUDA graph
-    (`kvpress.graphed_decoding`). `prefill_chunk_size`: the context is prefilled that many tokens at a time, the press
+    (`kvpress.graphed_decoding`), `compiled` / `autotuned` the graph of the step compiled first by `torch.compile`
+    (default mode / max-autotune without its own graphs), `ragged` the per-head variable-length cache
+    (`kvpress.ragged_cache`: only the entries each head kept, for head-wise presses; `kv_bytes` is then what it holds
+    after the conversion). `prefill_chunk_size`: the context is prefilled that many tokens at a time, the press
     compressing after each chunk (`kvpress.chunked_prefill`); only the last position's logits are computed either
     way."""
     device = input_ids.device
@@ -271,20 +285,35 @@ def run_press(
     peak_prefill = _peak(device)
     stats = kv_statistics(cache, model)
 
-    decoding = bool(getattr(press, "acts_during_decoding", False)) if press is not None else False
+    decoding = press is not None and press.acts_during_decoding
     decode_cache: Any = cache
     step_fn = None
     capture = 0.0
-    if loop != "dynamic":
-        if decoding or not can_decode_in_place(model, cache):
-            raise NotApplicable(f"the {loop} loop does not apply (a press acting during decoding, or this cache)")
+    if loop == "ragged":
+        if decoding:
+            raise NotApplicable("the ragged loop does not apply to a press acting during decoding")
+        problem = ragged_problem(cache)
+        if problem is not None:
+            raise NotApplicable(f"the ragged loop does not apply: {problem}")
+        decode_cache = RaggedCache.from_cache(cache, model, extra_tokens=max_new_tokens + 2)
+        for module in get_language_model(model).layers:
+            clear_masks(module.self_attn)  # applied: the ragged layers hold only the kept entries
+        release_dense_layers(cache)
+        del cache
+        stats = {**kv_statistics(decode_cache, model), "kv_bytes_dense_prefill": stats["kv_bytes"]}
+    elif loop != "dynamic":
+        if not can_decode_in_place(model, cache):
+            raise NotApplicable(f"the {loop} loop does not apply to this cache (sliding-window, quantized or empty)")
+        if decoding and loop in GRAPH_LOOPS:
+            raise NotApplicable(f"the {loop} loop does not apply to a press acting during decoding (host decisions)")
+        # a press acting during decoding evicts inside the in-place buffers
         decode_cache = InPlaceCache.from_cache(cache, extra_tokens=max_new_tokens + 2, model=model)
         del cache
-        if loop == "graph":
+        if loop in GRAPH_LOOPS:
             if not graphable(model, decode_cache):
-                raise NotApplicable("the graph loop needs CUDA and no head-wise masks")
+                raise NotApplicable(f"the {loop} loop needs CUDA and no head-wise masks")
             start = time.perf_counter()
-            step_fn = GraphedDecodeStep(model, decode_cache, batch_size=batch)
+            step_fn = GraphedDecodeStep(model, decode_cache, batch_size=batch, compile_mode=GRAPH_LOOPS[loop])
             _sync(device)
             capture = time.perf_counter() - start
     _reset_peak(device)
@@ -303,6 +332,7 @@ def run_press(
         _sync(device)
     finally:
         InPlaceCache.detach(model)
+        RaggedCache.detach(model)
     decode = time.perf_counter() - start
     steps = max(1, max_new_tokens - 1)
     return {
@@ -315,6 +345,7 @@ def run_press(
         "peak_decode_bytes": _peak(device),
         **stats,
         "kv_bytes_after_decode": kv_statistics(decode_cache, model)["kv_bytes"],
+        **({"ragged_backend": effective_backend(device)} if loop == "ragged" else {}),
     }
 
 
@@ -488,6 +519,79 @@ def environment(device: torch.device, bandwidth: float) -> dict:
     return info
 
 
+NEEDLE_DEPTHS = (0.05, 0.5, 0.95)
+
+
+def needle_rows(context_lengths: list[int], depths: tuple[float, ...], samples: int, tokenizer) -> list[dict]:
+    """Needle-in-a-haystack rows (the synthetic tasks' sweep: one needle at each depth of each length)."""
+    from harness.synthetic.tasks import needle_sweep_rows
+
+    return needle_sweep_rows(context_lengths, depths=depths, num_samples=samples, tokenizer=tokenizer)
+
+
+def run_needle(
+    model: PreTrainedModel,
+    tokenizer,
+    requests: list["PressRequest"],
+    rows: list[dict],
+    results_path: Path,
+    model_name: str,
+) -> list[dict]:
+    """Answer every needle row with every press through the pipeline (a fresh press per row); one result row per
+    (press, context length, depth), appended to `results_path` as it finishes (a rerun resumes)."""
+    from harness.synthetic.scoring import row_score
+
+    from kvpress.pipeline import KVPressTextGenerationPipeline
+
+    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer, device=model.device)
+    done = {(r["model"], r["press"], r["context_length"], r["depth"]): r for r in read_rows(results_path)}
+    groups: dict[tuple[int, float], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["context_length"], row["depth"]), []).append(row)
+    results = []
+    runs = [(request, key) for key in groups for request in requests if request.name != "generate"]
+    for request, (length, depth) in tqdm(runs, desc="needle", unit="run"):
+        run_key_ = (model_name, request.text, length, depth)
+        if run_key_ in done:
+            results.append(done[run_key_])
+            continue
+        scores = []
+        for row in groups[(length, depth)]:
+            press = request.build()
+            answer = pipe(
+                row["context"],
+                question=row["question"],
+                answer_prefix=row.get("answer_prefix", ""),
+                press=press,
+                max_new_tokens=int(row.get("max_new_tokens", 16)),
+            )["answer"]
+            scores.append(row_score(answer, row["answer"]))
+        result = {
+            "model": model_name,
+            "press": request.text,
+            "context_length": length,
+            "depth": depth,
+            "samples": len(scores),
+            "accuracy": 100.0 * sum(scores) / len(scores),
+        }
+        append_row(results_path, result)
+        results.append(result)
+    return results
+
+
+def format_needle_table(rows: list[dict]) -> str:
+    """Accuracy per press (rows) and (context length, depth) (columns)."""
+    columns = sorted({(r["context_length"], r["depth"]) for r in rows})
+    presses = list(dict.fromkeys(r["press"] for r in rows))
+    by_key = {(r["press"], r["context_length"], r["depth"]): r["accuracy"] for r in rows}
+    header = "press | " + " | ".join(f"{length} @ {depth:.0%}" for length, depth in columns)
+    lines = [header, "|".join(["---"] * (len(columns) + 1))]
+    for press in presses:
+        cells = [f"{by_key[(press, *column)]:.0f}" if (press, *column) in by_key else "-" for column in columns]
+        lines.append(f"{press} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -499,7 +603,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument(
         "--decode_loops",
         default="dynamic,inplace",
-        help=f"comma-separated, of {', '.join(DECODE_LOOPS)} (graph: CUDA only); `generate` rows run once",
+        help=f"comma-separated, of {', '.join(DECODE_LOOPS)} (graph, compiled, autotuned: CUDA only); `generate` rows "
+        "run once",
     )
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument(
@@ -514,6 +619,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--output_dir", default="benchmark_results")
     parser.add_argument("--trust_remote_code", action="store_true", help="only for models with their own code")
     parser.add_argument("--force", action="store_true", help="measure again runs already in results.jsonl")
+    parser.add_argument(
+        "--needle",
+        action="store_true",
+        help="needle-in-a-haystack accuracy instead of speed: the needle at --needle_depths of each context length, "
+        "answered through the pipeline with and without each press (use a model that can do the task, e.g. "
+        "reference/model offline)",
+    )
+    parser.add_argument("--needle_depths", default=",".join(str(d) for d in NEEDLE_DEPTHS))
+    parser.add_argument("--needle_samples", type=int, default=5, help="needles per (context length, depth)")
     parser.add_argument(
         "--disable_cudnn_sdp",
         action="store_true",
@@ -562,7 +676,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     done = {run_key(row): row for row in read_rows(results_path)}
 
     model = load_model(args.model, str(device), dtype, args.attn_implementation, args.trust_remote_code)
-    vocab = model.config.get_text_config().vocab_size
+    if args.needle:
+        return _needle_main(parser, args, model, requests, lengths, output_dir)
+    vocab = text_config(model).vocab_size
     bandwidth = copy_bandwidth(device)
     weights = parameter_bytes(model)
     env = environment(device, bandwidth)
@@ -630,6 +746,31 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     sys.stdout.write(table)  # the CLI's report
     (output_dir / "table.txt").write_text(table)
     plot(rows, output_dir / "plots.png")
+    return rows
+
+
+def _needle_main(parser, args, model, requests, lengths, output_dir: Path) -> list[dict]:
+    if args.model in SHAPES:
+        parser.error("--needle needs a model that can find a needle (a Hub id or local directory), not a random shape")
+    try:
+        depths = tuple(float(value) for value in args.needle_depths.split(",") if value.strip())
+    except ValueError:
+        parser.error(f"--needle_depths must be comma-separated fractions, got {args.needle_depths!r}")
+    if not depths or not all(0.0 <= depth <= 1.0 for depth in depths):
+        parser.error(f"--needle_depths must be fractions between 0 and 1, got {args.needle_depths!r}")
+    if args.needle_samples < 1:
+        parser.error("--needle_samples must be positive")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    needles = needle_rows(lengths, depths, args.needle_samples, tokenizer)
+    results_path = output_dir / "needle.jsonl"
+    if args.force and results_path.exists():
+        results_path.unlink()
+    rows = run_needle(model, tokenizer, requests, needles, results_path, args.model)
+    table = f"needle accuracy (%), {args.model}, {args.needle_samples} needles per cell\n{format_needle_table(rows)}\n"
+    sys.stdout.write(table)
+    (output_dir / "needle.txt").write_text(table)
     return rows
 
 

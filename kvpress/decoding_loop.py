@@ -32,12 +32,14 @@ def greedy_generate(
     eos_token_id: Optional[int | Sequence[int]] = None,
     inplace: bool = True,
     cuda_graph: bool = False,
+    compile_mode: Optional[str] = None,
 ) -> torch.Tensor:
     """Greedy decoding of `max_new_tokens` after `input_ids` `(B, T)` (no padding), the prompt compressed by `press`.
 
     New tokens continue at the prompt's logical positions T, T + 1, ... (the cache length for presses that re-rotate
     their kept keys). Stops early once every row produced an `eos_token_id` (later tokens of a finished row repeat
-    its EOS)."""
+    its EOS). `cuda_graph` replays each step from a CUDA graph (CUDA, no head-wise masks); `compile_mode` (`"default"`
+    or `"max-autotune-no-cudagraphs"`) compiles that step with `torch.compile` first."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -49,12 +51,15 @@ def greedy_generate(
         logits = model(input_ids=input_ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits
     token = logits[:, -1:].argmax(-1)
     start = cache.get_seq_length() if press is not None and press.rerotates_kept_keys else length  # type: ignore
-    decoding = press is not None and bool(getattr(press, "acts_during_decoding", False))
+    decoding = press is not None and press.acts_during_decoding
     step = None
-    if inplace and not decoding and can_decode_in_place(model, cache):  # type: ignore[arg-type]
+    if inplace and can_decode_in_place(model, cache):  # type: ignore[arg-type]
+        # a press acting during decoding evicts inside the same buffers (InPlaceLayer.replace); it cannot be graphed
         cache = InPlaceCache.from_cache(cache, extra_tokens=max_new_tokens + 2, model=model)  # type: ignore
-        if cuda_graph and graphable(model, cache):  # type: ignore[arg-type]
-            step = GraphedDecodeStep(model, cache, batch_size=batch)  # type: ignore[arg-type]
+        if cuda_graph and not decoding and graphable(model, cache):  # type: ignore[arg-type]
+            step = GraphedDecodeStep(
+                model, cache, batch_size=batch, compile_mode=compile_mode  # type: ignore[arg-type]
+            )
     generated = [token]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     try:

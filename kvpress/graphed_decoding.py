@@ -8,16 +8,27 @@ device tensors, so the whole step can be recorded once (`torch.cuda.CUDAGraph`) 
 position ids: one launch per token. The graph reads the token and positions from static input buffers and leaves
 the logits in a static output buffer (read it before the next step).
 
+With `compile_mode` (a `torch.compile` mode without its own CUDA graphs, e.g. `"default"` or
+`"max-autotune-no-cudagraphs"`), the step is first compiled, so that the few hundred small elementwise kernels of a
+step (norms, rotary embedding, residual adds, activation, mask) are fused, then captured: replaying a graph removes
+the launch cost of each kernel but not its run time, and at batch 1 the small kernels add up to as much as the
+weight reads.
+
 Not for head-wise presses (their fake-key search is a data-dependent loop) nor for presses that act during decoding;
 `graphable` says whether a model and cache qualify.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from kvpress.inplace_cache import InPlaceCache
 from kvpress.transformers_adapter import CannotCompressError, cache_kwargs
+
+# `torch.compile` modes that leave CUDA graphs to us (reduce-overhead would capture its own graphs inside ours)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 def graphable(model: torch.nn.Module, cache: InPlaceCache) -> bool:
@@ -30,7 +41,16 @@ def graphable(model: torch.nn.Module, cache: InPlaceCache) -> bool:
 class GraphedDecodeStep:
     """`step(token, position_ids) -> logits (B, 1, vocab)`: one decoding forward, replayed from a CUDA graph."""
 
-    def __init__(self, model: torch.nn.Module, cache: InPlaceCache, batch_size: int = 1, warmup: int = 2):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: InPlaceCache,
+        batch_size: int = 1,
+        warmup: int = 2,
+        compile_mode: Optional[str] = None,
+    ):
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be None or one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         if not graphable(model, cache):
             raise CannotCompressError(
                 "A CUDA-graph decoding step needs an in-place cache on a CUDA device and no head-wise masks "
@@ -43,21 +63,29 @@ class GraphedDecodeStep:
         lengths = cache.lengths()
         if min(layer.capacity - length for layer, length in zip(cache.layers, lengths)) < warmup:  # type: ignore
             raise CannotCompressError("The in-place cache has no room for the warm-up steps of the CUDA graph.")
+        self.compile_mode = compile_mode
+        self._cache_kwargs = cache_kwargs(model, cache)
+        forward = self._forward
+        if compile_mode is not None:
+            # the host lengths are the same on every call (rolled back after each warm-up step), so the compiled
+            # code is specialised once and never recompiled; the graph then replays it without running Python
+            forward = torch.compile(self._forward, mode=compile_mode, dynamic=False)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.no_grad(), torch.cuda.stream(stream):
             for _ in range(warmup):  # kernels choose their algorithms and allocate their workspaces outside capture
-                self._forward()
+                forward()
+                cache.rollback(lengths)
         torch.cuda.current_stream(device).wait_stream(stream)
-        cache.rollback(lengths)
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+            self.logits = forward()
         cache.rollback(lengths)  # capture ran the Python side only: put the host lengths back
 
     def _forward(self) -> torch.Tensor:
-        with_cache = cache_kwargs(self.model, self.cache)
-        return self.model(input_ids=self.token, position_ids=self.position_ids, logits_to_keep=1, **with_cache).logits
+        return self.model(
+            input_ids=self.token, position_ids=self.position_ids, logits_to_keep=1, **self._cache_kwargs
+        ).logits
 
     def __call__(self, token: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         for layer in self.cache.layers:

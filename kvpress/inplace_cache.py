@@ -10,8 +10,9 @@ plan per shape (cuDNN) plan once per bucket instead of once per step and per lay
 
 Attention over the buffer hides the unused slots with a per-layer mask built from the layer's own length (layers may
 hold different lengths, e.g. after PyramidKV): `attention_patch` asks `inplace_attention_mask` for it. Rolling back
-after a question only resets the lengths. Presses cannot resize these layers (they raise `CannotCompressError`):
-convert after the presses that act on the context, and keep the dynamic cache for presses that act during decoding.
+after a question only resets the lengths. A press that evicts during decoding (a `cache_budget`, DecodingPress)
+reads the valid slots and writes the kept entries back into the start of the same buffers (`InPlaceLayer.replace`,
+through `kvpress.utils.write_keys_and_values`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,28 @@ class InPlaceLayer(CacheLayerMixin):
         self.position.add_(n_new)
         self.length = end
         return self.keys, self.values
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold exactly `keys`/`values` `(B, H, n, d)` from now on, written into the start of the buffers (a press
+        that evicts during decoding compacts the layer in place: no new allocation, the same shapes for attention)."""
+        n = keys.shape[2]
+        if keys.shape[:2] != self.keys.shape[:2] or keys.shape[-1] != self.keys.shape[-1] or values.shape != keys.shape:
+            raise ValueError(
+                f"keys {tuple(keys.shape)} / values {tuple(values.shape)} do not fit this in-place layer of "
+                f"(batch, heads, capacity, head_dim) = {tuple(self.keys.shape)}"
+            )
+        if n > self.capacity:
+            raise CannotCompressError(
+                f"The in-place decoding cache holds {self.capacity} tokens per layer; a press wrote {n} into it."
+            )
+        # the new entries may be views of the buffers (e.g. a prefix); copy out first when they overlap
+        if keys.untyped_storage().data_ptr() == self.keys.untyped_storage().data_ptr():
+            keys = keys.clone()
+        if values.untyped_storage().data_ptr() == self.values.untyped_storage().data_ptr():
+            values = values.clone()
+        self.keys[:, :, :n].copy_(keys)
+        self.values[:, :, :n].copy_(values)
+        self.set_length(n)
 
     def set_length(self, length: int) -> None:
         """Forget the slots from `length` on (they are overwritten by later tokens)."""
@@ -185,6 +208,9 @@ def can_decode_in_place(model: torch.nn.Module, cache: Cache) -> bool:
     )
 
 
+# Slots per chunk of the weights @ values product of `inplace_attention` (the bucket size: capacities are multiples)
+VALUE_SPLIT = 1024
+
 # Query rows up to which a forward over an in-place layer uses `inplace_attention` (a decoding step, a question).
 MAX_INPLACE_QUERY_ROWS = 64
 
@@ -219,5 +245,18 @@ def inplace_attention(
         visible = mask.expand(bsz, num_heads, q_len, -1).reshape(bsz, num_kv_heads, groups * q_len, -1)
     logits = logits.masked_fill(~visible, float("-inf"))
     weights = torch.softmax(logits, dim=-1).to(value.dtype)
-    output = torch.matmul(weights, value).reshape(bsz, num_heads, q_len, -1)
+    capacity = value.shape[2]
+    if capacity % VALUE_SPLIT == 0 and capacity > VALUE_SPLIT:
+        # weights @ values reduces over the whole buffer with only (batch x KV heads) output tiles: too few thread
+        # blocks to read the values at the memory bandwidth. Split the buffer into chunks (views of the buffer, no
+        # copy), one product per chunk in one batched call, then add the partial outputs (in float32).
+        splits = capacity // VALUE_SPLIT
+        rows_count = weights.shape[2]
+        chunked_weights = weights.reshape(bsz, num_kv_heads, rows_count, splits, VALUE_SPLIT).transpose(2, 3)
+        chunked_values = value.reshape(bsz, num_kv_heads, splits, VALUE_SPLIT, value.shape[-1])
+        partial = torch.matmul(chunked_weights, chunked_values)  # (B, H_kv, splits, rows, d)
+        output = partial.sum(dim=2, dtype=torch.float32).to(value.dtype)
+    else:
+        output = torch.matmul(weights, value)
+    output = output.reshape(bsz, num_heads, q_len, -1)
     return output.transpose(1, 2).contiguous()

@@ -17,8 +17,9 @@ from kvpress.graphed_decoding import GraphedDecodeStep, graphable
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.press_state import restore_press_state, snapshot_press_state
 from kvpress.presses.base_press import BasePress
+from kvpress.ragged_cache import RaggedCache, ragged_cache_for
 from kvpress.transformers_adapter import cache_kwargs
-from kvpress.utils import restore_cache, snapshot_cache
+from kvpress.utils import restore_cache, snapshot_cache, write_keys_and_values
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def _is_decoding_press(press: Optional[BasePress]) -> bool:
     (`acts_during_decoding`, e.g. DecodingPress or a press with a `cache_budget`), or a ComposedPress holding one."""
     if press is None:
         return False
-    if bool(getattr(press, "acts_during_decoding", False)):
+    if press.acts_during_decoding:
         return True
     inner = getattr(press, "presses", None)
     return isinstance(inner, (list, tuple)) and any(_is_decoding_press(p) for p in inner)
@@ -36,7 +37,7 @@ def _is_decoding_press(press: Optional[BasePress]) -> bool:
 
 def _uses_rerotated_positions(press: Optional[BasePress]) -> bool:
     """Presses that re-rotate kept keys to positions 0..n_kept-1, so generation continues at n_kept."""
-    return bool(getattr(press, "rerotates_kept_keys", False))
+    return press is not None and press.rerotates_kept_keys
 
 
 class KVPressTextGenerationPipeline(Pipeline):
@@ -82,6 +83,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         inplace_decoding: bool = True,
         cuda_graph: bool = False,
         prefill_chunk_size: Optional[int] = None,
+        ragged_cache: bool = False,
         **kwargs,
     ):
         if question is not None and questions is not None:
@@ -113,7 +115,11 @@ class KVPressTextGenerationPipeline(Pipeline):
             "max_context_length": max_context_length,
             "enable_thinking": enable_thinking,
         }
-        for name, flag in (("inplace_decoding", inplace_decoding), ("cuda_graph", cuda_graph)):
+        for name, flag in (
+            ("inplace_decoding", inplace_decoding),
+            ("cuda_graph", cuda_graph),
+            ("ragged_cache", ragged_cache),
+        ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}.")
         forward_kwargs = {
@@ -123,6 +129,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             "inplace_decoding": inplace_decoding,
             "cuda_graph": cuda_graph,
             "prefill_chunk_size": check_chunk_size(prefill_chunk_size),
+            "ragged_cache": ragged_cache,
         }
         return preprocess_kwargs, forward_kwargs, postprocess_kwargs
 
@@ -175,6 +182,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         inplace_decoding: bool = True,
         cuda_graph: bool = False,
         prefill_chunk_size: Optional[int] = None,
+        ragged_cache: bool = False,
     ):
         context_ids = input_tensors["context_ids"].to(self.model.device)
         context_length = context_ids.shape[1]
@@ -186,6 +194,7 @@ class KVPressTextGenerationPipeline(Pipeline):
                 "context): the pipeline prefills and compresses each context into an empty cache. Pass a fresh cache "
                 "(e.g. DynamicCache()) for every context, or cache=None to let the pipeline create one."
             )
+        own_cache = cache is None  # a cache the pipeline made: its dense layers can go once copied (ragged)
         if cache is None:
             # With the config, the cache knows which layers use sliding-window attention (Gemma3), so that the
             # attention masks are sized from the layers that presses compress.
@@ -210,27 +219,56 @@ class KVPressTextGenerationPipeline(Pipeline):
         if _uses_rerotated_positions(press):
             context_length = cache.get_seq_length()
         questions = input_tensors["questions_ids"]
-        if inplace_decoding and not decoding and can_decode_in_place(self.model, cache):
+        extra = max(q.shape[1] for q in questions) + max_new_tokens
+        ragged = ragged_cache_for(self.model, cache, decoding, extra + 2, own_cache) if ragged_cache else None
+        if ragged is not None:
+            # Only the entries each head kept are copied (kvpress.ragged_cache); answers are appended in place.
+            state = ragged.state()
+            try:
+                with decoding_context:
+                    answers = []
+                    for question_ids in questions:
+                        ragged.rollback(state)
+                        question_ids = question_ids.to(self.model.device)
+                        answers.append(self.generate_answer(question_ids, ragged, context_length, max_new_tokens))
+            finally:
+                RaggedCache.detach(self.model)
+            return answers
+        if inplace_decoding and can_decode_in_place(self.model, cache):
             # The compressed cache is copied once into preallocated buffers; the answers are written in place and the
-            # user's cache keeps the compressed context, as with the rollback below.
-            extra = max(q.shape[1] for q in questions) + max_new_tokens
+            # user's cache keeps the compressed context, as with the rollback below. A press acting during decoding
+            # evicts inside the buffers (not graphable: its evictions are decided on the host).
             answer_cache = InPlaceCache.from_cache(cache, extra_tokens=extra + 2, model=self.model)
             lengths = answer_cache.lengths()
             try:
                 step = None
-                if cuda_graph and graphable(self.model, answer_cache):
+                if cuda_graph and not decoding and graphable(self.model, answer_cache):
                     step = GraphedDecodeStep(self.model, answer_cache)
                 elif cuda_graph:
-                    logger.info("cuda_graph: not applicable here (no CUDA, or head-wise masks); decoding without it")
+                    logger.info(
+                        "cuda_graph: not applicable here (no CUDA, head-wise masks, or a press acting during "
+                        "decoding); decoding without it"
+                    )
                 with decoding_context:
+                    press_snapshot = snapshot_press_state(press, self.model) if decoding else None
                     answers = []
-                    for question_ids in questions:
+                    for index, question_ids in enumerate(questions):
+                        if decoding and index > 0:
+                            # eviction rewrote the buffers: start again from the compressed context
+                            answer_cache = InPlaceCache.from_cache(cache, extra_tokens=extra + 2, model=self.model)
+                            restore_press_state(press_snapshot, self.model)
                         answer_cache.rollback(lengths)
                         question_ids = question_ids.to(self.model.device)
                         graph = {"decode_step": step} if step is not None else {}
                         answers.append(
                             self.generate_answer(question_ids, answer_cache, context_length, max_new_tokens, **graph)
                         )
+                    if decoding:
+                        # as with the dynamic cache, the user's cache is left as decoding compressed it (after the
+                        # last question)
+                        for layer_idx, layer in enumerate(answer_cache.layers):
+                            keys, values = layer.valid_keys.clone(), layer.valid_values.clone()  # type: ignore
+                            write_keys_and_values(cache, layer_idx, keys, values)
             finally:
                 InPlaceCache.detach(self.model)
             return answers

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvpress.headwise_masks import MASK_ATTRIBUTE
 from kvpress.timing import _TELEMETRY_ATTRIBUTE
 
-_MASK_ATTRIBUTE = "masked_key_indices"
+_MASK_ATTRIBUTE = MASK_ATTRIBUTE
 
 
 def _copy_state(value: Any) -> Any:

@@ -254,6 +254,36 @@ def gather_kwargs(kwargs: dict, hidden_states: torch.Tensor, positions: torch.Te
     return gathered
 
 
+def row_kwargs(kwargs: dict, row: int, start: int, q_len: int) -> dict:
+    """A shallow copy of the attention `kwargs` of one batch row alone, without its first `start` tokens (its left
+    padding): `hidden_states`, `position_ids`, `position_embeddings` (cos, sin; a batch-shared one keeps its single
+    row), a 4-D `attention_mask` (rows and columns) and `cache_position` (renumbered from 0), as the row gets them
+    when it runs alone."""
+
+    def one_row(value: torch.Tensor) -> torch.Tensor:
+        index = row if value.shape[0] > 1 else 0
+        return value[index : index + 1, start:]
+
+    sliced = dict(kwargs)
+    for name in _TOKEN_AXIS_KWARGS:
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == q_len:
+            sliced[name] = one_row(value)
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.dim() == 1 and cache_position.shape[0] == q_len:
+        sliced["cache_position"] = cache_position[start:] - start
+    position_embeddings = kwargs.get("position_embeddings")
+    if isinstance(position_embeddings, (tuple, list)) and all(
+        isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[1] == q_len for t in position_embeddings
+    ):
+        sliced["position_embeddings"] = tuple(one_row(t) for t in position_embeddings)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-2] == q_len and mask.shape[-1] == q_len:
+        index = row if mask.shape[0] > 1 else 0
+        sliced["attention_mask"] = mask[index : index + 1, :, start:, start:]
+    return sliced
+
+
 def drop_decoder_tokens(args: tuple, kwargs: dict, keep: torch.Tensor) -> tuple[tuple, dict]:
     """The decoder's `(args, kwargs)` with only the tokens where `keep` `(T,)` is True: ids, 2-D attention mask,
     token types; position ids and cache positions become the first `keep.sum()` (contiguous positions)."""

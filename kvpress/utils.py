@@ -4,44 +4,20 @@
 
 from __future__ import annotations
 
-import numbers
 import os
-from typing import Optional
 
 import torch
 from torch import nn
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
+from kvpress.inplace_cache import InPlaceLayer
+from kvpress.resources import text_config
 from kvpress.transformers_adapter import CannotCompressError
+from kvpress.validation import real_number, validate_compression_ratio  # noqa: F401 (importable from here as before)
 
 # Attention classes whose per-head q/k RMSNorm is applied after the head reshape (Qwen3, Gemma3).
 _QK_NORM_MODELS = ("Qwen3Attention", "Gemma3Attention")
-
-
-def real_number(value: object) -> Optional[float]:
-    """`value` as a float when it is a real number: a Python int or float, a numpy scalar (anything registered as
-    `numbers.Real`) or a 0-dim torch tensor of a real dtype; None for anything else, bools included."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
-            return None
-        return float(value.item())
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return float(value)
-
-
-def validate_compression_ratio(value: object, name: str = "compression_ratio", allow_one: bool = False) -> float:
-    """`value` as a float; a ValueError that says what is allowed when it is not a real number (Python, numpy or 0-dim
-    torch) in [0, 1) ([0, 1] with `allow_one`), NaN included."""
-    number = real_number(value)
-    if number is None or not (0 <= number and (number <= 1 if allow_one else number < 1)):
-        allowed = "[0, 1]" if allow_one else "[0, 1)"
-        raise ValueError(
-            f"{name} must be a number in {allowed}, got {value!r}. It is the fraction of the KV cache that is "
-            "removed: 0 keeps every token, 0.5 keeps half of them."
-        )
-    return number
 
 
 def _split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -152,8 +128,9 @@ def dequantize_layer(cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def resizable_layer(cache: Cache, layer_idx: int):
-    """`cache.layers[layer_idx]`, checked to be a layer a press can shrink: a dynamic (growing) layer or a quantized
-    one. Raises CannotCompressError for any other layout (a static, preallocated layer; an unknown class)."""
+    """`cache.layers[layer_idx]`, checked to be a layer a press can shrink: a dynamic (growing) layer, a quantized
+    one, or an in-place decoding layer (written back into its own buffers). Raises CannotCompressError for any other
+    layout (a static, preallocated layer; an unknown class)."""
     layers = getattr(cache, "layers", None)
     if layers is None or layer_idx >= len(layers):
         raise CannotCompressError(
@@ -161,7 +138,7 @@ def resizable_layer(cache: Cache, layer_idx: int):
             ": kvpress compresses caches that hold one layer object per attention layer (DynamicCache, QuantizedCache)."
         )
     cache_layer = layers[layer_idx]
-    if is_quantized_layer(cache_layer) or isinstance(cache_layer, DynamicLayer):
+    if is_quantized_layer(cache_layer) or isinstance(cache_layer, (DynamicLayer, InPlaceLayer)):
         return cache_layer
     raise CannotCompressError(
         f"Cannot resize layer {layer_idx} of {type(cache).__name__}: its {type(cache_layer).__name__} keeps a fixed "
@@ -175,6 +152,8 @@ def extract_keys_and_values(cache: Cache, layer_idx: int) -> tuple[torch.Tensor,
     cache_layer = resizable_layer(cache, layer_idx)
     if is_quantized_layer(cache_layer):
         return dequantize_layer(cache_layer)
+    if isinstance(cache_layer, InPlaceLayer):
+        return cache_layer.valid_keys, cache_layer.valid_values
     return cache_layer.keys, cache_layer.values
 
 
@@ -194,6 +173,8 @@ def write_keys_and_values(cache: Cache, layer_idx: int, keys: torch.Tensor, valu
         empty = torch.zeros(0, dtype=keys.dtype, device=keys.device)
         cache_layer.keys, cache_layer.values = empty, empty.clone()
         cache_layer.cumulative_length = keys.shape[2]
+    elif isinstance(cache_layer, InPlaceLayer):
+        cache_layer.replace(keys, values)
     else:
         cache_layer.keys = keys
         cache_layer.values = values
@@ -262,8 +243,7 @@ def get_language_model(model: nn.Module) -> nn.Module:
 def attention_implementation(model: nn.Module) -> str | None:
     """The attention backend the language model runs ("eager", "sdpa", ...), composite configs included."""
     config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    implementation = getattr(text_config, "_attn_implementation", None)
+    implementation = getattr(text_config(model), "_attn_implementation", None)
     if implementation is None:
         implementation = getattr(config, "_attn_implementation", None)
     return implementation

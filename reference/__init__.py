@@ -4,18 +4,14 @@
 
 The one idea: a tiny Llama that really retrieves from long contexts (RULER-style tasks,
 https://arxiv.org/abs/2404.06654) ships with the repository, so press quality can be measured offline, on CPU.
-Load it with `AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL_DIR)` or
-`pipeline("kv-press-text-generation", model=str(REFERENCE_MODEL_DIR))`; `reference/train.py` reproduces it.
+The checkpoint is in `reference/model/`; its path and trained context length are constants of the shared package
+(`harness.reference_model.REFERENCE_MODEL_DIR`, `TRAINED_CONTEXT_LENGTH`), so harnesses find it without importing
+this package. `reference/train.py` reproduces it; this package holds the scripts and their two shared helpers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-# config.json, model.safetensors and the tokenizer files of the shipped checkpoint.
-REFERENCE_MODEL_DIR: Path = Path(__file__).resolve().parent / "model"
-# Context length (tokens of the task context) the model was trained up to.
-TRAINED_CONTEXT_LENGTH: int = 1024
 
 
 def avoid_cudnn_attention() -> bool:
@@ -46,4 +42,4 @@ def write_report(path, report: dict) -> dict:
     return report
 
 
-__all__ = ["REFERENCE_MODEL_DIR", "TRAINED_CONTEXT_LENGTH", "avoid_cudnn_attention", "write_report"]
+__all__ = ["avoid_cudnn_attention", "write_report"]

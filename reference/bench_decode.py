@@ -15,19 +15,14 @@ for each setting, and prints milliseconds per prefill and per decoded token with
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH, write_report  # noqa: E402
-from reference.evaluate import optional_device  # noqa: E402
+from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
+from reference import write_report
+from reference.evaluate import optional_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,7 +58,7 @@ def time_decoding(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[floa
 def main(argv: Optional[list[str]] = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evaluation.benchmarks.synthetic.tasks import generate_rows
+    from harness.synthetic.tasks import generate_rows
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", default=str(REFERENCE_MODEL_DIR))

@@ -17,20 +17,14 @@ Prints a table and writes JSON; the ratios to the eager step are the figures to 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference import write_report  # noqa: E402
-from reference.train import (  # noqa: E402
+from reference import write_report
+from reference.train import (
     TaskBatches,
     build_model,
     make_batch,

@@ -19,18 +19,12 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import sys
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from evaluation.benchmarks.synthetic.tasks import TASK_NAMES, build_row, essay_sentences  # noqa: E402
-from evaluation.benchmarks.synthetic.words import ADJECTIVES, CODED_WORDS, NOUNS, VARIABLE_NAMES  # noqa: E402
+from harness.synthetic.tasks import TASK_NAMES, build_row, essay_sentences
+from harness.synthetic.words import ADJECTIVES, CODED_WORDS, NOUNS, VARIABLE_NAMES
 
 logger = logging.getLogger("reference.build_tokenizer")
 

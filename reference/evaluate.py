@@ -16,18 +16,14 @@ question-aware (the question is appended to the compressed context), and is scor
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from evaluation.benchmarks.synthetic.calculate_metrics import row_score  # noqa: E402
-from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH, write_report  # noqa: E402
+from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
+from harness.synthetic.scoring import row_score
+from reference import write_report
 
 
 def load_reference(path: str | Path = REFERENCE_MODEL_DIR, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -112,7 +108,7 @@ def _seeds(text: str) -> list[int]:
 def main(argv: Optional[list[str]] = None) -> dict:
     from tqdm import tqdm
 
-    from evaluation.benchmarks.synthetic.tasks import TASK_NAMES, generate_rows
+    from harness.synthetic.tasks import TASK_NAMES, generate_rows
 
     parser = argparse.ArgumentParser(description="Full-cache accuracy of a reference checkpoint on held-out rows.")
     parser.add_argument("--model_dir", default=str(REFERENCE_MODEL_DIR))

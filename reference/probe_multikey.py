@@ -19,19 +19,14 @@ from __future__ import annotations
 import argparse
 import bisect
 import re
-import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from evaluation.benchmarks.synthetic.tasks import build_row  # noqa: E402
-from reference import REFERENCE_MODEL_DIR, write_report  # noqa: E402
-from reference.train import asked_keys, encode_row  # noqa: E402
+from harness.reference_model import REFERENCE_MODEL_DIR
+from harness.synthetic.tasks import build_row
+from reference import write_report
+from reference.train import asked_keys, encode_row
 
 NEEDLE = re.compile(r"One special magic number for (\S+) is: (\d+)\.")
 COLUMNS = ("asked_value", "other_value", "needle_to_own_key", "answer_to_restated_key")

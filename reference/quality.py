@@ -19,17 +19,14 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
-import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
 
-from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("reference.quality")
 
@@ -294,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if not args.plot_only:
         import torch
 
-        from evaluation.benchmarks.synthetic.tasks import TASK_NAMES, generate_rows
+        from harness.synthetic.tasks import TASK_NAMES, generate_rows
         from reference.evaluate import load_reference
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

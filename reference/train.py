@@ -53,7 +53,6 @@ import math
 import os
 import pickle
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -62,12 +61,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from evaluation.benchmarks.synthetic.tasks import TASK_NAMES, build_row, generate_rows, get_counter  # noqa: E402
-from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH, avoid_cudnn_attention, write_report  # noqa: E402
+from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
+from harness.synthetic.tasks import TASK_NAMES, build_row, generate_rows, get_counter
+from reference import avoid_cudnn_attention, write_report
 
 logger = logging.getLogger("reference.train")
 

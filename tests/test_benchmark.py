@@ -93,7 +93,8 @@ def test_press_request_parsing():
 
 def test_decode_loops_side_by_side(tmp_path):
     """The in-place loop keeps what the press kept (resident buffers: the bucketed capacity); the CUDA-graph loop is
-    a 'not applicable' row without CUDA, and a press acting during decoding keeps the copying loop only."""
+    a 'not applicable' row without CUDA; a press acting during decoding evicts inside the in-place buffers (its
+    cache stays at the budget) but is not graphed."""
     rows = run(tmp_path, "--presses", "knorm:0.5,h2o:budget=32", "--decode_loops", "dynamic,inplace,graph")
     by_key = {(row["press"], row["decode_loop"], row["context_length"]): row for row in rows}
     for length in (96, 128):
@@ -102,5 +103,43 @@ def test_decode_loops_side_by_side(tmp_path):
         assert inplace["kv_bytes_after_decode"] == 2 * 2 * 2 * 16 * 4 * 1024  # one bucket of 1024 slots
         assert inplace["decode_ms_per_token"] > 0
         assert by_key[("knorm:0.5", "graph", length)]["error"].startswith("not applicable")
-        assert by_key[("h2o:budget=32", "inplace", length)]["error"].startswith("not applicable")
-        assert not by_key[("h2o:budget=32", "dynamic", length)].get("error")
+        h2o_inplace, h2o_dynamic = (
+            by_key[("h2o:budget=32", "inplace", length)],
+            by_key[("h2o:budget=32", "dynamic", length)],
+        )
+        assert not h2o_inplace.get("error") and not h2o_dynamic.get("error")
+        assert h2o_inplace["kv_entries"] == h2o_dynamic["kv_entries"]  # the budget after prefill, either way
+        assert by_key[("h2o:budget=32", "graph", length)]["error"].startswith("not applicable")
+
+
+def test_needle_mode_scores_each_press_at_each_depth(tmp_path, capsys):
+    """`--needle` answers the synthetic needle at each depth through the pipeline, with and without a press, on a
+    model that can do it (the shipped reference model): the full cache finds every needle; keeping only the last
+    tenth of the context (StreamingLLM at 0.9, 4 sinks) loses the needles placed early. Rows resume."""
+    from harness.reference_model import REFERENCE_MODEL_DIR
+
+    argv = [
+        "--model",
+        str(REFERENCE_MODEL_DIR),
+        "--needle",
+        "--presses",
+        "none,streaming_llm:0.9",
+        "--context_lengths",
+        "256",
+        "--needle_depths",
+        "0.05,0.95",
+        "--needle_samples",
+        "2",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    rows = main(argv)
+    accuracy = {(row["press"], row["depth"]): row["accuracy"] for row in rows}
+    assert accuracy[("none", 0.05)] == 100.0 and accuracy[("none", 0.95)] == 100.0
+    assert accuracy[("streaming_llm:0.9", 0.05)] == 0.0
+    assert len((tmp_path / "needle.jsonl").read_text().splitlines()) == 4
+    assert "256 @ 5%" in (tmp_path / "needle.txt").read_text()
+    assert main(argv) == rows  # finished rows are read back, not measured again
+    with pytest.raises(SystemExit):
+        main(["--model", "tiny", "--needle", "--output_dir", str(tmp_path)])
+    assert "needs a model that can find a needle" in capsys.readouterr().err

@@ -83,7 +83,8 @@ def record_steps(model, press=None):
 
     def hook(module, args, output):
         cache = output.past_key_values
-        lengths.append([layer.keys.shape[2] if layer.keys is not None else 0 for layer in cache.layers])
+        # the held length (an in-place layer's buffers are larger than what they hold)
+        lengths.append([layer.get_seq_length() if layer.keys is not None else 0 for layer in cache.layers])
         if press is not None and isinstance(press, ScorerPress):
             positions.append({i: s.entries[POSITIONS].clone() for i, s in press.decoding_states.items()})
 

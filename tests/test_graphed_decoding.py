@@ -30,7 +30,7 @@ def test_refused_without_cuda_or_with_headwise_masks():
 
 @needs_cuda
 def test_graph_answers_equal_the_eager_loops():
-    from reference import REFERENCE_MODEL_DIR  # the shipped offline model (a local directory)
+    from harness.reference_model import REFERENCE_MODEL_DIR  # the shipped offline model (a local directory)
 
     model = AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL_DIR, dtype=torch.float32).cuda().eval()
     tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)
@@ -49,6 +49,23 @@ def test_graph_answers_equal_the_eager_loops():
         assert answers["graph"] == answers["inplace"] == answers["dynamic"], (name, answers)
 
 
+@needs_cuda
+def test_compiled_graph_tokens_equal_the_eager_loop():
+    from kvpress import greedy_generate
+    from harness.reference_model import REFERENCE_MODEL_DIR
+
+    model = AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL_DIR, dtype=torch.float32).cuda().eval()
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)
+    input_ids = tokenizer(CONTEXT + QUESTIONS[0], return_tensors="pt").input_ids.cuda()
+    for make in (lambda: None, lambda: KnormPress(0.5), lambda: PyramidKVPress(0.5)):
+        eager = greedy_generate(model, input_ids, make(), max_new_tokens=12, inplace=True)
+        compiled = greedy_generate(
+            model, input_ids, make(), max_new_tokens=12, inplace=True, cuda_graph=True, compile_mode="default"
+        )
+        assert torch.equal(eager, compiled), (make(), eager[0, -12:], compiled[0, -12:])
+
+
 if __name__ == "__main__":
     test_graph_answers_equal_the_eager_loops()
+    test_compiled_graph_tokens_equal_the_eager_loop()
     print("graph answers equal the eager loops")

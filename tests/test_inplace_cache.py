@@ -1,7 +1,7 @@
 # SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
 # SPDX-License-Identifier: Apache-2.0
 """The in-place decoding cache gives the answers and logits of the copying loop, for every press family, on layers of
-different lengths, across questions; it never grows, and presses cannot resize it."""
+different lengths, across questions; it never grows, and presses that evict compact it in place."""
 
 import functools
 
@@ -12,17 +12,20 @@ from transformers import DynamicCache
 from kvpress import (
     AdaKVPress,
     CannotCompressError,
+    DecodingPress,
+    H2OPress,
     KeyRerotationPress,
     KnormPress,
     KVPressTextGenerationPipeline,
     KVzipPress,
     PyramidKVPress,
+    RKVPress,
     SnapKVPress,
     StreamingLLMPress,
 )
 from kvpress.inplace_cache import InPlaceCache, bucketed_capacity, can_decode_in_place
 from kvpress.transformers_adapter import cache_kwargs
-from kvpress.utils import write_keys_and_values
+from kvpress.utils import extract_keys_and_values, write_keys_and_values
 from tests.fixtures import get_model, load_tokenizer, prefill, random_input_ids
 
 pytestmark = pytest.mark.core
@@ -108,12 +111,29 @@ def test_capacity_is_bucketed_and_never_exceeded():
         InPlaceCache.detach(model)
 
 
-def test_presses_cannot_resize_an_inplace_layer():
+def test_presses_compact_an_inplace_layer_in_place():
+    """A press writing kept entries into an in-place layer (decoding-time eviction) compacts it into the start of its
+    own buffers: same storage, the kept entries, the new length; more than the capacity is refused."""
     model = get_model("llama")
     cache = prefill(model, random_input_ids(1, 10))
-    inplace = InPlaceCache.from_cache(cache, extra_tokens=4)
-    with pytest.raises(CannotCompressError, match="Cannot resize layer 0 of InPlaceCache"):
-        write_keys_and_values(inplace, 0, cache.layers[0].keys[:, :, :5], cache.layers[0].values[:, :, :5])
+    inplace = InPlaceCache.from_cache(cache, extra_tokens=4, bucket=16)
+    layer = inplace.layers[0]
+    pointer = layer.keys.data_ptr()
+    kept = torch.tensor([0, 3, 4, 9])
+    keys, values = extract_keys_and_values(inplace, 0)
+    assert keys.shape[2] == 10 and torch.equal(keys, cache.layers[0].keys)
+    write_keys_and_values(inplace, 0, keys[:, :, kept], values[:, :, kept])
+    assert layer.keys.data_ptr() == pointer and layer.length == 4 and int(layer.position) == 4
+    assert torch.equal(layer.valid_keys, cache.layers[0].keys[:, :, kept])
+    assert torch.equal(layer.valid_values, cache.layers[0].values[:, :, kept])
+    # a prefix view of the buffers themselves is copied safely
+    write_keys_and_values(inplace, 0, layer.valid_keys[:, :, 1:], layer.valid_values[:, :, 1:])
+    assert torch.equal(layer.valid_keys, cache.layers[0].keys[:, :, kept[1:]])
+    too_many = torch.zeros(1, layer.keys.shape[1], 17, layer.keys.shape[-1])
+    with pytest.raises(CannotCompressError, match="holds 16 tokens per layer; a press wrote 17"):
+        write_keys_and_values(inplace, 0, too_many, too_many)
+    with pytest.raises(ValueError, match="do not fit this in-place layer"):
+        write_keys_and_values(inplace, 0, too_many[:, :1, :3], too_many[:, :1, :3])
 
 
 def test_where_the_inplace_path_applies():
@@ -147,8 +167,8 @@ REFERENCE_PRESSES = {
 def test_reference_model_greedy_tokens_equal_the_copying_loop(family):
     """On the shipped reference model, with a task it solves, the in-place loop answers token for token as the
     copying loop, for one press of each family."""
-    from evaluation.benchmarks.synthetic.tasks import generate_rows
-    from reference import REFERENCE_MODEL_DIR
+    from harness.reference_model import REFERENCE_MODEL_DIR
+    from harness.synthetic.tasks import generate_rows
 
     pipe = reference_pipeline(str(REFERENCE_MODEL_DIR))
     rows = generate_rows("niah_single_noise", 2, 512, pipe.tokenizer, seed=5) + generate_rows(
@@ -174,3 +194,72 @@ def reference_pipeline(path: str):
     from transformers import pipeline
 
     return pipeline("kv-press-text-generation", model=path, device="cpu")
+
+
+DECODING_PRESSES = {
+    "knorm_budget": lambda: KnormPress(cache_budget=24),
+    "streaming_budget": lambda: StreamingLLMPress(cache_budget=24, n_sink=2),
+    "h2o": lambda: H2OPress(cache_budget=24),
+    "rkv": lambda: RKVPress(cache_budget=24, compress_interval=4),
+    "decoding_knorm": lambda: DecodingPress(base_press=KnormPress(), compression_interval=4, target_size=24),
+    "decoding_adakv": lambda: DecodingPress(
+        base_press=AdaKVPress(SnapKVPress(window_size=4)), compression_interval=4, target_size=24
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECODING_PRESSES))
+def test_decoding_presses_evict_inside_the_buffers(name):
+    """A press acting during decoding evicts inside the in-place buffers: the same greedy tokens as the copying loop,
+    the same buffers throughout (no new allocation), and the layer length held at the budget."""
+    from kvpress import greedy_generate
+
+    model = get_model("llama")
+    ids = random_input_ids(1, 40, seed=1)
+    make = DECODING_PRESSES[name]
+    copying = greedy_generate(model, ids, make(), max_new_tokens=20, inplace=False)
+    assert torch.equal(greedy_generate(model, ids, make(), max_new_tokens=20, inplace=True), copying)
+
+    press = make()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model):
+        logits = model(ids, **cache_kwargs(model, cache)).logits
+    inplace = InPlaceCache.from_cache(cache, extra_tokens=24, bucket=64, model=model)
+    buffers = [layer.keys.data_ptr() for layer in inplace.layers]
+    token, longest = logits[:, -1:].argmax(-1), 0
+    try:
+        with torch.no_grad(), press(model):
+            for step in range(19):
+                position = torch.tensor([[40 + step]])
+                logits = model(input_ids=token, position_ids=position, **cache_kwargs(model, inplace)).logits
+                token = logits[:, -1:].argmax(-1)
+                longest = max(longest, *inplace.lengths())
+    finally:
+        InPlaceCache.detach(model)
+    assert [layer.keys.data_ptr() for layer in inplace.layers] == buffers
+    if name == "decoding_adakv":
+        # head-wise: entries are masked per head, not evicted, so the layer keeps every token (the ragged cache
+        # is what frees them)
+        assert longest == 40 + 19
+    else:
+        assert longest <= 24 + 4  # the budget, plus at most one compression interval between evictions
+    assert torch.equal(torch.cat([ids, token], dim=1)[:, -1], copying[:, 40 + 19])
+
+
+@pytest.mark.parametrize("name", ["knorm_budget", "decoding_knorm"])
+def test_pipeline_decoding_press_in_place_answers_equal_the_copying_loop(name):
+    pipe = make_pipeline()
+    answers, caches = {}, {}
+    for inplace in (True, False):
+        cache = DynamicCache(config=pipe.model.config)
+        press = DECODING_PRESSES[name]()
+        answers[inplace] = pipe(
+            CONTEXT, questions=QUESTIONS, press=press, max_new_tokens=8, cache=cache, inplace_decoding=inplace
+        )["answers"]
+        caches[inplace] = cache
+    assert answers[True] == answers[False]
+    # the user's cache is left as decoding compressed it after the last question, either way (the keys of the
+    # generated tokens come from attention computed over the buffers, equal up to float rounding)
+    for layer, ref_layer in zip(caches[True].layers, caches[False].layers):
+        torch.testing.assert_close(layer.keys, ref_layer.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.values, ref_layer.values, atol=1e-5, rtol=1e-5)

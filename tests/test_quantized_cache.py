@@ -104,7 +104,7 @@ def _decode_with_budget(model, press, steps: int):
 
 
 def test_budget_press_reads_a_quantized_layer_only_when_it_prunes(monkeypatch):
-    import kvpress.presses.scorer_press as scorer_module
+    import kvpress.decoding_budget as scorer_module
 
     model = get_model("llama")
     calls = []
@@ -118,7 +118,7 @@ def test_budget_press_reads_a_quantized_layer_only_when_it_prunes(monkeypatch):
     assert len(calls) == 4 * layers, calls
     assert all(keys.shape[2] == 24 for keys, _ in lazy)
     calls.clear()
-    monkeypatch.setattr(scorer_module.ScorerPress, "_lazy_layer_shape", lambda self, *args: None)
+    monkeypatch.setattr(scorer_module.CacheBudget, "_lazy_layer_shape", lambda self, *args: None)
     eager = _decode_with_budget(model, KnormPress(cache_budget=24), steps=12)
     assert len(calls) == 13 * layers  # the prefill and every step read the layer
     for (k1, v1), (k2, v2) in zip(lazy, eager):

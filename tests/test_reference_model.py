@@ -17,10 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, pipeline
 
 import kvpress  # noqa: F401  (registers the pipeline)
-from evaluation.benchmarks.synthetic.tasks import TASK_NAMES, generate_rows
+from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
+from harness.synthetic.tasks import TASK_NAMES, generate_rows
 from kvpress.presses.random_press import RandomPress
 from kvpress.presses.snapkv_press import SnapKVPress
-from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
 from reference.evaluate import accuracy, predict
 
 ROWS_PER_TASK = 6

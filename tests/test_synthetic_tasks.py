@@ -14,7 +14,8 @@ import pytest
 
 from evaluation.benchmarks.synthetic import create_dataset
 from evaluation.benchmarks.synthetic.calculate_metrics import calculate_metrics, row_score
-from evaluation.benchmarks.synthetic.tasks import (
+from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
+from harness.synthetic.tasks import (
     SWEEP_TASK,
     TASK_NAMES,
     build_row,
@@ -22,7 +23,6 @@ from evaluation.benchmarks.synthetic.tasks import (
     load_reference_tokenizer,
     needle_sweep_rows,
 )
-from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
 from tests.fixtures import load_tokenizer
 
 COLUMNS = {"context", "question", "answer_prefix", "answer", "max_new_tokens", "task"}

@@ -193,8 +193,10 @@ def test_decoding_press_leaves_the_users_cache_as_decoding_compressed_it(name):
                 ).logits
                 tokens.append(logits[0, -1].argmax())
     assert pipe.tokenizer.decode(torch.stack(tokens), skip_special_tokens=True) == answer
+    # the pipeline decodes in place (attention over its buffers): the same entries, equal up to float rounding
     for layer, ref_layer in zip(cache.layers, reference.layers):
-        assert torch.equal(layer.keys, ref_layer.keys) and torch.equal(layer.values, ref_layer.values)
+        torch.testing.assert_close(layer.keys, ref_layer.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.values, ref_layer.values, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(DECODING_PRESSES))

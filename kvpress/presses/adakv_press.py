@@ -11,18 +11,20 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import ScorerWrapperPress
+from kvpress.headwise_masks import set_masks
+from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
+from kvpress.validation import validate_number
 
 logger = logging.getLogger(__name__)
 
 
 def check_alpha_safeguard(alpha: object) -> None:
     """Raise a ValueError unless `alpha` (AdaKV's `alpha_safeguard`) is a number in [0, 1]."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise ValueError(
-            f"alpha_safeguard must be a number in [0, 1], got {alpha!r}. It is the fraction of each head's "
-            "uniform budget that the head always keeps (0 lets a head lose everything, 1 disables AdaKV)."
-        )
+    note = (
+        "It is the fraction of each head's uniform budget that the head always keeps (0 lets a head lose everything, "
+        "1 disables AdaKV)."
+    )
+    validate_number(None, "alpha_safeguard", alpha, 0, 1, note=note)
 
 
 @dataclass
@@ -41,12 +43,13 @@ class AdaKVPress(ScorerWrapperPress):
     # The masks index the cache positions as they are after this press; a later press that removes tokens would
     # make them point at the wrong entries, so ComposedPress refuses head-wise presses.
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()
         check_alpha_safeguard(self.alpha_safeguard)
 
-    def compress(
+    def compress_with_inner(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -55,8 +58,6 @@ class AdaKVPress(ScorerWrapperPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.compression_ratio == 0:
-            return keys, values
         scores = self.inner_scores(module, hidden_states, keys, values, attentions, kwargs)
         bsz, num_kv_heads, k_len = scores.shape
         n_kept = int(k_len * (1 - self.compression_ratio))
@@ -75,5 +76,5 @@ class AdaKVPress(ScorerWrapperPress):
         batch_idx = torch.arange(bsz, device=pruned.device).repeat_interleave(n_pruned)
         pruned = pruned.reshape(-1)
         # read by the patched attention at every later (non-prefill) attention call of this layer
-        setattr(module, "masked_key_indices", (batch_idx, pruned // k_len, pruned % k_len))
+        set_masks(module, (batch_idx, pruned // k_len, pruned % k_len))
         return keys, values

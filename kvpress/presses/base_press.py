@@ -9,7 +9,6 @@ Every registered hook is wrapped by `kvpress.timing`, so any press reports its t
 from __future__ import annotations
 
 import logging
-import numbers
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -28,15 +27,11 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from kvpress.padding import cache_left_padding, padded_batches, padded_prefill
 from kvpress.timing import telemetry_of, timed_hook
 from kvpress.transformers_adapter import CacheWatch, find_cache, hook_inputs, input_tokens_of, replace_inputs
-from kvpress.utils import (
-    cache_layer_length,
-    extract_keys_and_values,
-    get_language_model,
-    validate_compression_ratio,
-    write_keys_and_values,
-)
+from kvpress.utils import cache_layer_length, extract_keys_and_values, get_language_model, write_keys_and_values
+from kvpress.validation import FieldCheck, integer_check, ratio_check  # noqa: F401 (importable from here)
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +61,9 @@ PREFILL_CHUNK: ContextVar[bool] = ContextVar("kvpress_prefill_chunk", default=Fa
 # What a press does under chunked prefill (`BasePress.chunked_prefill`): "exact" keeps the tokens it keeps unchunked,
 # "approximate" scores each chunk with what it sees (the kept cache and the chunk), "unsupported" refuses.
 CHUNKED_PREFILL_SUPPORT = ("exact", "approximate", "unsupported")
+
+# The `cannot_score_during_decoding` / `cannot_score_new_tokens_alone` of scorers that need every token's hidden state.
+NEEDS_EVERY_HIDDEN_STATE = "it recomputes its scores from the hidden states of every cached token (prefill only)"
 
 
 def layer_is_prefilling(module: nn.Module, cache, q_len: int) -> bool:
@@ -152,34 +150,10 @@ def _continue_at_cache_length(module: nn.Module, args: tuple, kwargs: dict):
     batch, length = tokens.shape[:2]
     past = cache.get_seq_length()
     positions = torch.arange(past, past + length, device=tokens.device).unsqueeze(0).expand(batch, -1)
+    padding = cache_left_padding(module)  # a padded batch: each row continues at its own kept length
+    if padding is not None:
+        positions = positions - padding.to(tokens.device)[:, None]
     return args, replace_inputs(kwargs, position_ids=positions)
-
-
-# A field check takes the press, the field's name and the value being assigned; it raises a ValueError/TypeError that
-# says what is allowed, or returns the value to store (e.g. a numpy scalar as a Python number).
-FieldCheck = Callable[[Any, str, Any], Any]
-
-
-def ratio_check(allow_one: bool = False) -> FieldCheck:
-    """The field check of a compression ratio: a real number in [0, 1) ([0, 1] with `allow_one`), stored as float."""
-
-    def check(press: Any, name: str, value: Any) -> float:
-        return validate_compression_ratio(value, name=name, allow_one=allow_one)
-
-    return check
-
-
-def integer_check(minimum: int, meaning: str) -> FieldCheck:
-    """The field check of an integer >= `minimum` (`meaning` says what it counts); numpy integers are stored as int."""
-
-    def check(press: Any, name: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-            raise ValueError(
-                f"{type(press).__name__}.{name} must be an integer >= {minimum} ({meaning}), got {value!r}."
-            )
-        return int(value)
-
-    return check
 
 
 # True while `_assign_unchecked` runs: the field checks are skipped for that one assignment (and what it triggers).
@@ -236,6 +210,19 @@ class BasePress:
 
     # Not dataclass fields: plain attributes a user may set on an instance, as in the fork.
     csv_path: ClassVar[Optional[str]] = None
+
+    # Capabilities, declared once on each press class and read by the pipeline, the wrappers, the evaluation CLI and
+    # the benchmark (never a press's class name). Also `acts_during_decoding` and `rerotates_kept_keys` below.
+    # Whether ComposedPress may chain it (False: it masks head by head, or runs passes of its own).
+    composable: ClassVar[bool] = True
+    # Whether it masks cache entries head by head (`module.masked_key_indices`) instead of removing tokens.
+    head_wise: ClassVar[bool] = False
+    # Whether it scores with the attention weights of the whole context, which only eager attention returns.
+    needs_attention_weights: ClassVar[bool] = False
+    # Why DecodingPress cannot rank a layer's cache by its score from the recent hidden states (None: it can).
+    cannot_score_during_decoding: ClassVar[Optional[str]] = None
+    # Why DMSPress(decoding=True) cannot score a new token on its own with it (None: it can).
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = None
 
     # Checks of dataclass fields, by name, run on every assignment: in the constructor and whenever a field is set
     # later (`press.compression_ratio = 1.5` raises the constructor's error). Subclasses declare their own fields'
@@ -297,7 +284,11 @@ class BasePress:
         if not layer_is_prefilling(module, cache, q_len):
             return output
         keys, values = extract_keys_and_values(cache, module.layer_idx)
-        keys, values = self.compress(module, hidden_states, keys, values, output[1], kwargs)
+        rows = padded_prefill(module)  # a left-padded batch: each row is compressed alone (kvpress.padding)
+        if rows is not None:
+            keys, values = rows.compress_rows(self, module, hidden_states, keys, values, output[1], kwargs)
+        else:
+            keys, values = self.compress(module, hidden_states, keys, values, output[1], kwargs)
         write_keys_and_values(cache, module.layer_idx, keys, values)
         return output
 
@@ -318,6 +309,12 @@ class BasePress:
         self.post_init_from_model(model)
         with self._hooked(language_model, self.forward_hook), self._positions_after_rerotation(language_model):
             yield
+
+    @property
+    def acts_during_decoding(self) -> bool:
+        """Whether the press also compresses while the model generates (the pipeline then keeps it on while it
+        answers): DecodingPress, a press with a `cache_budget`, DMSPress(decoding=True), ..."""
+        return False
 
     @property
     def rerotates_kept_keys(self) -> bool:
@@ -379,7 +376,8 @@ class BasePress:
                 object.__setattr__(attention, "rotary_emb", language_model.rotary_emb)
                 handles.append(attention.register_forward_pre_hook(_record_prefill_state, with_kwargs=True))
                 handles.append(attention.register_forward_hook(watched, with_kwargs=True))
-            yield
+            with padded_batches(self, language_model, attentions):
+                yield
         finally:
             language_model.__dict__.pop(_ACTIVE_PRESS, None)
             watch.abandon()

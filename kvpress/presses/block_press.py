@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import ScorerWrapperPress, check_prefill_lengths, check_token_count, gather_tokens
+from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
+from kvpress.token_selection import gather_tokens
 from kvpress.transformers_adapter import gather_kwargs
+from kvpress.validation import check_prefill_lengths, check_token_count
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class BlockPress(ScorerWrapperPress):
         super().__post_init__()
         check_token_count("block_size", self.block_size, "tokens added per step")
 
-    def compress(
+    def compress_with_inner(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -61,8 +63,6 @@ class BlockPress(ScorerWrapperPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.compression_ratio == 0:
-            return keys, values
         bsz, num_kv_heads, k_len, _ = keys.shape
         q_len, hidden_size = hidden_states.shape[1], hidden_states.shape[2]
         check_prefill_lengths("BlockPress", q_len, k_len)

@@ -16,19 +16,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import repeat_kv
 
+from kvpress.attention_weights import attention_probabilities
 from kvpress.presses.adakv_press import AdaKVPress
-from kvpress.presses.decoding_press import DecodingPress, remap_masked_key_indices, validate_int
-from kvpress.presses.scorer_press import ScorerPress, check_scores, gather_tokens
+from kvpress.presses.decoding_press import DecodingPress, remap_masked_key_indices
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.token_selection import check_scores, gather_tokens
 from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import (
     apply_rope,
-    attention_scaling,
     extract_keys_and_values,
     get_prerope_query_states,
     write_keys_and_values,
 )
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -82,15 +83,10 @@ class CAMPress(DecodingPress):
         module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict
     ) -> torch.Tensor:
         """Attention weights `(B, H, 1, T)` of the last token of `hidden_states` over the cached `keys`."""
-        num_heads = module.config.num_attention_heads
         cos, sin = position_embeddings_of(kwargs)
         query = get_prerope_query_states(module, hidden_states[:, -1:])
         query = apply_rope(query, cos[:, -1:], sin[:, -1:])
-        logits = query @ repeat_kv(keys, num_heads // keys.shape[1]).transpose(2, 3) * attention_scaling(module)
-        softcap = getattr(module, "attn_logit_softcapping", None)
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits.float().softmax(dim=-1).to(query.dtype)
+        return attention_probabilities(module, query, keys, causal=False).to(query.dtype)
 
     @staticmethod
     def _aggregate_attention_per_kv_head(attentions: torch.Tensor, num_key_value_heads: int) -> torch.Tensor:

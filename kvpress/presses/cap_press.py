@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from kvpress.attention_weights import group_mean
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.presses.snapkv_press import group_mean, pad_with_top_score
+from kvpress.token_selection import pad_with_top_score
 from kvpress.utils import get_prerope_query_states, rope_cos_sin
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +60,15 @@ class CapPress(ScorerPress):
     n_sink: int = 4
     epsilon: float = 1e-6
 
+    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = (
+        "it estimates a query anchor from more than n_sink scored tokens"
+    )
+
     def __post_init__(self):
         super().__post_init__()
         for name, minimum in (("n_future_positions", 1), ("n_sink", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"CapPress.{name} must be an integer >= {minimum}, got {value!r}.")
+            validate_int(self, name, getattr(self, name), minimum, bound=f"an integer >= {minimum}")
 
     def score(
         self,

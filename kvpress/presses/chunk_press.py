@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import ScorerWrapperPress, check_prefill_lengths, check_token_count, gather_tokens
+from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
+from kvpress.token_selection import gather_tokens
 from kvpress.transformers_adapter import chunk_kwargs
+from kvpress.validation import check_prefill_lengths, check_token_count
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ class ChunkPress(ScorerWrapperPress):
         super().__post_init__()
         check_token_count("chunk_length", self.chunk_length, "tokens per chunk")
 
-    def compress(
+    def compress_with_inner(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -40,8 +42,6 @@ class ChunkPress(ScorerWrapperPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.compression_ratio == 0:
-            return keys, values
         k_len = keys.shape[2]
         q_len = hidden_states.shape[1]
         check_prefill_lengths("ChunkPress", q_len, k_len)

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import ScorerWrapperPress, check_token_count, gather_tokens
+from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
+from kvpress.token_selection import gather_tokens
+from kvpress.validation import check_token_count
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class ChunkKVPress(ScorerWrapperPress):
         remainder = token_scores[:, n_full * self.chunk_length :].mean(dim=-1, keepdim=True)
         return torch.cat([full, remainder], dim=-1)
 
-    def compress(
+    def compress_with_inner(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -55,8 +57,6 @@ class ChunkKVPress(ScorerWrapperPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.compression_ratio == 0:
-            return keys, values
         k_len = keys.shape[2]
         if k_len < self.chunk_length:
             return self.press.compress(module, hidden_states, keys, values, attentions, kwargs)

@@ -12,11 +12,13 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from kvpress.presses.base_press import NEEDS_EVERY_HIDDEN_STATE
 from kvpress.presses.leverage_press import LeverageScorePress, require_prefill
 from kvpress.presses.non_causal_attention_press import NonCausalAttnPress
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.presses.snapkv_press import pad_with_top_score
+from kvpress.token_selection import pad_with_top_score
 from kvpress.transformers_adapter import position_embeddings_of, replace_inputs
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +48,13 @@ class CompactorPress(ScorerPress):
 
     # The score needs the hidden state of every cached token, which only a prefill has.
     supports_decoding: ClassVar[bool] = False
+    cannot_score_during_decoding: ClassVar[Optional[str]] = NEEDS_EVERY_HIDDEN_STATE
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = NEEDS_EVERY_HIDDEN_STATE
 
     def __post_init__(self):
         super().__post_init__()
         for name in ("sink_size_start", "sink_size_end"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"CompactorPress.{name} must be an integer >= 0 (tokens always kept), got {value!r}.")
+            validate_int(self, name, getattr(self, name), 0, "tokens always kept")
         if self.blending is not None and (
             isinstance(self.blending, bool) or not isinstance(self.blending, (int, float))
         ):

@@ -12,21 +12,15 @@ from kvpress.presses.base_press import BasePress, FieldCheck
 
 logger = logging.getLogger(__name__)
 
-# Presses that cannot be chained, by class name (any class in the MRO), for presses that do not (yet) declare
-# `composable = False`: KVzip-style presses run extra passes in their own context manager, which a ComposedPress
-# never enters.
-_NOT_COMPOSABLE_CLASS_NAMES = ("AdaKVPress", "KVzipPress", "RestoreKVPress")
-
 
 def _composition_problem(press: BasePress) -> Optional[str]:
-    """Why `press` cannot go inside a ComposedPress, or None when it can."""
-    class_names = {cls.__name__ for cls in type(press).__mro__}
-    if not getattr(press, "composable", True) or class_names.intersection(_NOT_COMPOSABLE_CLASS_NAMES):
-        return (
-            f"{type(press).__name__} cannot be composed: it either masks cache entries head by head (the masks would "
-            "point at the wrong entries once another press removes tokens) or needs its own context manager"
-        )
-    return None
+    """Why `press` cannot go inside a ComposedPress (it declares `composable = False`), or None when it can."""
+    if press.composable:
+        return None
+    return (
+        f"{type(press).__name__} cannot be composed: it either masks cache entries head by head (the masks would "
+        "point at the wrong entries once another press removes tokens) or needs its own context manager"
+    )
 
 
 def _check_presses(press: Any, name: str, value: Any) -> list[BasePress]:

@@ -18,16 +18,12 @@ from typing import ClassVar, cast
 import torch
 from torch import nn
 
+from kvpress.attention_weights import group_mean
+from kvpress.headwise_masks import set_masks
 from kvpress.presses.adakv_press import check_alpha_safeguard
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
-from kvpress.presses.scorer_press import (
-    InnerPressDelegation,
-    ScorerPress,
-    ScorerWrapperPress,
-    check_scores,
-    require_scorer_press,
-)
-from kvpress.presses.snapkv_press import group_mean
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.scorer_wrapper_press import InnerPressDelegation, ScorerWrapperPress, require_scorer_press
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +154,7 @@ class CriticalKVPress(InnerPressDelegation, ScorerPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> torch.Tensor:
-        scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)
-        check_scores(self.press, scores, keys)
+        scores = self.inner_scores(module, hidden_states, keys, values, attentions, kwargs)
         k_len = keys.shape[2]
         kept = (
             min(self.layer_cache_budget(module), k_len) if self.cache_budget else (1 - self.compression_ratio) * k_len
@@ -200,6 +195,7 @@ class CriticalAdaKVPress(ScorerWrapperPress):
 
     # head-wise masks index the cache as it is after this press; see AdaKVPress
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -219,7 +215,7 @@ class CriticalAdaKVPress(ScorerWrapperPress):
         budgets.scatter_add_(1, winners // k_len, torch.ones_like(winners))
         return budgets, reserved
 
-    def compress(
+    def compress_with_inner(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -228,8 +224,6 @@ class CriticalAdaKVPress(ScorerWrapperPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.compression_ratio == 0:
-            return keys, values
         scores = self.inner_scores(module, hidden_states, keys, values, attentions, kwargs)
         k_len = scores.shape[-1]
         n_kept = int(k_len * (1 - self.compression_ratio))
@@ -248,5 +242,5 @@ class CriticalAdaKVPress(ScorerWrapperPress):
 
         batch_idx, head_idx, seq_idx = (~kept).nonzero(as_tuple=True)
         # read by the patched attention at every later (non-prefill) attention call of this layer
-        setattr(module, "masked_key_indices", (batch_idx, head_idx, seq_idx))
+        set_masks(module, (batch_idx, head_idx, seq_idx))
         return keys, values

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kvpress.presses.scorer_press import ScorerPress
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +46,15 @@ class CURPress(ScorerPress):
     use_local_approximation: bool = True
     local_window_size: int = 16
 
+    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = "it normalises scores over windows of the scored sequence"
+
     def __post_init__(self):
         super().__post_init__()
         _check_leverage_type(self.leverage_type)
         for name in ("num_sinks", "local_window_size"):
-            value = getattr(self, name)
             minimum = 0 if name == "num_sinks" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"CURPress.{name} must be an integer >= {minimum}, got {value!r}.")
+            validate_int(self, name, getattr(self, name), minimum, bound=f"an integer >= {minimum}")
 
     def local_normalize(self, squared_norms: torch.Tensor) -> torch.Tensor:
         """Divide each entry of `(B, H_kv, T)` by the sum over its window of `local_window_size` tokens."""

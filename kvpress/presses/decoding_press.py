@@ -14,54 +14,38 @@ import logging
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Generator, Optional
+from typing import Generator, Optional
 
 import torch
 from torch import nn
 
+from kvpress.headwise_masks import masks_inside as masked_entries
+from kvpress.headwise_masks import merge_masks as merge_masked_key_indices  # noqa: F401 (re-exported)
+from kvpress.headwise_masks import remap_masks as remap_masked_key_indices
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.base_press import BasePress, get_hook_inputs, layer_is_prefilling
-from kvpress.presses.scorer_press import ScorerPress, check_scores, gather_tokens
-from kvpress.transformers_adapter import optional_position_embeddings, replace_inputs
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.recent_tokens import RecentTokens
+from kvpress.token_selection import check_scores, gather_tokens
 from kvpress.utils import cache_layer_length, extract_keys_and_values, write_keys_and_values
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
-# Presses that cannot rank a whole cache during decoding, where only the recent hidden states are at hand.
-CANNOT_SCORE_DURING_DECODING = {
-    "ObservedAttentionPress": "it needs the attention matrix of the whole context, which decoding steps do not produce",
-    "PyramidKVPress": "it sets its own per-layer budgets, which would override the decoding target",
-    "CompactorPress": "it recomputes its scores from the hidden states of every cached token (prefill only)",
-    "LeverageScorePress": "it recomputes its scores from the hidden states of every cached token (prefill only)",
-    "NonCausalAttnPress": "it recomputes its scores from the hidden states of every cached token (prefill only)",
-    "H2OPress": (
-        "it accumulates the attention each token received through its own hook; use H2OPress(cache_budget=...) "
-        "on an eager model instead"
-    ),
-    "KVzapPress": (
-        "it predicts one score per hidden state and decoding keeps only the recent ones; "
-        "use DMSPress(KVzapPress(...), decoding=True) to score each new token instead"
-    ),
-}
 DECODING_SCORERS = (
     "KnormPress, RandomPress, StreamingLLMPress, SnapKVPress, TOVAPress, ExpectedAttentionPress, KeyDiffPress, "
     "LagKVPress, CURPress, QFilterPress, CriticalKVPress, RKVPress, RKVLSHPress or your own ScorerPress"
 )
 
 
-def decoding_problem(press: object, table: dict[str, str], honour_flags: bool = True) -> Optional[str]:
-    """Why `press` cannot score during decoding according to `table` (class names in its MRO), or None.
-
-    With `honour_flags`, a press also opts out by declaring `supports_decoding = False` or
-    `scores_during_decoding = False` (it cannot score a whole cache from the recent hidden states).
-    """
-    for cls in type(press).__mro__:
-        if cls.__name__ in table:
-            return table[cls.__name__]
-    if honour_flags:
-        for flag in ("supports_decoding", "scores_during_decoding"):
-            if getattr(press, flag, True) is False:
-                return f"it declares {flag} = False"
+def decoding_problem(press: BasePress) -> Optional[str]:
+    """Why `press` cannot score a layer's cache during decoding, or None: its `cannot_score_during_decoding`, or an
+    opt-out flag (`supports_decoding = False` or `scores_during_decoding = False`)."""
+    if press.cannot_score_during_decoding is not None:
+        return press.cannot_score_during_decoding
+    for flag in ("supports_decoding", "scores_during_decoding"):
+        if getattr(press, flag, True) is False:
+            return f"it declares {flag} = False"
     return None
 
 
@@ -83,25 +67,9 @@ def require_decoding_scorer(wrapper: object, press: object, allow_adakv: bool = 
             f"cache_budget (got {type(press).__name__} with cache_budget={budget}): set cache_budget=0, or use the "
             "budget press alone."
         )
-    problem = decoding_problem(press, CANNOT_SCORE_DURING_DECODING)
+    problem = decoding_problem(press)
     if problem is not None:
         raise ValueError(f"{name} cannot use {type(press).__name__} during decoding: {problem}. Use {allowed}.")
-
-
-def validate_int(owner: object, name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{type(owner).__name__}.{name} must be {bound}, got {value!r}.")
-
-
-def masked_entries(module: nn.Module, k_len: int) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The head-wise masks of `module` (set by AdaKV, DMS, ...) that point inside a cache of `k_len` tokens."""
-    masked = getattr(module, "masked_key_indices", None)
-    if masked is None:
-        return None
-    batch_idx, head_idx, seq_idx = masked
-    inside = seq_idx < k_len
-    return batch_idx[inside], head_idx[inside], seq_idx[inside]
 
 
 def lower_masked_scores(module: nn.Module, scores: torch.Tensor) -> torch.Tensor:
@@ -113,39 +81,6 @@ def lower_masked_scores(module: nn.Module, scores: torch.Tensor) -> torch.Tensor
     batch_idx, head_idx, seq_idx = (idx.to(scores.device) for idx in masked)
     scores[batch_idx, head_idx, seq_idx] = float("-inf")
     return scores
-
-
-def remap_masked_key_indices(module: nn.Module, kept: torch.Tensor, k_len: int) -> None:
-    """After keeping the tokens `kept` `(B, H_kv, n)` (sorted) of a cache of `k_len`, move the layer's head-wise
-    masks to the new positions of the entries they still point at, and drop those that were removed."""
-    masked = masked_entries(module, k_len)
-    if masked is None:
-        return
-    bsz, num_kv_heads, n_kept = kept.shape
-    new_position = torch.full((bsz, num_kv_heads, k_len), -1, dtype=torch.long, device=kept.device)
-    new_position.scatter_(2, kept, torch.arange(n_kept, device=kept.device).expand_as(kept))
-    batch_idx, head_idx, seq_idx = (idx.to(kept.device) for idx in masked)
-    mapped = new_position[batch_idx, head_idx, seq_idx]
-    still_there = mapped >= 0
-    if not still_there.any():
-        setattr(module, "masked_key_indices", None)
-        return
-    setattr(module, "masked_key_indices", (batch_idx[still_there], head_idx[still_there], mapped[still_there]))
-
-
-def merge_masked_key_indices(module: nn.Module, previous) -> None:
-    """Keep masking what `previous` masked in addition to the masks just set (the patched attention rewrites a
-    fresh fake key for every listed entry at each step, so an entry dropped from the list would come back)."""
-    current = getattr(module, "masked_key_indices", None)
-    if previous is None or current is previous:
-        return
-    if current is None:
-        setattr(module, "masked_key_indices", previous)
-        return
-    device = current[0].device
-    parts = [torch.stack([idx.to(device) for idx in masks]) for masks in (previous, current)]
-    union = torch.unique(torch.cat(parts, dim=1), dim=1)
-    setattr(module, "masked_key_indices", (union[0], union[1], union[2]))
 
 
 @dataclass
@@ -169,8 +104,10 @@ class DecodingPress(BasePress):
     target_size: int = 2048
     hidden_states_buffer_size: int = 256
 
-    # The pipeline keeps this press active while it generates the answer.
-    acts_during_decoding: ClassVar[bool] = True
+    @property
+    def acts_during_decoding(self) -> bool:
+        """Always: the pipeline keeps this press active while it generates the answer."""
+        return True
 
     def __post_init__(self):
         require_decoding_scorer(self, self.base_press)
@@ -187,16 +124,12 @@ class DecodingPress(BasePress):
         self.reset()
 
     def reset(self) -> None:
-        """Forget every layer's buffered hidden states and step count (done for each layer at every prefill)."""
-        self.hidden_states_buffer: defaultdict[int, list[torch.Tensor]] = defaultdict(list)
-        self.position_embeddings_buffer: defaultdict[int, list[Optional[tuple[torch.Tensor, torch.Tensor]]]] = (
-            defaultdict(list)
-        )
+        """Forget every layer's buffered tokens and step count (done for each layer at every prefill)."""
+        self.recent_tokens: defaultdict[int, RecentTokens] = defaultdict(RecentTokens)
         self.layer_step_counts: defaultdict[int, int] = defaultdict(int)
 
     def reset_layer(self, layer_idx: int) -> None:
-        self.hidden_states_buffer.pop(layer_idx, None)
-        self.position_embeddings_buffer.pop(layer_idx, None)
+        self.recent_tokens.pop(layer_idx, None)
         self.layer_step_counts.pop(layer_idx, None)
 
     def post_init_from_model(self, model):
@@ -204,52 +137,23 @@ class DecodingPress(BasePress):
 
     # ----------------------------------------------------------------------------------------- hidden-state buffer
     def remember(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict, prefill: bool = False) -> None:
-        """Append the hidden states of this forward (and their cos/sin) to the layer's buffer.
-
-        Of a prefill only the last `hidden_states_buffer_size` tokens are kept (copied, so the prompt's full hidden
-        states are freed).
-        """
-        q_len = hidden_states.shape[1]
-        n = min(q_len, self.hidden_states_buffer_size) if prefill else q_len
-        if n == 0:
-            return
-        self.hidden_states_buffer[layer_idx].append(hidden_states[:, q_len - n :].detach().clone())
-        position_embeddings = optional_position_embeddings(kwargs)
-        if position_embeddings is None or position_embeddings[0].shape[-2] != q_len:
-            self.position_embeddings_buffer[layer_idx].append(None)  # the scorer then gets the current cos/sin
-            return
-        bsz = hidden_states.shape[0]
-        cos, sin = (t[:, q_len - n :].expand(bsz, -1, -1).detach().clone() for t in position_embeddings)
-        self.position_embeddings_buffer[layer_idx].append((cos, sin))
+        """Append the hidden states of this forward (and their cos/sin) to the layer's buffer; of a prefill only the
+        last `hidden_states_buffer_size` tokens are kept."""
+        buffer = self.recent_tokens[layer_idx]
+        buffer.append(hidden_states, kwargs)
+        if prefill:
+            buffer.keep_last(self.hidden_states_buffer_size)
 
     def truncate_buffer(self, layer_idx: int, minimum: int = 0) -> None:
         """Keep the last `max(hidden_states_buffer_size, minimum)` tokens of the layer's buffer."""
-        states = self.hidden_states_buffer[layer_idx]
-        positions = self.position_embeddings_buffer[layer_idx]
-        excess = sum(s.shape[1] for s in states) - max(self.hidden_states_buffer_size, minimum)
-        while excess > 0 and states:
-            first = states[0].shape[1]
-            if first <= excess:
-                states.pop(0)
-                positions.pop(0)
-                excess -= first
-            else:
-                states[0] = states[0][:, excess:].clone()
-                if positions[0] is not None:
-                    cos, sin = positions[0]
-                    positions[0] = (cos[:, excess:].clone(), sin[:, excess:].clone())
-                excess = 0
+        buffer = self.recent_tokens[layer_idx]
+        size = max(self.hidden_states_buffer_size, minimum)
+        if buffer.n_tokens > size:
+            buffer.keep_last(size)
 
     def buffered_inputs(self, layer_idx: int, kwargs: dict) -> tuple[torch.Tensor, dict]:
         """The buffered hidden states `(B, n, hidden)` and the kwargs for the scorer, with matching cos/sin."""
-        states = self.hidden_states_buffer[layer_idx]
-        hidden_states = torch.cat(states, dim=1)
-        positions = self.position_embeddings_buffer[layer_idx]
-        if all(position is not None for position in positions):
-            cos = torch.cat([position[0] for position in positions], dim=1)  # type: ignore[index]
-            sin = torch.cat([position[1] for position in positions], dim=1)  # type: ignore[index]
-            kwargs = replace_inputs(kwargs, position_embeddings=(cos, sin))
-        return hidden_states, dict(kwargs)
+        return self.recent_tokens[layer_idx].scoring_inputs(kwargs)
 
     # ------------------------------------------------------------------------------------------------ the hook
     def cache_length(self, module: nn.Module, cache, bsz: int) -> float:

@@ -19,26 +19,15 @@ from typing import Any, ClassVar, Mapping, Optional
 import torch
 from torch import nn
 
+from kvpress.headwise_masks import add_masks, clear_masks, get_masks
 from kvpress.presses.base_press import BasePress, FieldCheck, get_hook_inputs, layer_is_prefilling
-from kvpress.presses.decoding_press import CANNOT_SCORE_DURING_DECODING, decoding_problem, validate_int
-from kvpress.presses.scorer_press import ScorerPress, require_scorer_press
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.scorer_wrapper_press import require_scorer_press
 from kvpress.utils import extract_keys_and_values, real_number
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
-# With decoding=True each new token is scored on its own (one token per step), which these presses cannot do.
-CANNOT_SCORE_NEW_TOKENS_ALONE = {
-    # KVzapPress scores each token from its own hidden state: it is the intended scorer here.
-    **{name: reason for name, reason in CANNOT_SCORE_DURING_DECODING.items() if name != "KVzapPress"},
-    "StreamingLLMPress": "its score depends on where a token sits in the scored sequence, not on the token",
-    "SnapKVPress": "it needs an observation window of window_size queries before the scored tokens",
-    "TOVAPress": "it scores tokens by the attention of the last scored token",
-    "ExpectedAttentionPress": "it estimates query statistics from more than n_sink scored tokens",
-    "CapPress": "it estimates a query anchor from more than n_sink scored tokens",
-    "LagKVPress": "it compares partitions of lag_size scored tokens",
-    "KeyDiffPress": "it scores a key against the mean of the scored keys, which is the key itself for one token",
-    "CURPress": "it normalises scores over windows of the scored sequence",
-}
 PER_TOKEN_SCORERS = "KnormPress, RandomPress, KVzapPress, QFilterPress or your own per-token ScorerPress"
 
 
@@ -78,6 +67,7 @@ class DMSPress(BasePress):
 
     # Masks index the cache as this press leaves it; a press that removed tokens afterwards would break them.
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"threshold": _check_threshold}
 
@@ -93,7 +83,8 @@ class DMSPress(BasePress):
         if not isinstance(self.decoding, bool):
             raise TypeError(f"DMSPress.decoding must be True or False, got {self.decoding!r}.")
         if self.decoding:
-            problem = decoding_problem(self.press, CANNOT_SCORE_NEW_TOKENS_ALONE, honour_flags=False)
+            # KVzapPress scores each token from its own hidden state: it is the intended scorer here.
+            problem = self.press.cannot_score_new_tokens_alone
             if problem is not None:
                 raise ValueError(
                     f"DMSPress(decoding=True) scores each new token on its own, which {type(self.press).__name__} "
@@ -134,7 +125,7 @@ class DMSPress(BasePress):
         if prefilling:
             self.scores_buffer.pop(layer_idx, None)
             self.compression_ratios.pop(layer_idx, None)
-            setattr(module, "masked_key_indices", None)
+            clear_masks(module)
         elif not self.decoding:
             return output
         if self.threshold is None:
@@ -169,20 +160,11 @@ class DMSPress(BasePress):
                 self._add_masks(module, batch_idx, head_idx, seq_idx)
         self.scores_buffer[layer_idx] = buffer
 
-        masked = getattr(module, "masked_key_indices", None)
+        masked = get_masks(module)
         n_masked = 0 if masked is None else masked[0].numel()
         self.compression_ratios[layer_idx] = n_masked / (bsz * num_kv_heads * cache_len)
         return output
 
     @staticmethod
     def _add_masks(module: nn.Module, batch_idx: torch.Tensor, head_idx: torch.Tensor, seq_idx: torch.Tensor) -> None:
-        masked = getattr(module, "masked_key_indices", None)
-        if masked is None:
-            setattr(module, "masked_key_indices", (batch_idx, head_idx, seq_idx))
-            return
-        device = masked[0].device
-        setattr(
-            module,
-            "masked_key_indices",
-            tuple(torch.cat([old, new.to(device)]) for old, new in zip(masked, (batch_idx, head_idx, seq_idx))),
-        )
+        add_masks(module, batch_idx, head_idx, seq_idx)

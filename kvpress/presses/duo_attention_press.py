@@ -16,25 +16,27 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from io import StringIO
-from typing import Any, ClassVar, Hashable, Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from kvpress.attention_weights import attention_probabilities
+from kvpress.headwise_masks import set_masks
 from kvpress.presses.base_press import BasePress, FieldCheck, ratio_check
+from kvpress.resources import LRUCache, cache, load_cached, text_config  # noqa: F401 (upstream exposes them here)
 from kvpress.utils import (
     apply_rope,
-    attention_scaling,
     get_language_model,
     get_prerope_key_states,
     get_prerope_query_states,
     rope_cos_sin,
 )
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -65,35 +67,7 @@ ON_THE_FLY_SINK_SIZE = 128
 ON_THE_FLY_RECENT_SIZE = 256
 
 
-class LRUCache(OrderedDict):
-    """A mapping that keeps its `maxsize` most recently used entries."""
-
-    def __init__(self, maxsize: int = 128):
-        super().__init__()
-        self.maxsize = maxsize
-
-    def __getitem__(self, key):
-        value = super().__getitem__(key)
-        self.move_to_end(key)
-        return value
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        while len(self) > self.maxsize:
-            self.popitem(last=False)
-
-
-# Loaded patterns and on-the-fly scores, shared by every DuoAttentionPress (cleared with `cache.clear()`).
-cache: LRUCache = LRUCache(maxsize=128)
-
-
-def _cached(key: Hashable, compute) -> Any:
-    if key in cache:
-        return cache[key]
-    value = compute()
-    cache[key] = value
-    return value
+# Loaded patterns and on-the-fly scores live in the shared resource cache (cleared with `cache.clear()`).
 
 
 def _normalize_name(name: str) -> str:
@@ -178,11 +152,6 @@ def read_attention_pattern(location: str) -> tuple[int, int, np.ndarray]:
     return sizes[0], sizes[1], head_scores
 
 
-def _text_config(model: PreTrainedModel):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _sample_texts(dataset: str | Sequence[str], num_samples: int) -> list[str]:
     """`num_samples` texts: from a list, or sampled (seed 42) from the train split of a Hub or local dataset."""
     if not isinstance(dataset, str):
@@ -217,10 +186,8 @@ def duo_attention_on_the_fly(
     whose attention stays on recent positions scores low. Averaged over `num_samples` texts of `dataset` (a Hub
     name, a local dataset directory, or a list of strings). Results are cached per model and arguments.
     """
-    if isinstance(q_len, bool) or not isinstance(q_len, int) or q_len < 1:
-        raise ValueError(f"q_len must be a positive integer (positions of the synthetic sequence), got {q_len!r}.")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+    validate_int(None, "q_len", q_len, 1, "positions of the synthetic sequence")
+    validate_int(None, "num_samples", num_samples, 1)
 
     def compute() -> np.ndarray:
         return _score_heads_on_the_fly(model, _sample_texts(dataset, num_samples), q_len, tokenizer)
@@ -228,7 +195,7 @@ def duo_attention_on_the_fly(
     if tokenizer is not None or not isinstance(dataset, str):
         return compute()
     key = ("on_the_fly", model.config.name_or_path, type(model).__name__, num_samples, q_len, dataset)
-    return _cached(key, compute)
+    return load_cached(key, compute)
 
 
 @torch.no_grad()
@@ -238,7 +205,7 @@ def _score_heads_on_the_fly(model: PreTrainedModel, texts: list[str], q_len: int
 
         tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
     language_model = get_language_model(model)
-    config = _text_config(model)
+    config = text_config(model)
     num_kv_heads = config.num_key_value_heads
     scores = np.zeros((len(language_model.layers), num_kv_heads))
     device = next(model.parameters()).device
@@ -256,12 +223,7 @@ def _score_heads_on_the_fly(model: PreTrainedModel, texts: list[str], q_len: int
             keys = keys.expand(-1, -1, q_len, -1)
             cos, sin = rope_cos_sin(module, queries, positions)
             queries, keys = apply_rope(queries, cos, sin), apply_rope(keys, cos, sin)
-            keys = keys.repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
-            logits = (queries[:, :, -1:] @ keys.transpose(2, 3)).float()[:, :, 0] * attention_scaling(module)
-            softcap = getattr(module, "attn_logit_softcapping", None)
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            weights = logits.softmax(dim=-1)  # (1, H, q_len)
+            weights = attention_probabilities(module, queries[:, :, -1:], keys, causal=False)[:, :, 0]  # (1, H, q_len)
             area = weights.cumsum(dim=-1).mean(dim=-1)[0]  # (H,)
             area = area.view(num_kv_heads, -1).mean(dim=-1)
             scores[layer_idx] += area.cpu().numpy() / len(texts)
@@ -291,6 +253,7 @@ class DuoAttentionPress(BasePress):
     # The masks index the cache as this press leaves it; a later press that removes tokens would make them point
     # at the wrong entries.
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"head_compression_ratio": ratio_check(allow_one=True)}
 
@@ -301,7 +264,9 @@ class DuoAttentionPress(BasePress):
     def load_attention_pattern(model: PreTrainedModel) -> tuple[int, int, np.ndarray]:
         """`(sink_size, recent_size, head_scores)` for `model`, from `PATTERNS_DICT` (cached)."""
         name = model.config.name_or_path
-        return _cached(("pattern", name, pattern_entry(name)), lambda: read_attention_pattern(pattern_location(name)))
+        return load_cached(
+            ("pattern", name, pattern_entry(name)), lambda: read_attention_pattern(pattern_location(name))
+        )
 
     def post_init_from_model(self, model: PreTrainedModel) -> None:
         if self.on_the_fly_scoring:
@@ -309,7 +274,7 @@ class DuoAttentionPress(BasePress):
             head_scores = duo_attention_on_the_fly(model)
         else:
             self.sink_size, self.recent_size, head_scores = self.load_attention_pattern(model)
-        config = _text_config(model)
+        config = text_config(model)
         expected = (config.num_hidden_layers, config.num_key_value_heads)
         head_scores = torch.as_tensor(np.asarray(head_scores, dtype=float))
         if tuple(head_scores.shape) != expected:
@@ -365,6 +330,6 @@ class DuoAttentionPress(BasePress):
         masked[:, streaming_heads, start:end] = True
         # read by the patched attention at every later (non-prefill) attention call of this layer
         indices = masked.nonzero(as_tuple=True) if bool(masked.any()) else None
-        setattr(module, "masked_key_indices", indices)
+        set_masks(module, indices)
         self.compression_ratio_ = self._streaming_fraction * (end - start) / k_len
         return keys, values

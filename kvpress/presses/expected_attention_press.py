@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from kvpress.attention_weights import group_mean
 from kvpress.presses.base_press import FieldCheck, integer_check
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.presses.snapkv_press import group_mean, pad_with_top_score
+from kvpress.token_selection import pad_with_top_score
 from kvpress.transformers_adapter import position_ids_of
 from kvpress.utils import attention_scaling, get_prerope_query_states, rope_cos_sin
 
@@ -43,6 +44,11 @@ class ExpectedAttentionPress(ScorerPress):
     epsilon: float = 0.0
 
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"n_sink": integer_check(0, "first tokens always kept")}
+
+    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = (
+        "it estimates query statistics from more than n_sink scored tokens"
+    )
 
     def get_query_statistics(
         self, module: nn.Module, hidden_states: torch.Tensor, start_position: int | None = None

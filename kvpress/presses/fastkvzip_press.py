@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
+from kvpress.headwise_masks import set_masks
 from kvpress.presses.base_press import (
     BasePress,
     FieldCheck,
@@ -30,7 +31,9 @@ from kvpress.presses.base_press import (
     refuse_nested_press,
 )
 from kvpress.presses.kvzip_press import compressed_attention_modules, headwise_masks
+from kvpress.resources import text_config
 from kvpress.utils import get_language_model, validate_compression_ratio
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -244,15 +247,14 @@ class FastKVzipPress(BasePress):
 
     # Scores in one pass and masks at exit, head by head: it cannot be chained.
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"allow_unsafe_pickle": _check_opt_in}
 
     def __post_init__(self):
         validate_compression_ratio(self.compression_ratio)
         for name in ("n_sink", "window_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{type(self).__name__}.{name} must be a non-negative integer, got {value!r}.")
+            validate_int(self, name, getattr(self, name), 0, bound="a non-negative integer")
         ratio = self.window_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
             raise ValueError(
@@ -281,7 +283,7 @@ class FastKVzipPress(BasePress):
                     f"published for some models in {FASTKVZIP_REPO_ID}; pass gates_path=<local .pt/.safetensors file "
                     "or directory> to use your own."
                 ) from error
-        config = model.config.get_text_config()
+        config = text_config(model)
         expected = (
             len(get_language_model(model).layers),
             config.hidden_size,
@@ -340,4 +342,4 @@ class FastKVzipPress(BasePress):
             return
         scores = torch.stack([self.score_val[int(module.layer_idx)] for module in scored])
         for module, mask in zip(scored, headwise_masks(scores, self.compression_ratio, self.layerwise)):
-            setattr(module, "masked_key_indices", mask)
+            set_masks(module, mask)

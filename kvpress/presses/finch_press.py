@@ -19,12 +19,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from kvpress.attention_weights import group_mean, window_attention
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
-from kvpress.presses.scorer_press import gather_tokens
-from kvpress.presses.snapkv_press import SnapKVPress, group_mean, pad_with_top_score
+from kvpress.token_selection import gather_tokens, pad_with_top_score
 from kvpress.transformers_adapter import drop_decoder_tokens, input_ids_of, position_embeddings_of
 from kvpress.utils import validate_compression_ratio
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,7 @@ class FinchPress(BasePress):
 
     def __post_init__(self) -> None:
         validate_compression_ratio(self.compression_ratio)
-        chunk = self.chunk_length
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"FinchPress.chunk_length must be None or a positive integer, got {chunk!r}.")
+        validate_int(self, "chunk_length", self.chunk_length, 1, allow_none=True)
 
     def update_model_and_tokenizer(
         self, model: PreTrainedModel, tokenizer, delimiter_token: str = DEFAULT_DELIMITER_TOKEN
@@ -160,9 +159,7 @@ class FinchPress(BasePress):
         if attentions is not None:
             weights = attentions[..., -window:, :-window]
         else:
-            weights = SnapKVPress.compute_window_attention(
-                module, hidden_states, keys, window, position_embeddings_of(kwargs)
-            )
+            weights = window_attention(module, hidden_states, keys, window, position_embeddings_of(kwargs))
         if self.normalize_scores:
             query_positions = torch.arange(k_len - window, k_len, device=weights.device, dtype=weights.dtype)
             weights = weights * query_positions[:, None]

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
-from kvpress.attention_weights import received_attention_sums
-from kvpress.presses.scorer_press import DecodingState, ScorerPress, log_eviction
-from kvpress.presses.snapkv_press import group_mean
+from kvpress.attention_weights import group_mean, received_attention_sums
+from kvpress.decoding_budget import DecodingState, log_eviction
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,15 @@ class H2OPress(ScorerPress):
     n_recent: int = 0
     output_attentions: bool = True
 
+    # Why it cannot score during decoding, nor a new token alone (see BasePress).
+    cannot_score_during_decoding: ClassVar[Optional[str]] = (
+        "it accumulates the attention each token received through its own hook; use H2OPress(cache_budget=...) on an "
+        "eager model instead"
+    )
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = cannot_score_during_decoding
+
     def __post_init__(self):
-        if isinstance(self.n_recent, bool) or not isinstance(self.n_recent, int) or self.n_recent < 0:
-            raise ValueError(f"H2OPress.n_recent must be a non-negative integer, got {self.n_recent!r}.")
+        validate_int(self, "n_recent", self.n_recent, 0, bound="a non-negative integer")
         super().__post_init__()
 
     def check_budget_settings(self, budget: int) -> None:

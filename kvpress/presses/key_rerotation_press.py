@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import ScorerWrapperPress, gather_tokens
+from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
+from kvpress.token_selection import gather_tokens
 from kvpress.utils import rope_inv_freq, rotate_half
 
 
@@ -48,7 +49,7 @@ class KeyRerotationPress(ScorerWrapperPress):
         kept = gather_tokens(keys, indices)
         return kept * cos + rotate_half(kept) * sin
 
-    def compress(
+    def compress_with_inner(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -57,8 +58,6 @@ class KeyRerotationPress(ScorerWrapperPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.press.compression_ratio == 0:
-            return keys, values
         scores = self.inner_scores(module, hidden_states, keys, values, attentions, kwargs)
         n_kept = int(keys.shape[2] * (1 - self.press.compression_ratio))
         indices = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values

@@ -22,8 +22,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from kvpress.attention_weights import causal_attention_chunks
+from kvpress.headwise_masks import set_masks
 from kvpress.presses.base_press import BasePress, get_hook_inputs
-from kvpress.presses.scorer_press import gather_tokens
+from kvpress.resources import text_config
+from kvpress.token_selection import gather_tokens
 from kvpress.transformers_adapter import (
     attention_mask_of,
     decoder_call,
@@ -43,6 +45,7 @@ from kvpress.utils import (
     validate_compression_ratio,
     write_keys_and_values,
 )
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +160,7 @@ class KVComposePress(BasePress):
 
     # Needs its own context manager (the extra scoring pass), which a ComposedPress never enters.
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         validate_compression_ratio(self.compression_ratio)
@@ -164,9 +168,7 @@ class KVComposePress(BasePress):
             value = getattr(self, name)
             if value not in aggregator_by_name:
                 raise ValueError(f"KVComposePress.{name} must be one of {sorted(aggregator_by_name)}, got {value!r}.")
-        bound = self.keep_token_lower_bound
-        if isinstance(bound, bool) or not isinstance(bound, int) or bound < 0:
-            raise ValueError(f"keep_token_lower_bound must be a non-negative integer, got {bound!r}.")
+        validate_int(None, "keep_token_lower_bound", self.keep_token_lower_bound, 0, bound="a non-negative integer")
         self.prompt_ids: list[torch.Tensor] = []
         self._scoring = False
         self._prefilling = False
@@ -187,7 +189,7 @@ class KVComposePress(BasePress):
 
     def _register_model(self, model: PreTrainedModel) -> None:
         language_model = get_language_model(model)
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model)
         self.layer_ids = [
             i for i, layer in enumerate(language_model.layers) if not getattr(layer.self_attn, "is_sliding", False)
         ]
@@ -425,4 +427,4 @@ class KVComposePress(BasePress):
             masked = pruned[None].expand(bsz, -1, -1).to(device)
             indices = masked.nonzero(as_tuple=True) if bool(masked.any()) else None
             # read by the patched attention at every later (non-prefill) attention call of this layer
-            setattr(self._attention_modules[layer_idx], "masked_key_indices", indices)
+            set_masks(self._attention_modules[layer_idx], indices)

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from kvpress.presses.scorer_press import ScorerPress
+from kvpress.resources import text_config
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,12 @@ class KVzapPress(ScorerPress):
     # The score needs the hidden state of every cached token, which decoding steps do not provide.
     supports_decoding: ClassVar[bool] = False
 
+    # Why DecodingPress cannot use it (see BasePress); DMSPress(decoding=True) can: it scores each token alone.
+    cannot_score_during_decoding: ClassVar[Optional[str]] = (
+        "it predicts one score per hidden state and decoding keeps only the recent ones; use DMSPress(KVzapPress(...), "
+        "decoding=True) to score each new token instead"
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.model_type not in KVZAP_MODEL_TYPES:
@@ -147,7 +154,7 @@ class KVzapPress(ScorerPress):
 
     def check_kvzap_model(self, model: PreTrainedModel) -> None:
         """Raise a ValueError when the loaded KVzap model was not trained for `model`'s sizes."""
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model)
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         expected = {
             "n_modules": config.num_hidden_layers,

@@ -22,12 +22,14 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from kvpress.attention_weights import attention_logits, future_mask
+from kvpress.headwise_masks import set_masks
 from kvpress.presses.base_press import SUPPORTED_MODELS, BasePress, get_hook_inputs
+from kvpress.resources import text_config
 from kvpress.timing import telemetry_of
 from kvpress.transformers_adapter import cache_kwargs, find_cache, input_ids_of, output_cache, position_embeddings_of
 from kvpress.utils import (
     apply_rope,
-    attention_scaling,
     extract_keys_and_values,
     get_language_model,
     get_prerope_query_states,
@@ -35,6 +37,7 @@ from kvpress.utils import (
     snapshot_cache,
     validate_compression_ratio,
 )
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +161,11 @@ class KVzipPress(BasePress):
 
     # Runs its own passes in its own context manager, and masks entries head by head: it cannot be chained.
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         validate_compression_ratio(self.compression_ratio)
-        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise ValueError(f"{type(self).__name__}.n_sink must be a non-negative integer, got {self.n_sink!r}.")
+        validate_int(self, "n_sink", self.n_sink, 0, bound="a non-negative integer")
         global _overhead_warned
         if not _overhead_warned:
             logger.warning(
@@ -336,7 +339,7 @@ class KVzipPress(BasePress):
         """
         ctx_ids = self._context_ids[:, self.prefix_length :].cpu()
         bsz = ctx_ids.shape[0]
-        config = model.config.get_text_config()
+        config = text_config(model)
         n_layers = len(get_language_model(model).layers)
         self.score_val = torch.zeros(
             (n_layers, bsz, config.num_key_value_heads, self.context_length), dtype=torch.float32, device=model.device
@@ -385,9 +388,8 @@ class KVzipPress(BasePress):
             parts = [states[:, :, :sink], states[:, :, self.start_idx : self.end_idx], states[:, :, -q_len:]]
             return torch.cat(parts, dim=2)
 
-        sub_keys, scaling = subsample(keys), attention_scaling(module)
-        softcap = getattr(module, "attn_logit_softcapping", None)
-        future = torch.ones(q_len, q_len, dtype=torch.bool, device=keys.device).triu(diagonal=1)
+        sub_keys = subsample(keys)
+        future = future_mask(q_len, sub_keys.shape[2], keys.device)
         if self.kvzip_plus_normalization:
             sub_values = subsample(values)
             # each query head's slice of W_o, (H_kv, G, d, hidden), and its (d, d) Gram matrix: ||W_o v||^2 = v'Mv
@@ -398,11 +400,8 @@ class KVzipPress(BasePress):
         layer_scores = self.score_val[int(module.layer_idx)]
         # one KV head at a time: the (B, G, q_len, K) float32 weights of a 2048-token chunk stay small
         for head in range(num_kv_heads):
-            logits = torch.einsum("bgqd,bkd->bgqk", queries[:, head].float(), sub_keys[:, head].float()) * scaling
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            logits[..., -q_len:] = logits[..., -q_len:].masked_fill(future, float("-inf"))
-            weights = logits.softmax(dim=-1)
+            logits = attention_logits(module, queries[:, head].float(), sub_keys[:, head, None].float())
+            weights = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
             if self.kvzip_plus_normalization:
                 # rows divided by the repeating token's hidden-state norm, columns times ||W_o v|| of the entry
                 head_values = sub_values[:, head].float()
@@ -421,4 +420,4 @@ class KVzipPress(BasePress):
         masks = headwise_masks(self.score_val[layer_ids], self.compression_ratio, self.layerwise)
         for module, mask in zip(modules, masks):
             # read by the patched attention at every later (non-prefill) attention call of this layer
-            setattr(module, "masked_key_indices", mask)
+            set_masks(module, mask)

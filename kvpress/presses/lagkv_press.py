@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
 from kvpress.presses.scorer_press import ScorerPress
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +39,13 @@ class LagKVPress(ScorerPress):
     lag_size: int = 128
     cross_scoring: bool = False
 
+    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = "it compares partitions of lag_size scored tokens"
+
     def __post_init__(self):
         super().__post_init__()
         for name, minimum in (("n_sink", 0), ("lag_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"LagKVPress.{name} must be an integer >= {minimum}, got {value!r}.")
+            validate_int(self, name, getattr(self, name), minimum, bound=f"an integer >= {minimum}")
 
     def lag_relative_scores(self, states: torch.Tensor) -> torch.Tensor:
         """Scores `(B, H_kv, m - 1, lag_size)` of partitions `(B, H_kv, m, lag_size, d)` against their successors."""

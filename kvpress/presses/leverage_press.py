@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
+from kvpress.presses.base_press import NEEDS_EVERY_HIDDEN_STATE
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.utils import get_prerope_key_states
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +52,12 @@ class LeverageScorePress(ScorerPress):
 
     # The score needs the hidden state of every cached token, which only a prefill has.
     supports_decoding: ClassVar[bool] = False
+    cannot_score_during_decoding: ClassVar[Optional[str]] = NEEDS_EVERY_HIDDEN_STATE
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = NEEDS_EVERY_HIDDEN_STATE
 
     def __post_init__(self):
         super().__post_init__()
-        value = self.sketch_dimension
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{type(self).__name__}.sketch_dimension must be a positive integer, got {value!r}.")
+        validate_int(self, "sketch_dimension", self.sketch_dimension, 1)
 
     @staticmethod
     def chol_with_jitter(gram: torch.Tensor, jitter: float = 0.0, max_tries: int = 5) -> torch.Tensor:

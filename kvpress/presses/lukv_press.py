@@ -16,19 +16,23 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Hashable, Optional
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from kvpress.headwise_masks import clear_masks, set_masks_from_bool
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
-from kvpress.presses.scorer_press import ScorerPress, check_scores, require_no_budget, require_scorer_press
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.scorer_wrapper_press import require_no_budget, require_scorer_press
+from kvpress.resources import cache, load_cached, text_config  # noqa: F401 (upstream exposes `cache` here)
+from kvpress.token_selection import check_scores
 from kvpress.utils import validate_compression_ratio
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -47,37 +51,6 @@ N_CURVE_RATIOS = 99
 _DOWNLOAD_TIMEOUT_S = 60
 
 
-class LRUCache:
-    """A small least-recently-used mapping (the loaded curves, keyed by URL or path)."""
-
-    def __init__(self, maxsize: int = 32):
-        self.maxsize = maxsize
-        self._data: OrderedDict[Hashable, Any] = OrderedDict()
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._data
-
-    def __getitem__(self, key: Hashable) -> Any:
-        value = self._data[key]
-        self._data.move_to_end(key)
-        return value
-
-    def __setitem__(self, key: Hashable, value: Any) -> None:
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.maxsize:
-            self._data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def clear(self) -> None:
-        self._data.clear()
-
-
-cache = LRUCache(maxsize=32)
-
-
 def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
@@ -85,10 +58,12 @@ def _is_url(source: str) -> bool:
 def load_budget_curve(url: str) -> np.ndarray:
     """Load a budget curve (a `.npy` array) from an http(s) URL or a local file (path or `file://` URL).
 
-    Results are cached by `url` in the module-level `cache`.
+    Results are cached by `url` in the module-level `cache` (`kvpress.resources.cache`).
     """
-    if url in cache:
-        return cache[url]
+    return load_cached(url, lambda: _read_budget_curve(url))
+
+
+def _read_budget_curve(url: str) -> np.ndarray:
     if _is_url(url):
         try:
             with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
@@ -112,13 +87,7 @@ def load_budget_curve(url: str) -> np.ndarray:
         curve = np.load(source, allow_pickle=False)
     except (ValueError, OSError) as error:
         raise ValueError(f"{url!r} is not a budget curve saved with numpy.save (.npy): {error}") from error
-    cache[url] = curve
     return curve
-
-
-def _text_config(model: PreTrainedModel):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 @dataclass
@@ -141,15 +110,14 @@ class LUKVPress(BasePress):
 
     # head-wise masks index the cache as it is after this press; see AdaKVPress
     composable: ClassVar[bool] = False
+    head_wise: ClassVar[bool] = True
 
     def __post_init__(self):
         require_scorer_press(self, self.press)
         require_no_budget(self, self.press)
         validate_compression_ratio(self.compression_ratio)
         for name in ("sink", "window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"LUKVPress.{name} must be an integer >= 0 (tokens always kept), got {value!r}.")
+            validate_int(self, name, getattr(self, name), 0, "tokens always kept")
         if self.budget_curve_path is not None and not isinstance(self.budget_curve_path, (str, os.PathLike)):
             raise TypeError(
                 "budget_curve_path must be a local .npy file or a URL (a string), got "
@@ -186,7 +154,7 @@ class LUKVPress(BasePress):
         self._check_budget_curves(model)
 
     def _check_budget_curves(self, model: PreTrainedModel) -> None:
-        config = _text_config(model)
+        config = text_config(model)
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         expected = (N_CURVE_RATIOS, config.num_hidden_layers, num_kv_heads)
         if tuple(self._budget_curves.shape) != expected:
@@ -242,12 +210,12 @@ class LUKVPress(BasePress):
             )
         budgets = self.head_budgets(module.layer_idx, k_len).to(keys.device)
         if (budgets >= k_len).all():
-            setattr(module, "masked_key_indices", None)
+            clear_masks(module)
             return keys, values
         order = scores.argsort(dim=-1, descending=True, stable=True)
         pruned_rank = torch.arange(k_len, device=keys.device) >= budgets.unsqueeze(-1)  # (H_kv, T)
         pruned = torch.zeros(scores.shape, dtype=torch.bool, device=keys.device)
         pruned.scatter_(-1, order, pruned_rank.expand_as(pruned))
         # read by the patched attention at every later (non-prefill) attention call of this layer
-        setattr(module, "masked_key_indices", pruned.nonzero(as_tuple=True))
+        set_masks_from_bool(module, pruned, empty_as_none=False)
         return keys, values

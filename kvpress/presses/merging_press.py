@@ -17,7 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import ScorerPress, ScorerWrapperPress, gather_tokens
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.scorer_wrapper_press import ScorerWrapperPress
+from kvpress.token_selection import gather_tokens
+from kvpress.validation import validate_number
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +45,19 @@ class MergingPress(ScorerWrapperPress):
     def __post_init__(self):
         super().__post_init__()
         threshold = self.similarity_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise ValueError(
-                f"similarity_threshold must be a number in [0, 1], got {threshold!r}. Evicted tokens whose best key "
-                "cosine similarity with a kept token is below it are dropped instead of merged."
-            )
+        note = (
+            "Evicted tokens whose best key cosine similarity with a kept token is below it are dropped instead of "
+            "merged."
+        )
+        validate_number(None, "similarity_threshold", threshold, 0, 1, note=note)
         fraction = self.merge_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ValueError(
-                f"merge_fraction must be a number in (0, 1], got {fraction!r}. It is the fraction of each head's "
-                "evicted tokens (the most similar ones) that may be merged; 1 merges all of them."
-            )
+        note = (
+            "It is the fraction of each head's evicted tokens (the most similar ones) that may be merged; 1 merges all "
+            "of them."
+        )
+        validate_number(None, "merge_fraction", fraction, 0, 1, open_minimum=True, note=note)
 
-    def compress(
+    def compress_with_inner(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -63,8 +66,6 @@ class MergingPress(ScorerWrapperPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.compression_ratio == 0:
-            return keys, values
         scores = self.inner_scores(module, hidden_states, keys, values, attentions, kwargs)
         n_kept = int(keys.shape[2] * (1 - self.compression_ratio))
         indices = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from kvpress.attention_weights import group_mean
+from kvpress.presses.base_press import NEEDS_EVERY_HIDDEN_STATE
 from kvpress.presses.leverage_press import global_zscore, require_prefill
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.presses.snapkv_press import group_mean
 from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import apply_rope, get_prerope_query_states
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ class NonCausalAttnPress(ScorerPress):
 
     # The score needs the hidden state of every cached token, which only a prefill has.
     supports_decoding: ClassVar[bool] = False
+    cannot_score_during_decoding: ClassVar[Optional[str]] = NEEDS_EVERY_HIDDEN_STATE
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = NEEDS_EVERY_HIDDEN_STATE
 
     def __post_init__(self):
         super().__post_init__()
@@ -107,5 +111,4 @@ _SCORE_ELEMENTS = 1 << 26
 
 
 def _check_chunk_size(chunk_size: int) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"NonCausalAttnPress.chunk_size must be a positive integer, got {chunk_size!r}.")
+    validate_int(None, "NonCausalAttnPress.chunk_size", chunk_size, 1)

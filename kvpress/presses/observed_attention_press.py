@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
-from kvpress.attention_weights import received_attention_sums
+from kvpress.attention_weights import group_mean, received_attention_sums
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.presses.snapkv_press import group_mean
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,13 @@ class ObservedAttentionPress(ScorerPress):
     chunked_prefill = "approximate"  # under kvpress.chunked_prefill
 
     compression_ratio: float = 0.0
+
+    needs_attention_weights: ClassVar[bool] = True
+    # Why it cannot score during decoding, nor a new token alone (see BasePress).
+    cannot_score_during_decoding: ClassVar[Optional[str]] = (
+        "it needs the attention matrix of the whole context, which decoding steps do not produce"
+    )
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = cannot_score_during_decoding
 
     def score(
         self,

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, List, Mapping
 
 from kvpress.presses.base_press import BasePress, FieldCheck, compression_ratio_set_to
-from kvpress.presses.scorer_press import ScorerPress, require_scorer_press
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.presses.scorer_wrapper_press import require_scorer_press
 from kvpress.utils import get_language_model, validate_compression_ratio
 
 logger = logging.getLogger(__name__)

@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
-from kvpress.presses.scorer_press import check_scores, keep_top_scores
 from kvpress.presses.snapkv_press import SnapKVPress
+from kvpress.token_selection import check_scores, keep_top_scores
+from kvpress.validation import validate_number
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +43,16 @@ class PyramidKVPress(SnapKVPress):
     kernel_size: int = 5
     beta: int = 20
 
+    # Why it cannot score during decoding, nor a new token alone (see BasePress).
+    cannot_score_during_decoding: ClassVar[Optional[str]] = (
+        "it sets its own per-layer budgets, which would override the decoding target"
+    )
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = cannot_score_during_decoding
+
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1:
-            raise ValueError(
-                f"PyramidKVPress.beta must be a number >= 1 (the ratio between the average and the smallest layer "
-                f"budget), got {self.beta!r}."
-            )
+        meaning = "the ratio between the average and the smallest layer budget"
+        validate_number(self, "beta", self.beta, 1, meaning=meaning)
 
     def get_layer_budget(self, module: nn.Module, q_len: int) -> int:
         """Number of tokens layer `module.layer_idx` keeps out of `q_len`."""

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from kvpress.presses.base_press import compression_ratio_set_to
 from kvpress.presses.kvzip_press import KVzipPress, compressed_attention_modules
+from kvpress.resources import text_config
 from kvpress.transformers_adapter import cache_kwargs
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class RestoreKVPress(KVzipPress):
                 f"{RESTOREKV_REPO_PREFIX}<model name>[_plus] on the Hub; pass restore_repo_or_dir=<local directory "
                 "or Hub repo> to use others."
             ) from error
-        hidden_size = model.config.get_text_config().hidden_size
+        hidden_size = text_config(model).hidden_size
         if embeddings.dim() != 2 or embeddings.shape[1] != hidden_size:
             raise ValueError(
                 f"restore_embeddings from {source!r} have shape {tuple(embeddings.shape)}; expected "

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from kvpress.presses.rkv_press import RKVPress
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +89,8 @@ class RKVLSHPress(RKVPress):
     seed: Optional[int] = 0
 
     def __post_init__(self):
-        bits = self.n_hash_bits
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_HASH_BITS:
-            raise ValueError(
-                f"RKVLSHPress.n_hash_bits must be an integer in [1, {MAX_HASH_BITS}] (hash bits; 2**n_hash_bits "
-                f"buckets), got {bits!r}."
-            )
+        meaning = "hash bits; 2**n_hash_bits buckets"
+        validate_int(self, "n_hash_bits", self.n_hash_bits, 1, meaning, maximum=MAX_HASH_BITS)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"RKVLSHPress.seed must be an integer or None, got {self.seed!r}.")
         super().__post_init__()

@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvpress.presses.scorer_press import DecodingState, ScorerPress, log_eviction
-from kvpress.presses.snapkv_press import pad_with_top_score
+from kvpress.decoding_budget import DecodingState, log_eviction
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.token_selection import pad_with_top_score
 from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import apply_rope, attention_scaling, get_prerope_query_states
+from kvpress.validation import validate_int, validate_number
 
 logger = logging.getLogger(__name__)
 
@@ -132,20 +134,10 @@ class RKVPress(ScorerPress):
 
     def __post_init__(self):
         for name in ("compress_interval", "window_size", "kernel_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}.")
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0 <= self.lam <= 1:
-            raise ValueError(
-                f"{type(self).__name__}.lam must be a number in [0, 1] (the weight of importance against "
-                f"redundancy), got {self.lam!r}."
-            )
+            validate_int(self, name, getattr(self, name), 1)
+        validate_number(self, "lam", self.lam, 0, 1, meaning="the weight of importance against redundancy")
         threshold = self.similarity_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1 <= threshold <= 1:
-            raise ValueError(
-                f"{type(self).__name__}.similarity_threshold must be a cosine similarity in [-1, 1], got "
-                f"{threshold!r}."
-            )
+        validate_number(self, "similarity_threshold", threshold, -1, 1, bound="a cosine similarity in [-1, 1]")
         super().__post_init__()
 
     def check_budget_settings(self, budget: int) -> None:

@@ -14,17 +14,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvpress.attention_weights import window_attention
 from kvpress.presses.base_press import BasePress
-from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.transformers_adapter import position_embeddings_of
+from kvpress.validation import validate_int, validate_number
 
 logger = logging.getLogger(__name__)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"SimLayerKVPress.{name} must be {kind}, got {value!r}.")
+    validate_int(None, f"SimLayerKVPress.{name}", value, minimum)
 
 
 @dataclass
@@ -46,11 +45,11 @@ class SimLayerKVPress(BasePress):
 
     def __post_init__(self) -> None:
         threshold = self.lazy_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise ValueError(
-                f"lazy_threshold must be a number in [0, 1], got {threshold!r}. It is the share of attention on the "
-                "initial and recent tokens above which a layer is lazy (1.0 disables compression)."
-            )
+        note = (
+            "It is the share of attention on the initial and recent tokens above which a layer is lazy (1.0 disables "
+            "compression)."
+        )
+        validate_number(None, "lazy_threshold", threshold, 0, 1, note=note)
         _check_int("n_last", self.n_last, 1)
         _check_int("n_recent", self.n_recent, 1)
         _check_int("n_initial", self.n_initial, 0)
@@ -78,7 +77,7 @@ class SimLayerKVPress(BasePress):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> bool:
         """Whether the last `n_last` queries attend mostly to the initial and recent tokens."""
-        weights = SnapKVPress.compute_window_attention(module, hidden_states, keys, self.n_last, position_embeddings)
+        weights = window_attention(module, hidden_states, keys, self.n_last, position_embeddings)
         attention = weights.float().mean(dim=(0, 1, 2))  # over the keys before the last n_last tokens
         score = attention[: self.n_initial].sum() + attention[-self.n_recent :].sum()
         return bool(score.item() > self.lazy_threshold)

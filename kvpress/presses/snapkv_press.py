@@ -6,30 +6,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import repeat_kv
 
+from kvpress.attention_weights import group_mean, window_attention
 from kvpress.presses.scorer_press import ScorerPress
+from kvpress.token_selection import pad_with_top_score
 from kvpress.transformers_adapter import position_embeddings_of
-from kvpress.utils import apply_rope, attention_scaling, get_prerope_query_states
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
-
-
-def pad_with_top_score(scores: torch.Tensor, n_pad: int, left: bool = False) -> torch.Tensor:
-    """Add `n_pad` positions scored `max + 1` (always kept) to the right of `scores` (or to the left)."""
-    top = scores.max().item() + 1 if scores.numel() > 0 else 1.0
-    padding = (n_pad, 0) if left else (0, n_pad)
-    return F.pad(scores, padding, value=top)
-
-
-def group_mean(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """Reduce per-query-head scores `(B, H, T)` to KV heads `(B, H_kv, T)` by averaging each GQA group."""
-    bsz, num_heads, length = scores.shape
-    return scores.view(bsz, num_kv_heads, num_heads // num_kv_heads, length).mean(dim=2)
 
 
 @dataclass
@@ -52,11 +41,14 @@ class SnapKVPress(ScorerPress):
     window_size: int = 64
     kernel_size: int = 5
 
+    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = (
+        "it needs an observation window of window_size queries before the scored tokens"
+    )
+
     def __post_init__(self):
         for name in ("window_size", "kernel_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}.")
+            validate_int(self, name, getattr(self, name), 1)
         super().__post_init__()
 
     @property
@@ -78,26 +70,9 @@ class SnapKVPress(ScorerPress):
         window_size: int,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """Attention of the last `window_size` queries over the keys before the window, `(B, H, w, T - w)`.
-
-        The window's queries are rebuilt from `hidden_states` and rotated with the last `window_size` entries of
-        `position_embeddings`; inside the window each query only sees the keys up to its own position.
-        """
-        bsz, num_kv_heads, k_len, _ = keys.shape
-        num_heads = module.config.num_attention_heads
-        cos, sin = position_embeddings
-        queries = get_prerope_query_states(module, hidden_states[:, -window_size:])
-        queries = apply_rope(queries, cos[:, -window_size:], sin[:, -window_size:])
-        logits = queries @ repeat_kv(keys, num_heads // num_kv_heads).transpose(2, 3) * attention_scaling(module)
-        softcap = getattr(module, "attn_logit_softcapping", None)
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        # Window query i sits at position k_len - window_size + i and must not see the keys after it.
-        future = torch.ones(window_size, k_len, dtype=torch.bool, device=keys.device)
-        future = future.triu(diagonal=k_len - window_size + 1)
-        logits = logits.masked_fill(future, float("-inf"))
-        weights = logits.float().softmax(dim=-1).to(queries.dtype)
-        return weights[..., : k_len - window_size]
+        """Attention of the last `window_size` queries over the keys before the window, `(B, H, w, T - w)` (upstream's
+        static helper; see `kvpress.attention_weights.window_attention`)."""
+        return window_attention(module, hidden_states, keys, window_size, position_embeddings)
 
     def score(
         self,

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
@@ -28,6 +28,11 @@ class StreamingLLMPress(ScorerPress):
     n_sink: int = 4
 
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"n_sink": integer_check(0, "first tokens always kept")}
+
+    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = (
+        "its score depends on where a token sits in the scored sequence, not on the token"
+    )
 
     @property
     def decoding_window(self) -> int:

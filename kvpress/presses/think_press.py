@@ -19,6 +19,7 @@ from torch import nn
 from kvpress.presses.base_press import BasePress, FieldCheck, ratio_check
 from kvpress.transformers_adapter import position_embeddings_of
 from kvpress.utils import apply_rope, get_prerope_query_states
+from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +41,7 @@ class ThinKPress(BasePress):
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"key_channel_compression_ratio": ratio_check()}
 
     def __post_init__(self) -> None:
-        window = self.window_size
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(
-                f"ThinKPress.window_size must be a positive integer (the number of last queries that score the "
-                f"channels), got {window!r}."
-            )
+        validate_int(self, "window_size", self.window_size, 1, "the number of last queries that score the channels")
 
     @property
     def compression_ratio(self) -> float:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
+from kvpress.attention_weights import window_attention
 from kvpress.presses.scorer_press import ScorerPress
-from kvpress.presses.snapkv_press import SnapKVPress, pad_with_top_score
+from kvpress.token_selection import pad_with_top_score
 from kvpress.transformers_adapter import position_embeddings_of
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,11 @@ class TOVAPress(ScorerPress):
 
     compression_ratio: float = 0.0
 
+    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
+    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = (
+        "it scores tokens by the attention of the last scored token"
+    )
+
     def score(
         self,
         module: nn.Module,
@@ -42,9 +49,7 @@ class TOVAPress(ScorerPress):
         if attentions is not None:
             weights = attentions[..., -1:, :-1]
         else:
-            weights = SnapKVPress.compute_window_attention(
-                module, hidden_states, keys, 1, position_embeddings_of(kwargs)
-            )
+            weights = window_attention(module, hidden_states, keys, 1, position_embeddings_of(kwargs))
         # (B, H, 1, T - 1) -> mean over the query and over every head -> (B, 1, T - 1), shared by all KV heads.
         scores = weights.mean(dim=(1, 2)).unsqueeze(1)
         scores = scores.expand(-1, keys.shape[1], -1)

@@ -10,8 +10,9 @@ from datasets import Dataset, DatasetDict
 
 from evaluation.benchmarks.needle_in_haystack.utils import insert_needle_in_haystack
 from evaluation.benchmarks.ruler.create_huggingface_dataset import get_dataframe, split_prompt
-from evaluation.data import load_local_dataset, load_synthetic
+from evaluation.data import load_synthetic
 from evaluation.evaluate import EvaluationConfig, EvaluationRunner
+from harness.data import load_local_dataset
 from tests.fixtures import load_tokenizer
 
 ROWS = [

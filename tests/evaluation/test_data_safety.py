@@ -225,7 +225,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, model_dir):
 
 
 def test_run_lock_respects_live_and_foreign_owners(tmp_path):
-    from evaluation.results import RunLock, RunLockedError
+    from harness.results import RunLock, RunLockedError
 
     path = tmp_path / ".lock.rank0"
     with RunLock(path):
@@ -239,7 +239,7 @@ def test_run_lock_respects_live_and_foreign_owners(tmp_path):
 
 
 def test_the_cli_says_in_one_line_that_the_folder_is_in_use(tmp_path, model_dir, capsys):
-    from evaluation.results import RunLock
+    from harness.results import RunLock
 
     data_file = write_rows(tmp_path / "rows.jsonl", ROWS)
     options = dict(dataset="ruler", data_path=str(data_file), model=model_dir, output_dir=str(tmp_path / "out"))

@@ -245,7 +245,6 @@ def test_the_command_line_runs_from_any_directory(tmp_path, data_file, model_dir
     argv = [str(script), "--config_file", str(config_file), "--max_samples", "1", "--output_dir", "out"]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.setattr(sys, "path", [str(script.parent)] + [p for p in sys.path if p != str(REPO_ROOT)])
     runpy.run_path(str(script), run_name="__main__")
     assert "| score (headline)" in capsys.readouterr().out
     runs = list((tmp_path / "out").iterdir())

@@ -15,6 +15,7 @@ from kvpress import (
     ComposedPress,
     KeyRerotationPress,
     KnormPress,
+    KVzipPress,
     PerLayerCompressionPress,
     RandomPress,
     StreamingLLMPress,
@@ -91,10 +92,6 @@ def test_composed_forwards_post_init_and_works_in_generate():
     assert out.shape == (1, 67)
     assert first.initialised_with == [model] and second.initialised_with == [model]
     assert [call["keys"].shape[2] for call in second.calls] == [48] * len(compressed_layers(model))
-
-
-class KVzipPress(KnormPress):
-    """Stands in for upstream's KVzipPress (its own context manager), which ComposedPress must refuse by name."""
 
 
 @dataclass

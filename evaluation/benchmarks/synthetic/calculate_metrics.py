@@ -3,42 +3,20 @@
 """Metric of the synthetic tasks: RULER's string matching (https://arxiv.org/abs/2404.06654).
 
 The one idea: an answer is as right as the fraction of its expected strings that appear in the prediction
-(case-insensitive, after stripping control characters), averaged over rows and given in percent, per task; "all"
-averages the tasks. Rows of the needle sweep (columns `context_length` and `depth`) are also scored per length and
-depth.
+(`harness.synthetic.scoring.row_score`: case-insensitive, after stripping control characters), averaged over rows
+and given in percent, per task; "all" averages the tasks. Rows of the needle sweep (columns `context_length` and
+`depth`) are also scored per length and depth.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pandas as pd
 
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f]")
+from harness.synthetic.scoring import clean_prediction, row_score
 
-
-def clean_prediction(prediction: Any) -> str:
-    """Strip, drop control characters (newlines included) and strip again; a missing prediction becomes ''."""
-    if not isinstance(prediction, str):
-        return ""
-    return _CONTROL_CHARACTERS.sub("", prediction.strip()).strip()
-
-
-def _references(answer: Any) -> list[str]:
-    if isinstance(answer, str):
-        return [answer]
-    references = [str(reference) for reference in list(answer)]
-    if not references:
-        raise ValueError("a row has an empty `answer`: it must hold at least one expected string.")
-    return references
-
-
-def row_score(prediction: Any, answer: Any) -> float:
-    """The fraction (0 to 1) of the expected strings of `answer` found in `prediction`, case-insensitive."""
-    text = clean_prediction(prediction).lower()
-    references = _references(answer)
-    return sum(reference.lower() in text for reference in references) / len(references)
+__all__ = ["calculate_metrics", "clean_prediction", "row_score"]
 
 
 def calculate_metrics(df: pd.DataFrame) -> dict:

@@ -15,14 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from evaluation.benchmarks.synthetic.tasks import TASK_NAMES, generate_rows, needle_sweep_rows  # noqa: E402
+from harness.synthetic.tasks import TASK_NAMES, generate_rows, needle_sweep_rows
 
 logger = logging.getLogger("evaluation.benchmarks.synthetic.create_dataset")
 

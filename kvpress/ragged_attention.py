@@ -1,0 +1,236 @@
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Attention over a ragged layer (`kvpress.ragged_cache`): each KV head's query group attends to its own segment.
+
+The query heads that share a KV head are folded into the query rows of that head's segment (rows ordered
+(group member, query)), so no key is repeated and no segment is padded in the cache. An entry of a segment is
+visible to a query when it is in use, its logical position is not after the query's (causality among the new
+tokens) and the model's attention mask (padding), read at the entry's logical position, allows it.
+
+Backends (`set_ragged_backend`, or `KVPRESS_RAGGED_BACKEND`):
+- `"reference"`: the segments gathered into a padded `(segments, longest, d)` tensor and a masked softmax in
+  float32; exact, any device. The default on CPU.
+- `"flex"`: FlexAttention with one "head" per segment over the flat buffer and a block mask built from the segment
+  offsets (each head visits only the blocks of its own segment); compiled on CUDA, where it is the default.
+  On CPU it runs unfused (tests use it to check the CUDA path's masks).
+
+`ragged_attention` has the signature of transformers' attention functions and is registered with
+`AttentionInterface` as `"kvpress_ragged"`; the patched attention functions (`kvpress.attention_patch`) call it for
+every module attached to a ragged layer, whatever backend the model was loaded with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import torch
+
+from kvpress.ragged_cache import RaggedLayer, ragged_layer_of
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "reference", "flex")
+_FLEX_BLOCK = 128
+_state: dict[str, Any] = {"backend": os.environ.get("KVPRESS_RAGGED_BACKEND", "auto"), "compiled": None}
+
+
+def set_ragged_backend(name: str) -> None:
+    """Choose the ragged attention backend: "auto" (flex on CUDA, reference elsewhere), "reference" or "flex"."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown ragged attention backend {name!r}; allowed: {BACKENDS}")
+    _state["backend"] = name
+
+
+def ragged_backend(device: torch.device) -> str:
+    name = _state["backend"]
+    if name not in BACKENDS:
+        raise ValueError(f"KVPRESS_RAGGED_BACKEND={name!r} is not a ragged attention backend; allowed: {BACKENDS}")
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "reference"
+    return name
+
+
+def effective_backend(device: torch.device) -> str:
+    """The backend decoding steps use on `device` ("reference" after a failure of the compiled FlexAttention)."""
+    name = ragged_backend(device)
+    return "reference (flex failed)" if name == "flex" and _state.get("flex_failed") else name
+
+
+def _visible_by_mask(layer: RaggedLayer, attention_mask, q_len: int, positions: torch.Tensor) -> Optional[torch.Tensor]:
+    """The model's mask `(B or 1, 1, q, W)` read at the entries' logical `positions` `(S, L)`: `(S, q, L)` bool
+    (True = visible), or None when the mask hides nothing beyond causality."""
+    if not isinstance(attention_mask, torch.Tensor):
+        return None
+    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[2] != q_len:
+        raise ValueError(
+            f"ragged attention takes a (batch, 1, {q_len}, keys) attention mask, got {tuple(attention_mask.shape)}"
+        )
+    width = attention_mask.shape[-1]
+    if width < layer.logical_length:
+        raise ValueError(
+            f"the attention mask covers {width} positions but the ragged layer holds {layer.logical_length}; build "
+            "it from the cache's get_mask_sizes"
+        )
+    allowed = attention_mask[:, 0, :, width - layer.logical_length :]
+    allowed = allowed if allowed.dtype == torch.bool else allowed == 0
+    segment_batch = torch.arange(layer.num_segments, device=allowed.device) // layer.num_kv_heads
+    allowed = allowed[segment_batch] if allowed.shape[0] > 1 else allowed.expand(layer.num_segments, -1, -1)
+    # rows out of use may hold stale positions (from before a rollback): clamped, they are hidden anyway
+    index = positions.clamp(0, allowed.shape[-1] - 1).long()[:, None, :].expand(-1, q_len, -1)
+    return torch.gather(allowed, 2, index)
+
+
+def reference_ragged_attention(
+    layer: RaggedLayer,
+    query: torch.Tensor,
+    attention_mask=None,
+    scaling: Optional[float] = None,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """Exact attention of `query` `(B, H, q, d)` over `layer`'s segments; returns `(B, q, H, d)`."""
+    bsz, num_heads, q_len, head_dim = query.shape
+    segments, groups = layer.num_segments, num_heads // layer.num_kv_heads
+    scale = scaling if scaling is not None else head_dim**-0.5
+    longest = max(int(layer.lengths.max()), 1)
+    slot = torch.arange(longest, device=layer.device)
+    in_use = slot[None, :] < layer.lengths[:, None]
+    rows = (layer.offsets[:-1, None].long() + slot[None, :]).clamp(max=layer.keys.shape[0] - 1)
+    keys, values, positions = layer.keys[rows], layer.values[rows], layer.positions[rows]
+    query_positions = layer.logical_length - q_len + torch.arange(q_len, device=layer.device)
+    visible = in_use[:, None, :] & (positions[:, None, :] <= query_positions[None, :, None])  # (S, q, L)
+    by_mask = _visible_by_mask(layer, attention_mask, q_len, positions)
+    if by_mask is not None:
+        visible = visible & by_mask
+    visible = visible.repeat(1, groups, 1)  # rows ordered (group member, query)
+    folded = query.reshape(segments, groups * q_len, head_dim)
+    logits = torch.matmul(folded.float(), keys.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query that sees nothing (padding) reads zeros
+    output = torch.matmul(weights, values.float()).to(query.dtype)
+    return output.reshape(bsz, num_heads, q_len, -1).transpose(1, 2).contiguous()
+
+
+def segment_block_mask(layer: RaggedLayer, q_len: int, groups: int, attention_mask=None):
+    """A FlexAttention BlockMask with one head per segment: head `s` visits the key blocks of rows
+    `[offsets[s], offsets[s] + lengths[s])` only, and its mask_mod applies use, causality and padding."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    segments, n_rows = layer.num_segments, layer.keys.shape[0]
+    offsets, lengths, positions = layer.offsets.long(), layer.lengths.long(), layer.positions
+    n_q = groups * q_len
+    q_blocks = -(-n_q // _FLEX_BLOCK)
+    total_blocks = -(-n_rows // _FLEX_BLOCK)
+    max_blocks = min(layer.max_capacity // _FLEX_BLOCK + 2, total_blocks)
+    first = offsets[:-1] // _FLEX_BLOCK
+    last = (offsets[:-1] + lengths - 1).clamp(min=0) // _FLEX_BLOCK
+    count = torch.where(lengths > 0, last - first + 1, torch.zeros_like(first))
+    indices = (first[:, None] + torch.arange(max_blocks, device=layer.device)).clamp(max=total_blocks - 1)
+    kv_num_blocks = count.to(torch.int32)[None, :, None].expand(1, segments, q_blocks).contiguous()
+    kv_indices = indices.to(torch.int32)[None, :, None, :].expand(1, segments, q_blocks, max_blocks).contiguous()
+    base = layer.logical_position - q_len  # on the device: no host value in the mask, one kernel for every step
+    # key blocks run past the last row: those indices read a position of -1 (and are outside every segment anyway)
+    positions = torch.cat([positions, positions.new_full((total_blocks * _FLEX_BLOCK - n_rows,), -1)])
+    starts, ends = offsets[:-1], offsets[:-1] + lengths
+    padding = None
+    if isinstance(attention_mask, torch.Tensor):
+        width = attention_mask.shape[-1]
+        padding = attention_mask[:, 0, :, width - layer.logical_length :]
+        padding = padding if padding.dtype == torch.bool else padding == 0
+        segment_batch = torch.arange(segments, device=layer.device) // layer.num_kv_heads
+        padding = padding[segment_batch] if padding.shape[0] > 1 else padding.expand(segments, -1, -1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        query_pos = base + q_idx % q_len
+        entry_pos = positions[kv_idx]
+        keep = (kv_idx >= starts[h]) & (kv_idx < ends[h]) & (entry_pos <= query_pos)
+        if padding is not None:
+            keep = keep & padding[h, q_idx % q_len, entry_pos.clamp(0, padding.shape[-1] - 1)]
+        return keep
+
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks,
+        kv_indices,
+        BLOCK_SIZE=_FLEX_BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(n_q, n_rows),
+        compute_q_blocks=False,  # inference only: no backward pass
+    )
+
+
+def _flex_function(device: torch.device) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _state["compiled"] is None:
+        # automatic dynamic shapes: layers of different sizes share one compiled kernel after the first recompile
+        _state["compiled"] = torch.compile(flex_attention)
+    return _state["compiled"]
+
+
+def flex_ragged_attention(
+    layer: RaggedLayer,
+    query: torch.Tensor,
+    attention_mask=None,
+    scaling: Optional[float] = None,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """FlexAttention over `layer`'s flat buffer, one head per segment; returns `(B, q, H, d)`."""
+    bsz, num_heads, q_len, head_dim = query.shape
+    segments, groups = layer.num_segments, num_heads // layer.num_kv_heads
+    block_mask = segment_block_mask(layer, q_len, groups, attention_mask)
+    folded = query.reshape(1, segments, groups * q_len, head_dim)
+    keys, values = layer.keys[None, None].to(query.dtype), layer.values[None, None].to(query.dtype)
+    score_mod = None
+    if softcap is not None:
+        cap = float(softcap)
+
+        def capped(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / cap) * cap
+
+        score_mod = capped
+
+    flex = _flex_function(query.device)
+    output = flex(folded, keys, values, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=True)
+    return output.reshape(bsz, num_heads, q_len, -1).transpose(1, 2).contiguous()
+
+
+def run_ragged_attention(layer: RaggedLayer, query: torch.Tensor, attention_mask, scaling, softcap) -> torch.Tensor:
+    """Attention over `layer` with the chosen backend. On CUDA the compiled FlexAttention serves decoding steps (one
+    query row per head: one shape per layer size); longer forwards (a question) and any failure of the compiled
+    kernel (said once in the log) use the reference path."""
+    backend = ragged_backend(query.device)
+    if backend == "flex" and (query.device.type != "cuda" or query.shape[2] == 1) and not _state.get("flex_failed"):
+        try:
+            return flex_ragged_attention(layer, query, attention_mask, scaling, softcap)
+        except Exception as error:  # noqa: BLE001 - any compile/runtime failure falls back, said once
+            if query.device.type != "cuda":
+                raise
+            _state["flex_failed"] = True
+            logger.warning("FlexAttention over the ragged cache failed (%s); using the reference path", error)
+    return reference_ragged_attention(layer, query, attention_mask, scaling, softcap)
+
+
+def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """transformers' attention-function signature over a ragged layer; modules without one run SDPA."""
+    layer = ragged_layer_of(module, key)
+    if layer is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, softcap=softcap, **kwargs
+        )
+    if dropout:
+        raise ValueError("ragged attention serves inference only (dropout must be 0)")
+    return run_ragged_attention(layer, query, attention_mask, scaling, softcap), None
+
+
+def register_ragged_attention() -> None:
+    """Register `ragged_attention` as the attention implementation `"kvpress_ragged"`. Safe to call twice."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("kvpress_ragged", ragged_attention)
