@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTrainedModel, Qwen3Config
 
 import kvpress
+from kvpress.chunked_prefill import check_chunk_size, chunked_prefill, require_chunked_prefill_support
 from kvpress.graphed_decoding import GraphedDecodeStep, graphable
 from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
@@ -249,7 +250,12 @@ class NotApplicable(ValueError):
 
 @torch.no_grad()
 def run_press(
-    model: PreTrainedModel, request: PressRequest, input_ids: torch.Tensor, max_new_tokens: int, loop: str = "dynamic"
+    model: PreTrainedModel,
+    request: PressRequest,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    loop: str = "dynamic",
+    prefill_chunk_size: Optional[int] = None,
 ) -> dict[str, Any]:
     """Prefill `input_ids` with the press, then decode greedily; times and memory of both phases.
 
@@ -258,7 +264,9 @@ def run_press(
     (`kvpress.graphed_decoding`), `compiled` / `autotuned` the graph of the step compiled first by `torch.compile`
     (default mode / max-autotune without its own graphs), `ragged` the per-head variable-length cache
     (`kvpress.ragged_cache`: only the entries each head kept, for head-wise presses; `kv_bytes` is then what it holds
-    after the conversion)."""
+    after the conversion). `prefill_chunk_size`: the context is prefilled that many tokens at a time, the press
+    compressing after each chunk (`kvpress.chunked_prefill`); only the last position's logits are computed either
+    way."""
     device = input_ids.device
     press = request.build()
     if request.name == "generate":
@@ -268,8 +276,9 @@ def run_press(
     _sync(device)
     _reset_peak(device)
     start = time.perf_counter()
-    with press(model) if press is not None else contextlib.nullcontext():
-        logits = model(input_ids=input_ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits
+    logits = chunked_prefill(model, input_ids, cache, press=press, chunk_size=prefill_chunk_size)
+    if logits is None:  # pragma: no cover - chunked_prefill returns logits unless told not to
+        raise RuntimeError("chunked_prefill returned no logits")
     token = logits[:, -1:].argmax(-1)
     _sync(device)
     prefill = time.perf_counter() - start
@@ -387,6 +396,7 @@ def run_key(row: dict) -> tuple:
         row["batch_size"],
         row["max_new_tokens"],
         row.get("cudnn_sdp", True),
+        row.get("prefill_chunk_size"),
     )
 
 
@@ -415,6 +425,7 @@ def format_table(rows: list[dict]) -> str:
         ("loop", "decode_loop", "{}"),
         ("ctx", "context_length", "{}"),
         ("bsz", "batch_size", "{}"),
+        ("chunk", "prefill_chunk_size", "{}"),
         ("prefill s", "prefill_s", "{:.3f}"),
         ("decode ms/tok", "decode_ms_per_token", "{:.2f}"),
         ("tok/s", "tokens_per_s", "{:.1f}"),
@@ -424,6 +435,7 @@ def format_table(rows: list[dict]) -> str:
         ("ratio", "achieved_ratio", "{:.3f}"),
         ("eff. ratio", "effective_ratio", "{:.3f}"),
         ("peak prefill GiB", "peak_prefill_gib", "{:.2f}"),
+        ("prefill above weights GiB", "peak_prefill_above_weights_gib", "{:.2f}"),
         ("peak decode GiB", "peak_decode_gib", "{:.2f}"),
     ]
     lines = [" | ".join(title for title, _, _ in columns)]
@@ -595,6 +607,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         "run once",
     )
     parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument(
+        "--prefill_chunk_size",
+        type=int,
+        default=None,
+        help="prefill the context this many tokens at a time, compressing after each chunk (default: one forward)",
+    )
     parser.add_argument("--attn_implementation", default="sdpa")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float32")
     parser.add_argument("--device", default="auto")
@@ -622,6 +640,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     if args.batch_size < 1:
         parser.error("--batch_size must be positive")
     try:
+        check_chunk_size(args.prefill_chunk_size, "--prefill_chunk_size")
+    except ValueError as error:
+        parser.error(str(error))
+    try:
         lengths = [int(value) for value in args.context_lengths.split(",") if value.strip()]
     except ValueError:
         parser.error(f"--context_lengths must be comma-separated integers, got {args.context_lengths!r}")
@@ -630,7 +652,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     try:
         requests = [PressRequest.parse(text) for text in args.presses.split(",") if text.strip()]
         for request in requests:
-            request.build()  # every name and setting is checked before anything runs
+            built = request.build()  # every name and setting is checked before anything runs
+            if built is not None and args.prefill_chunk_size is not None:
+                require_chunked_prefill_support(built)
     except (ValueError, KeyError, TypeError) as error:
         parser.error(f"--presses: {error}")
 
@@ -668,7 +692,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     ]
     rows = []
     for request, length, loop in tqdm(runs, desc="benchmark", unit="run"):
-        key = (args.model, request.text, loop, length, args.batch_size, args.max_new_tokens, env["cudnn_sdp"])
+        key = (
+            args.model,
+            request.text,
+            loop,
+            length,
+            args.batch_size,
+            args.max_new_tokens,
+            env["cudnn_sdp"],
+            args.prefill_chunk_size,
+        )
         if key in done:
             rows.append(done[key])
             continue
@@ -680,6 +713,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             "decode_loop": loop,
             "context_length": length,
             "batch_size": args.batch_size,
+            "prefill_chunk_size": None if request.name == "generate" else args.prefill_chunk_size,
             "max_new_tokens": args.max_new_tokens,
             "attn_implementation": args.attn_implementation,
             "dtype": str(dtype).replace("torch.", ""),
@@ -687,7 +721,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             **env,
         }
         try:
-            measured = run_press(model, request, input_ids, args.max_new_tokens, loop)
+            measured = run_press(model, request, input_ids, args.max_new_tokens, loop, args.prefill_chunk_size)
             # generate's cache also holds the new tokens (all but the last)
             cached = length + (args.max_new_tokens - 1 if request.name == "generate" else 0)
             full = full_kv_bytes(model, args.batch_size, cached)

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, Cache, DynamicCache, Pipeline, QuantizedCache
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from kvpress.chunked_prefill import check_chunk_size, chunked_prefill
 from kvpress.graphed_decoding import GraphedDecodeStep, graphable
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.press_state import restore_press_state, snapshot_press_state
@@ -43,11 +44,13 @@ class KVPressTextGenerationPipeline(Pipeline):
     """Compress a context with a press, then answer questions about it with greedy decoding.
 
     The context is prefilled (and compressed) once; each question is appended to the compressed cache, answered,
-    and removed again, so several questions share one compression.
+    and removed again, so several questions share one compression. With `prefill_chunk_size`, the context is
+    prefilled that many tokens at a time and the press compresses after each chunk (`kvpress.chunked_prefill`).
 
     Call as `pipe(context, question=..., questions=[...], answer_prefix=..., press=..., max_new_tokens=...,
-    max_context_length=..., enable_thinking=..., cache=...)`. Returns `{"answer": str}` for a single question and
-    `{"answers": [str, ...]}` when `questions` is given. The context may also be passed as `context=...`.
+    max_context_length=..., enable_thinking=..., cache=..., prefill_chunk_size=...)`. Returns `{"answer": str}` for a
+    single question and `{"answers": [str, ...]}` when `questions` is given. The context may also be passed as
+    `context=...`.
     """
 
     _load_tokenizer = True
@@ -79,6 +82,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         cache: Optional[Cache] = None,
         inplace_decoding: bool = True,
         cuda_graph: bool = False,
+        prefill_chunk_size: Optional[int] = None,
         ragged_cache: bool = False,
         **kwargs,
     ):
@@ -124,6 +128,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             "cache": cache,
             "inplace_decoding": inplace_decoding,
             "cuda_graph": cuda_graph,
+            "prefill_chunk_size": check_chunk_size(prefill_chunk_size),
             "ragged_cache": ragged_cache,
         }
         return preprocess_kwargs, forward_kwargs, postprocess_kwargs
@@ -176,6 +181,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         cache: Optional[Cache] = None,
         inplace_decoding: bool = True,
         cuda_graph: bool = False,
+        prefill_chunk_size: Optional[int] = None,
         ragged_cache: bool = False,
     ):
         context_ids = input_tensors["context_ids"].to(self.model.device)
@@ -194,9 +200,9 @@ class KVPressTextGenerationPipeline(Pipeline):
             # attention masks are sized from the layers that presses compress.
             cache = DynamicCache(config=self.model.config)
 
-        # Prefill the context; the press compresses the cache of each layer as it goes.
-        with press(self.model) if press is not None else contextlib.nullcontext():
-            self.model.model(input_ids=context_ids, **cache_kwargs(self.model.model, cache))
+        # Prefill the context (in chunks with prefill_chunk_size); the press compresses the cache of each layer as it
+        # goes.
+        chunked_prefill(self.model, context_ids, cache, press, prefill_chunk_size, return_logits=False)
         logger.debug(f"Context Length: {context_length}")
         logger.debug(f"Compressed Context Length: {cache.get_seq_length()}")
         # RestoreKV appends its learned restore tokens after the context: questions continue after them.

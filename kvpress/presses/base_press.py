@@ -54,6 +54,14 @@ def is_prefilling(cache_position: torch.Tensor, q_len: int) -> bool:
 
 _PREFILL_FLAG = "_kvpress_prefilling"
 
+# True while `kvpress.chunked_prefill` runs a chunk of a context through the model: every chunk is a prefill, although
+# the layers already hold the (compressed) earlier chunks.
+PREFILL_CHUNK: ContextVar[bool] = ContextVar("kvpress_prefill_chunk", default=False)
+
+# What a press does under chunked prefill (`BasePress.chunked_prefill`): "exact" keeps the tokens it keeps unchunked,
+# "approximate" scores each chunk with what it sees (the kept cache and the chunk), "unsupported" refuses.
+CHUNKED_PREFILL_SUPPORT = ("exact", "approximate", "unsupported")
+
 # The `cannot_score_during_decoding` / `cannot_score_new_tokens_alone` of scorers that need every token's hidden state.
 NEEDS_EVERY_HIDDEN_STATE = "it recomputes its scores from the hidden states of every cached token (prefill only)"
 
@@ -82,7 +90,7 @@ def _record_prefill_state(module: nn.Module, args: tuple, kwargs: dict) -> None:
     elif layer_idx >= len(cache.layers):
         prefilling = True
     else:
-        prefilling = not cache.layers[layer_idx].is_initialized
+        prefilling = PREFILL_CHUNK.get() or not cache.layers[layer_idx].is_initialized
     object.__setattr__(module, _PREFILL_FLAG, prefilling)
 
 
@@ -220,6 +228,10 @@ class BasePress:
     # later (`press.compression_ratio = 1.5` raises the constructor's error). Subclasses declare their own fields'
     # checks in their own `field_checks`; the nearest class along the MRO that names a field gives its check.
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"compression_ratio": ratio_check()}
+
+    # Under chunked prefill (`kvpress.chunked_prefill`): one of CHUNKED_PREFILL_SUPPORT, set by each press class that
+    # supports it. Unsupported by default: a press must be shown to work on a chunk and the kept cache.
+    chunked_prefill: ClassVar[str] = "unsupported"
 
     if not TYPE_CHECKING:  # hidden from mypy, which keeps checking assignments against the declared attributes
 

@@ -52,6 +52,8 @@ class CapPress(ScorerPress):
     4. Score `w_t * l_t`, averaged over each GQA group. The first `n_sink` tokens are always kept.
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     compression_ratio: float = 0.0
     tau: float = 5.0
     n_future_positions: int = 512

@@ -37,6 +37,8 @@ class CURPress(ScorerPress):
     The scores are normalised to sum to 1 over the sequence, then the first `num_sinks` tokens get score 1.0 (kept).
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     compression_ratio: float = 0.0
     num_sinks: int = 4
     leverage_type: Literal["key", "value", "kv_avg", "kv_product"] = "kv_product"

@@ -34,6 +34,8 @@ class ExpectedAttentionPress(ScorerPress):
     weighting.
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     compression_ratio: float = 0.0
     n_future_positions: int = 512
     n_sink: int = 4

@@ -60,6 +60,8 @@ class H2OPress(ScorerPress):
     weights from the attention module's output once it has used them (the fork's flag).
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     compression_ratio: float = 0.0
     n_recent: int = 0
     output_attentions: bool = True

@@ -26,6 +26,8 @@ class KeyDiffPress(ScorerPress):
     The paper's block-wise variant is `BlockPress(KeyDiffPress(...), block_size=N)`.
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     compression_ratio: float = 0.0
 
     # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).

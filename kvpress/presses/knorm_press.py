@@ -20,6 +20,8 @@ class KnormPress(ScorerPress):
     stateless: it needs neither hidden states nor attention weights), so the highest-norm key is evicted.
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     @property
     def decoding_window(self) -> int:
         return 0

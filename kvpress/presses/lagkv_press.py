@@ -32,6 +32,8 @@ class LagKVPress(ScorerPress):
     Contexts shorter than `n_sink + 2 * lag_size` tokens get recency scores instead (StreamingLLM-like).
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     compression_ratio: float = 0.0
     n_sink: int = 4
     lag_size: int = 128

@@ -65,16 +65,24 @@ class NonCausalAttnPress(ScorerPress):
         chunk_shape = (bsz, num_heads, n_chunks, chunk_size, head_dim)
         query_chunks = F.pad(queries, (0, 0, 0, n_pad)).view(chunk_shape)
         key_chunks = F.pad(keys, (0, 0, 0, n_pad)).view(chunk_shape)
-        logits = (query_chunks @ key_chunks.transpose(-1, -2)).float()  # (B, H, n, c, c)
+        is_padding = torch.zeros(n_chunks, chunk_size, dtype=torch.bool, device=queries.device)
         if n_pad > 0:
-            is_padding = torch.zeros(n_chunks, chunk_size, dtype=torch.bool, device=queries.device)
             is_padding[-1, chunk_size - n_pad :] = True
-            logits = logits.masked_fill(is_padding[:, None, :], float("-inf"))  # padded keys get no attention
-            weights = logits.softmax(dim=-1).masked_fill(is_padding[:, :, None], 0.0)  # padded queries give none
-        else:
-            weights = logits.softmax(dim=-1)
-        received = weights.sum(dim=-2).flatten(-2)  # (B, H, n * c)
-        return received[..., :length]
+        # The (B, H, n, c, c) logits of all chunks at once are T x c x H floats per layer (4.3 GB at 128k tokens, 32
+        # heads, c=256): they are computed for groups of chunks of at most _SCORE_ELEMENTS floats each.
+        group = max(1, _SCORE_ELEMENTS // (bsz * num_heads * chunk_size * chunk_size))
+        received = torch.empty(bsz, num_heads, n_chunks, chunk_size, dtype=torch.float32, device=queries.device)
+        for first in range(0, n_chunks, group):
+            last = min(first + group, n_chunks)
+            logits = (query_chunks[:, :, first:last] @ key_chunks[:, :, first:last].transpose(-1, -2)).float()
+            padding = is_padding[first:last]
+            if n_pad > 0 and last == n_chunks:
+                logits = logits.masked_fill(padding[:, None, :], float("-inf"))  # padded keys get no attention
+                weights = logits.softmax(dim=-1).masked_fill(padding[:, :, None], 0.0)  # padded queries give none
+            else:
+                weights = logits.softmax(dim=-1)
+            received[:, :, first:last] = weights.sum(dim=-2)
+        return received.flatten(-2)[..., :length]
 
     def score(
         self,
@@ -96,6 +104,10 @@ class NonCausalAttnPress(ScorerPress):
         scores = group_mean(received, num_kv_heads) * values.norm(dim=-1).float()
         scores = F.avg_pool1d(scores, kernel_size=3, padding=1, stride=1)
         return global_zscore(scores)
+
+
+# Largest number of attention logits (floats) one group of chunks computes at once (256 MiB).
+_SCORE_ELEMENTS = 1 << 26
 
 
 def _check_chunk_size(chunk_size: int) -> None:

@@ -26,6 +26,8 @@ class ObservedAttentionPress(ScorerPress):
     (`kvpress.attention_weights`), so nothing of size T x T is held at once.
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     compression_ratio: float = 0.0
 
     needs_attention_weights: ClassVar[bool] = True

@@ -36,6 +36,8 @@ class PyramidKVPress(SnapKVPress):
     keeps `cache_budget`.
     """
 
+    chunked_prefill = "unsupported"  # under kvpress.chunked_prefill
+
     compression_ratio: float = 0.0
     window_size: int = 64
     kernel_size: int = 5

@@ -87,6 +87,8 @@ class QFilterPress(ScorerPress):
     `nthngdy/{model name}_qfilt`.
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     compression_ratio: float = 0.0
     filters_path: Optional[str] = None
     q_filters: Optional[torch.Tensor] = field(default=None, init=False)

@@ -36,6 +36,8 @@ class RandomPress(ScorerPress):
     slot over and over).
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     seed: Optional[int] = None
 
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"seed": _check_seed}

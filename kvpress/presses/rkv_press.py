@@ -120,6 +120,8 @@ class RKVPress(ScorerPress):
     `csv_path` logs every pruning (attention lost per head, evicted positions) to a CSV file.
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     compression_ratio: float = 0.0
     compress_interval: int = 128
     window_size: int = 8

@@ -35,6 +35,8 @@ class SnapKVPress(ScorerPress):
     eager attention has a single query row, so the window's attention is recomputed from the remembered tokens.
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     compression_ratio: float = 0.0
     window_size: int = 64
     kernel_size: int = 5

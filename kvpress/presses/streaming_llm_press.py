@@ -23,6 +23,8 @@ class StreamingLLMPress(ScorerPress):
     at every step (the kept cache stays in positional order, so "first" and "most recent" are positions).
     """
 
+    chunked_prefill = "exact"  # under kvpress.chunked_prefill
+
     n_sink: int = 4
 
     field_checks: ClassVar[Mapping[str, FieldCheck]] = {"n_sink": integer_check(0, "first tokens always kept")}

@@ -28,6 +28,8 @@ class TOVAPress(ScorerPress):
     attention from its pre-RoPE query.
     """
 
+    chunked_prefill = "approximate"  # under kvpress.chunked_prefill
+
     compression_ratio: float = 0.0
 
     # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
