@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, Cache, DynamicCache, Pipeline, Qu
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress.chunked_prefill import check_chunk_size, chunked_prefill
-from kvpress.graphed_decoding import GraphedDecodeStep, graphable
+from kvpress.graphed_decoding import COMPILE_MODES, GraphedDecodeStep, graphable
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.press_state import restore_press_state, snapshot_press_state
 from kvpress.presses.base_press import BasePress
@@ -48,9 +48,9 @@ class KVPressTextGenerationPipeline(Pipeline):
     prefilled that many tokens at a time and the press compresses after each chunk (`kvpress.chunked_prefill`).
 
     Call as `pipe(context, question=..., questions=[...], answer_prefix=..., press=..., max_new_tokens=...,
-    max_context_length=..., enable_thinking=..., cache=..., prefill_chunk_size=...)`. Returns `{"answer": str}` for a
-    single question and `{"answers": [str, ...]}` when `questions` is given. The context may also be passed as
-    `context=...`.
+    max_context_length=..., enable_thinking=..., cache=..., prefill_chunk_size=..., inplace_decoding=...,
+    cuda_graph=..., compile_mode=..., ragged_cache=...)`. Returns `{"answer": str}` for a single question and
+    `{"answers": [str, ...]}` when `questions` is given. The context may also be passed as `context=...`.
     """
 
     _load_tokenizer = True
@@ -84,6 +84,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         cuda_graph: bool = False,
         prefill_chunk_size: Optional[int] = None,
         ragged_cache: bool = False,
+        compile_mode: Optional[str] = None,
         **kwargs,
     ):
         if question is not None and questions is not None:
@@ -122,6 +123,11 @@ class KVPressTextGenerationPipeline(Pipeline):
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}.")
+        if compile_mode is not None and (compile_mode not in COMPILE_MODES or not cuda_graph):
+            raise ValueError(
+                f"compile_mode compiles the CUDA-graph decoding step: pass cuda_graph=True and one of "
+                f"{', '.join(COMPILE_MODES)} (or None), got compile_mode={compile_mode!r}, cuda_graph={cuda_graph!r}."
+            )
         forward_kwargs = {
             "press": press,
             "max_new_tokens": max_new_tokens,
@@ -130,6 +136,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             "cuda_graph": cuda_graph,
             "prefill_chunk_size": check_chunk_size(prefill_chunk_size),
             "ragged_cache": ragged_cache,
+            "compile_mode": compile_mode,
         }
         return preprocess_kwargs, forward_kwargs, postprocess_kwargs
 
@@ -183,6 +190,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         cuda_graph: bool = False,
         prefill_chunk_size: Optional[int] = None,
         ragged_cache: bool = False,
+        compile_mode: Optional[str] = None,
     ):
         context_ids = input_tensors["context_ids"].to(self.model.device)
         context_length = context_ids.shape[1]
@@ -243,7 +251,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             try:
                 step = None
                 if cuda_graph and not decoding and graphable(self.model, answer_cache):
-                    step = GraphedDecodeStep(self.model, answer_cache)
+                    step = GraphedDecodeStep(self.model, answer_cache, compile_mode=compile_mode)
                 elif cuda_graph:
                     logger.info(
                         "cuda_graph: not applicable here (no CUDA, head-wise masks, or a press acting during "

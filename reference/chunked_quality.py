@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reference import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH, write_report  # noqa: E402
-from reference.evaluate import accuracy, load_reference, make_pipeline, optional_device  # noqa: E402
+from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
+from harness.synthetic.tasks import TASK_NAMES, generate_rows
+from reference import write_report
+from reference.evaluate import accuracy, load_reference, make_pipeline, optional_device
 
 PRESSES = {
     "knorm": lambda ratio: _press("KnormPress", compression_ratio=ratio),
@@ -69,8 +66,6 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    from evaluation.benchmarks.synthetic.tasks import TASK_NAMES, generate_rows
-
     parser = argparse.ArgumentParser(description="Reference-model accuracy, chunked prefill against unchunked.")
     parser.add_argument("--model_dir", default=str(REFERENCE_MODEL_DIR))
     parser.add_argument("--rows", type=int, default=10, help="rows per task")

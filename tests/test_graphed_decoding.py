@@ -69,3 +69,15 @@ if __name__ == "__main__":
     test_graph_answers_equal_the_eager_loops()
     test_compiled_graph_tokens_equal_the_eager_loop()
     print("graph answers equal the eager loops")
+
+
+def test_compile_mode_is_checked():
+    from tests.fixtures import get_model, load_tokenizer
+
+    pipe = KVPressTextGenerationPipeline(model=get_model("llama"), tokenizer=load_tokenizer(False), device="cpu")
+    with pytest.raises(ValueError, match="pass cuda_graph=True and one of default, max-autotune-no-cudagraphs"):
+        pipe(CONTEXT, question=QUESTIONS[0], compile_mode="default")
+    with pytest.raises(ValueError, match="got compile_mode='fast'"):
+        pipe(CONTEXT, question=QUESTIONS[0], cuda_graph=True, compile_mode="fast")
+    with pytest.raises(ValueError, match="compile_mode must be None or one of"):
+        GraphedDecodeStep(pipe.model, None, compile_mode="fast")  # type: ignore[arg-type]
