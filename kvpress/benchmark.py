@@ -540,7 +540,6 @@ def run_needle(
     """Answer every needle row with every press through the pipeline (a fresh press per row); one result row per
     (press, context length, depth), appended to `results_path` as it finishes (a rerun resumes)."""
     from harness.synthetic.scoring import row_score
-
     from kvpress.pipeline import KVPressTextGenerationPipeline
 
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer, device=model.device)

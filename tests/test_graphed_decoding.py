@@ -51,8 +51,8 @@ def test_graph_answers_equal_the_eager_loops():
 
 @needs_cuda
 def test_compiled_graph_tokens_equal_the_eager_loop():
-    from kvpress import greedy_generate
     from harness.reference_model import REFERENCE_MODEL_DIR
+    from kvpress import greedy_generate
 
     model = AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL_DIR, dtype=torch.float32).cuda().eval()
     tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from harness.reference_model import REFERENCE_MODEL_DIR
 from kvpress import (
     AdaKVPress,
     BlockPress,
@@ -42,7 +43,6 @@ from kvpress import (
 )
 from kvpress.padding import left_padding, padding_refusal
 from kvpress.transformers_adapter import cache_kwargs
-from harness.reference_model import REFERENCE_MODEL_DIR
 from tests.default_presses import default_presses
 from tests.fixtures import compressed_layers, distinct_ids, get_model, load_tokenizer
 from tests.presses.test_headwise_matrix import MockDuoAttentionPress, uniform_curve
