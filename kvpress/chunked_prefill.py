@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from typing import Generator, Optional, Sequence
 
 import torch
-from transformers import Cache, DynamicCache, PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from kvpress.presses.base_press import CHUNKED_PREFILL_SUPPORT, PREFILL_CHUNK, BasePress, compression_ratio_set_to
 from kvpress.transformers_adapter import cache_kwargs
@@ -203,29 +203,16 @@ def generate_with_chunked_prefill(
     `chunk_size` tokens at a time (compressed by `press` after each chunk), then `max_new_tokens` are decoded at
     logical positions T, T + 1, ... (inside the press for presses that act during decoding). Returns the prompt
     followed by the new tokens, like `generate`; stops once every row produced an `eos_token_id`."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    from kvpress.decoding_loop import greedy_generate  # the decoding loop itself prefills through this module
+
+    if isinstance(max_new_tokens, bool):
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    cache = DynamicCache(config=model.config)
-    logits = chunked_prefill(model, input_ids, cache, press=press, chunk_size=chunk_size)
-    if logits is None:  # pragma: no cover - return_logits is True
-        raise RuntimeError("chunked_prefill returned no logits")
-    batch, length = input_ids.shape
-    token = logits[:, -1:].argmax(-1)
-    generated = [token]
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    decoding = press is not None and bool(getattr(press, "acts_during_decoding", False))
-    with press(model) if press is not None and decoding else contextlib.nullcontext():
-        for index in range(max_new_tokens - 1):
-            if eos:
-                finished |= torch.isin(token[:, 0], torch.tensor(sorted(eos), device=token.device))
-                if bool(finished.all()):
-                    break
-            positions = torch.full((batch, 1), length + index, device=input_ids.device)
-            logits = model(
-                input_ids=token, position_ids=positions, logits_to_keep=1, **cache_kwargs(model, cache)
-            ).logits
-            next_token = logits[:, -1:].argmax(-1)
-            token = torch.where(finished[:, None], token, next_token) if eos else next_token
-            generated.append(token)
-    return torch.cat([input_ids, *generated], dim=1)
+    return greedy_generate(
+        model,
+        input_ids,
+        press=press,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        inplace=False,
+        prefill_chunk_size=chunk_size,
+    )

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from kvpress.chunked_prefill import chunked_prefill
 from kvpress.graphed_decoding import GraphedDecodeStep, graphable
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.presses.base_press import BasePress
@@ -33,13 +34,15 @@ def greedy_generate(
     inplace: bool = True,
     cuda_graph: bool = False,
     compile_mode: Optional[str] = None,
+    prefill_chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Greedy decoding of `max_new_tokens` after `input_ids` `(B, T)` (no padding), the prompt compressed by `press`.
 
     New tokens continue at the prompt's logical positions T, T + 1, ... (the cache length for presses that re-rotate
     their kept keys). Stops early once every row produced an `eos_token_id` (later tokens of a finished row repeat
     its EOS). `cuda_graph` replays each step from a CUDA graph (CUDA, no head-wise masks); `compile_mode` (`"default"`
-    or `"max-autotune-no-cudagraphs"`) compiles that step with `torch.compile` first."""
+    or `"max-autotune-no-cudagraphs"`) compiles that step with `torch.compile` first. `prefill_chunk_size` prefills
+    the prompt that many tokens at a time, compressing after each chunk (`kvpress.chunked_prefill`)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -47,9 +50,9 @@ def greedy_generate(
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     batch, length = input_ids.shape
     cache: object = DynamicCache(config=model.config)
-    with press(model) if press is not None else contextlib.nullcontext():
-        logits = model(input_ids=input_ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits
-    token = logits[:, -1:].argmax(-1)
+    # one forward (or chunks of `prefill_chunk_size`, compressed after each), only the last position's logits
+    logits = chunked_prefill(model, input_ids, cache, press=press, chunk_size=prefill_chunk_size)  # type: ignore
+    token = logits[:, -1:].argmax(-1)  # type: ignore[index]
     start = cache.get_seq_length() if press is not None and press.rerotates_kept_keys else length  # type: ignore
     decoding = press is not None and press.acts_during_decoding
     step = None
