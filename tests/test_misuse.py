@@ -156,32 +156,33 @@ def pickled_gates_file(tmp_path) -> str:
     return path
 
 
-def test_gates_that_need_a_pickle_load_are_refused_by_default(tmp_path):
+def test_gates_that_need_a_pickle_load_are_refused(tmp_path):
     path = pickled_gates_file(tmp_path)
-    with pytest.raises(ValueError, match="allow_unsafe_pickle=True") as refused:
+    with pytest.raises(ValueError, match="kvpress never does one") as refused:
         get_gate_weight("", path)
-    assert "weights_only" in str(refused.value)
+    assert "weights_only=True" in str(refused.value) and "convert it once" in str(refused.value)
     press = FastKVzipPress(compression_ratio=0.5, gates_path=path)
-    with pytest.raises(ValueError, match="FastKVzipPress\\(..., allow_unsafe_pickle=True\\)") as refused:
+    with pytest.raises(ValueError, match="kvpress never does one") as refused:
         press.post_init_from_model(get_model("llama"))  # not "the gates are not released": they are, as a pickle
     assert type(refused.value).__name__ == "UnsafePickleError" and press.gates is None
 
 
-def test_gates_that_need_a_pickle_load_load_with_the_opt_in(tmp_path):
+def test_a_pickled_file_converted_as_the_error_says_loads(tmp_path):
+    """The user converts a trusted pickle once, in their own session; kvpress then reads it weights-only."""
     path = pickled_gates_file(tmp_path)
-    state_dicts, _ = get_gate_weight("", path, allow_unsafe_pickle=True)
+    converted = str(tmp_path / "converted.pt")
+    torch.save({"module": torch.load(path, weights_only=False)["module"]}, converted)  # the user's own step
     expected = random_gates(get_model("llama"), seed=3)
+    state_dicts, _ = get_gate_weight("", converted)
     assert len(state_dicts) == len(expected)
     torch.testing.assert_close(state_dicts[1]["q_proj.weight"], expected[1].q_proj.weight)
-    gates = load_fastkvzip("", "cpu", gates_path=path, allow_unsafe_pickle=True)
-    press = FastKVzipPress(compression_ratio=0.5, gates_path=path, allow_unsafe_pickle=True)
+    press = FastKVzipPress(compression_ratio=0.5, gates_path=converted)
     press.post_init_from_model(get_model("llama"))
     hidden = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(press.gates[0](hidden), gates[0](hidden))
     torch.testing.assert_close(press.gates[0](hidden), expected[0](hidden))
 
 
-def test_plain_gate_files_load_without_the_opt_in(tmp_path):
+def test_plain_gate_files_load(tmp_path):
     expected = random_gates(get_model("llama"), seed=4)
     path = save_gates(expected, str(tmp_path / "plain" / "gates.pt"))
     gates = load_fastkvzip("", "cpu", gates_path=path)
@@ -205,7 +206,7 @@ def test_safetensors_gate_files_are_read_with_safetensors(tmp_path):
         load_fastkvzip("", "cpu", gates_path=str(tmp_path / "bad.safetensors"))
 
 
-def test_the_default_hub_gates_are_not_unpickled_without_the_opt_in(tmp_path, monkeypatch):
+def test_the_default_hub_gates_are_not_unpickled(tmp_path, monkeypatch):
     """The published files come from `hf_hub_download`; a file there that needs a pickle load is refused too."""
     import huggingface_hub
 
@@ -214,21 +215,8 @@ def test_the_default_hub_gates_are_not_unpickled_without_the_opt_in(tmp_path, mo
     path = pickled_gates_file(tmp_path)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: path)
     monkeypatch.setattr(fastkvzip_press, "get_gate_id", lambda model_name: "model/q2_dim16_sink16.pt")
-    with pytest.raises(ValueError, match="allow_unsafe_pickle=True"):
+    with pytest.raises(ValueError, match="kvpress never does one"):
         get_gate_weight("some/model")
-    state_dicts, gate_id = get_gate_weight("some/model", allow_unsafe_pickle=True)
-    assert gate_id == "model/q2_dim16_sink16.pt" and len(state_dicts) == len(random_gates(get_model("llama")))
-
-
-def test_allow_unsafe_pickle_must_be_a_bool():
-    with pytest.raises(TypeError, match="allow_unsafe_pickle must be True or False"):
-        FastKVzipPress(allow_unsafe_pickle="yes")
-    press = FastKVzipPress()
-    with pytest.raises(TypeError, match="allow_unsafe_pickle must be True or False"):
-        press.allow_unsafe_pickle = 1
-    assert press.allow_unsafe_pickle is False
-    press.allow_unsafe_pickle = True
-    assert press.allow_unsafe_pickle is True
 
 
 def test_train_resume_loads_without_unpickling(tmp_path):
@@ -257,13 +245,22 @@ def test_train_resume_loads_without_unpickling(tmp_path):
         load_resume(str(bad))
 
 
-def test_train_never_loads_with_weights_only_false():
-    source = (REPO_ROOT / "reference" / "train.py").read_text()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load":
-            for keyword in node.keywords:
-                if keyword.arg == "weights_only":
-                    assert isinstance(keyword.value, ast.Constant) and keyword.value.value is True
+def test_no_torch_load_unpickles():
+    """Every `torch.load` of the library, the harnesses and the training script passes `weights_only=True`."""
+    sources = [REPO_ROOT / "reference" / "train.py", *sorted((REPO_ROOT / "kvpress").rglob("*.py"))]
+    sources += [*sorted((REPO_ROOT / "kvzap").rglob("*.py")), *sorted((REPO_ROOT / "reason").rglob("*.py"))]
+    loads = 0
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load":
+                if getattr(node.func.value, "id", None) != "torch":  # type: ignore[attr-defined]
+                    continue
+                loads += 1
+                flags = {keyword.arg: keyword.value for keyword in node.keywords}
+                assert "weights_only" in flags, f"{path}: torch.load without weights_only"
+                value = flags["weights_only"]
+                assert isinstance(value, ast.Constant) and value.value is True, f"{path}: {ast.unparse(node)}"
+    assert loads >= 2  # train.py's resume and FastKVzip's gates at least
 
 
 # ----------------------------------------------------------------------------------- messages name the right press

@@ -15,7 +15,7 @@ import os
 import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Generator, Mapping, Optional
+from typing import ClassVar, Generator, Optional
 
 import torch
 from torch import nn
@@ -25,7 +25,6 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 from kvpress.headwise_masks import set_masks
 from kvpress.presses.base_press import (
     BasePress,
-    FieldCheck,
     get_hook_inputs,
     layer_is_prefilling,
     refuse_nested_press,
@@ -108,7 +107,7 @@ def get_gate_id(model_name: str) -> str:
 
 
 class UnsafePickleError(ValueError):
-    """A gate file needs a full pickle load (which can run arbitrary code) and `allow_unsafe_pickle` is off."""
+    """A gate file needs a full pickle load (which can run arbitrary code): kvpress never does one."""
 
 
 def _gates_from_safetensors(path: str) -> dict:
@@ -130,61 +129,53 @@ def _gates_from_safetensors(path: str) -> dict:
     return {"module": [layers[index] for index in range(len(layers))]}
 
 
-def _load_gate_file(path: str, allow_unsafe_pickle: bool = False) -> list[dict]:
-    """The per-layer state dicts of a gate file. Never a full pickle load unless `allow_unsafe_pickle` is True:
-    `.safetensors` files are read with safetensors, others with `torch.load(weights_only=True)` (tensors, dicts,
-    lists and numbers only)."""
+def _load_gate_file(path: str) -> list[dict]:
+    """The per-layer state dicts of a gate file, never through a full pickle load: `.safetensors` files are read with
+    safetensors, others with `torch.load(weights_only=True)` (tensors, dicts, lists and numbers only)."""
     if path.endswith(".safetensors"):
         checkpoint: object = _gates_from_safetensors(path)
     else:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            if not allow_unsafe_pickle:
-                raise UnsafePickleError(
-                    f"The Fast-KVzip gate file {path} cannot be loaded with torch.load(weights_only=True): it holds "
-                    f"objects other than tensors, dicts, lists and numbers ({str(error).splitlines()[-1]}). Loading "
-                    "it needs a full pickle load, which runs whatever code the file names. If you trust the file's "
-                    "source, pass FastKVzipPress(..., allow_unsafe_pickle=True) (or allow_unsafe_pickle=True to "
-                    "load_fastkvzip); otherwise save the gates as {'module': [state dict of each layer]} or as "
-                    "safetensors (tensors named module.<layer>.<parameter>)."
-                ) from error
-            logger.warning("Loading the Fast-KVzip gate file %s with a full pickle load (allow_unsafe_pickle)", path)
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            raise UnsafePickleError(
+                f"The Fast-KVzip gate file {path} cannot be loaded with torch.load(weights_only=True): it holds "
+                f"objects other than tensors, dicts, lists and numbers ({str(error).splitlines()[-1]}). Reading it "
+                "would need a full pickle load, which runs whatever code the file names, and kvpress never does one. "
+                "If you trust the file's source, convert it once in your own session (load it with torch.load and "
+                "weights_only turned off, then torch.save only {'module': [state dict of each layer]}), or save the "
+                "gates as safetensors (tensors named module.<layer>.<parameter>), and pass that file as gates_path."
+            ) from error
     if not isinstance(checkpoint, dict) or "module" not in checkpoint:
         raise ValueError(f"{path} is not a Fast-KVzip gate file: expected a dict with a 'module' list of state dicts.")
     return list(checkpoint["module"])
 
 
-def get_gate_weight(
-    model_name: str, repo_or_path: str = FASTKVZIP_REPO_ID, allow_unsafe_pickle: bool = False
-) -> tuple[list[dict], str]:
+def get_gate_weight(model_name: str, repo_or_path: str = FASTKVZIP_REPO_ID) -> tuple[list[dict], str]:
     """Per-layer gate state dicts and the gate id. `repo_or_path` is a Hub repo laid out like
     `Jang-Hyun/Fast-KVzip`, a local directory with the same layout, or a local `.pt` or `.safetensors` file.
-    Files are never unpickled in full (whatever their source) unless `allow_unsafe_pickle` is True."""
+    Files are never unpickled in full, whatever their source."""
     if os.path.isfile(repo_or_path):
-        return _load_gate_file(repo_or_path, allow_unsafe_pickle), os.path.basename(repo_or_path)
+        return _load_gate_file(repo_or_path), os.path.basename(repo_or_path)
     gate_id = get_gate_id(model_name)
     if os.path.isdir(repo_or_path):
         path = os.path.join(repo_or_path, *gate_id.split("/"))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No Fast-KVzip gates for {model_name!r} in {repo_or_path!r}: expected {path}.")
-        return _load_gate_file(path, allow_unsafe_pickle), gate_id
+        return _load_gate_file(path), gate_id
     from huggingface_hub import hf_hub_download
 
     path = hf_hub_download(repo_id=repo_or_path, filename=gate_id)
-    return _load_gate_file(path, allow_unsafe_pickle), gate_id
+    return _load_gate_file(path), gate_id
 
 
 def load_fastkvzip(
     model_name: str = "Qwen/Qwen3-8B",
     device: str | torch.device = "cuda",
     gates_path: Optional[str] = None,
-    allow_unsafe_pickle: bool = False,
 ) -> list[FastKVzipGate]:
-    """Build one gate per layer from the trained weights (Hub by default; `gates_path`: a local file/directory).
-    `allow_unsafe_pickle`: see `FastKVzipPress`."""
-    state_dicts, gate_id = get_gate_weight(model_name, gates_path or FASTKVZIP_REPO_ID, allow_unsafe_pickle)
+    """Build one gate per layer from the trained weights (Hub by default; `gates_path`: a local file/directory)."""
+    state_dicts, gate_id = get_gate_weight(model_name, gates_path or FASTKVZIP_REPO_ID)
     if len(state_dicts) == 0:
         raise ValueError(f"The Fast-KVzip gate file {gate_id} holds no layer.")
     first = state_dicts[0]
@@ -204,15 +195,6 @@ def load_fastkvzip(
     return gates
 
 
-def _check_opt_in(press: object, name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(
-            f"{type(press).__name__}.{name} must be True or False, got {value!r} (True allows a full pickle load of "
-            "the gate files, which can run arbitrary code; keep the default False unless you trust their source)."
-        )
-    return value
-
-
 @dataclass
 class FastKVzipPress(BasePress):
     """Predict KVzip scores with per-layer gates during the prefill; mask the lowest ones head-wise at exit.
@@ -226,10 +208,9 @@ class FastKVzipPress(BasePress):
     window_ratio: below that, the last `int(T * window_ratio)` tokens are always kept (none when that is 0).
     gates_path: where the trained gates are: None (default) for the Hub repo `Jang-Hyun/Fast-KVzip`, or a local
         `.pt` or `.safetensors` file, a local directory laid out like that repo, or another Hub repo id.
-    allow_unsafe_pickle: default False: gate files are read with safetensors (`.safetensors`) or
-        `torch.load(weights_only=True)` (tensors, dicts, lists, numbers), whatever their source, the default Hub repo
-        included, and a file that needs a full pickle load is refused with an error. True allows that full pickle load
-        (`torch.load(weights_only=False)`), which runs any code the file names: only for files whose source you trust.
+    Gate files are read with safetensors (`.safetensors`) or `torch.load(weights_only=True)` (tensors, dicts, lists,
+    numbers), whatever their source, the default Hub repo included: a file that would need a full pickle load is
+    refused with `UnsafePickleError`, which says how to convert a trusted file once.
 
     The masks are set when the `with press(model):` block exits normally; the cache keeps its length and the
     patched attention neutralises the masked entries (`module.masked_key_indices`).
@@ -241,15 +222,12 @@ class FastKVzipPress(BasePress):
     window_size: int = 4096
     window_ratio: float = 0.02
     gates_path: Optional[str] = None
-    allow_unsafe_pickle: bool = False
     gates: Optional[list[FastKVzipGate]] = field(default=None, init=False, repr=False, compare=False)
     score_val: Optional[list[Optional[torch.Tensor]]] = field(default=None, init=False, repr=False, compare=False)
 
     # Scores in one pass and masks at exit, head by head: it cannot be chained.
     composable: ClassVar[bool] = False
     head_wise: ClassVar[bool] = True
-
-    field_checks: ClassVar[Mapping[str, FieldCheck]] = {"allow_unsafe_pickle": _check_opt_in}
 
     def __post_init__(self):
         validate_compression_ratio(self.compression_ratio)
@@ -271,7 +249,6 @@ class FastKVzipPress(BasePress):
                     model_name=name,
                     device=model.device,
                     gates_path=self.gates_path,
-                    allow_unsafe_pickle=self.allow_unsafe_pickle,
                 )
             except UnsafePickleError:
                 raise  # the gates exist: the error says how to load them
