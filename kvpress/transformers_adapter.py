@@ -381,6 +381,28 @@ def cache_kwargs(model: torch.nn.Module, cache: Optional[Cache]) -> dict:
     return {cache_keyword(model): cache}
 
 
+def forward_kwargs(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    cache: Optional[Cache] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    output_hidden_states: bool = False,
+) -> dict:
+    """Keyword arguments to call `model` on `tokens` (ids, or embeddings when floating point): writing into `cache`
+    when given, else without any cache; with `position_ids` and every layer's hidden states when asked."""
+    call: dict = {"inputs_embeds" if tokens.is_floating_point() else "input_ids": tokens}
+    if cache is None:
+        call["use_cache"] = False
+    else:
+        call["use_cache"] = True
+        call.update(cache_kwargs(model, cache))
+    if position_ids is not None:
+        call["position_ids"] = position_ids
+    if output_hidden_states:
+        call["output_hidden_states"] = True
+    return call
+
+
 def output_cache(outputs: Any) -> Optional[Cache]:
     """The cache a model output carries (`outputs.cache` on 5.24+, `outputs.past_key_values` before), or None.
 

@@ -29,6 +29,7 @@ from kvpress.attention_weights import attention_probabilities
 from kvpress.headwise_masks import set_masks
 from kvpress.presses.base_press import BasePress, FieldCheck, ratio_check
 from kvpress.resources import LRUCache, cache, load_cached, text_config  # noqa: F401 (upstream exposes them here)
+from kvpress.transformers_adapter import forward_kwargs
 from kvpress.utils import (
     apply_rope,
     get_language_model,
@@ -212,7 +213,7 @@ def _score_heads_on_the_fly(model: PreTrainedModel, texts: list[str], q_len: int
     positions = torch.arange(q_len, device=device)[None]
     for text in texts:
         input_ids = tokenizer(text, return_tensors="pt", truncation=True).input_ids.to(device)
-        hidden_states = model(input_ids, output_hidden_states=True, use_cache=False).hidden_states[:-1]
+        hidden_states = model(**forward_kwargs(model, input_ids, output_hidden_states=True)).hidden_states[:-1]
         for layer_idx, (layer, states) in enumerate(zip(language_model.layers, hidden_states)):
             module = layer.self_attn
             object.__setattr__(module, "rotary_emb", language_model.rotary_emb)

@@ -27,7 +27,13 @@ from kvpress.headwise_masks import set_masks
 from kvpress.presses.base_press import SUPPORTED_MODELS, BasePress, get_hook_inputs
 from kvpress.resources import text_config
 from kvpress.timing import telemetry_of
-from kvpress.transformers_adapter import cache_kwargs, find_cache, input_ids_of, output_cache, position_embeddings_of
+from kvpress.transformers_adapter import (
+    find_cache,
+    forward_kwargs,
+    input_ids_of,
+    output_cache,
+    position_embeddings_of,
+)
 from kvpress.utils import (
     apply_rope,
     extract_keys_and_values,
@@ -304,9 +310,7 @@ class KVzipPress(BasePress):
                     self.end_idx = self.start_idx + chunk_ids.shape[1]
                     self._snapshot = snapshot_cache(cache)
                     try:
-                        model.model(
-                            input_ids=repeat_ids.to(model.device), use_cache=True, **cache_kwargs(model.model, cache)
-                        )
+                        model.model(**forward_kwargs(model.model, repeat_ids.to(model.device), cache))
                     finally:
                         restore_cache(cache, self._snapshot)
                         self._snapshot = None

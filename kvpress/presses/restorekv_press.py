@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from kvpress.presses.base_press import compression_ratio_set_to
 from kvpress.presses.kvzip_press import KVzipPress, compressed_attention_modules
 from kvpress.resources import text_config
-from kvpress.transformers_adapter import cache_kwargs
+from kvpress.transformers_adapter import forward_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +173,7 @@ class RestoreKVPress(KVzipPress):
         model.enable_adapters()
         try:
             with torch.no_grad():
-                model.model(
-                    inputs_embeds=embeddings, position_ids=positions, use_cache=True, **cache_kwargs(model.model, cache)
-                )
+                model.model(**forward_kwargs(model.model, embeddings, cache, position_ids=positions))
         finally:
             model.disable_adapters()
             self.encoding_restore_tokens = False
