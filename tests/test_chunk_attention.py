@@ -94,7 +94,9 @@ def _assert_same_caches(cache, reference):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "qwen2", "mistral"])
-@pytest.mark.parametrize("press", [None, KnormPress(0.5), StreamingLLMPress(0.6, n_sink=3), SnapKVPress(0.4, window_size=4)])
+@pytest.mark.parametrize(
+    "press", [None, KnormPress(0.5), StreamingLLMPress(0.6, n_sink=3), SnapKVPress(0.4, window_size=4)]
+)
 def test_chunked_prefill_through_it_equals_the_masked_chunked_prefill(arch, press):
     model = get_model(arch)
     assert serves_model(model)
@@ -137,9 +139,8 @@ def test_chunks_build_no_mask_and_run_through_chunk_attention():
         calls["lower_right"] += 1
         return causal_lower_right(q_len, k_len)
 
-    with mock.patch.dict(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, {"sdpa": counting_mask}), mock.patch.object(
-        module, "causal_lower_right", counting_lower_right
-    ):
+    masks = mock.patch.dict(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, {"sdpa": counting_mask})
+    with masks, mock.patch.object(module, "causal_lower_right", counting_lower_right):
         chunked_prefill(model, _ids(), DynamicCache(config=model.config), chunk_size=CHUNK)
         assert calls["mask"] == 0
         # the first chunk is square (plain causal); every later chunk of every layer runs lower-right, unmasked
