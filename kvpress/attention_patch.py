@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from kvpress.chunk_attention import register_chunk_attention
 from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import MAX_INPLACE_QUERY_ROWS, inplace_attention, inplace_attention_mask
 from kvpress.padding import hide_padding_slots
@@ -188,6 +189,7 @@ def attention_patch(func: Callable) -> Callable:
 def patch_attention_functions() -> None:
     """Wrap transformers' attention functions and the supported models' eager attention. Safe to call twice."""
     register_ragged_attention()
+    register_chunk_attention()
     for name, func in list(ALL_ATTENTION_FUNCTIONS.items()):
         ALL_ATTENTION_FUNCTIONS[name] = attention_patch(func)
     for module_name in _EAGER_MODULES:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTrainedModel, Qwen3Config
 
 import kvpress
+from kvpress.chunk_attention import serves_model
 from kvpress.chunked_prefill import check_chunk_size, chunked_prefill, require_chunked_prefill_support
 from kvpress.graphed_decoding import GraphedDecodeStep, graphable
 from kvpress.headwise_masks import clear_masks, get_masks
@@ -713,6 +714,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             "context_length": length,
             "batch_size": args.batch_size,
             "prefill_chunk_size": None if request.name == "generate" else args.prefill_chunk_size,
+            # the chunks' attention: lower-right causal SDPA without a mask (kvpress.chunk_attention), or masked
+            "chunk_attention": (
+                None
+                if request.name == "generate" or args.prefill_chunk_size is None
+                else ("lower-right sdpa" if serves_model(model) else "masked")
+            ),
             "max_new_tokens": args.max_new_tokens,
             "attn_implementation": args.attn_implementation,
             "dtype": str(dtype).replace("torch.", ""),

@@ -17,7 +17,9 @@ and in between it never exceeds `n(L) + chunk_size`. A press with a `cache_budge
 its own decoding machinery (the first chunk is its prefill, later chunks are multi-token forwards).
 
 Positions stay the logical ones: each chunk gets `position_ids` `start .. start + chunk - 1` (RoPE), while the
-attention mask covers the (compressed) cache the chunk attends to.
+attention covers the (compressed) cache the chunk attends to. On sdpa models whose layers are all full causal
+attention, the chunks run through `kvpress.chunk_attention` (lower-right causal on SDPA's flash kernel, no mask and no
+repeated keys); other models keep transformers' mask.
 
 With `chunk_size` None, or at least the context length, the prefill is exactly today's single forward.
 
@@ -38,6 +40,7 @@ from typing import Generator, Optional, Sequence
 import torch
 from transformers import Cache, PreTrainedModel
 
+from kvpress.chunk_attention import lower_right_causal_prefill
 from kvpress.presses.base_press import CHUNKED_PREFILL_SUPPORT, PREFILL_CHUNK, BasePress, compression_ratio_set_to
 from kvpress.transformers_adapter import cache_kwargs
 
@@ -169,7 +172,7 @@ def chunked_prefill(
     batch = input_ids.shape[0]
     logits = None
     kept = 0
-    with press(model) if press is not None else contextlib.nullcontext():
+    with press(model) if press is not None else contextlib.nullcontext(), lower_right_causal_prefill(model):
         for index, (start, end) in enumerate(bounds):
             chunk = input_ids[:, start:end]
             positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0).expand(batch, -1)
