@@ -167,3 +167,24 @@ def test_subclasses_run_in_the_pipeline_offline(make_press):
         max_new_tokens=3,
     )
     assert len(answers["answers"]) == 2 and all(isinstance(answer, str) for answer in answers["answers"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "torch.float32", None])
+def test_fastkvzip_subclass_works_when_the_config_names_its_dtype(dtype, monkeypatch):
+    """`model.config.dtype` holds a name (or nothing) once a config went through `to_dict`/`save_pretrained`;
+    upstream's subclass passes it to `FastKVzipGate` as it is."""
+    model = get_model("llama")
+    monkeypatch.setattr(model.config, "dtype", dtype)
+    press = TestFastKVzipPress(compression_ratio=0.5)
+    prefill(model, random_input_ids(1, SEQ_LEN, seed=5), press)
+    assert all(gate.q_proj.weight.dtype == torch.float32 for gate in press.gates)
+    assert sum(int(masked_bool(m, (1, KV_HEADS, SEQ_LEN)).sum()) for m in attention_modules(model)) == int(
+        2 * KV_HEADS * SEQ_LEN * 0.5
+    )
+
+
+def test_fastkvzip_gate_refuses_a_bad_dtype():
+    with pytest.raises(ValueError, match="not a torch dtype name"):
+        fastkvzip.FastKVzipGate(0, 64, 2, 2, "float31")
+    with pytest.raises(TypeError, match="torch.dtype or its name"):
+        fastkvzip.FastKVzipGate(0, 64, 2, 2, 32)
