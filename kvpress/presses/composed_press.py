@@ -8,7 +8,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Optional
 
-from kvpress.presses.base_press import BasePress, FieldCheck
+from kvpress.presses.base_press import BasePress, FieldCheck, get_hook_inputs
+from kvpress.utils import cache_layer_length
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,12 @@ def _check_presses(press: Any, name: str, value: Any) -> list[BasePress]:
 class ComposedPress(BasePress):
     """Chain presses: each one compresses the cache left by the previous one, layer by layer.
 
-    Every press receives the layer's original hidden states and attention weights, so a press that needs attention
-    weights matching the cache (e.g. ObservedAttentionPress) only works first in the chain.
-    `compression_ratio` is `1 - prod(1 - r_i)` over the inner presses.
+    Every press receives the layer's original hidden states. The eager attention weights go to each press as long
+    as they still cover the cache; once a press has removed tokens they describe keys that are gone, so the next
+    presses receive `attentions=None`, as every press does under sdpa or flash attention (SnapKV, for instance,
+    recomputes its window's attention over the kept keys). A press that needs the attention weights of the whole
+    context (`needs_attention_weights`, e.g. ObservedAttentionPress) must come before any press that removes
+    tokens; placed after one, it raises an error. `compression_ratio` is `1 - prod(1 - r_i)` over the inner presses.
     """
 
     presses: list[BasePress]
@@ -84,6 +88,28 @@ class ComposedPress(BasePress):
             press.post_init_from_model(model)
 
     def forward_hook(self, module, input, kwargs, output):
-        for press in self.presses:
-            output = press.forward_hook(module, input, kwargs, output)
+        _, cache = get_hook_inputs(module, input, kwargs)
+        length_before = None if cache is None else cache_layer_length(cache, module.layer_idx)
+        for position, press in enumerate(self.presses):
+            seen = output
+            if position > 0 and cache is not None and cache_layer_length(cache, module.layer_idx) != length_before:
+                seen = self._without_attentions(press, position, module, length_before, cache, output)
+            returned = press.forward_hook(module, input, kwargs, seen)
+            if returned is not seen:  # a press that changed the layer's output (none of upstream's does)
+                output = returned
         return output
+
+    @staticmethod
+    def _without_attentions(press: BasePress, position: int, module, length_before: int, cache, output):
+        """`output` without its attention weights, for a press that runs after earlier presses removed entries from
+        the layer's cache (the weights describe keys that are gone)."""
+        if press.needs_attention_weights:
+            raise ValueError(
+                f"ComposedPress: presses[{position}] ({type(press).__name__}) scores with the attention weights of "
+                f"the whole context, but the presses before it changed layer {module.layer_idx}'s cache from "
+                f"{length_before} to {cache_layer_length(cache, module.layer_idx)} entries, so those weights no "
+                f"longer match it. Put {type(press).__name__} first in the list."
+            )
+        if not isinstance(output, (tuple, list)) or len(output) < 2 or output[1] is None:
+            return output
+        return type(output)((output[0], None, *output[2:]))

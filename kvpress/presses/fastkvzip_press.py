@@ -41,6 +41,21 @@ FASTKVZIP_REPO_ID = "Jang-Hyun/Fast-KVzip"
 LONG_CONTEXT_TOKENS = 32000
 
 
+def gate_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A torch dtype from a dtype, its name (`"bfloat16"`, `"torch.float16"`: `model.config.dtype` holds a name once a
+    config went through `to_dict`/`save_pretrained`) or None (torch's default dtype)."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"FastKVzipGate dtype {dtype!r} is not a torch dtype name (e.g. 'bfloat16', 'float32').")
+        return resolved
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"FastKVzipGate dtype must be a torch.dtype or its name, got {type(dtype).__name__}.")
+    return dtype
+
+
 class FastKVzipGate(nn.Module):
     """The gate of one layer: `(B, T, input_dim)` attention inputs -> `(B, nhead, T)` importance scores in (0, 1].
 
@@ -55,11 +70,12 @@ class FastKVzipGate(nn.Module):
         input_dim: int,
         nhead: int,
         ngroup: int,
-        dtype: torch.dtype,
+        dtype: torch.dtype | str | None,
         output_dim: int = 16,
         sink: int = 16,
     ):
         super().__init__()
+        dtype = gate_dtype(dtype)
         self.index = index
         self.input_dim = input_dim
         self.nhead = nhead

@@ -14,7 +14,8 @@ GQA group, a softmax over the candidates only (the entries before the window), t
 a max-pooling over `kernel_size` tokens; redundancy takes the cosine similarities between *all* cached keys (window
 included), zeroes the diagonal and each row's most recent entry above `similarity_threshold` (entry 0 when there is
 none, as the reference does), averages each column, takes the softmax over all entries and keeps the candidates'.
-Defaults are the reference's (`kernel_size=7`, a buffer of `compress_interval=128`, `lam=0.07`);
+Defaults are the reference's as its run script and README use them (`kernel_size=7`, a buffer of
+`compress_interval=128`, `lam=0.1`; its class default `mix_lambda=0.07` is overridden there);
 `RKVPress(**RKVPress.FORK_SETTINGS, cache_budget=...)` reproduces the reasoning fork's (64, 5, 0.1).
 """
 
@@ -126,7 +127,7 @@ class RKVPress(ScorerPress):
     compress_interval: int = 128
     window_size: int = 8
     kernel_size: int = 7
-    lam: float = 0.07
+    lam: float = 0.1
     similarity_threshold: float = 0.5
 
     # The reasoning fork's settings (its compress_interval, kernel and lambda), for reproducing its paper's numbers.

@@ -31,7 +31,8 @@ class ThinKPress(BasePress):
     A channel's importance is `mean(q_c^2) * mean(k_c^2)`: the squared queries of the last `window_size` tokens
     (post-RoPE, averaged over the window and over the query heads of each GQA group) times the squared cached keys
     (averaged over the sequence). The pruned channels are set to 0 in every cached key except the last `window_size`
-    ones, which stay full, as in the paper; the tensor keeps its shape, so this press saves no memory by itself.
+    ones, which stay full, as in the paper (so a context of at most `window_size` tokens is left as it is); the
+    tensor keeps its shape, so this press saves no memory by itself.
     `compression_ratio` is `key_channel_compression_ratio / 2` (keys are half of the cache) and cannot be set.
     """
 
@@ -57,7 +58,8 @@ class ThinKPress(BasePress):
     def compute_window_queries(
         self, module: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
-        """The post-RoPE queries of the last `window_size` tokens, `(B, H, window_size, d)`."""
+        """The post-RoPE queries of the last `window_size` tokens (all of them when there are fewer),
+        `(B, H, min(window_size, T), d)`."""
         window = self.window_size
         cos, sin = position_embeddings
         queries = get_prerope_query_states(module, hidden_states[:, -window:])
@@ -83,12 +85,10 @@ class ThinKPress(BasePress):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.key_channel_compression_ratio == 0:
             return keys, values
-        q_len = hidden_states.shape[1]
-        if q_len <= self.window_size:
-            raise ValueError(
-                f"ThinKPress needs a context longer than window_size: got {q_len} tokens with "
-                f"window_size={self.window_size}. Use a longer context or a smaller window_size."
-            )
+        if keys.shape[2] <= self.window_size:
+            # every cached key is in the window, which keeps all its channels (upstream runs here too, scoring with
+            # the queries it has, and zeroes the channels of every key)
+            return keys, values
         head_dim = keys.shape[-1]
         n_pruned = int(head_dim * self.key_channel_compression_ratio)
         if n_pruned == 0:

@@ -154,6 +154,26 @@ def test_non_causal_chunked_attention_matches_reference(length, chunk):
     torch.testing.assert_close(received.sum(dim=-1), torch.full((2, 3), float(length)))
 
 
+def test_padding_of_the_last_chunk_changes_no_score():
+    """Kept as a difference: a short last chunk is scored as if it were a chunk of its own length (its padded keys
+    get no attention, its padded queries give none). Upstream fills the padded query rows with zero logits, so each
+    of them spreads a uniform 1/chunk_size over the last chunk, and leaves the padded keys at -1e-9 (unmasked)."""
+    generator = torch.Generator().manual_seed(11)
+    queries = torch.randn(1, 2, 21, 8, generator=generator)
+    keys = torch.randn(1, 2, 21, 8, generator=generator)
+    received = NonCausalAttnPress.non_causal_chunked_attn(queries, keys, 8)
+    last = NonCausalAttnPress.non_causal_chunked_attn(queries[:, :, 16:], keys[:, :, 16:], 5)
+    torch.testing.assert_close(received[..., 16:], last)
+    # what upstream's padding gives instead: every key of the last chunk gets more than it does here
+    padded_q = torch.nn.functional.pad(queries[:, :, 16:], (0, 0, 0, 3))
+    padded_k = torch.nn.functional.pad(keys[:, :, 16:], (0, 0, 0, 3))
+    logits = padded_q @ padded_k.transpose(-1, -2)
+    logits[..., 5:, :] = 0.0
+    logits[..., :, 5:] = -1e-9
+    upstream = logits.softmax(dim=-1).sum(dim=-2)[..., :5]
+    assert (upstream - last).abs().min() > 1e-3
+
+
 def test_non_causal_chunked_attention_errors():
     x = torch.randn(1, 1, 6, 4)
     with pytest.raises(ValueError, match="as many queries as keys"):

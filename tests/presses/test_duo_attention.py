@@ -290,3 +290,38 @@ def test_lru_cache_keeps_the_most_recent_entries():
     lru["c"] = 3
     assert list(lru) == ["a", "c"]
     assert duo.cache.maxsize == 128
+
+
+def test_tied_head_scores_pick_the_earliest_heads(tmp_path, monkeypatch):
+    """Kept as a difference: ties are broken by a stable argsort, so the earliest (layer, head) pairs in row-major
+    order become streaming heads and every run picks the same ones (upstream's unstable argsort leaves the choice
+    among tied heads to the sort). Without ties both orders agree (`expected_streaming` above)."""
+    model = get_model("llama")
+    scores = np.array([[0.5, 0.2], [0.5, 0.5]])  # three tied heads for the two remaining streaming slots
+    use_local_pattern(monkeypatch, model, write_pattern(tmp_path / "pattern", scores=scores))
+    press = DuoAttentionPress(head_compression_ratio=0.75)
+    with torch.no_grad(), press(model):
+        model(random_input_ids(1, SEQ_LEN), past_key_values=DynamicCache())
+    assert {tuple(pair) for pair in press.streaming_mask.nonzero().tolist()} == {(0, 1), (0, 0), (1, 0)}
+
+
+@pytest.mark.parametrize("length, sink, recent", [(40, 2, 0), (5, 2, 4), (6, 2, 4)])
+def test_streaming_heads_keep_exactly_sink_and_recent_tokens(length, sink, recent, tmp_path, monkeypatch):
+    """Kept as a difference: the masked span is [sink, T - recent) truncated to the context, so `recent_size=0`
+    masks everything after the sinks (upstream's `[sink:-0]` slice masks nothing) and a context shorter than
+    sink + recent masks nothing with a compression ratio of 0 (upstream reports a negative ratio)."""
+    model = get_model("llama")
+    use_local_pattern(monkeypatch, model, write_pattern(tmp_path / "pattern", sink=sink, recent=recent))
+    press = DuoAttentionPress(head_compression_ratio=0.5)
+    with torch.no_grad(), press(model):
+        model(random_input_ids(1, length), past_key_values=DynamicCache())
+    expected = torch.zeros(length, dtype=torch.bool)
+    expected[sink : max(length - recent, sink)] = True
+    n_masked = 0
+    for layer_idx, module in enumerate(attention_modules(model)):
+        mask = masked_bool(module, (1, 2, length))
+        for head in range(2):
+            streaming = bool(press.streaming_mask[layer_idx, head])
+            assert torch.equal(mask[0, head], expected if streaming else torch.zeros_like(expected))
+        n_masked += int(mask.sum())
+    assert press.compression_ratio == pytest.approx(n_masked / (2 * 2 * length)) and press.compression_ratio >= 0

@@ -2,6 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """FastKVzipPress: the gate's formula, gates loaded from local files, head-wise budgets, the pipeline."""
 
+import copy
 import functools
 import math
 import os
@@ -260,3 +261,16 @@ def test_pipeline_answers_and_cache_unchanged_after_each_question():
 def test_cannot_be_composed():
     with pytest.raises(ValueError, match="cannot be composed"):
         ComposedPress([KnormPress(0.5), FastKVzipPress(0.5)])
+
+
+def test_gate_scores_stay_float32_with_bfloat16_gates_and_model():
+    """Kept as a difference: the gates' scores are float32 whatever the gate and model dtype (upstream returns them
+    in the gates' dtype); bfloat16 scores in (0, 1] collapse many distinct values into ties for the bottom-k."""
+    model = copy.deepcopy(get_model("llama")).to(torch.bfloat16)
+    press = FastKVzipPress(0.5)
+    press.gates = random_gates(model, seed=2, dtype=torch.bfloat16)
+    with torch.no_grad(), press(model):
+        model(random_input_ids(1, CONTEXT_LEN, seed=3), past_key_values=DynamicCache(config=model.config))
+    scores = torch.stack([press.score_val[layer_idx] for layer_idx in compressed_layers(model)])
+    assert scores.dtype == torch.float32
+    assert scores.unique().numel() > scores.bfloat16().unique().numel()

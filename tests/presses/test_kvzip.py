@@ -2,6 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """KVzipPress: repeat-pass scores against eager attention, head-wise budgets, tokenizer loading, the pipeline."""
 
+import copy
 import tempfile
 
 import pytest
@@ -333,3 +334,16 @@ def test_telemetry_counts_the_prefill_and_the_compression_time():
     metrics = press.get_timing_metrics()
     assert metrics["total_prefill_tokens"] == CONTEXT_LEN and metrics["total_decoding_tokens"] == 0
     assert metrics["prefill_time"] > 0
+
+
+def test_scores_stay_float32_on_a_bfloat16_model():
+    """Kept as a difference: KVzip scores in float32 whatever the model dtype (upstream keeps the model's dtype for
+    the softmax and the scores). The global bottom-k over every (layer, head, token) score is decided by score order;
+    in bfloat16 (8 bits of mantissa) many distinct scores round to the same value and the pruned set among them is
+    left to the sort's tie order."""
+    model = copy.deepcopy(get_model("llama")).to(torch.bfloat16)
+    press = KVzipPress(compression_ratio=0.5, tokenizer=load_tokenizer(False))
+    prefill_base_model(model, press, random_input_ids(1, CONTEXT_LEN, seed=3))
+    scores = torch.stack([press.score_val[layer_idx] for layer_idx in compressed_layers(model)])
+    assert scores.dtype == torch.float32
+    assert scores.unique().numel() > scores.bfloat16().unique().numel()

@@ -103,7 +103,7 @@ def constructed_case(n_tokens=16):
     return model, call, keys, values
 
 
-@pytest.mark.parametrize("lam, kernel", [(0.3, 3), (0.07, 7)])
+@pytest.mark.parametrize("lam, kernel", [(0.3, 3), (0.07, 7), (0.1, 7)])
 def test_score_matches_the_reference_definition_on_constructed_keys(lam, kernel):
     model, call, keys, values = constructed_case()
     press = RKVPress(0.25, window_size=4, kernel_size=kernel, lam=lam)
@@ -124,14 +124,14 @@ def test_kept_sets_equal_the_reference_on_random_keys():
     keys[:, :, 20:30] = keys[:, :, 5:15] + 0.05 * torch.randn(1, KV_HEADS, 10, HEAD_DIM, generator=generator)
     press = RKVPress(0.5)
     scores = press.score(call["module"], call["hidden_states"], keys, keys, None, call["kwargs"])
-    expected = reference_rkv_scores(reference_logits(model, 1, call["hidden_states"], keys), keys, 8, 7, 0.07, 0.5)
+    expected = reference_rkv_scores(reference_logits(model, 1, call["hidden_states"], keys), keys, 8, 7, 0.1, 0.5)
     kept = scores[..., :-8].topk(16, dim=-1).indices.sort(dim=-1).values
     assert torch.equal(kept, expected.topk(16, dim=-1).indices.sort(dim=-1).values)
 
 
 def test_defaults_are_the_reference_and_the_fork_settings_are_kept():
     press = RKVPress(cache_budget=64)
-    assert (press.compress_interval, press.kernel_size, press.lam, press.window_size) == (128, 7, 0.07, 8)
+    assert (press.compress_interval, press.kernel_size, press.lam, press.window_size) == (128, 7, 0.1, 8)
     fork = RKVPress(cache_budget=64, **RKVPress.FORK_SETTINGS)
     assert (fork.compress_interval, fork.kernel_size, fork.lam) == (64, 5, 0.1)
 

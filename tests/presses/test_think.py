@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.think_press import ThinKPress
-from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, random_input_ids
+from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, prefill, random_input_ids
 
 RECORDING_ATTENTION = "kvpress_test_think_recording"
 _RECORDED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -159,7 +159,16 @@ def test_bad_input():
         ThinKPress(key_channel_compression_ratio=-0.1)
     with pytest.raises(ValueError, match="window_size"):
         ThinKPress(0.5, window_size=0)
+
+
+@pytest.mark.parametrize("length", [20, 32])
+def test_context_not_longer_than_the_window_runs_and_keeps_every_channel(length):
+    """Upstream runs on a context of at most window_size tokens (it scores with the queries there are); here too
+    (the error is gone), and since every key is in the window, whose keys keep all their channels, nothing changes."""
     model = get_model("llama")
-    with pytest.raises(ValueError, match="longer than window_size"):
-        with torch.no_grad(), ThinKPress(0.5, window_size=32)(model):
-            model(random_input_ids(1, 20), past_key_values=DynamicCache())
+    input_ids = random_input_ids(1, length)
+    cache = prefill(model, input_ids, ThinKPress(0.5, window_size=32))
+    plain = prefill(model, input_ids)
+    for layer_idx in range(len(cache.layers)):
+        assert torch.equal(cache.layers[layer_idx].keys, plain.layers[layer_idx].keys)
+        assert torch.equal(cache.layers[layer_idx].values, plain.layers[layer_idx].values)

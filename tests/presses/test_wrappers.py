@@ -16,12 +16,14 @@ from kvpress import (
     KeyRerotationPress,
     KnormPress,
     KVzipPress,
+    ObservedAttentionPress,
     PerLayerCompressionPress,
     RandomPress,
+    SnapKVPress,
     StreamingLLMPress,
 )
 from kvpress.presses.scorer_press import gather_tokens
-from tests.fixtures import compressed_layers, get_model, prefill, random_input_ids
+from tests.fixtures import compressed_layers, get_model, prefill, random_input_ids, record_layers
 
 
 @dataclass
@@ -70,6 +72,46 @@ def test_composed_chains_presses_on_the_compressed_cache():
         knorm_keys = knorm_only.layers[layer_idx].keys
         torch.testing.assert_close(keys, torch.cat([knorm_keys[:, :, :4], knorm_keys[:, :, -28:]], dim=2))
     assert press.compression_ratio == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_composed_under_eager_drops_attentions_after_a_press_removed_tokens(batch_size):
+    """The known failure: under eager, SnapKV after Knorm got the full context's attention weights (shape mismatch).
+    The second press now scores the compressed cache as it would under sdpa (attentions=None, its window's attention
+    recomputed over the kept keys): the same kept entries as the sdpa model (same weights), and the same as SnapKV
+    called directly on Knorm's cache."""
+    input_ids = random_input_ids(batch_size, 100, seed=5)
+    eager = prefill(get_model("llama", "eager"), input_ids, ComposedPress([KnormPress(0.3), SnapKVPress(0.3)]))
+    sdpa = prefill(get_model("llama"), input_ids, ComposedPress([KnormPress(0.3), SnapKVPress(0.3)]))
+    model = get_model("llama")
+    knorm = prefill(model, input_ids, KnormPress(0.3))
+    calls = record_layers(model, input_ids)
+    for layer_idx in compressed_layers(model):
+        keys = eager.layers[layer_idx].keys
+        assert keys.shape[2] == int(int(100 * 0.7) * 0.7) == 49
+        torch.testing.assert_close(keys, sdpa.layers[layer_idx].keys, atol=1e-5, rtol=1e-5)
+        call = calls[layer_idx]
+        knorm_keys, knorm_values = knorm.layers[layer_idx].keys, knorm.layers[layer_idx].values
+        expected, _ = SnapKVPress(0.3).compress(
+            call["module"], call["hidden_states"], knorm_keys, knorm_values, None, call["kwargs"]
+        )
+        torch.testing.assert_close(keys, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_composed_keeps_eager_attentions_while_they_match_the_cache():
+    """ObservedAttention first (the cache still matches the weights) gets the eager weights; after a press that
+    removed tokens it cannot score with them and says so."""
+    model = get_model("llama", "eager")
+    input_ids = random_input_ids(1, 64, seed=6)
+    composed = prefill(model, input_ids, ComposedPress([ObservedAttentionPress(0.5), KnormPress(0.5)]))
+    observed = prefill(model, input_ids, ObservedAttentionPress(0.5))
+    for layer_idx in compressed_layers(model):
+        knorm_of_observed = -observed.layers[layer_idx].keys.norm(dim=-1)  # Knorm keeps the smallest key norms
+        kept = knorm_of_observed.topk(16, dim=-1).indices.sort(dim=-1).values
+        expected = observed.layers[layer_idx].keys.gather(2, kept[..., None].expand(-1, -1, -1, 16))
+        torch.testing.assert_close(composed.layers[layer_idx].keys, expected)
+    with pytest.raises(ValueError, match="Put ObservedAttentionPress first"):
+        prefill(model, input_ids, ComposedPress([KnormPress(0.5), ObservedAttentionPress(0.5)]))
 
 
 def test_composed_ratio_follows_inner_presses_and_is_read_only():
