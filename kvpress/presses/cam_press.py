@@ -135,6 +135,7 @@ class CAMPress(DecodingPress):
             keys, values = self.compress(module, buffered_states, keys, values, running, buffered_kwargs)
             write_keys_and_values(cache, layer_idx, keys, values)
             self.layer_step_counts[layer_idx] = 0
+            self.clear_buffer(layer_idx)
         self.truncate_buffer(layer_idx)
         return output
 
