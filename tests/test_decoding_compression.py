@@ -16,7 +16,6 @@ from kvpress import (
     H2OPress,
     KnormPress,
     KVPressTextGenerationPipeline,
-    ObservedAttentionPress,
     PyramidKVPress,
     RandomPress,
     ScorerPress,

@@ -96,8 +96,9 @@ class DecodingPress(BasePress):
     stay in positional order), and this step's attention weights (eager attention; None otherwise), as upstream.
     The press is a no-op during prefill; wrap it in PrefillDecodingPress to also compress the prompt. A layer is
     compressed when `compression_interval` steps passed since its last compression, when a single forward brings
-    `target_size` tokens or more, and as soon as its cache would exceed `target_size + compression_interval - 1`
-    tokens (so that bound holds after every step, also right after a long prompt).
+    `target_size` tokens or more (upstream's triggers), and as soon as its cache would exceed
+    `target_size + compression_interval - 1` tokens once the scorer has its observations (`observations_needed`), so
+    that bound holds after every step, also right after a long prompt.
 
     The scorer sees the hidden states of the forwards since the layer's last compression (at most the last
     `hidden_states_buffer_size` tokens, never fewer than the current forward's), with their own rotary embeddings in
@@ -193,11 +194,26 @@ class DecodingPress(BasePress):
                 return length - masked[0].numel() / (bsz * num_kv_heads)
         return float(length)
 
+    def observations_needed(self) -> int:
+        """Buffered tokens the scorer needs before an early compression (one that upstream's triggers would not make):
+        its observation window (`decoding_window`, 0 for scorers that do not read hidden states), at most
+        `compression_interval` (upstream's own trigger waits no longer) and the buffer's size."""
+        scorer = self.base_press.press if isinstance(self.base_press, AdaKVPress) else self.base_press
+        window = int(getattr(scorer, "decoding_window", 0) or 0)
+        return min(window, self.compression_interval, max(self.hidden_states_buffer_size, 1))
+
+    def over_the_bound(self, layer_idx: int, k_len: float, target: int) -> bool:
+        """Whether the layer would exceed `target + compression_interval - 1` and the scorer has its observations
+        (after a prefill in the same block the buffer holds the prompt's last tokens, so this fires at once)."""
+        if k_len < target + self.compression_interval:
+            return False
+        return self.recent_tokens[layer_idx].n_tokens >= self.observations_needed()
+
     def should_compress(self, layer_idx: int, q_len: int, k_len: float, target: int) -> bool:
         return (
             self.layer_step_counts[layer_idx] >= self.compression_interval
             or q_len >= target
-            or k_len >= target + self.compression_interval
+            or self.over_the_bound(layer_idx, k_len, target)
         )
 
     def observe_step(self, module: nn.Module, input: tuple, kwargs: dict) -> Optional[tuple]:
