@@ -13,9 +13,10 @@ from kvpress import (
     AdaKVPress,
     ChunkPress,
     ExpectedAttentionPress,
+    H2OPress,
     KnormPress,
     KVPressTextGenerationPipeline,
-    ObservedAttentionPress,
+    PyramidKVPress,
     RandomPress,
     ScorerPress,
     SnapKVPress,
@@ -140,8 +141,10 @@ def test_cache_size_after_every_step(wrapper, base):
 
 
 @pytest.mark.parametrize("wrapper", ["decoding", "cam"])
-def test_base_press_sees_the_buffered_hidden_states_and_their_positions(wrapper):
-    """Scorers get the last hidden_states_buffer_size tokens (prompt included) with matching cos/sin."""
+def test_base_press_sees_the_states_since_the_last_compression_and_their_positions(wrapper):
+    """As upstream, the buffer is emptied after every compression: the scorer gets the hidden states of the steps
+    since the layer's last compression (the first compression, right after the prompt, also sees the prompt's last
+    hidden_states_buffer_size tokens), with matching cos/sin."""
     model = get_model("llama")
     calls = []
 
@@ -154,9 +157,10 @@ def test_base_press_sees_the_buffered_hidden_states_and_their_positions(wrapper)
     cls = DecodingPress if wrapper == "decoding" else CAMPress
     press = cls(Spy(), compression_interval=INTERVAL, target_size=TARGET, hidden_states_buffer_size=6)
     decode_step_by_step(model, press, random_input_ids(1, PROMPT), 7, lambda step, cache: None)
-    # Compressions at steps 1, 4 and 7 on both layers; the buffer holds 6 tokens (5 of the prompt at step 1).
+    # Compressions at steps 1, 4 and 7 on both layers: 5 prompt tokens + step 1, then steps 2-4, then steps 5-7.
     assert [c[4] for c in calls] == [0, 1] * 3
-    assert all(c[0] == c[1] == 6 and c[2] is None for c in calls)
+    assert [c[0] for c in calls] == [6, 6, INTERVAL, INTERVAL, INTERVAL, INTERVAL]
+    assert all(c[0] == c[1] for c in calls)
     assert [c[3] for c in calls] == [PROMPT + 1] * 2 + [TARGET + INTERVAL] * 4
 
 
@@ -381,8 +385,11 @@ def test_cam_recomputed_attention_equals_eager_attention():
     for implementation in ("eager", "sdpa"):
         model = get_model("llama", implementation)
         press = CAMPress(KnormPress(), compression_interval=1000, target_size=1000)
-        decode_step_by_step(model, press, random_input_ids(1, 12), 5, lambda step, cache: None)
-        sums[implementation] = dict(press._running_attn_sum)
+
+        def record(step, cache, press=press, implementation=implementation):
+            sums[implementation] = dict(press._running_attn_sum)  # the state is reset when the block exits
+
+        decode_step_by_step(model, press, random_input_ids(1, 12), 5, record)
     for layer in (0, 1):
         assert sums["eager"][layer].shape == (1, 2, 17)
         torch.testing.assert_close(sums["sdpa"][layer], sums["eager"][layer], atol=1e-5, rtol=1e-4)
@@ -553,10 +560,10 @@ def test_pipeline_answers_several_questions_with_a_decoding_press():
 
 
 def test_bad_input_gives_clear_errors():
-    with pytest.raises(ValueError, match=r"ObservedAttentionPress.*KnormPress"):
-        DecodingPress(ObservedAttentionPress())
-    with pytest.raises(ValueError, match=r"ObservedAttentionPress.*KnormPress"):
-        CAMPress(AdaKVPress(ObservedAttentionPress()))
+    with pytest.raises(ValueError, match=r"H2OPress.*accumulates the attention.*KnormPress"):
+        DecodingPress(H2OPress())
+    with pytest.raises(ValueError, match=r"PyramidKVPress.*per-layer budgets.*KnormPress"):
+        CAMPress(AdaKVPress(PyramidKVPress()))
     with pytest.raises(TypeError, match=r"ScorerPress that can score during decoding.*got ChunkPress"):
         DecodingPress(ChunkPress(KnormPress()))
 

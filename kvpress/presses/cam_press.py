@@ -111,7 +111,7 @@ class CAMPress(DecodingPress):
         return (
             (self.layer_step_counts[layer_idx] >= self.compression_interval and k_len > target)
             or q_len >= target
-            or k_len >= target + self.compression_interval
+            or self.over_the_bound(layer_idx, k_len, target)
         )
 
     def forward_hook(self, module: nn.Module, input: tuple, kwargs: dict, output: tuple):
@@ -135,6 +135,7 @@ class CAMPress(DecodingPress):
             keys, values = self.compress(module, buffered_states, keys, values, running, buffered_kwargs)
             write_keys_and_values(cache, layer_idx, keys, values)
             self.layer_step_counts[layer_idx] = 0
+            self.clear_buffer(layer_idx)
         self.truncate_buffer(layer_idx)
         return output
 

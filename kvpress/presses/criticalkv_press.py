@@ -78,13 +78,30 @@ class CriticalKVPress(InnerPressDelegation, ScorerPress):
     press's score; the rest of the budget by `(score + epsilon) * ||W_o v||_1`. `compression_ratio` is the inner
     press's (read and written through). Not a dataclass: `CriticalKVPress(press, epsilon, first_stage_ratio)`.
 
-    A token budget works as for every scorer, set on the inner press: `CriticalKVPress(KnormPress(cache_budget=256))`
-    keeps at most 256 entries per layer and KV head through prefill and decoding, `first_stage_ratio` of them by the
-    inner score. Stateful inner scorers (H2O, whose statistics follow its own cache) are refused with a budget.
+    A token budget works as for every scorer: `CriticalKVPress(KnormPress(), cache_budget=256)` (keyword-only; it is
+    stored on the inner press, so `CriticalKVPress(KnormPress(cache_budget=256))` is the same) keeps at most 256
+    entries per layer and KV head through prefill and decoding, `first_stage_ratio` of them by the inner score.
+    Stateful inner scorers (H2O, whose statistics follow its own cache) are refused with a budget.
     """
 
-    def __init__(self, press: ScorerPress, epsilon: float = 1e-4, first_stage_ratio: float = 0.5):
+    def __init__(
+        self, press: ScorerPress, epsilon: float = 1e-4, first_stage_ratio: float = 0.5, *, cache_budget: int = 0
+    ):
         require_scorer_press(self, press)
+        if cache_budget:
+            inner_budget = getattr(press, "cache_budget", 0)
+            if inner_budget and inner_budget != cache_budget:
+                raise ValueError(
+                    f"CriticalKVPress got cache_budget={cache_budget!r} but its inner {type(press).__name__} already "
+                    f"has cache_budget={inner_budget}: set the budget in one place."
+                )
+            # the budget is the inner press's (as the ratio): set it there, checked as for the inner press alone
+            press.cache_budget = cache_budget
+            try:
+                press.validate_cache_budget()
+            except ValueError:
+                press.cache_budget = 0  # leave the caller's press as it was
+                raise
         if getattr(press, "cache_budget", 0) and type(press).update_state is not ScorerPress.update_state:
             raise ValueError(
                 f"CriticalKVPress cannot carry the cache_budget of {type(press).__name__}: that press keeps its own "

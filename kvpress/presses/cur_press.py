@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +45,6 @@ class CURPress(ScorerPress):
     use_random_leverage: bool = False
     use_local_approximation: bool = True
     local_window_size: int = 16
-
-    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
-    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = "it normalises scores over windows of the scored sequence"
 
     def __post_init__(self):
         super().__post_init__()

@@ -3,9 +3,10 @@
 """DecodingPress: keep the KV cache at `target_size` tokens while the model generates.
 
 The one idea: a prefill press compresses once, but a reasoning trace can be far longer than its prompt. During
-generation every `compression_interval` steps, each layer's cache is scored by a ScorerPress (from the recent
-hidden states, kept in a small buffer) and pruned back to `target_size` tokens, so it never holds more than
-`target_size + compression_interval - 1` tokens. Same API as upstream kvpress (https://github.com/NVIDIA/kvpress).
+generation every `compression_interval` steps, each layer's cache is scored by a ScorerPress (from the hidden states
+of the steps since the last compression, kept in a small buffer) and pruned back to `target_size` tokens, so it
+never holds more than `target_size + compression_interval - 1` tokens. Same API and behaviour as upstream kvpress
+(https://github.com/NVIDIA/kvpress); the README's "Differences from upstream" lists where it departs.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ from kvpress.presses.base_press import BasePress, get_hook_inputs, layer_is_pref
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.recent_tokens import RecentTokens
 from kvpress.token_selection import check_scores, gather_tokens
+from kvpress.transformers_adapter import position_ids_of
 from kvpress.utils import cache_layer_length, extract_keys_and_values, write_keys_and_values
 from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
 DECODING_SCORERS = (
-    "KnormPress, RandomPress, StreamingLLMPress, SnapKVPress, TOVAPress, ExpectedAttentionPress, KeyDiffPress, "
-    "LagKVPress, CURPress, QFilterPress, CriticalKVPress, RKVPress, RKVLSHPress or your own ScorerPress"
+    "KnormPress, RandomPress, StreamingLLMPress, SnapKVPress, TOVAPress, ExpectedAttentionPress, "
+    "ObservedAttentionPress, KeyDiffPress, LagKVPress, CURPress, CapPress, QFilterPress, CriticalKVPress, RKVPress, "
+    "RKVLSHPress or your own ScorerPress"
 )
 
 
@@ -64,8 +67,9 @@ def require_decoding_scorer(wrapper: object, press: object, allow_adakv: bool = 
     if budget:
         raise ValueError(
             f"{name} sets the size of the cache itself (target_size), so its base press must not have a "
-            f"cache_budget (got {type(press).__name__} with cache_budget={budget}): set cache_budget=0, or use the "
-            "budget press alone."
+            f"cache_budget (got {type(press).__name__} with cache_budget={budget}): the budget would prune the cache "
+            "through the press's own hook, which the wrapper does not run, so it would be silently ignored. Set "
+            "cache_budget=0, or use the budget press alone."
         )
     problem = decoding_problem(press)
     if problem is not None:
@@ -87,16 +91,21 @@ def lower_masked_scores(module: nn.Module, scores: torch.Tensor) -> torch.Tensor
 class DecodingPress(BasePress):
     """Compress the cache during generation, every `compression_interval` steps, down to `target_size` tokens.
 
-    `base_press` (a ScorerPress, or an AdaKVPress around one) scores the cached tokens; its `compression_ratio` is
-    set for each compression so that exactly `target_size` tokens are kept (kept tokens stay in positional order).
+    `base_press` (a ScorerPress, or an AdaKVPress around one) compresses the cached tokens through its `compress`,
+    with its `compression_ratio` set for each compression so that exactly `target_size` tokens are kept (kept tokens
+    stay in positional order), and this step's attention weights (eager attention; None otherwise), as upstream.
     The press is a no-op during prefill; wrap it in PrefillDecodingPress to also compress the prompt. A layer is
     compressed when `compression_interval` steps passed since its last compression, when a single forward brings
-    `target_size` tokens or more, and as soon as its cache would exceed `target_size + compression_interval - 1`
-    tokens (so that bound holds after every step, also right after a long prompt).
+    `target_size` tokens or more (upstream's triggers), and as soon as its cache would exceed
+    `target_size + compression_interval - 1` tokens once the scorer has its observations (`observations_needed`), so
+    that bound holds after every step, also right after a long prompt.
 
-    Scorers see the hidden states of the last `hidden_states_buffer_size` tokens (the prompt's last tokens
-    included), with their own rotary embeddings in `kwargs["position_embeddings"]`, so window scorers (SnapKV,
-    TOVA, ExpectedAttention) observe the recent queries at their true positions.
+    The scorer sees the hidden states of the forwards since the layer's last compression (at most the last
+    `hidden_states_buffer_size` tokens, never fewer than the current forward's), with their own rotary embeddings in
+    `kwargs["position_embeddings"]`; the buffer is emptied after every compression, as upstream. Until a layer's
+    first compression the buffer also holds the prompt's last tokens, so that a compression right after a long
+    prompt has observations. All state is forgotten when the `with press(model)` block exits (and per layer at each
+    prefill).
     """
 
     base_press: ScorerPress | AdaKVPress
@@ -123,8 +132,18 @@ class DecodingPress(BasePress):
             )
         self.reset()
 
+    @contextmanager
+    def __call__(self, model) -> Generator:
+        """`BasePress.__call__`, then the state is reset when the block exits (exceptions included), as upstream."""
+        try:
+            with super().__call__(model):
+                yield
+        finally:
+            self.reset()
+
     def reset(self) -> None:
-        """Forget every layer's buffered tokens and step count (done for each layer at every prefill)."""
+        """Forget every layer's buffered tokens and step count (done when the `with` block exits, and for each layer
+        at every prefill)."""
         self.recent_tokens: defaultdict[int, RecentTokens] = defaultdict(RecentTokens)
         self.layer_step_counts: defaultdict[int, int] = defaultdict(int)
 
@@ -138,11 +157,20 @@ class DecodingPress(BasePress):
     # ----------------------------------------------------------------------------------------- hidden-state buffer
     def remember(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict, prefill: bool = False) -> None:
         """Append the hidden states of this forward (and their cos/sin) to the layer's buffer; of a prefill only the
-        last `hidden_states_buffer_size` tokens are kept."""
+        last `hidden_states_buffer_size` tokens are kept (until the layer's first compression)."""
         buffer = self.recent_tokens[layer_idx]
-        buffer.append(hidden_states, kwargs)
+        position_ids = position_ids_of(kwargs)
+        bsz, q_len = hidden_states.shape[:2]
+        positions = None
+        if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] == q_len:
+            positions = position_ids.expand(bsz, q_len)
+        buffer.append(hidden_states, kwargs, positions)
         if prefill:
             buffer.keep_last(self.hidden_states_buffer_size)
+
+    def clear_buffer(self, layer_idx: int) -> None:
+        """Empty the layer's buffer: done after every compression, so the next one sees only the later steps."""
+        self.recent_tokens[layer_idx].clear()
 
     def truncate_buffer(self, layer_idx: int, minimum: int = 0) -> None:
         """Keep the last `max(hidden_states_buffer_size, minimum)` tokens of the layer's buffer."""
@@ -166,11 +194,26 @@ class DecodingPress(BasePress):
                 return length - masked[0].numel() / (bsz * num_kv_heads)
         return float(length)
 
+    def observations_needed(self) -> int:
+        """Buffered tokens the scorer needs before an early compression (one that upstream's triggers would not make):
+        its observation window (`decoding_window`, 0 for scorers that do not read hidden states), at most
+        `compression_interval` (upstream's own trigger waits no longer) and the buffer's size."""
+        scorer = self.base_press.press if isinstance(self.base_press, AdaKVPress) else self.base_press
+        window = int(getattr(scorer, "decoding_window", 0) or 0)
+        return min(window, self.compression_interval, max(self.hidden_states_buffer_size, 1))
+
+    def over_the_bound(self, layer_idx: int, k_len: float, target: int) -> bool:
+        """Whether the layer would exceed `target + compression_interval - 1` and the scorer has its observations
+        (after a prefill in the same block the buffer holds the prompt's last tokens, so this fires at once)."""
+        if k_len < target + self.compression_interval:
+            return False
+        return self.recent_tokens[layer_idx].n_tokens >= self.observations_needed()
+
     def should_compress(self, layer_idx: int, q_len: int, k_len: float, target: int) -> bool:
         return (
             self.layer_step_counts[layer_idx] >= self.compression_interval
             or q_len >= target
-            or k_len >= target + self.compression_interval
+            or self.over_the_bound(layer_idx, k_len, target)
         )
 
     def observe_step(self, module: nn.Module, input: tuple, kwargs: dict) -> Optional[tuple]:
@@ -204,10 +247,11 @@ class DecodingPress(BasePress):
         if self.should_compress(layer_idx, q_len, self.cache_length(module, cache, hidden_states.shape[0]), target):
             keys, values = extract_keys_and_values(cache, layer_idx)
             buffered_states, buffered_kwargs = self.buffered_inputs(layer_idx, kwargs)
-            attentions = output[1] if len(output) > 1 else None
+            attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             keys, values = self.compress(module, buffered_states, keys, values, attentions, buffered_kwargs)
             write_keys_and_values(cache, layer_idx, keys, values)
             self.layer_step_counts[layer_idx] = 0
+            self.clear_buffer(layer_idx)
         self.truncate_buffer(layer_idx)
         return output
 
@@ -233,8 +277,11 @@ class DecodingPress(BasePress):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep the `target` best tokens of the layer (positional order), or mask down to it with an AdaKV base.
 
-        The scorer gets `attentions=None`: the current step's attention row is not an observation window, so
-        attention-based scorers recompute theirs from the buffered hidden states under every backend.
+        As upstream, the base press's own `compress` runs, with its ratio set for this compression and this step's
+        `attentions` (eager weights `(B, H, q_len, T)`, else None): scorers that can use them do (TOVA), the others
+        recompute what they need from the buffered hidden states. When a prefill press left head-wise masks on the
+        layer, the same selection (score, then top-k, as `ScorerPress.compress`) is made here instead, so that the
+        masked entries go first and the masks that remain are moved with the kept tokens.
         """
         target = self._resolve_target_size(kwargs)
         k_len = keys.shape[2]
@@ -244,11 +291,15 @@ class DecodingPress(BasePress):
         if isinstance(self.base_press, AdaKVPress):
             previous = masked_entries(module, k_len)
             with self.base_ratio(ratio):
-                keys, values = self.base_press.compress(module, hidden_states, keys, values, None, kwargs)
+                keys, values = self.base_press.compress(module, hidden_states, keys, values, attentions, kwargs)
             merge_masked_key_indices(module, previous)
             return keys, values
+        masked = masked_entries(module, k_len)
+        if masked is None or masked[0].numel() == 0:
+            with self.base_ratio(ratio):
+                return self.base_press.compress(module, hidden_states, keys, values, attentions, kwargs)
         with self.base_ratio(ratio):
-            scores = self.base_press.score(module, hidden_states, keys, values, None, kwargs)
+            scores = self.base_press.score(module, hidden_states, keys, values, attentions, kwargs)
         check_scores(self.base_press, scores, keys)
         scores = lower_masked_scores(module, scores)
         kept = scores.topk(target, dim=-1).indices.sort(dim=-1).values

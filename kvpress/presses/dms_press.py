@@ -28,7 +28,10 @@ from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
 
-PER_TOKEN_SCORERS = "KnormPress, RandomPress, KVzapPress, QFilterPress or your own per-token ScorerPress"
+PER_TOKEN_SCORERS = (
+    "KnormPress, RandomPress, KVzapPress, QFilterPress, TOVAPress, KeyDiffPress, LagKVPress, CURPress, "
+    "ObservedAttentionPress or your own ScorerPress that scores the new tokens on their own"
+)
 
 
 def _check_threshold(press: Any, name: str, value: Any) -> Optional[float]:
@@ -83,12 +86,15 @@ class DMSPress(BasePress):
         if not isinstance(self.decoding, bool):
             raise TypeError(f"DMSPress.decoding must be True or False, got {self.decoding!r}.")
         if self.decoding:
-            # KVzapPress scores each token from its own hidden state: it is the intended scorer here.
+            # As upstream, a decoding step's score sees only the new token (KVzapPress, the intended scorer, scores
+            # each token from its own hidden state). Presses whose score cannot run on one token declare why; upstream
+            # accepts them here and fails with an AssertionError at the first generated token.
             problem = self.press.cannot_score_new_tokens_alone
             if problem is not None:
                 raise ValueError(
-                    f"DMSPress(decoding=True) scores each new token on its own, which {type(self.press).__name__} "
-                    f"cannot do: {problem}. Use a per-token scorer ({PER_TOKEN_SCORERS}), or decoding=False."
+                    f"DMSPress(decoding=True) scores each new token on its own (a decoding step brings one token), "
+                    f"which {type(self.press).__name__} cannot do: {problem}. Use a scorer that can "
+                    f"({PER_TOKEN_SCORERS}), or decoding=False."
                 )
 
     @property
@@ -136,9 +142,9 @@ class DMSPress(BasePress):
 
         keys, values = extract_keys_and_values(cache, layer_idx)
         bsz, num_kv_heads, cache_len, _ = keys.shape
-        # In prefill the new tokens are the whole cache, so eager attention weights match them.
-        attentions = output[1] if prefilling and len(output) > 1 else None
-        scores = self.press.score(module, hidden_states, keys[:, :, -q_len:], values[:, :, -q_len:], attentions, kwargs)
+        # As upstream, the scorer gets no attention weights (also in prefill): the presses that need them recompute
+        # them from the new tokens, so the scores are the same under every attention backend.
+        scores = self.press.score(module, hidden_states, keys[:, :, -q_len:], values[:, :, -q_len:], None, kwargs)
         if scores.shape != (bsz, num_kv_heads, q_len):
             raise ValueError(
                 f"{type(self.press).__name__}.score returned shape {tuple(scores.shape)}; DMSPress scores the "

@@ -47,27 +47,45 @@ class ExpectedAttentionPress(ScorerPress):
 
     # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
     cannot_score_new_tokens_alone: ClassVar[Optional[str]] = (
-        "it estimates query statistics from more than n_sink scored tokens"
+        "it estimates query statistics from more than n_sink scored tokens, and its score needs more cached tokens "
+        "than n_sink (upstream fails with an AssertionError there)"
     )
 
     def get_query_statistics(
-        self, module: nn.Module, hidden_states: torch.Tensor, start_position: int | None = None
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        start_position: int | None = None,
+        n_sink_queries: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mean `(B, H, d)` and biased covariance `(B, H, d, d)` (None without `use_covariance`) of the pre-RoPE
-        queries after the sinks, rotated by the RoPE averaged over the future positions."""
+        queries after the sinks, rotated by the RoPE averaged over the future positions (from `start_position`,
+        default the number of tokens). `n_sink_queries` (default `n_sink`) is how many of the first hidden states
+        are sink tokens: 0 for a window of recent tokens during decoding, which holds no sink."""
         q_len = hidden_states.shape[1]
-        if q_len <= self.n_sink:
+        n_drop = self.n_sink if n_sink_queries is None else n_sink_queries
+        if q_len <= n_drop:
             raise ValueError(
                 f"{type(self).__name__} estimates query statistics from the tokens after the {self.n_sink} sink "
                 f"tokens, but got only {q_len} tokens. Use a longer context or a smaller n_sink."
             )
-        queries = get_prerope_query_states(module, hidden_states[:, self.n_sink :])
+        queries = get_prerope_query_states(module, hidden_states[:, n_drop:])
         mu = queries.mean(dim=2)
         cov = None
         if self.use_covariance:
             centered = queries - mu.unsqueeze(2)
             cov = centered.transpose(2, 3) @ centered / queries.shape[2]
         return self.apply_avg_rope(module, mu, cov, q_len if start_position is None else start_position)
+
+    def sink_queries(self, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict) -> int:
+        """How many of the scored hidden states are sink tokens (positions below `n_sink`): read from the
+        `position_ids` that cover them; without those, `n_sink` when the hidden states cover the whole cache (a
+        prefill) and 0 otherwise (a window of recent tokens during decoding)."""
+        q_len = hidden_states.shape[1]
+        position_ids = position_ids_of(kwargs)
+        if position_ids is not None and position_ids.shape[-1] == q_len:
+            return int((position_ids < self.n_sink).sum(dim=-1).max())
+        return self.n_sink if q_len == keys.shape[2] else 0
 
     def apply_avg_rope(
         self, module: nn.Module, mu: torch.Tensor, cov: torch.Tensor | None, q_len: int
@@ -108,7 +126,9 @@ class ExpectedAttentionPress(ScorerPress):
         # future queries follow the last token's true position (during decoding, hidden_states is only a window)
         position_ids = position_ids_of(kwargs)
         start = int(position_ids[..., -1].max()) + 1 if position_ids is not None else None
-        mu, cov = self.get_query_statistics(module, hidden_states, start)
+        # a window of recent tokens holds no sink: none of its states is dropped (upstream drops n_sink of them)
+        n_sink_queries = self.sink_queries(hidden_states, keys, kwargs)
+        mu, cov = self.get_query_statistics(module, hidden_states, start, n_sink_queries=n_sink_queries)
         groups = mu.shape[1] // num_kv_heads
         scored_keys = repeat_kv(keys[:, :, self.n_sink :], groups)
         scaling = attention_scaling(module)

@@ -176,10 +176,14 @@ class ExpectedAttentionStatsPress(ExpectedAttentionPress):
         return [item.item_id for item in get_collection(STATS_COLLECTION).items]
 
     def get_query_statistics(
-        self, module: nn.Module, hidden_states: torch.Tensor, start_position: int | None = None
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        start_position: int | None = None,
+        n_sink_queries: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stored mean `(1, H, d)` and covariance `(1, H, d, d)` of this layer, rotated by the RoPE averaged over
-        the positions that follow the context."""
+        the positions that follow the context (`n_sink_queries` is not used: the statistics are precomputed)."""
         if self.mu is None:
             raise ValueError(
                 "Expected Attention statistics not loaded. They are loaded when entering `with press(model)`; if you "

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +28,6 @@ class KeyDiffPress(ScorerPress):
     chunked_prefill = "approximate"  # under kvpress.chunked_prefill
 
     compression_ratio: float = 0.0
-
-    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
-    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = (
-        "it scores a key against the mean of the scored keys, which is the key itself for one token"
-    )
 
     def score(
         self,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -38,9 +37,6 @@ class LagKVPress(ScorerPress):
     n_sink: int = 4
     lag_size: int = 128
     cross_scoring: bool = False
-
-    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
-    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = "it compares partitions of lag_size scored tokens"
 
     def __post_init__(self):
         super().__post_init__()

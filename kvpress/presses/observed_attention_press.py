@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,10 +20,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ObservedAttentionPress(ScorerPress):
-    """Score = mean attention each key received from the context queries that can see it (causally), averaged
+    """Score = mean attention each key received from the observed queries that can see it (causally), averaged
     over each GQA group. Under eager attention the layer's own weights are used; under any other backend (sdpa,
     flash attention) they are recomputed from the queries and cached keys in chunks of queries
     (`kvpress.attention_weights`), so nothing of size T x T is held at once.
+
+    The observed queries are those of `hidden_states`: the context in prefill; during decoding, the recent tokens a
+    decoding compression hands over (the last `decoding_window` tokens with a `cache_budget`, the steps since the
+    last compression inside DecodingPress). Attention weights that do not cover those queries (a decoding step's
+    single row) are not used: the weights are then recomputed, so the score is the same under every backend. For the
+    attention accumulated over the whole generation, use H2OPress.
     """
 
     chunked_prefill = "approximate"  # under kvpress.chunked_prefill
@@ -31,11 +37,6 @@ class ObservedAttentionPress(ScorerPress):
     compression_ratio: float = 0.0
 
     needs_attention_weights: ClassVar[bool] = True
-    # Why it cannot score during decoding, nor a new token alone (see BasePress).
-    cannot_score_during_decoding: ClassVar[Optional[str]] = (
-        "it needs the attention matrix of the whole context, which decoding steps do not produce"
-    )
-    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = cannot_score_during_decoding
 
     def score(
         self,
@@ -46,7 +47,7 @@ class ObservedAttentionPress(ScorerPress):
         attentions: torch.Tensor | None,
         kwargs: dict,
     ) -> torch.Tensor:
-        if attentions is not None:
+        if attentions is not None and attentions.shape[-2] == hidden_states.shape[1]:
             q_len, k_len = attentions.shape[-2:]
             sums = attentions.sum(dim=-2)
         else:

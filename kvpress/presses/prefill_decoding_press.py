@@ -10,8 +10,9 @@ right one. Same API as upstream kvpress (https://github.com/NVIDIA/kvpress).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Generator, Optional
 
 import torch
 from torch import nn
@@ -62,8 +63,17 @@ class PrefillDecodingPress(BasePress):
         if self.decoding_press is not None:
             self.decoding_press.post_init_from_model(model)
 
+    @contextmanager
+    def __call__(self, model) -> Generator:
+        """`BasePress.__call__`, then the decoding press's state is reset when the block exits, as upstream."""
+        try:
+            with super().__call__(model):
+                yield
+        finally:
+            self.reset()
+
     def reset(self) -> None:
-        """Forget the decoding press's state (it is also reset at every prefill)."""
+        """Forget the decoding press's state (done when the `with` block exits; also per layer at every prefill)."""
         if self.decoding_press is not None:
             self.decoding_press.reset()
 

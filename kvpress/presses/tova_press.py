@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -31,11 +30,6 @@ class TOVAPress(ScorerPress):
     chunked_prefill = "approximate"  # under kvpress.chunked_prefill
 
     compression_ratio: float = 0.0
-
-    # Why DMSPress(decoding=True) cannot score a new token on its own with this press (see BasePress).
-    cannot_score_new_tokens_alone: ClassVar[Optional[str]] = (
-        "it scores tokens by the attention of the last scored token"
-    )
 
     def score(
         self,

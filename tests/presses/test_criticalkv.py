@@ -371,3 +371,30 @@ def test_criticalkv_refuses_a_budget_on_a_stateful_scorer():
     with pytest.raises(ValueError, match="cannot carry the cache_budget of H2OPress"):
         CriticalKVPress(H2OPress(cache_budget=16))
     CriticalKVPress(H2OPress(0.5))  # with a ratio it is fine
+
+
+def test_criticalkv_takes_cache_budget_as_every_scorer():
+    """`CriticalKVPress(press, cache_budget=B)` (keyword-only, as every scorer's budget) stores the budget on the
+    inner press and keeps what `CriticalKVPress(press with cache_budget=B)` keeps, B entries at every step."""
+    model = get_model("llama")
+    caches = []
+    for press in (CriticalKVPress(KnormPress(), cache_budget=16), CriticalKVPress(KnormPress(cache_budget=16))):
+        assert press.cache_budget == 16 and press.press.cache_budget == 16 and press.acts_during_decoding
+        with torch.no_grad(), press(model):
+            out = model.generate(
+                random_input_ids(1, 40), max_new_tokens=6, do_sample=False, return_dict_in_generate=True
+            )
+        from kvpress.transformers_adapter import output_cache
+
+        caches.append([layer.keys.clone() for layer in output_cache(out).layers])
+    assert [keys.shape[2] for keys in caches[0]] == [16, 16]
+    for first, second in zip(*caches):
+        assert torch.equal(first, second)
+    inner = KnormPress(0.5)
+    with pytest.raises(ValueError, match="both compression_ratio=0.5 and cache_budget=16"):
+        CriticalKVPress(inner, cache_budget=16)
+    assert inner.cache_budget == 0  # left as it was
+    with pytest.raises(ValueError, match="already has cache_budget=8"):
+        CriticalKVPress(KnormPress(cache_budget=8), cache_budget=16)
+    with pytest.raises(TypeError):
+        CriticalKVPress(KnormPress(), 1e-4, 0.5, 16)  # keyword-only

@@ -36,20 +36,32 @@ def rope_at(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) ->
 
 
 def reference_scores(
-    model, call: dict, n_future_positions: int, n_sink: int, use_covariance=True, use_vnorm=True, epsilon=0.0
+    model,
+    call: dict,
+    n_future_positions: int,
+    n_sink: int,
+    use_covariance=True,
+    use_vnorm=True,
+    epsilon=0.0,
+    n_dropped_queries=None,
+    future_start=None,
 ):
-    """Expected attention written out directly, for Llama-like (q_proj) and Qwen3 (q_proj + q_norm) layers."""
+    """Expected attention written out directly, for Llama-like (q_proj) and Qwen3 (q_proj + q_norm) layers: query
+    statistics from the hidden states after the first `n_dropped_queries` (default `n_sink`), future positions from
+    `future_start` (default the number of hidden states), the first `n_sink` keys kept."""
     attention, hidden_states, keys, values = call["module"], call["hidden_states"], call["keys"], call["values"]
     bsz, length, _ = hidden_states.shape
-    queries = attention.q_proj(hidden_states[:, n_sink:]).view(bsz, length - n_sink, HEADS, HEAD_DIM)
+    dropped = n_sink if n_dropped_queries is None else n_dropped_queries
+    queries = attention.q_proj(hidden_states[:, dropped:]).view(bsz, length - dropped, HEADS, HEAD_DIM)
     if hasattr(attention, "q_norm"):
         queries = attention.q_norm(queries)
     queries = queries.transpose(1, 2)[0]  # (H, T', d), batch 1
     inv_freq = model.model.rotary_emb.inv_freq
-    future = torch.arange(length, length + n_future_positions)
+    start = length if future_start is None else future_start
+    future = torch.arange(start, start + n_future_positions)
     # Row i of rope(I) is R_p e_i, so R_p = rope(I)^T.
     mean_rotation = rope_at(torch.eye(HEAD_DIM), future, inv_freq).transpose(1, 2).mean(dim=0)
-    scores = torch.zeros(KV_HEADS, length - n_sink)
+    scores = torch.zeros(KV_HEADS, keys.shape[2] - n_sink)
     for head in range(HEADS):
         mean = queries[head].mean(dim=0)
         # Rotating each future query directly and averaging equals rotating the mean by the averaged matrix.
@@ -151,3 +163,68 @@ def test_fields_and_defaults():
     assert ExpectedAttentionPress(0.25, 64, 2, False, False, 0.1) == ExpectedAttentionPress(
         compression_ratio=0.25, n_future_positions=64, n_sink=2, use_covariance=False, use_vnorm=False, epsilon=0.1
     )
+
+
+def window_call(call: dict, start: int) -> dict:
+    """The prefill call seen as a decoding compression does: the hidden states of the tokens from `start` on (a
+    window of recent tokens), with their positions and RoPE, and the whole cache."""
+    cos, sin = call["kwargs"]["position_embeddings"]
+    length = call["hidden_states"].shape[1]
+    kwargs = dict(
+        call["kwargs"],
+        position_ids=torch.arange(start, length).unsqueeze(0),
+        position_embeddings=(cos[:, start:], sin[:, start:]),
+        hidden_states=call["hidden_states"][:, start:],
+    )
+    return dict(call, hidden_states=call["hidden_states"][:, start:], kwargs=kwargs)
+
+
+def test_a_window_of_recent_tokens_drops_no_query_and_looks_past_the_last_position():
+    """During decoding (a `cache_budget`'s window, DecodingPress's buffer) the scored hidden states are recent
+    tokens, none a sink: every one of them enters the statistics (upstream drops the first n_sink of the window,
+    and gets NaN for a window of n_sink tokens or fewer), and the future positions follow the last token's."""
+    model = get_model("llama")
+    calls = record_layers(model, random_input_ids(1, 24, seed=3))
+    press = ExpectedAttentionPress(n_future_positions=16, n_sink=4)
+    for call in calls.values():
+        window = window_call(call, 18)  # 6 recent tokens, positions 18..23
+        with torch.no_grad():
+            expected = reference_scores(model, window, 16, 4, n_dropped_queries=0, future_start=24)
+            upstream = reference_scores(model, window, 16, 4, n_dropped_queries=4, future_start=6)
+        got = score_of(press, window)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(got, upstream, rtol=1e-3, atol=1e-5)
+        # a window no longer than the sinks still has statistics
+        assert torch.isfinite(score_of(press, window_call(call, 21))).all()
+
+
+def test_prefill_statistics_and_positions_are_upstreams():
+    """A whole prompt (positions 0..T-1): the first n_sink queries are dropped and the future starts at T, as
+    upstream's q_len rule."""
+    model = get_model("llama")
+    calls = record_layers(model, random_input_ids(1, 24, seed=4))
+    press = ExpectedAttentionPress(n_future_positions=16, n_sink=4)
+    for call in calls.values():
+        with torch.no_grad():
+            expected = reference_scores(model, call, 16, 4, n_dropped_queries=4, future_start=24)
+        torch.testing.assert_close(score_of(press, call), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_chunk_press_chunks_look_past_their_own_end():
+    """Inside ChunkPress each chunk's future positions start after the chunk's last position (8, 16, 24 for chunks
+    of 8), and only the first chunk holds sink queries. Upstream starts every chunk's future at the chunk length
+    (8, 8, 8), as if each chunk were at the start of the sequence, and drops n_sink queries of every chunk. Kept:
+    relative to a later chunk's keys, upstream's future queries would sit before them."""
+    from kvpress import ChunkPress
+
+    model = get_model("llama")
+    seen = []
+
+    class Spy(ExpectedAttentionPress):
+        def get_query_statistics(self, module, hidden_states, start_position=None, n_sink_queries=None):
+            if module.layer_idx == 0:
+                seen.append((hidden_states.shape[1], start_position, n_sink_queries))
+            return super().get_query_statistics(module, hidden_states, start_position, n_sink_queries)
+
+    prefill(model, random_input_ids(1, 24, seed=5), ChunkPress(Spy(0.5, n_future_positions=16), chunk_length=8))
+    assert seen == [(8, 8, 4), (8, 16, 0), (8, 24, 0)]

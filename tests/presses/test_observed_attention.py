@@ -139,3 +139,63 @@ def test_keeps_the_most_attended_tokens():
         expected = layer_scores.topk(length // 4, dim=-1).indices.sort(dim=-1).values
         kept = cache.layers[layer_idx].keys
         torch.testing.assert_close(kept, full_keys.gather(2, expected.unsqueeze(-1).expand(-1, -1, -1, HEAD_DIM)))
+
+
+def test_with_a_budget_decoding_scores_the_window_of_recent_queries_under_every_backend():
+    """With a `cache_budget`, each decoding eviction ranks the keys by the mean attention they received from the
+    last `decoding_window` queries (recomputed; eager's single row of the step is not used, which made the press
+    TOVA per head under eager only): eager and sdpa evict the same entries at every step."""
+    caches = {}
+    for implementation in ("eager", "sdpa"):
+        model = get_model("llama", implementation)
+        press = ObservedAttentionPress(cache_budget=12)
+        with torch.no_grad(), press(model):
+            out = model.generate(
+                random_input_ids(1, 20, seed=6), max_new_tokens=8, do_sample=False, return_dict_in_generate=True
+            )
+        caches[implementation] = [layer.keys.clone() for layer in output_cache(out).layers]
+    for eager, sdpa in zip(caches["eager"], caches["sdpa"]):
+        assert eager.shape[2] == 12
+        torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_rows_of_other_queries_are_not_used():
+    """Weights that cover the scored queries are used; a decoding step's single row, for a window of several
+    queries, is not: the score is then the recomputed one (the same as without weights)."""
+    model = get_model("llama", "eager")
+    length = 16
+    input_ids = random_input_ids(1, length, seed=7)
+    records = {}
+
+    def hook(module, args, kwargs, output):
+        records[module.layer_idx] = (kwargs, output[1])
+
+    handles = [model.model.layers[i].self_attn.register_forward_hook(hook, with_kwargs=True) for i in (0, 1)]
+    with torch.no_grad():
+        out = model(input_ids, use_cache=True)
+    for handle in handles:
+        handle.remove()
+    press = ObservedAttentionPress()
+    cache = out.past_key_values
+    for layer, (kwargs, weights) in records.items():
+        module = model.model.layers[layer].self_attn
+        keys, values = cache.layers[layer].keys, cache.layers[layer].values
+        window = kwargs["hidden_states"][:, -4:]
+        cos, sin = kwargs["position_embeddings"]
+        window_kwargs = dict(
+            kwargs,
+            hidden_states=window,
+            position_embeddings=(cos[:, -4:], sin[:, -4:]),
+            position_ids=torch.arange(length - 4, length).unsqueeze(0),
+            attention_mask=None,
+        )
+        with torch.no_grad():
+            recomputed = press.score(module, window, keys, values, None, window_kwargs)
+            with_last_row = press.score(module, window, keys, values, weights[..., -1:, :], window_kwargs)
+            with_rows = press.score(module, window, keys, values, weights[..., -4:, :], window_kwargs)
+        torch.testing.assert_close(with_last_row, recomputed)
+        torch.testing.assert_close(with_rows, recomputed, atol=1e-5, rtol=1e-4)
+        # the reference: the eager rows of the last 4 queries, divided by the number of them that see each key
+        n_queries = (length - torch.arange(length)).clamp(max=4).float()
+        expected = (weights[0, :, -4:].sum(dim=-2) / n_queries).view(KV_HEADS, GROUPS, length).mean(dim=1)
+        torch.testing.assert_close(recomputed[0], expected, atol=1e-5, rtol=1e-4)
