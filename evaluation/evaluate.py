@@ -123,9 +123,16 @@ def takes_field(press: Any, name: str) -> bool:
 
 
 def is_decoding_press(press: Any) -> bool:
-    """Presses that compress while the answer is generated (`acts_during_decoding`): one pipeline call per
-    question."""
-    return press is not None and bool(getattr(press, "acts_during_decoding", False))
+    """Presses that compress while the answer is generated: one pipeline call per question. Decided as the pipeline
+    decides it: the press's `acts_during_decoding` capability, or a composition (`presses`) holding such a press
+    (a ComposedPress with a budget press inside acts during decoding, although the ComposedPress itself does not
+    say so)."""
+    if press is None:
+        return False
+    if getattr(press, "acts_during_decoding", False):
+        return True
+    inner = getattr(press, "presses", None)
+    return isinstance(inner, (list, tuple)) and any(is_decoding_press(p) for p in inner)
 
 
 @dataclass
@@ -165,6 +172,7 @@ class EvaluationConfig:
     kv_cache_backend: str = "quanto"  # quantized cache backend: "quanto", "hqq" or "fp8"
     kv_cache_nbits: Optional[int] = None  # bits of the quanto/hqq quantized cache (the backend's default if None)
     trust_remote_code: bool = False
+    cache_budget: Optional[int] = None  # entries kept per layer and KV head in prefill and decoding (not the ratio)
     force: bool = False  # rerun even if the results exist
     progress: bool = True  # show the progress bar
 
@@ -174,6 +182,16 @@ class EvaluationConfig:
                 f"Unknown dataset {self.dataset!r}; valid datasets: {', '.join(sorted(DATASET_REGISTRY))}."
             )
         PRESS_REGISTRY.spec(self.press_name)  # raises on an unknown name, listing the valid ones
+        if self.cache_budget is not None:
+            if not _is_positive_int(self.cache_budget):
+                raise ValueError(
+                    f"cache_budget must be a positive integer (cache entries kept per layer and KV head), got "
+                    f"{self.cache_budget!r}; leave it unset to compress by compression_ratio."
+                )
+            if self.press_name == "no_press":
+                raise ValueError("no_press compresses nothing, so it takes no cache_budget; use press_name full.")
+            self.cache_budget = int(self.cache_budget)
+            self.compression_ratio = 0.0  # the budget replaces the ratio (a press refuses both)
         if self.press_name == "no_press":
             self.compression_ratio = 0.0
         is_ratio = isinstance(self.compression_ratio, (int, float)) and not isinstance(self.compression_ratio, bool)
@@ -238,6 +256,8 @@ class EvaluationConfig:
         return self.model.strip("/").replace("/", "--")
 
     def ratio_tag(self) -> str:
+        if self.cache_budget is not None:
+            return f"budget{self.cache_budget}"
         if self.threshold is not None:
             return f"{self.threshold:.2f}"
         if self.head_compression_ratio is not None:
@@ -302,7 +322,7 @@ class EvaluationConfig:
         config = asdict(self)
         if self.threshold is not None or self.head_compression_ratio is not None:
             config.pop("compression_ratio")
-        for name in ("threshold", "head_compression_ratio"):
+        for name in ("threshold", "head_compression_ratio", "cache_budget"):
             if config.get(name) is None:
                 config.pop(name, None)
         return config
@@ -522,6 +542,8 @@ class EvaluationRunner:
     def _setup_press(self):
         """A fresh press for `press_name`, with the configured ratio (or threshold, head ratio, ...)."""
         config = self.config
+        if config.cache_budget is not None:
+            return self._setup_budget_press()
         press = PRESS_REGISTRY[config.press_name]
         if press is None:
             logger.warning("No press: the KV cache is not compressed (compression_ratio 0).")
@@ -555,6 +577,26 @@ class EvaluationRunner:
             press.compression_ratio = config.compression_ratio
         else:
             logger.warning("%s has no compression_ratio; left as is.", type(press).__name__)
+        config.press_init_command = repr(press)
+        return press
+
+    def _setup_budget_press(self):
+        """A fresh press for `press_name` with `cache_budget` (a budget press keeps at most that many entries per
+        layer and KV head through prefill and decoding); inner ThinK presses of a composition get their channel
+        ratio."""
+        config = self.config
+        budget = int(config.cache_budget)  # type: ignore[arg-type]
+        spec = PRESS_REGISTRY.spec(config.press_name)
+        press = PRESS_REGISTRY[config.press_name]  # checks the press exists in this version
+        if not any(takes_field(p, "compression_ratio") or takes_field(p, "cache_budget") for p in nested_presses(press)):
+            logger.info("Press %s keeps the whole cache; cache_budget=%d only names the run.", config.press_name, budget)
+        else:
+            press = spec.with_cache_budget(budget).build()  # type: ignore[union-attr]
+        for inner in nested_presses(press):
+            if takes_field(inner, "key_channel_compression_ratio"):
+                if config.key_channel_compression_ratio is None:
+                    raise ValueError(f"Press {config.press_name!r} needs --key_channel_compression_ratio.")
+                inner.key_channel_compression_ratio = config.key_channel_compression_ratio
         config.press_init_command = repr(press)
         return press
 
