@@ -93,9 +93,11 @@ class KVPressTextGenerationPipeline(Pipeline):
             raise ValueError("questions must be a non-empty list of strings; use question=... for a single one.")
         if press is not None and not isinstance(press, BasePress):
             raise TypeError(f"press must be a kvpress BasePress instance or None, got {type(press).__name__}.")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
-        if max_context_length is not None and (not isinstance(max_context_length, int) or max_context_length < 1):
+        if max_context_length is not None and (
+            not isinstance(max_context_length, int) or isinstance(max_context_length, bool) or max_context_length < 1
+        ):
             raise ValueError(f"max_context_length must be a positive integer or None, got {max_context_length!r}.")
         if cache is not None and not isinstance(cache, (DynamicCache, QuantizedCache)):
             raise TypeError(
