@@ -39,7 +39,7 @@ from evaluation.evaluate_registry import (
     REQUIRED_COLUMNS,
     SCORER_REGISTRY,
 )
-from evaluation.summary import headline_score, run_summary
+from evaluation.summary import comparison_table, headline_score, run_summary
 from harness.data import data_fingerprint, load_hub_dataset, load_local_dataset, row_fingerprint
 from harness.process_group import ProcessGroup
 from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
@@ -338,7 +338,32 @@ class EvaluationConfig:
 
 def load_config(config_file: Union[str, Path, None] = None, **overrides: Any) -> EvaluationConfig:
     """Dataclass defaults, then the YAML file (default: evaluate_config.yaml next to this script), then `overrides`
-    whose value is not None."""
+    whose value is not None. One run: a list of press names (the shipped default) needs `load_configs`."""
+    configs = load_configs(config_file, **overrides)
+    if len(configs) != 1:
+        raise ValueError(
+            f"press_name lists {len(configs)} presses ({', '.join(c.press_name for c in configs)}): that is one run "
+            "per press; use load_configs, or pass a single --press_name."
+        )
+    return configs[0]
+
+
+def press_names(value: Any) -> list:
+    """`press_name` as a list: a name, a list of names, or a comma-separated string (`--press_name knorm,snapkv`)."""
+    if isinstance(value, str) and "," in value:
+        value = [name.strip() for name in value.split(",")]
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(name, str) and name for name in value):
+            raise ValueError(f"press_name must be a press name or a non-empty list of them, got {value!r}.")
+        if len(set(value)) != len(value):
+            raise ValueError(f"press_name lists a press twice: {list(value)!r}.")
+        return list(value)
+    return [value]
+
+
+def load_configs(config_file: Union[str, Path, None] = None, **overrides: Any) -> list[EvaluationConfig]:
+    """The configurations of a command: one per press when `press_name` is a list (each run has its own results
+    folder, so each is skipped or resumed on its own), all checked before anything runs."""
     explicit = config_file is not None
     path = Path(config_file).expanduser() if explicit else DEFAULT_CONFIG_FILE
     file_values: dict = {}
@@ -355,7 +380,9 @@ def load_config(config_file: Union[str, Path, None] = None, **overrides: Any) ->
     unknown = sorted(set(merged) - set(valid))
     if unknown:
         raise ValueError(f"Unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}.")
-    return EvaluationConfig(**merged)
+    return [
+        EvaluationConfig(**{**merged, "press_name": name}) for name in press_names(merged.get("press_name", "knorm"))
+    ]
 
 
 def configure_logging(level: str) -> None:
@@ -588,8 +615,12 @@ class EvaluationRunner:
         budget = int(config.cache_budget)  # type: ignore[arg-type]
         spec = PRESS_REGISTRY.spec(config.press_name)
         press = PRESS_REGISTRY[config.press_name]  # checks the press exists in this version
-        if not any(takes_field(p, "compression_ratio") or takes_field(p, "cache_budget") for p in nested_presses(press)):
-            logger.info("Press %s keeps the whole cache; cache_budget=%d only names the run.", config.press_name, budget)
+        if not any(
+            takes_field(p, "compression_ratio") or takes_field(p, "cache_budget") for p in nested_presses(press)
+        ):
+            logger.info(
+                "Press %s keeps the whole cache; cache_budget=%d only names the run.", config.press_name, budget
+            )
         else:
             press = spec.with_cache_budget(budget).build()  # type: ignore[union-attr]
         for inner in nested_presses(press):
@@ -955,11 +986,16 @@ def main(config_file: Optional[str] = None, **overrides: Any) -> None:
         print(main.__doc__)
         return
     try:
-        config = load_config(config_file, **overrides)
-        EvaluationRunner(config).run_evaluation()
+        configs = load_configs(config_file, **overrides)
+        results = []
+        for config in configs:
+            metrics = EvaluationRunner(config).run_evaluation()
+            results.append((config, metrics))
     except (ValueError, FileNotFoundError, RunLockedError) as error:
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)
+    if len(configs) > 1 and ProcessGroup.from_environment().is_main:
+        print("\n" + comparison_table([(c.to_dict(), m, c.get_results_dir()) for c, m in results]))
 
 
 main.__doc__ = f"{main.__doc__}\n    Options: {', '.join(f.name for f in fields(EvaluationConfig))}.\n"

@@ -50,7 +50,9 @@ def test_unknown_keyword_arguments_are_logged_and_ignored(caplog):
         answer = pipe(CONTEXT, question="Who?", max_new_tokens=4, temperature=0.7, num_beams=2)["answer"]
     assert answer == expected  # greedy decoding: the ignored arguments change nothing
     warnings = [record.getMessage() for record in caplog.records if record.name == "kvpress.pipeline"]
-    assert warnings == ["Ignoring unknown arguments of the kv-press-text-generation pipeline: ['num_beams', 'temperature']"]
+    assert warnings == [
+        "Ignoring unknown arguments of the kv-press-text-generation pipeline: ['num_beams', 'temperature']"
+    ]
 
 
 @pytest.mark.parametrize("make_press", [lambda: H2OPress(cache_budget=40), lambda: KnormPress(cache_budget=40)])

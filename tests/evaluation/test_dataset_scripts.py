@@ -93,7 +93,10 @@ def test_longbench_main_writes_a_file_the_harness_reads(tmp_path, config_dir):
         assert (source, subset, split) == ("THUDM/LongBench", "hotpotqa", "test")
         return RECORDS
 
-    assert longbench_script.main(["--task", "hotpotqa", "--config_dir", str(config_dir), "--output", str(output)], loader) == 0
+    assert (
+        longbench_script.main(["--task", "hotpotqa", "--config_dir", str(config_dir), "--output", str(output)], loader)
+        == 0
+    )
     from harness.data import load_local_dataset
 
     df = load_local_dataset(str(output))
@@ -113,7 +116,14 @@ def test_longbench_script_help_and_argument_checks(tmp_path, config_dir):
         result = run_script(sys.executable, str(LONGBENCH_SCRIPT), *args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
     missing = run_script(
-        sys.executable, str(LONGBENCH_SCRIPT), "--task", "hotpotqa", "--config_dir", str(tmp_path), "--output", "o.parquet"
+        sys.executable,
+        str(LONGBENCH_SCRIPT),
+        "--task",
+        "hotpotqa",
+        "--config_dir",
+        str(tmp_path),
+        "--output",
+        "o.parquet",
     )
     assert missing.returncode == 1 and "does not hold LongBench's dataset2prompt.json" in missing.stderr
 
@@ -161,7 +171,9 @@ def test_generate_sh_dry_run_uses_the_published_settings(tmp_path):
 
 
 def test_generate_sh_fails_clearly_without_the_network(tmp_path):
-    result = run_script("bash", str(GENERATE), "--output_dir", str(tmp_path), env={"RULER_REPO": str(tmp_path / "none")})
+    result = run_script(
+        "bash", str(GENERATE), "--output_dir", str(tmp_path), env={"RULER_REPO": str(tmp_path / "none")}
+    )
     assert result.returncode == 2
     assert "could not clone RULER" in result.stderr and "pass --ruler_dir" in result.stderr
 
