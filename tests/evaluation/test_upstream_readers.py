@@ -111,7 +111,7 @@ def test_one_task_infinitebench_is_a_float_as_upstream():
 def test_boxed_answers_are_compared_without_white_space():
     """Kept and documented: upstream compares `str(answer)` exactly, so `\\boxed{ 42 }` and `\\boxed{x = 1}` against
     `x=1` were wrong there; white space is removed on both sides here (and the box's braces are balanced)."""
-    df = pd.DataFrame({"answer": ["42", "x=1", "\\frac{1}{2}"],
-                       "predicted_answer": ["so \\boxed{ 42 }", "\\boxed{x = 1}", "\\boxed{\\frac{1}{2}}"]})  # fmt: skip
+    predictions = ["so \\boxed{ 42 }", "\\boxed{x = 1}", "\\boxed{\\frac{1}{2}}"]
+    df = pd.DataFrame({"answer": ["42", "x=1", "\\frac{1}{2}"], "predicted_answer": predictions})
     for metrics in (aime_metrics(df), math_metrics(df)):
         assert metrics == {"correct": 3, "answered": 3, "accuracy": 1.0, "total": 3}
