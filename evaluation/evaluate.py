@@ -16,6 +16,7 @@ leaves `--output_dir`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -133,6 +134,34 @@ def is_decoding_press(press: Any) -> bool:
         return True
     inner = getattr(press, "presses", None)
     return isinstance(inner, (list, tuple)) and any(is_decoding_press(p) for p in inner)
+
+
+# Options that only some presses take: (option, the press field it sets).
+PRESS_OPTIONS = (
+    ("threshold", "threshold"),
+    ("head_compression_ratio", "head_compression_ratio"),
+    ("key_channel_compression_ratio", "key_channel_compression_ratio"),
+    ("compression_interval", "compression_interval"),
+    ("target_size", "target_size"),
+    ("hidden_states_buffer_size", "hidden_states_buffer_size"),
+)
+
+
+def check_press_options(config: "EvaluationConfig", press: Any) -> None:
+    """Refuse an option that no press of the run takes (upstream ignores it, yet names the results folder after a
+    threshold or head ratio the press never used)."""
+    presses = nested_presses(press)
+    for option, field_name in PRESS_OPTIONS:
+        if getattr(config, option) is not None and not any(takes_field(p, field_name) for p in presses):
+            takers = {
+                "threshold": "DMS/KVzap presses (kvzap_linear, kvzap_mlp)",
+                "head_compression_ratio": "DuoAttention (duo_attention, duo_attention_on_the_fly)",
+                "key_channel_compression_ratio": "ThinK (think, snap_think)",
+            }.get(option, "decoding presses (decoding_*, cam_*)")
+            raise ValueError(
+                f"Press {config.press_name!r} takes no {option} (set to {getattr(config, option)!r}); it is an option "
+                f"of {takers}. Leave it unset for this press."
+            )
 
 
 @dataclass
@@ -375,7 +404,14 @@ def load_configs(config_file: Union[str, Path, None] = None, **overrides: Any) -
         raise FileNotFoundError(f"Config file {path} does not exist.")
     else:
         logger.warning("Config file %s not found; using the defaults and the command-line options.", path)
-    merged = {**file_values, **{key: value for key, value in overrides.items() if value is not None}}
+    given = {key: value for key, value in overrides.items() if value is not None}
+    merged = {**file_values, **given}
+    if merged.get("cache_budget") is not None and "compression_ratio" in given:
+        raise ValueError(
+            f"Both --compression_ratio {given['compression_ratio']} and --cache_budget {merged['cache_budget']} were "
+            "given; choose one: the ratio prunes a fraction of the context once after prefill, the budget keeps at "
+            "most that many entries per layer and KV head through prefill and decoding."
+        )
     valid = [f.name for f in fields(EvaluationConfig)]
     unknown = sorted(set(merged) - set(valid))
     if unknown:
@@ -604,6 +640,7 @@ class EvaluationRunner:
             press.compression_ratio = config.compression_ratio
         else:
             logger.warning("%s has no compression_ratio; left as is.", type(press).__name__)
+        check_press_options(config, press)
         config.press_init_command = repr(press)
         return press
 
@@ -628,6 +665,7 @@ class EvaluationRunner:
                 if config.key_channel_compression_ratio is None:
                     raise ValueError(f"Press {config.press_name!r} needs --key_channel_compression_ratio.")
                 inner.key_channel_compression_ratio = config.key_channel_compression_ratio
+        check_press_options(config, press)
         config.press_init_command = repr(press)
         return press
 
@@ -987,6 +1025,9 @@ def main(config_file: Optional[str] = None, **overrides: Any) -> None:
         return
     try:
         configs = load_configs(config_file, **overrides)
+        if len(configs) > 1:
+            for config in configs:  # every press and its options checked before the first run starts
+                EvaluationRunner(copy.deepcopy(config))._setup_press()
         results = []
         for config in configs:
             metrics = EvaluationRunner(config).run_evaluation()
