@@ -6,6 +6,7 @@ silently), and a budget press answers several questions (upstream refuses them w
 
 import logging
 
+import numpy as np
 import pytest
 
 from kvpress import H2OPress, KnormPress, KVPressTextGenerationPipeline
@@ -64,3 +65,30 @@ def test_a_budget_press_answers_several_questions_each_from_the_compressed_conte
     together = pipe(CONTEXT, questions=questions, press=make_press(), max_new_tokens=6)["answers"]
     alone = [pipe(CONTEXT, question=q, press=make_press(), max_new_tokens=6)["answer"] for q in questions]
     assert together == alone
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(question=3), "question must be a string, got int 3"),
+        (dict(questions=["Who?", 3]), r"questions\[1\] must be a string, got int 3"),
+        (dict(question="Who?", answer_prefix=5), "answer_prefix must be a string, got int 5"),
+        (dict(question="Who?", enable_thinking="yes"), "enable_thinking must be True or False, got 'yes'"),
+    ],
+)
+def test_texts_and_flags_of_the_wrong_type_are_refused(arguments, message):
+    # Upstream fails inside string concatenation ("unsupported operand type(s) for +") or takes "yes" as True.
+    with pytest.raises(TypeError, match=message):
+        make_pipeline()(CONTEXT, **arguments)
+
+
+def test_a_context_that_is_no_string_says_so():
+    with pytest.raises(TypeError, match="The context must be a string, got int 3"):
+        make_pipeline()(3, question="Who?")
+
+
+def test_numpy_integers_are_token_counts():
+    pipe = make_pipeline()
+    expected = pipe(CONTEXT, question="Who?", max_new_tokens=3, max_context_length=40)["answer"]
+    answer = pipe(CONTEXT, question="Who?", max_new_tokens=np.int64(3), max_context_length=np.int32(40))["answer"]
+    assert answer == expected
