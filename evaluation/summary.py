@@ -127,7 +127,7 @@ def run_summary(config: dict, metrics: Any, n_rows: int, results_dir: Optional[P
 
 def comparison_table(runs: list[tuple[dict, Any, Path]]) -> str:
     """The table printed after several presses ran on the same data: one row per press, its ratio (or budget,
-    threshold, head ratio) and its headline score, then the results folder of each (`<press>` stands for the name)."""
+    threshold, head ratio) and its headline score, then the results folder of each run."""
     first = runs[0][0]
     lines = [
         f"dataset {first.get('dataset')} ({first.get('data_path') or first.get('data_dir') or 'default'}), "
@@ -145,11 +145,7 @@ def comparison_table(runs: list[tuple[dict, Any, Path]]) -> str:
             setting = format_value(config.get("compression_ratio"))
         rows.append([config.get("press_name"), setting, headline_score(str(config.get("dataset")), metrics)])
     lines.append(format_table(["press", "compression", "score"], rows))
-    folders = {str(path).replace(f"__{config.get('press_name')}__", "__<press>__") for config, _, path in runs}
-    if len(folders) == 1:
-        lines.append(f"results: {folders.pop()}")
-    else:
-        lines.extend(f"results: {path}" for _, _, path in runs)
+    lines.extend(f"results: {path}" for _, _, path in runs)
     return "\n".join(lines)
 
 
