@@ -16,6 +16,7 @@ leaves `--output_dir`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -39,7 +40,7 @@ from evaluation.evaluate_registry import (
     REQUIRED_COLUMNS,
     SCORER_REGISTRY,
 )
-from evaluation.summary import headline_score, run_summary
+from evaluation.summary import comparison_table, headline_score, run_summary
 from harness.data import data_fingerprint, load_hub_dataset, load_local_dataset, row_fingerprint
 from harness.process_group import ProcessGroup
 from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
@@ -123,9 +124,44 @@ def takes_field(press: Any, name: str) -> bool:
 
 
 def is_decoding_press(press: Any) -> bool:
-    """Presses that compress while the answer is generated (`acts_during_decoding`): one pipeline call per
-    question."""
-    return press is not None and bool(getattr(press, "acts_during_decoding", False))
+    """Presses that compress while the answer is generated: one pipeline call per question. Decided as the pipeline
+    decides it: the press's `acts_during_decoding` capability, or a composition (`presses`) holding such a press
+    (a ComposedPress with a budget press inside acts during decoding, although the ComposedPress itself does not
+    say so)."""
+    if press is None:
+        return False
+    if getattr(press, "acts_during_decoding", False):
+        return True
+    inner = getattr(press, "presses", None)
+    return isinstance(inner, (list, tuple)) and any(is_decoding_press(p) for p in inner)
+
+
+# Options that only some presses take: (option, the press field it sets).
+PRESS_OPTIONS = (
+    ("threshold", "threshold"),
+    ("head_compression_ratio", "head_compression_ratio"),
+    ("key_channel_compression_ratio", "key_channel_compression_ratio"),
+    ("compression_interval", "compression_interval"),
+    ("target_size", "target_size"),
+    ("hidden_states_buffer_size", "hidden_states_buffer_size"),
+)
+
+
+def check_press_options(config: "EvaluationConfig", press: Any) -> None:
+    """Refuse an option that no press of the run takes (upstream ignores it, yet names the results folder after a
+    threshold or head ratio the press never used)."""
+    presses = nested_presses(press)
+    for option, field_name in PRESS_OPTIONS:
+        if getattr(config, option) is not None and not any(takes_field(p, field_name) for p in presses):
+            takers = {
+                "threshold": "DMS/KVzap presses (kvzap_linear, kvzap_mlp)",
+                "head_compression_ratio": "DuoAttention (duo_attention, duo_attention_on_the_fly)",
+                "key_channel_compression_ratio": "ThinK (think, snap_think)",
+            }.get(option, "decoding presses (decoding_*, cam_*)")
+            raise ValueError(
+                f"Press {config.press_name!r} takes no {option} (set to {getattr(config, option)!r}); it is an option "
+                f"of {takers}. Leave it unset for this press."
+            )
 
 
 @dataclass
@@ -165,6 +201,7 @@ class EvaluationConfig:
     kv_cache_backend: str = "quanto"  # quantized cache backend: "quanto", "hqq" or "fp8"
     kv_cache_nbits: Optional[int] = None  # bits of the quanto/hqq quantized cache (the backend's default if None)
     trust_remote_code: bool = False
+    cache_budget: Optional[int] = None  # entries kept per layer and KV head in prefill and decoding (not the ratio)
     force: bool = False  # rerun even if the results exist
     progress: bool = True  # show the progress bar
 
@@ -174,6 +211,16 @@ class EvaluationConfig:
                 f"Unknown dataset {self.dataset!r}; valid datasets: {', '.join(sorted(DATASET_REGISTRY))}."
             )
         PRESS_REGISTRY.spec(self.press_name)  # raises on an unknown name, listing the valid ones
+        if self.cache_budget is not None:
+            if not _is_positive_int(self.cache_budget):
+                raise ValueError(
+                    f"cache_budget must be a positive integer (cache entries kept per layer and KV head), got "
+                    f"{self.cache_budget!r}; leave it unset to compress by compression_ratio."
+                )
+            if self.press_name == "no_press":
+                raise ValueError("no_press compresses nothing, so it takes no cache_budget; use press_name full.")
+            self.cache_budget = int(self.cache_budget)
+            self.compression_ratio = 0.0  # the budget replaces the ratio (a press refuses both)
         if self.press_name == "no_press":
             self.compression_ratio = 0.0
         is_ratio = isinstance(self.compression_ratio, (int, float)) and not isinstance(self.compression_ratio, bool)
@@ -238,6 +285,8 @@ class EvaluationConfig:
         return self.model.strip("/").replace("/", "--")
 
     def ratio_tag(self) -> str:
+        if self.cache_budget is not None:
+            return f"budget{self.cache_budget}"
         if self.threshold is not None:
             return f"{self.threshold:.2f}"
         if self.head_compression_ratio is not None:
@@ -302,7 +351,7 @@ class EvaluationConfig:
         config = asdict(self)
         if self.threshold is not None or self.head_compression_ratio is not None:
             config.pop("compression_ratio")
-        for name in ("threshold", "head_compression_ratio"):
+        for name in ("threshold", "head_compression_ratio", "cache_budget"):
             if config.get(name) is None:
                 config.pop(name, None)
         return config
@@ -318,7 +367,32 @@ class EvaluationConfig:
 
 def load_config(config_file: Union[str, Path, None] = None, **overrides: Any) -> EvaluationConfig:
     """Dataclass defaults, then the YAML file (default: evaluate_config.yaml next to this script), then `overrides`
-    whose value is not None."""
+    whose value is not None. One run: a list of press names (the shipped default) needs `load_configs`."""
+    configs = load_configs(config_file, **overrides)
+    if len(configs) != 1:
+        raise ValueError(
+            f"press_name lists {len(configs)} presses ({', '.join(c.press_name for c in configs)}): that is one run "
+            "per press; use load_configs, or pass a single --press_name."
+        )
+    return configs[0]
+
+
+def press_names(value: Any) -> list:
+    """`press_name` as a list: a name, a list of names, or a comma-separated string (`--press_name knorm,snapkv`)."""
+    if isinstance(value, str) and "," in value:
+        value = [name.strip() for name in value.split(",")]
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(name, str) and name for name in value):
+            raise ValueError(f"press_name must be a press name or a non-empty list of them, got {value!r}.")
+        if len(set(value)) != len(value):
+            raise ValueError(f"press_name lists a press twice: {list(value)!r}.")
+        return list(value)
+    return [value]
+
+
+def load_configs(config_file: Union[str, Path, None] = None, **overrides: Any) -> list[EvaluationConfig]:
+    """The configurations of a command: one per press when `press_name` is a list (each run has its own results
+    folder, so each is skipped or resumed on its own), all checked before anything runs."""
     explicit = config_file is not None
     path = Path(config_file).expanduser() if explicit else DEFAULT_CONFIG_FILE
     file_values: dict = {}
@@ -330,12 +404,21 @@ def load_config(config_file: Union[str, Path, None] = None, **overrides: Any) ->
         raise FileNotFoundError(f"Config file {path} does not exist.")
     else:
         logger.warning("Config file %s not found; using the defaults and the command-line options.", path)
-    merged = {**file_values, **{key: value for key, value in overrides.items() if value is not None}}
+    given = {key: value for key, value in overrides.items() if value is not None}
+    merged = {**file_values, **given}
+    if merged.get("cache_budget") is not None and "compression_ratio" in given:
+        raise ValueError(
+            f"Both --compression_ratio {given['compression_ratio']} and --cache_budget {merged['cache_budget']} were "
+            "given; choose one: the ratio prunes a fraction of the context once after prefill, the budget keeps at "
+            "most that many entries per layer and KV head through prefill and decoding."
+        )
     valid = [f.name for f in fields(EvaluationConfig)]
     unknown = sorted(set(merged) - set(valid))
     if unknown:
         raise ValueError(f"Unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}.")
-    return EvaluationConfig(**merged)
+    return [
+        EvaluationConfig(**{**merged, "press_name": name}) for name in press_names(merged.get("press_name", "knorm"))
+    ]
 
 
 def configure_logging(level: str) -> None:
@@ -522,6 +605,8 @@ class EvaluationRunner:
     def _setup_press(self):
         """A fresh press for `press_name`, with the configured ratio (or threshold, head ratio, ...)."""
         config = self.config
+        if config.cache_budget is not None:
+            return self._setup_budget_press()
         press = PRESS_REGISTRY[config.press_name]
         if press is None:
             logger.warning("No press: the KV cache is not compressed (compression_ratio 0).")
@@ -555,6 +640,32 @@ class EvaluationRunner:
             press.compression_ratio = config.compression_ratio
         else:
             logger.warning("%s has no compression_ratio; left as is.", type(press).__name__)
+        check_press_options(config, press)
+        config.press_init_command = repr(press)
+        return press
+
+    def _setup_budget_press(self):
+        """A fresh press for `press_name` with `cache_budget` (a budget press keeps at most that many entries per
+        layer and KV head through prefill and decoding); inner ThinK presses of a composition get their channel
+        ratio."""
+        config = self.config
+        budget = int(config.cache_budget)  # type: ignore[arg-type]
+        spec = PRESS_REGISTRY.spec(config.press_name)
+        press = PRESS_REGISTRY[config.press_name]  # checks the press exists in this version
+        if not any(
+            takes_field(p, "compression_ratio") or takes_field(p, "cache_budget") for p in nested_presses(press)
+        ):
+            logger.info(
+                "Press %s keeps the whole cache; cache_budget=%d only names the run.", config.press_name, budget
+            )
+        else:
+            press = spec.with_cache_budget(budget).build()  # type: ignore[union-attr]
+        for inner in nested_presses(press):
+            if takes_field(inner, "key_channel_compression_ratio"):
+                if config.key_channel_compression_ratio is None:
+                    raise ValueError(f"Press {config.press_name!r} needs --key_channel_compression_ratio.")
+                inner.key_channel_compression_ratio = config.key_channel_compression_ratio
+        check_press_options(config, press)
         config.press_init_command = repr(press)
         return press
 
@@ -913,11 +1024,19 @@ def main(config_file: Optional[str] = None, **overrides: Any) -> None:
         print(main.__doc__)
         return
     try:
-        config = load_config(config_file, **overrides)
-        EvaluationRunner(config).run_evaluation()
+        configs = load_configs(config_file, **overrides)
+        if len(configs) > 1:
+            for config in configs:  # every press and its options checked before the first run starts
+                EvaluationRunner(copy.deepcopy(config))._setup_press()
+        results = []
+        for config in configs:
+            metrics = EvaluationRunner(config).run_evaluation()
+            results.append((config, metrics))
     except (ValueError, FileNotFoundError, RunLockedError) as error:
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)
+    if len(configs) > 1 and ProcessGroup.from_environment().is_main:
+        print("\n" + comparison_table([(c.to_dict(), m, c.get_results_dir()) for c, m in results]))
 
 
 main.__doc__ = f"{main.__doc__}\n    Options: {', '.join(f.name for f in fields(EvaluationConfig))}.\n"

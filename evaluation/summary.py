@@ -125,6 +125,30 @@ def run_summary(config: dict, metrics: Any, n_rows: int, results_dir: Optional[P
     return "\n".join(lines)
 
 
+def comparison_table(runs: list[tuple[dict, Any, Path]]) -> str:
+    """The table printed after several presses ran on the same data: one row per press, its ratio (or budget,
+    threshold, head ratio) and its headline score, then the results folder of each run."""
+    first = runs[0][0]
+    lines = [
+        f"dataset {first.get('dataset')} ({first.get('data_path') or first.get('data_dir') or 'default'}), "
+        f"model {first.get('model')}: headline score by press"
+    ]
+    rows = []
+    for config, metrics, _ in runs:
+        if config.get("cache_budget") is not None:
+            setting = f"budget {config['cache_budget']}"
+        elif config.get("threshold") is not None:
+            setting = f"threshold {config['threshold']}"
+        elif config.get("head_compression_ratio") is not None:
+            setting = f"head ratio {config['head_compression_ratio']}"
+        else:
+            setting = format_value(config.get("compression_ratio"))
+        rows.append([config.get("press_name"), setting, headline_score(str(config.get("dataset")), metrics)])
+    lines.append(format_table(["press", "compression", "score"], rows))
+    lines.extend(f"results: {path}" for _, _, path in runs)
+    return "\n".join(lines)
+
+
 def collect_runs(results_dir: str | Path) -> list[dict]:
     """Every finished run under `results_dir` (a folder with config.yaml and metrics.json), with its score."""
     runs = []

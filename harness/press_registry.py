@@ -69,6 +69,30 @@ class PressSpec:
         kwargs = {name: _build_value(value) for name, value in self.kwargs.items()}
         return press_class(*args, **kwargs)
 
+    def with_cache_budget(self, budget: int) -> "PressSpec":
+        """This recipe with `cache_budget=budget` given to the press, or, for a composition (a list of presses), to
+        each inner press that takes one. A wrapper (a press given as `press=` / `base_press=`) applies a ratio and
+        refuses a budget press, so it raises, as does a press without a `cache_budget` field."""
+        press_class = _load_class(self)
+        if press_class is None:
+            raise PressNotAvailableError(f"{self.import_path} does not exist in this version")
+        if "cache_budget" in getattr(press_class, "__dataclass_fields__", {}):
+            return PressSpec(self.module, self.cls, self.args, {**self.kwargs, "cache_budget": budget})
+        lists = [value for value in self.args if isinstance(value, list)]
+        if lists:
+            args = tuple(
+                [_budget_if_possible(item, budget) for item in value] if isinstance(value, list) else value
+                for value in self.args
+            )
+            rebuilt = PressSpec(self.module, self.cls, args, dict(self.kwargs))
+            if rebuilt != self:
+                return rebuilt
+        raise ValueError(
+            f"{self!r} takes no cache_budget: a budget is a field of score-based presses (KnormPress, SnapKVPress, "
+            "H2OPress, RKVPress, ...), alone or inside a ComposedPress; wrappers that apply a compression ratio "
+            "(AdaKV, DecodingPress, Chunk, ...) refuse a press with a budget."
+        )
+
     def __repr__(self) -> str:
         arguments = [_repr_value(value) for value in self.args]
         arguments += [f"{name}={_repr_value(value)}" for name, value in self.kwargs.items()]
@@ -80,6 +104,16 @@ def _build_value(value):
         return value.build()
     if isinstance(value, list):
         return [_build_value(item) for item in value]
+    return value
+
+
+def _budget_if_possible(value, budget: int):
+    """`value.with_cache_budget(budget)` for an inner press of a composition that takes a budget, else `value`."""
+    if not isinstance(value, PressSpec):
+        return value
+    press_class = _load_class(value)
+    if press_class is not None and "cache_budget" in getattr(press_class, "__dataclass_fields__", {}):
+        return value.with_cache_budget(budget)
     return value
 
 

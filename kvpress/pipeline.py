@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 from typing import Optional
 
 import torch
@@ -33,6 +34,11 @@ def _is_decoding_press(press: Optional[BasePress]) -> bool:
         return True
     inner = getattr(press, "presses", None)
     return isinstance(inner, (list, tuple)) and any(_is_decoding_press(p) for p in inner)
+
+
+def _is_positive_integer(value) -> bool:
+    """A positive int, numpy integers included (booleans are not numbers of tokens)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _uses_rerotated_positions(press: Optional[BasePress]) -> bool:
@@ -91,12 +97,22 @@ class KVPressTextGenerationPipeline(Pipeline):
             raise ValueError("Either question or questions should be provided, not both.")
         if questions is not None and (isinstance(questions, str) or len(questions) == 0):
             raise ValueError("questions must be a non-empty list of strings; use question=... for a single one.")
+        texts = [("question", question), ("answer_prefix", answer_prefix)]
+        texts += [(f"questions[{index}]", text) for index, text in enumerate(questions or [])]
+        for name, text in texts:
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"{name} must be a string, got {type(text).__name__} {text!r}.")
         if press is not None and not isinstance(press, BasePress):
             raise TypeError(f"press must be a kvpress BasePress instance or None, got {type(press).__name__}.")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not _is_positive_integer(max_new_tokens):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
-        if max_context_length is not None and (not isinstance(max_context_length, int) or max_context_length < 1):
-            raise ValueError(f"max_context_length must be a positive integer or None, got {max_context_length!r}.")
+        max_new_tokens = int(max_new_tokens)
+        if max_context_length is not None:
+            if not _is_positive_integer(max_context_length):
+                raise ValueError(f"max_context_length must be a positive integer or None, got {max_context_length!r}.")
+            max_context_length = int(max_context_length)
+        if not isinstance(enable_thinking, bool):
+            raise TypeError(f"enable_thinking must be True or False, got {enable_thinking!r}.")
         if cache is not None and not isinstance(cache, (DynamicCache, QuantizedCache)):
             raise TypeError(
                 "cache must be a DynamicCache or a QuantizedCache (presses resize the cache), "
@@ -148,7 +164,9 @@ class KVPressTextGenerationPipeline(Pipeline):
         max_context_length: int,
         enable_thinking: bool = False,
     ):
-        if not isinstance(context, str) or len(context) == 0:
+        if not isinstance(context, str):
+            raise TypeError(f"The context must be a string, got {type(context).__name__} {context!r}.")
+        if len(context) == 0:
             raise ValueError(
                 "The context is empty: the pipeline compresses a context, so pass a non-empty string "
                 "(use a single space ' ' to ask a question with no context)."

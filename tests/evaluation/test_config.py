@@ -8,7 +8,14 @@ import pytest
 import yaml
 
 import evaluation.evaluate as evaluate_module
-from evaluation.evaluate import DEFAULT_CONFIG_FILE, EvaluationConfig, EvaluationRunner, ProcessGroup, load_config
+from evaluation.evaluate import (
+    DEFAULT_CONFIG_FILE,
+    EvaluationConfig,
+    EvaluationRunner,
+    ProcessGroup,
+    load_config,
+    load_configs,
+)
 from evaluation.evaluate_registry import PressRegistry, PressSpec
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.composed_press import ComposedPress
@@ -33,15 +40,35 @@ def test_a_flag_overrides_the_yaml_which_overrides_the_default(tmp_path):
 def test_the_shipped_yaml_is_found_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert DEFAULT_CONFIG_FILE.is_absolute() and DEFAULT_CONFIG_FILE.exists()
-    config = load_config()
+    configs = load_configs()
     shipped = yaml.safe_load(DEFAULT_CONFIG_FILE.read_text())
-    assert (config.dataset, config.model, config.press_name) == (
-        shipped["dataset"],
-        shipped["model"],
-        shipped["press_name"],
-    )
-    assert config.model_kwargs == {"attn_implementation": None, "dtype": "auto"}
-    assert config.data_dir == "niah_single_noise"  # the synthetic default task
+    assert [config.press_name for config in configs] == shipped["press_name"]  # one run per listed press
+    for config in configs:
+        assert (config.dataset, config.model) == (shipped["dataset"], shipped["model"])
+        assert config.model_kwargs == {"attn_implementation": None, "dtype": "auto"}
+        assert config.data_dir == "niah_single_noise"  # the synthetic default task
+    with pytest.raises(ValueError, match="press_name lists 4 presses .*use load_configs, or pass a single"):
+        load_config()
+    assert load_config(press_name="knorm").press_name == "knorm"
+
+
+@pytest.mark.parametrize(
+    "value, names",
+    [("knorm", ["knorm"]), (["knorm", "snapkv"], ["knorm", "snapkv"]), ("knorm, snapkv", ["knorm", "snapkv"]),
+     (("tova",), ["tova"])],
+)  # fmt: skip
+def test_press_name_takes_a_name_or_a_list(value, names):
+    assert [config.press_name for config in load_configs(press_name=value)] == names
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [([], "non-empty list"), (["knorm", "knorm"], "lists a press twice"), (["knorm", 3], "non-empty list of them"),
+     (["knorm", "nope"], "Unknown press 'nope'")],
+)  # fmt: skip
+def test_bad_press_name_lists_are_refused_before_anything_runs(value, message):
+    with pytest.raises(ValueError, match=message):
+        load_configs(press_name=value)
 
 
 @pytest.mark.parametrize(

@@ -213,14 +213,21 @@ def test_the_default_run_generates_synthetic_rows_for_the_reference_model(tmp_pa
     # reference checkpoint, with a "trained length" of 300 tokens.
     monkeypatch.setattr(evaluate_module, "reference_model", lambda: (Path(model_dir), 300))
     evaluate_module.main(output_dir=str(tmp_path), num_samples=2, max_new_tokens=2)
-    (results_dir,) = tmp_path.iterdir()
-    expected = "synthetic__niah_single_noise__reference__expected_attention__0.50__ctx300__n2__max_new_tokens2"
-    assert results_dir.name == expected
+    folders = sorted(path.name for path in tmp_path.iterdir())
+    expected = [
+        f"synthetic__niah_single_noise__reference__{press}__{ratio}__ctx300__n2__max_new_tokens2"
+        for press, ratio in (("expected_attention", "0.50"), ("no_press", "0.00"), ("snapkv", "0.50"),
+                             ("streaming_llm", "0.50"))
+    ]  # fmt: skip
+    assert folders == expected  # one run (and folder) per press of the shipped list
+    results_dir = tmp_path / expected[0]
     df = pd.read_csv(results_dir / "predictions.csv")
     assert len(df) == 2 and set(df["task"]) == {"niah_single_noise"}
     saved = yaml.safe_load((results_dir / "config.yaml").read_text())
     assert saved["model"] == "reference" and saved["context_length"] == 300
-    assert "| all.string_match" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| all.string_match" in out
+    assert "headline score by press" in out and "| expected_attention | 0.50 " in out
 
 
 def test_a_missing_reference_model_says_how_to_create_it(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from evaluation.benchmarks.loogle.calculate_metrics import calculate_metrics as 
 from evaluation.benchmarks.loogle.calculate_metrics import parse_cloze
 from evaluation.benchmarks.math500.calculate_metrics import calculate_metrics as math500_metrics
 from evaluation.benchmarks.needle_in_haystack.calculate_metrics import calculate_metrics as needle_metrics
+from evaluation.benchmarks.needle_in_haystack.calculate_metrics import summary_metrics as needle_summary
 from evaluation.benchmarks.ruler.calculate_metrics import calculate_metrics as ruler_metrics
 from evaluation.benchmarks.text_normalization import normalize_answer, qa_f1
 from evaluation.benchmarks.zero_scrolls.calculate_metrics import calculate_metrics as zero_scrolls_metrics
@@ -229,11 +230,12 @@ def test_needle_rouge_per_depth():
         needle_depth=[10, 10, 90],
         predicted_answer=["The secret is 42.", "The secret is unknown.", ""],
     )
-    metrics = needle_metrics(df)
+    metrics = needle_summary(df)
     # rouge-l F1: 1, then LCS "the secret is" (3 of 4 tokens each way) = 0.75, then 0 for the empty answer.
     assert metrics["rouge-l"]["f"] == pytest.approx((1 + 0.75 + 0) / 3, abs=1e-6)
     assert metrics["by_depth"] == {"10": pytest.approx(0.875, abs=1e-6), "90": 0.0}
     assert len(metrics["rows"]) == 3
+    assert needle_metrics(df) == metrics["rows"]  # metrics.json: upstream's list of per-row scores
 
 
 # -- AIME 2025 and MATH-500 -----------------------------------------------------------------------------------------

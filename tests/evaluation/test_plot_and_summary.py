@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from evaluation.plot import plot, select_runs
-from evaluation.summary import collect_runs, format_table, headline_score, run_summary
+from evaluation.summary import collect_runs, comparison_table, format_table, headline_score, run_summary
 
 
 @pytest.mark.parametrize(
@@ -81,3 +81,25 @@ def test_plot_score_against_ratio(tmp_path, capsys):
     assert two_panels.shape[1] > image.shape[1]  # one panel per dataset
     with pytest.raises(ValueError, match="No finished run with a score under .* for dataset 'math500'"):
         plot(str(results), str(tmp_path / "none.png"), dataset="math500")
+
+
+def test_comparison_table_names_each_runs_setting_and_headline(tmp_path):
+    ruler = {"niah_single_1": {"string_match": 80.0}, "vt": {"string_match": 40.0}}
+    runs = [
+        ({"dataset": "ruler", "data_dir": "4096", "model": "m", "press_name": "no_press", "compression_ratio": 0.0},
+         ruler, tmp_path / "a"),
+        ({"dataset": "ruler", "data_dir": "4096", "model": "m", "press_name": "h2o", "compression_ratio": 0.0,
+          "cache_budget": 256}, {"niah_single_1": {"string_match": 10.0}}, tmp_path / "b"),
+        ({"dataset": "ruler", "data_dir": "4096", "model": "m", "press_name": "kvzap_mlp", "threshold": -4},
+         {"niah_single_1": {"string_match": 55.5}}, tmp_path / "c"),
+    ]  # fmt: skip
+    lines = comparison_table(runs).splitlines()
+    assert lines[0] == "dataset ruler (4096), model m: headline score by press"
+    assert lines[1:6] == [
+        "| press     | compression  | score |",
+        "|-----------|--------------|-------|",
+        "| no_press  | 0.00         | 60.00 |",  # the mean over RULER's tasks
+        "| h2o       | budget 256   | 10.00 |",
+        "| kvzap_mlp | threshold -4 | 55.50 |",
+    ]
+    assert lines[6:] == [f"results: {tmp_path / name}" for name in "abc"]

@@ -4,7 +4,8 @@
 
 The one idea: the answer should repeat the needle, so each prediction is scored by its ROUGE-1/2/L overlap with the
 needle (the needle is passed as the hypothesis, as upstream does: precision is the share of the needle recovered).
-The metric averages the rows and reports ROUGE-L F1 per needle depth, and keeps the per-row scores.
+The metric is the list of per-row scores (upstream's metrics.json); `summary_metrics` averages the rows and reports
+ROUGE-L F1 per needle depth.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ def row_scores(needle, prediction) -> dict:
         return _zero()
 
 
-def calculate_metrics(df: pd.DataFrame) -> dict:
+def calculate_metrics(df: pd.DataFrame) -> list:
+    """The per-row ROUGE scores, `[{"rouge-1": {"r", "p", "f"}, "rouge-2": ..., "rouge-l": ...}, ...]`: upstream's
+    metrics.json shape, which upstream's readers load. `summary_metrics` gives the means and the per-depth view."""
+    return [row_scores(n, p) for n, p in zip(df["needle"], df["predicted_answer"])]
+
+
+def summary_metrics(df: pd.DataFrame) -> dict:
     """Mean ROUGE-1/2/L (`f`, `p`, `r`), ROUGE-L F1 per depth (`by_depth`) and the per-row scores (`rows`)."""
     rows = [row_scores(n, p) for n, p in zip(df["needle"], df["predicted_answer"])]
     metrics: dict = {key: {k: mean(row[key][k] for row in rows) for k in ("r", "p", "f")} for key in ROUGE_KEYS}
