@@ -289,8 +289,14 @@ class CacheBudget:
         state.scratch = {}
         positions = self._token_positions(state, kwargs, bsz, q_len, hidden_states.device)
         fill_values = self.entry_fill_values()
-        state.align_entries(fill_values, bsz, num_kv_heads, k_len - q_len, hidden_states.device)
-        state.append_entries(positions[:, None, :].expand(bsz, num_kv_heads, q_len), fill_values)
+        if k_len >= q_len:
+            state.align_entries(fill_values, bsz, num_kv_heads, k_len - q_len, hidden_states.device)
+            state.append_entries(positions[:, None, :].expand(bsz, num_kv_heads, q_len), fill_values)
+        else:
+            # An earlier press of a ComposedPress already removed tokens of this very forward: which of them are
+            # left is not known here, so every entry restarts from its fill value (position -1: unknown).
+            state.entries = {}
+            state.align_entries(fill_values, bsz, num_kv_heads, k_len, hidden_states.device)
         if self.decoding_window > 0:
             state.recent.append(hidden_states, kwargs, positions)
         state.recent.keep_last(self.decoding_window)

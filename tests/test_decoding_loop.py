@@ -5,7 +5,7 @@
 import pytest
 import torch
 
-from kvpress import KeyRerotationPress, KnormPress, PyramidKVPress, StreamingLLMPress
+from kvpress import ComposedPress, KeyRerotationPress, KnormPress, PyramidKVPress, StreamingLLMPress
 from kvpress.decoding_loop import greedy_generate
 from tests.fixtures import get_model, random_input_ids
 
@@ -15,6 +15,8 @@ PRESSES = {
     "pyramidkv": lambda: PyramidKVPress(0.5, window_size=4),
     "budget": lambda: StreamingLLMPress(cache_budget=20, n_sink=2),
     "rerotation": lambda: KeyRerotationPress(KnormPress(0.5)),
+    # a budget inside a ComposedPress acts during decoding too: the loop must keep the press on while it decodes
+    "composed_budget": lambda: ComposedPress([KnormPress(0.3), StreamingLLMPress(cache_budget=20, n_sink=2)]),
 }
 
 

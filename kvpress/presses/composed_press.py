@@ -83,6 +83,11 @@ class ComposedPress(BasePress):
             "compression_ratio of each press in `presses` instead."
         )
 
+    @property
+    def acts_during_decoding(self) -> bool:
+        """True when one of the inner presses compresses while the model generates (e.g. one with a budget)."""
+        return any(press.acts_during_decoding for press in self.presses)
+
     def post_init_from_model(self, model):
         for press in self.presses:
             press.post_init_from_model(model)
