@@ -215,8 +215,11 @@ class RaggedLayer(CacheLayerMixin):
 
         Each held entry sits at its logical position. An evicted entry has a zero value and, as on the masking
         path (where the patched attention overwrites masked keys in place), the fake key of the layer's last
-        query (`kvpress.attention_patch.search_hyperplane`): the press scores what it would score on a dense cache.
-        When no fake key exists for those queries (the masking path then masks explicitly), the key is zero."""
+        queries (`kvpress.attention_patch.search_hyperplane`), so scorers rank it lowest and the press scores what
+        it scores on a dense cache. When no fake key exists for all those queries (the masking path then masks
+        explicitly and leaves the original keys in place, which the ragged layer no longer holds), the fake key of
+        the last query row is used: the choices may then differ from the masking path's (zero key when none
+        exists either)."""
         from kvpress.attention_patch import search_hyperplane
 
         segments, seq_len = self.num_segments, self.logical_length
@@ -232,11 +235,15 @@ class RaggedLayer(CacheLayerMixin):
         query = self.last_query
         if query is not None and query.shape[0] == self.batch_size and not bool(held.all()):
             groups = query.shape[1] // self.num_kv_heads
-            folded = query.reshape(segments, groups * query.shape[2], query.shape[-1]).float()
-            try:
-                fake = search_hyperplane(folded).to(keys.dtype)  # (segments, d)
-            except ValueError:
-                fake = None
+            fake = None
+            # the masking path's fake key (every query row of the head), else one for the last query row alone
+            for rows in (query, query[:, :, -1:]):
+                try:
+                    folded = rows.reshape(segments, groups * rows.shape[2], rows.shape[-1]).float()
+                    fake = search_hyperplane(folded).to(keys.dtype)  # (segments, d)
+                    break
+                except ValueError:
+                    continue
             if fake is not None:
                 missing_segment, missing_position = (~held).nonzero(as_tuple=True)
                 keys[missing_segment, missing_position] = fake[missing_segment]
