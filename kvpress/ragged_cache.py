@@ -204,9 +204,10 @@ class RaggedLayer(CacheLayerMixin):
         row_segment = torch.repeat_interleave(
             torch.arange(self.num_segments, device=self.device), self.capacities.long(), output_size=n_rows
         )
-        in_use = torch.arange(n_rows, device=self.device) - self.offsets.long()[row_segment] < self.lengths.long()[
-            row_segment
-        ]
+        in_use = (
+            torch.arange(n_rows, device=self.device) - self.offsets.long()[row_segment]
+            < self.lengths.long()[row_segment]
+        )
         return row_segment, in_use
 
     # -- the dense view presses read during decoding ------------------------------------------------------------
