@@ -272,9 +272,9 @@ def run_press(
     (default mode / max-autotune without its own graphs), `ragged` the per-head variable-length cache
     (`kvpress.ragged_cache`: only the entries each head kept, for head-wise presses, and head-wise eviction while
     decoding; `kv_bytes` is then what it holds after the conversion, and `RAGGED_WARMUP_STEPS` untimed steps first
-    compile its FlexAttention kernel, `ragged_warmup_s`). `prefill_chunk_size`: the context is prefilled that many tokens at a time, the press
-    compressing after each chunk (`kvpress.chunked_prefill`); only the last position's logits are computed either
-    way."""
+    compile its FlexAttention kernel, `ragged_warmup_s`). `prefill_chunk_size`: the context is prefilled that many
+    tokens at a time, the press compressing after each chunk (`kvpress.chunked_prefill`); only the last position's
+    logits are computed either way."""
     device = input_ids.device
     press = request.build()
     if request.name == "generate":

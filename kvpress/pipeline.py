@@ -228,11 +228,9 @@ class KVPressTextGenerationPipeline(Pipeline):
             context_length = cache.get_seq_length()
         questions = input_tensors["questions_ids"]
         extra = max(q.shape[1] for q in questions) + max_new_tokens
-        ragged = (
-            ragged_cache_for(self.model, cache, press if decoding else None, extra + 2, own_cache)
-            if ragged_cache
-            else None
-        )  # noqa: E501
+        ragged = None
+        if ragged_cache:
+            ragged = ragged_cache_for(self.model, cache, press if decoding else None, extra + 2, own_cache)
         if ragged is not None:
             # Only the entries each head kept are copied (kvpress.ragged_cache); answers are appended in place, and a
             # press acting during decoding evicts head by head inside the segments (rolled back for each question).

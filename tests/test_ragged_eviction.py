@@ -158,6 +158,7 @@ def test_rollback_brings_evicted_entries_back_and_release_stops_copying():
     generator = torch.Generator().manual_seed(1)
     keys, values = torch.randn(1, 2, 8, 4, generator=generator), torch.randn(1, 2, 8, 4, generator=generator)
     layer = RaggedLayer(keys, values, torch.ones(1, 2, 8, dtype=torch.bool), spare=3)
+
     def held():  # per segment: the keys, values and positions of the rows in use
         rows = [layer.segment_rows(segment) for segment in range(layer.num_segments)]
         return [(layer.keys[r].clone(), layer.values[r].clone(), layer.positions[r].clone()) for r in rows]
@@ -284,3 +285,18 @@ def test_pipeline_keeps_the_masking_path_for_presses_that_resize_while_decoding(
         ragged = pipe(CONTEXT, question="Why?", press=make(), max_new_tokens=6, ragged_cache=True)
     assert "using the masking path" in caplog.text
     assert ragged == pipe(CONTEXT, question="Why?", press=make(), max_new_tokens=6)
+
+
+def test_benchmark_ragged_loop_evicts_while_decoding(tmp_path):
+    from kvpress.benchmark import main
+
+    args = ["--model", "tiny", "--context_lengths", "128", "--max_new_tokens", "6", "--output_dir", str(tmp_path)]
+    presses = "decoding_adakv_snapkv:target_size=64:compression_interval=2,knorm:budget=64"
+    rows = main([*args, "--presses", presses, "--decode_loops", "ragged"])
+    by_press = {row["press"]: row for row in rows}
+    evicting = by_press["decoding_adakv_snapkv:target_size=64:compression_interval=2"]
+    # 2 layers x 2 KV heads, 128 context tokens + 2 warm-up steps + 5 timed ones; DecodingPress keeps about 64 per
+    # head (at most 64 + 2 - 1 between compressions): the rows in use fell by what it evicted
+    assert 2 * 2 * 64 <= evicting["kv_entries_after_decode"] <= 2 * 2 * 65
+    assert evicting["kv_entries"] == 2 * 2 * 128  # nothing was evicted before decoding
+    assert "resizes the cache" in by_press["knorm:budget=64"]["error"]
