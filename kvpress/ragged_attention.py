@@ -142,6 +142,9 @@ class FlexPlan:
         last = (offsets[1:] - 1).clamp(min=0) // _FLEX_BLOCK
         count = torch.where(offsets[1:] > offsets[:-1], last - first + 1, torch.zeros_like(first))
         max_blocks = max(int(count.max()) if segments else 1, 1)
+        if layer.device.type == "cpu":
+            # inductor's CPU kernel wants block indices spanning the whole key length (only `count` are visited)
+            max_blocks = total_blocks
         indices = (first[:, None] + torch.arange(max_blocks, device=layer.device)).clamp(max=total_blocks - 1)
         kv_num_blocks = count.to(torch.int32)[None, :, None].expand(1, segments, q_blocks).contiguous()
         kv_indices = indices.to(torch.int32)[None, :, None, :].expand(1, segments, q_blocks, max_blocks).contiguous()
@@ -150,11 +153,13 @@ class FlexPlan:
         self.row_visible = torch.ones(n_rows, dtype=torch.bool, device=layer.device)
         self.padded = False
         starts, lengths, positions, logical = layer.offsets, layer.lengths, layer.positions, layer.logical_position
-        row_visible, last_row = self.row_visible, max(n_rows - 1, 0)
+        row_visible = self.row_visible
+        # a tensor, not a Python int: compiled kernels of layers of different sizes then share one graph
+        last_row = torch.tensor(max(n_rows - 1, 0), device=layer.device)
 
         def mask_mod(b, h, q_idx, kv_idx):
             start = starts[h]
-            row = kv_idx.clamp(max=last_row)  # key blocks may run past the last row: outside every segment
+            row = torch.minimum(kv_idx, last_row)  # key blocks may run past the last row: outside every segment
             entry_pos = positions[row]
             query_pos = logical - q_len + q_idx % q_len
             in_use = (kv_idx >= start) & (kv_idx < start + lengths[h])

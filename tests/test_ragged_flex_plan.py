@@ -5,6 +5,8 @@ reused by every decoding step (appends and evictions change the tensors its mask
 cover each segment's rows, its mask_mod gives the visibility an independent computation gives, and FlexAttention
 (unfused on CPU) with it gives the reference path's output after appends, evictions, growth and rollbacks."""
 
+import os
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -148,3 +150,32 @@ def test_flex_backend_with_decoding_eviction_matches_the_reference_backend():
         assert min(layer.used_rows() for layer in ragged.ragged_layers()) < 2 * 2 * 47  # it evicted
         logits[backend] = torch.stack(steps)
     torch.testing.assert_close(logits["flex"], logits["reference"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(
+    os.environ.get("KVPRESS_COMPILED_FLEX_TESTS") != "1",
+    reason="compiles FlexAttention with inductor on CPU (about 40 s); set KVPRESS_COMPILED_FLEX_TESTS=1",
+)
+def test_compiled_flex_attention_on_cpu_reuses_its_kernel_across_steps(monkeypatch):
+    """The kernel CUDA runs, compiled here by inductor's CPU backend: the reference path's output at every step, and
+    no compilation after the first step of each layer size (the plan's block mask and tensors are reused)."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from kvpress import ragged_attention
+
+    compiled = torch.compile(flex_attention)
+    monkeypatch.setattr(ragged_attention, "_flex_function", lambda device: compiled)
+    torch._dynamo.reset()
+    counters.clear()
+    for seed, seq_len in ((0, 150), (1, 170)):  # two layer sizes: the second one recompiles with dynamic shapes
+        layer = _layer(seq_len=seq_len, seed=seed)
+        for step in range(3):
+            layer.update(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
+            query = torch.randn(2, 4, 1, 8)
+            output = flex_ragged_attention(layer, query, None, scaling=0.3)
+            torch.testing.assert_close(output, reference_ragged_attention(layer, query, None, scaling=0.3))
+            if step == 0:
+                compilations = sum(counters["frames"].values())
+                assert compilations > 0  # it did compile
+        assert sum(counters["frames"].values()) == compilations  # steps 2 and 3 ran the kernel compiled at step 1
