@@ -312,8 +312,10 @@ class RaggedLayer(CacheLayerMixin):
         row_segment, in_use = self.rows_in_use()
         # a sorted key per row: segment-major, positions ascending within a segment, free rows last
         sort_key = row_segment * big + torch.where(in_use, self.positions.long(), big - 1)
+        positions = positions.to(self.device).long()
         wanted = (batch_idx.to(self.device).long() * self.num_kv_heads + head_idx.to(self.device).long()) * big
-        wanted = wanted + positions.to(self.device).long()
+        # a position outside the logical sequence would alias an entry of the next segment: it matches nothing
+        wanted = torch.where((positions >= 0) & (positions < self.logical_length), wanted + positions, -1)
         found = torch.searchsorted(sort_key, wanted).clamp(max=n_rows - 1)
         hit = (sort_key[found] == wanted) & in_use[found]
         drop = torch.zeros(n_rows, dtype=torch.bool, device=self.device)

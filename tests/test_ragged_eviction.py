@@ -186,6 +186,14 @@ def test_rollback_brings_evicted_entries_back_and_release_stops_copying():
     assert state[2]["buffers"] is None
 
 
+def test_evicting_positions_outside_the_sequence_drops_nothing():
+    keys = torch.randn(1, 2, 4, 3)
+    layer = RaggedLayer(keys, keys.clone(), torch.ones(1, 2, 4, dtype=torch.bool), spare=1)
+    # (head 0, position 5) would alias (head 1, position 0) in a segment-major numbering
+    assert layer.evict(torch.tensor([0, 0, 0]), torch.tensor([0, 0, 1]), torch.tensor([5, -1, 4])) == 0
+    assert layer.lengths.tolist() == [4, 4]
+
+
 class _RecordingSink:
     """An eviction sink that records what the mask writer evicts."""
 
