@@ -44,7 +44,13 @@ from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.presses.base_press import BasePress
 from kvpress.ragged_attention import effective_backend
-from kvpress.ragged_cache import RaggedCache, RaggedLayer, ragged_problem, release_dense_layers
+from kvpress.ragged_cache import (
+    RaggedCache,
+    RaggedLayer,
+    decoding_eviction_problem,
+    ragged_problem,
+    release_dense_layers,
+)
 from kvpress.resources import text_config
 from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import get_language_model
@@ -241,6 +247,7 @@ def parameter_bytes(model: PreTrainedModel) -> int:
 
 
 DECODE_LOOPS = ("dynamic", "inplace", "graph", "compiled", "autotuned", "ragged")
+RAGGED_WARMUP_STEPS = 2  # untimed decoding steps of the ragged loop (FlexAttention compiles on the first ones)
 # decode loops replayed from a CUDA graph, and the `torch.compile` mode each compiles the step with first
 GRAPH_LOOPS = {"graph": None, "compiled": "default", "autotuned": "max-autotune-no-cudagraphs"}
 
@@ -264,10 +271,11 @@ def run_press(
     preallocated in-place cache (`kvpress.inplace_cache`), `graph` the same with each step replayed from a CUDA graph
     (`kvpress.graphed_decoding`), `compiled` / `autotuned` the graph of the step compiled first by `torch.compile`
     (default mode / max-autotune without its own graphs), `ragged` the per-head variable-length cache
-    (`kvpress.ragged_cache`: only the entries each head kept, for head-wise presses; `kv_bytes` is then what it holds
-    after the conversion). `prefill_chunk_size`: the context is prefilled that many tokens at a time, the press
-    compressing after each chunk (`kvpress.chunked_prefill`); only the last position's logits are computed either
-    way."""
+    (`kvpress.ragged_cache`: only the entries each head kept, for head-wise presses, and head-wise eviction while
+    decoding; `kv_bytes` is then what it holds after the conversion, and `RAGGED_WARMUP_STEPS` untimed steps first
+    compile its FlexAttention kernel, `ragged_warmup_s`). `prefill_chunk_size`: the context is prefilled that many
+    tokens at a time, the press compressing after each chunk (`kvpress.chunked_prefill`); only the last position's
+    logits are computed either way."""
     device = input_ids.device
     press = request.build()
     if request.name == "generate":
@@ -290,15 +298,18 @@ def run_press(
     decode_cache: Any = cache
     step_fn = None
     capture = 0.0
+    warmup = 0.0
     if loop == "ragged":
-        if decoding:
-            raise NotApplicable("the ragged loop does not apply to a press acting during decoding")
+        problem = decoding_eviction_problem(press) if decoding else None
+        if problem is not None:
+            raise NotApplicable(f"the ragged loop does not apply to a press acting during decoding: {problem}")
         problem = ragged_problem(cache)
         if problem is not None:
             raise NotApplicable(f"the ragged loop does not apply: {problem}")
-        decode_cache = RaggedCache.from_cache(cache, model, extra_tokens=max_new_tokens + 2)
-        for module in get_language_model(model).layers:
-            clear_masks(module.self_attn)  # applied: the ragged layers hold only the kept entries
+        decode_cache = RaggedCache.from_cache(cache, model, extra_tokens=max_new_tokens + RAGGED_WARMUP_STEPS + 2)
+        if not decoding:  # a press evicting while decoding reads its masks back; others need them no more
+            for module in get_language_model(model).layers:
+                clear_masks(module.self_attn)  # applied: the ragged layers hold only the kept entries
         release_dense_layers(cache)
         del cache
         stats = {**kv_statistics(decode_cache, model), "kv_bytes_dense_prefill": stats["kv_bytes"]}
@@ -321,7 +332,20 @@ def run_press(
     start = time.perf_counter()
     try:
         with press(model) if decoding else contextlib.nullcontext():
-            for step in range(max_new_tokens - 1):
+            first_step = 0
+            if loop == "ragged":
+                # untimed steps: the first compiles FlexAttention's kernel (then one more for dynamic shapes)
+                for step in range(RAGGED_WARMUP_STEPS):
+                    positions = torch.full((batch, 1), context_length + step, device=device)
+                    logits = model(
+                        input_ids=token, position_ids=positions, logits_to_keep=1, **cache_kwargs(model, decode_cache)
+                    ).logits
+                    token = logits[:, -1:].argmax(-1)
+                _sync(device)
+                warmup, first_step = time.perf_counter() - start, RAGGED_WARMUP_STEPS
+                _reset_peak(device)  # as for the graph loops, whose capture runs before: the steady decode's peak
+                start = time.perf_counter()
+            for step in range(first_step, first_step + max_new_tokens - 1):
                 positions = torch.full((batch, 1), context_length + step, device=device)
                 if step_fn is not None:
                     logits = step_fn(token, positions)
@@ -336,6 +360,7 @@ def run_press(
         RaggedCache.detach(model)
     decode = time.perf_counter() - start
     steps = max(1, max_new_tokens - 1)
+    after = kv_statistics(decode_cache, model)
     return {
         "graph_capture_s": capture,
         "prefill_s": prefill,
@@ -345,8 +370,16 @@ def run_press(
         "peak_prefill_bytes": peak_prefill,
         "peak_decode_bytes": _peak(device),
         **stats,
-        "kv_bytes_after_decode": kv_statistics(decode_cache, model)["kv_bytes"],
-        **({"ragged_backend": effective_backend(device)} if loop == "ragged" else {}),
+        "kv_bytes_after_decode": after["kv_bytes"],
+        **(
+            {
+                "ragged_backend": effective_backend(device),
+                "ragged_warmup_s": warmup,
+                "kv_entries_after_decode": after["kv_entries"],  # rows in use: evictions while decoding freed some
+            }
+            if loop == "ragged"
+            else {}
+        ),
     }
 
 

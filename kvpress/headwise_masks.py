@@ -7,18 +7,55 @@ cache entries a head dropped on the layer's attention module as `(batch_idx, hea
 tensors of equal length (positions in the layer's dense cache). The patched attention (`kvpress.attention_patch`)
 hides those entries, the ragged cache (`kvpress.ragged_cache`) drops them, and the pipeline rolls them back after
 each question (`kvpress.press_state`). No other code reads or writes the attribute by name.
+
+A module whose cache layer is ragged has an eviction sink (`attach_mask_sink`, set by `RaggedCache.attach`): every
+entry masked while it is attached (decoding-time eviction: DMS, DecodingPress over AdaKV) is also evicted from the
+layer's segments at once, freeing its row in place. The masks are still recorded, as presses read them back (DMS
+counts them, DecodingPress measures a layer's length and merges with them), so both paths see the same state.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 from torch import nn
 
 MASK_ATTRIBUTE = "masked_key_indices"
 
+_SINK_ATTRIBUTE = "_kvpress_mask_sink"
+
 MaskIndices = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class MaskSink(Protocol):
+    """Storage that drops masked entries for real (a ragged cache layer)."""
+
+    def evict(self, batch_idx: torch.Tensor, head_idx: torch.Tensor, positions: torch.Tensor) -> int: ...
+
+    def refuses_remap(self) -> str: ...
+
+
+def attach_mask_sink(module: nn.Module, sink: MaskSink) -> None:
+    """Evict every entry masked on `module` from now on from `sink` too (entries it does not hold are ignored)."""
+    module.__dict__[_SINK_ATTRIBUTE] = sink
+
+
+def detach_mask_sink(module: nn.Module) -> None:
+    module.__dict__.pop(_SINK_ATTRIBUTE, None)
+
+
+def mask_sink(module: nn.Module) -> Optional[MaskSink]:
+    """The eviction sink attached to `module`, or None (masks then only hide entries at attention time)."""
+    return module.__dict__.get(_SINK_ATTRIBUTE)
+
+
+def _store(module: nn.Module, indices: Optional[MaskIndices], newly_masked: Optional[MaskIndices]) -> None:
+    """Record `indices` as the masks of `module` and evict `newly_masked` from its sink, if it has one."""
+    setattr(module, MASK_ATTRIBUTE, indices)
+    sink = mask_sink(module)
+    if sink is not None and newly_masked is not None and newly_masked[0].numel() > 0:
+        sink.evict(*newly_masked)
 
 
 def _check_indices(indices: object) -> None:
@@ -45,12 +82,12 @@ def set_masks(module: nn.Module, indices: Optional[MaskIndices]) -> None:
     """Replace the masks of `module` by `indices` (None clears them)."""
     if indices is not None:
         _check_indices(indices)
-    setattr(module, MASK_ATTRIBUTE, indices)
+    _store(module, indices, indices)
 
 
 def clear_masks(module: nn.Module) -> None:
-    """Forget the masks of `module` (a new context is being prefilled)."""
-    setattr(module, MASK_ATTRIBUTE, None)
+    """Forget the masks of `module` (a new context is being prefilled). Entries a sink evicted stay evicted."""
+    _store(module, None, None)
 
 
 def set_masks_from_bool(module: nn.Module, pruned: torch.Tensor, empty_as_none: bool = True) -> None:
@@ -77,12 +114,15 @@ def masks_as_bool(module: nn.Module, shape: tuple[int, int, int], device=None) -
 
 def add_masks(module: nn.Module, batch_idx: torch.Tensor, head_idx: torch.Tensor, seq_idx: torch.Tensor) -> None:
     """Append entries to the masks of `module` (they may repeat entries already masked)."""
+    new = (batch_idx, head_idx, seq_idx)
+    _check_indices(new)
     masked = get_masks(module)
     if masked is None:
-        set_masks(module, (batch_idx, head_idx, seq_idx))
+        _store(module, new, new)
         return
     device = masked[0].device
-    set_masks(module, tuple(torch.cat([old, new.to(device)]) for old, new in zip(masked, (batch_idx, head_idx, seq_idx))))  # type: ignore[arg-type] # noqa: E501
+    merged = tuple(torch.cat([old, added.to(device)]) for old, added in zip(masked, new))
+    _store(module, merged, new)  # type: ignore[arg-type]
 
 
 def merge_masks(module: nn.Module, previous: Optional[MaskIndices]) -> None:
@@ -92,13 +132,15 @@ def merge_masks(module: nn.Module, previous: Optional[MaskIndices]) -> None:
     current = get_masks(module)
     if previous is None or current is previous:
         return
+    _check_indices(previous)
     if current is None:
-        set_masks(module, previous)
+        _store(module, previous, previous)
         return
     device = current[0].device
     parts = [torch.stack([idx.to(device) for idx in masks]) for masks in (previous, current)]
     union = torch.unique(torch.cat(parts, dim=1), dim=1)
-    set_masks(module, (union[0], union[1], union[2]))
+    # both parts were evicted when they were set: nothing new to evict
+    _store(module, (union[0], union[1], union[2]), None)
 
 
 def masks_inside(module: nn.Module, k_len: int) -> Optional[MaskIndices]:
@@ -117,6 +159,9 @@ def remap_masks(module: nn.Module, kept: torch.Tensor, k_len: int) -> None:
     masked = masks_inside(module, k_len)
     if masked is None:
         return
+    sink = mask_sink(module)
+    if sink is not None:
+        raise ValueError(f"cannot move the masks of layer {getattr(module, 'layer_idx', '?')}: {sink.refuses_remap()}")
     bsz, num_kv_heads, n_kept = kept.shape
     new_position = torch.full((bsz, num_kv_heads, k_len), -1, dtype=torch.long, device=kept.device)
     new_position.scatter_(2, kept, torch.arange(n_kept, device=kept.device).expand_as(kept))
@@ -126,7 +171,8 @@ def remap_masks(module: nn.Module, kept: torch.Tensor, k_len: int) -> None:
     if not still_there.any():
         clear_masks(module)
         return
-    set_masks(module, (batch_idx[still_there], head_idx[still_there], mapped[still_there]))
+    remapped = (batch_idx[still_there], head_idx[still_there], mapped[still_there])
+    _store(module, remapped, None)  # the same entries, renumbered: nothing new is masked
 
 
 def masked_modules(model: nn.Module) -> list[nn.Module]:

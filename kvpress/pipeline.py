@@ -246,15 +246,21 @@ class KVPressTextGenerationPipeline(Pipeline):
             context_length = cache.get_seq_length()
         questions = input_tensors["questions_ids"]
         extra = max(q.shape[1] for q in questions) + max_new_tokens
-        ragged = ragged_cache_for(self.model, cache, decoding, extra + 2, own_cache) if ragged_cache else None
+        ragged = None
+        if ragged_cache:
+            ragged = ragged_cache_for(self.model, cache, press if decoding else None, extra + 2, own_cache)
         if ragged is not None:
-            # Only the entries each head kept are copied (kvpress.ragged_cache); answers are appended in place.
+            # Only the entries each head kept are copied (kvpress.ragged_cache); answers are appended in place, and a
+            # press acting during decoding evicts head by head inside the segments (rolled back for each question).
             state = ragged.state()
             try:
                 with decoding_context:
+                    press_snapshot = snapshot_press_state(press, self.model) if decoding else None
                     answers = []
-                    for question_ids in questions:
-                        ragged.rollback(state)
+                    for index, question_ids in enumerate(questions):
+                        ragged.rollback(state, release=index == len(questions) - 1)
+                        if press_snapshot is not None and index > 0:
+                            restore_press_state(press_snapshot, self.model)
                         question_ids = question_ids.to(self.model.device)
                         answers.append(self.generate_answer(question_ids, ragged, context_length, max_new_tokens))
             finally:

@@ -10,9 +10,10 @@ tokens) and the model's attention mask (padding), read at the entry's logical po
 Backends (`set_ragged_backend`, or `KVPRESS_RAGGED_BACKEND`):
 - `"reference"`: the segments gathered into a padded `(segments, longest, d)` tensor and a masked softmax in
   float32; exact, any device. The default on CPU.
-- `"flex"`: FlexAttention with one "head" per segment over the flat buffer and a block mask built from the segment
-  offsets (each head visits only the blocks of its own segment); compiled on CUDA, where it is the default.
-  On CPU it runs unfused (tests use it to check the CUDA path's masks).
+- `"flex"`: FlexAttention with one "head" per segment over the flat buffer and a block mask built once from the
+  segment offsets (`FlexPlan`: each head visits only the blocks of its own segment; appends and evictions change
+  the tensors its mask_mod reads, in place, not the mask); compiled on CUDA, where it is the default. On CPU it
+  runs unfused (tests use it to check the CUDA path's masks).
 
 `ragged_attention` has the signature of transformers' attention functions and is registered with
 `AttentionInterface` as `"kvpress_ragged"`; the patched attention functions (`kvpress.attention_patch`) call it for
@@ -114,51 +115,108 @@ def reference_ragged_attention(
     return output.reshape(bsz, num_heads, q_len, -1).transpose(1, 2).contiguous()
 
 
-def segment_block_mask(layer: RaggedLayer, q_len: int, groups: int, attention_mask=None):
-    """A FlexAttention BlockMask with one head per segment: head `s` visits the key blocks of rows
-    `[offsets[s], offsets[s] + lengths[s])` only, and its mask_mod applies use, causality and padding."""
-    from torch.nn.attention.flex_attention import BlockMask
+class FlexPlan:
+    """The FlexAttention block mask of a ragged layer for one query shape, built once and reused by every step.
 
-    segments, n_rows = layer.num_segments, layer.keys.shape[0]
-    offsets, lengths, positions = layer.offsets.long(), layer.lengths.long(), layer.positions
-    n_q = groups * q_len
-    q_blocks = -(-n_q // _FLEX_BLOCK)
-    total_blocks = -(-n_rows // _FLEX_BLOCK)
-    max_blocks = min(layer.max_capacity // _FLEX_BLOCK + 2, total_blocks)
-    first = offsets[:-1] // _FLEX_BLOCK
-    last = (offsets[:-1] + lengths - 1).clamp(min=0) // _FLEX_BLOCK
-    count = torch.where(lengths > 0, last - first + 1, torch.zeros_like(first))
-    indices = (first[:, None] + torch.arange(max_blocks, device=layer.device)).clamp(max=total_blocks - 1)
-    kv_num_blocks = count.to(torch.int32)[None, :, None].expand(1, segments, q_blocks).contiguous()
-    kv_indices = indices.to(torch.int32)[None, :, None, :].expand(1, segments, q_blocks, max_blocks).contiguous()
-    base = layer.logical_position - q_len  # on the device: no host value in the mask, one kernel for every step
-    # key blocks run past the last row: those indices read a position of -1 (and are outside every segment anyway)
-    positions = torch.cat([positions, positions.new_full((total_blocks * _FLEX_BLOCK - n_rows,), -1)])
-    starts, ends = offsets[:-1], offsets[:-1] + lengths
-    padding = None
-    if isinstance(attention_mask, torch.Tensor):
+    One "head" per segment. The blocks a head visits cover its segment's capacity (`offsets[s]` to
+    `offsets[s + 1]`), which changes only when the layer grows, so appends and evictions leave the block mask as it
+    is. The mask_mod reads the layer's tensors, which appends and evictions change in place: `lengths` (rows in use),
+    `positions` (causality among new tokens) and the device copy of the logical length; and the plan's own
+    `row_visible` (padding, per row), refreshed from the model's attention mask when one is given. A step thus
+    builds nothing: no host value, no new tensor shape, no new Python object reaches the kernel (what a CUDA graph
+    capture needs). The plan is rebuilt when the layer's `version` changes (growth, restore after a rollback).
+
+    The model's mask is read as causality and a per-column visibility (its last query row, a padding mask), which is
+    what the full-attention layers the ragged cache serves receive."""
+
+    def __init__(self, layer: RaggedLayer, q_len: int, groups: int):
+        from torch.nn.attention.flex_attention import BlockMask
+
+        self.version, self.q_len, self.groups = layer.version, q_len, groups
+        segments, n_rows = layer.num_segments, layer.keys.shape[0]
+        offsets = layer.offsets.long()
+        n_q = groups * q_len
+        q_blocks = -(-n_q // _FLEX_BLOCK)
+        total_blocks = max(-(-n_rows // _FLEX_BLOCK), 1)
+        first = offsets[:-1] // _FLEX_BLOCK
+        last = (offsets[1:] - 1).clamp(min=0) // _FLEX_BLOCK
+        count = torch.where(offsets[1:] > offsets[:-1], last - first + 1, torch.zeros_like(first))
+        max_blocks = max(int(count.max()) if segments else 1, 1)
+        if layer.device.type == "cpu":
+            # inductor's CPU kernel wants block indices spanning the whole key length (only `count` are visited)
+            max_blocks = total_blocks
+        indices = (first[:, None] + torch.arange(max_blocks, device=layer.device)).clamp(max=total_blocks - 1)
+        kv_num_blocks = count.to(torch.int32)[None, :, None].expand(1, segments, q_blocks).contiguous()
+        kv_indices = indices.to(torch.int32)[None, :, None, :].expand(1, segments, q_blocks, max_blocks).contiguous()
+        row_segment, _ = layer.rows_in_use()
+        self.row_batch = row_segment // layer.num_kv_heads
+        self.row_visible = torch.ones(n_rows, dtype=torch.bool, device=layer.device)
+        self.padded = False
+        starts, lengths, positions, logical = layer.offsets, layer.lengths, layer.positions, layer.logical_position
+        row_visible = self.row_visible
+        # a tensor, not a Python int: compiled kernels of layers of different sizes then share one graph
+        last_row = torch.tensor(max(n_rows - 1, 0), device=layer.device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            start = starts[h]
+            row = torch.minimum(kv_idx, last_row)  # key blocks may run past the last row: outside every segment
+            entry_pos = positions[row]
+            query_pos = logical - q_len + q_idx % q_len
+            in_use = (kv_idx >= start) & (kv_idx < start + lengths[h])
+            return in_use & (entry_pos <= query_pos) & row_visible[row]
+
+        self.mask_mod = mask_mod
+        self.block_mask = BlockMask.from_kv_blocks(
+            kv_num_blocks,
+            kv_indices,
+            BLOCK_SIZE=_FLEX_BLOCK,
+            mask_mod=mask_mod,
+            seq_lengths=(n_q, n_rows),
+            compute_q_blocks=False,  # inference only: no backward pass
+        )
+
+    def refresh_padding(self, layer: RaggedLayer, attention_mask) -> None:
+        """Copy the visibility of every row's entry under `attention_mask` (`(B or 1, 1, q, W)`) into
+        `row_visible`, in place; without a mask, every row is visible."""
+        if not isinstance(attention_mask, torch.Tensor):
+            if self.padded:
+                self.row_visible.fill_(True)
+                self.padded = False
+            return
+        if attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
+            raise ValueError(
+                f"ragged attention takes a (batch, 1, queries, keys) attention mask, got {tuple(attention_mask.shape)}"
+            )
         width = attention_mask.shape[-1]
-        padding = attention_mask[:, 0, :, width - layer.logical_length :]
-        padding = padding if padding.dtype == torch.bool else padding == 0
-        segment_batch = torch.arange(segments, device=layer.device) // layer.num_kv_heads
-        padding = padding[segment_batch] if padding.shape[0] > 1 else padding.expand(segments, -1, -1)
+        if width < layer.logical_length:
+            raise ValueError(
+                f"the attention mask covers {width} positions but the ragged layer holds {layer.logical_length}; "
+                "build it from the cache's get_mask_sizes"
+            )
+        allowed = attention_mask[:, 0, -1, width - layer.logical_length :]
+        allowed = allowed if allowed.dtype == torch.bool else allowed == 0
+        batch = self.row_batch if allowed.shape[0] > 1 else torch.zeros_like(self.row_batch)
+        column = layer.positions.long().clamp(0, max(layer.logical_length - 1, 0))
+        self.row_visible.copy_(allowed[batch, column])
+        self.padded = True
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        query_pos = base + q_idx % q_len
-        entry_pos = positions[kv_idx]
-        keep = (kv_idx >= starts[h]) & (kv_idx < ends[h]) & (entry_pos <= query_pos)
-        if padding is not None:
-            keep = keep & padding[h, q_idx % q_len, entry_pos.clamp(0, padding.shape[-1] - 1)]
-        return keep
 
-    return BlockMask.from_kv_blocks(
-        kv_num_blocks,
-        kv_indices,
-        BLOCK_SIZE=_FLEX_BLOCK,
-        mask_mod=mask_mod,
-        seq_lengths=(n_q, n_rows),
-        compute_q_blocks=False,  # inference only: no backward pass
-    )
+def flex_plan(layer: RaggedLayer, q_len: int, groups: int) -> FlexPlan:
+    """The layer's FlexPlan for `q_len` queries per head and `groups` query heads per KV head (built on first use
+    and after the layer's buffers were replaced)."""
+    plan = layer.plans.get((q_len, groups))
+    if plan is None or plan.version != layer.version:
+        plan = FlexPlan(layer, q_len, groups)
+        layer.plans[(q_len, groups)] = plan
+    return plan
+
+
+def segment_block_mask(layer: RaggedLayer, q_len: int, groups: int, attention_mask=None):
+    """The FlexAttention BlockMask of `layer` for this step: its plan's (reused from step to step), with the padding
+    of `attention_mask` copied in place."""
+    plan = flex_plan(layer, q_len, groups)
+    plan.refresh_padding(layer, attention_mask)
+    return plan.block_mask
 
 
 def _flex_function(device: torch.device) -> Callable:
@@ -203,6 +261,7 @@ def run_ragged_attention(layer: RaggedLayer, query: torch.Tensor, attention_mask
     """Attention over `layer` with the chosen backend. On CUDA the compiled FlexAttention serves decoding steps (one
     query row per head: one shape per layer size); longer forwards (a question) and any failure of the compiled
     kernel (said once in the log) use the reference path."""
+    layer.last_query = query  # what the layer's dense view builds its fake keys from (decoding-time presses)
     backend = ragged_backend(query.device)
     if backend == "flex" and (query.device.type != "cuda" or query.shape[2] == 1) and not _state.get("flex_failed"):
         try:

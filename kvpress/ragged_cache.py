@@ -15,22 +15,28 @@ copies a filled (compressed) dense cache once into `RaggedLayer`s that hold only
   and decoding-time eviction finds the entries it drops by them.
 
 The attention over a ragged layer (`kvpress.ragged_attention`) folds each KV head's query group into the rows of
-its segment. Rolling back after a question resets the lengths (`lengths()` / `rollback()`), as for `InPlaceCache`.
-Presses cannot resize a ragged layer (it is not a `DynamicLayer`): convert after the presses that act on the
-context. Head-wise masks set later (decoding-time eviction) are applied in place by `evict_masked`.
+its segment. Rolling back after a question resets the lengths (`state()` / `rollback()`), as for `InPlaceCache`.
+
+Presses cannot resize a ragged layer: convert after the presses that act on the context. Head-wise eviction during
+decoding (DMSPress(decoding=True), DecodingPress over AdaKVPress) works on it unchanged: presses read the layer as a
+dense `(B, H_kv, T, d)` view (`dense_keys_and_values`, through `kvpress.utils.extract_keys_and_values`), and every
+entry they mask is evicted from its segment at once (`RaggedCache.attach` makes the layer the eviction sink of
+`kvpress.headwise_masks`), so its row is free for the next tokens. Entries evicted during a question are brought back
+by `rollback` to a `state()` taken before it: the first eviction after `state()` copies the layer once.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Optional
+import weakref
+from typing import Any, Optional, Union
 
 import torch
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
-from kvpress.headwise_masks import get_masks, masks_as_bool
+from kvpress.headwise_masks import attach_mask_sink, detach_mask_sink, masks_as_bool
 from kvpress.transformers_adapter import CannotCompressError
 
 logger = logging.getLogger(__name__)
@@ -84,14 +90,22 @@ class RaggedLayer(CacheLayerMixin):
         self.lengths = lengths.to(torch.int32)
         self.capacities = capacities.to(torch.int32)
         self.logical_length = seq_len
+        # the logical length on the device, changed in place (attention masks read it without a host value)
+        self.logical_position = torch.tensor(seq_len, dtype=torch.long, device=keys.device)
+        # bumped whenever the buffers or offsets are replaced (growth, restore): plans built on them are stale
+        self.version = 0
+        self.last_query: Optional[torch.Tensor] = None  # the query of the last attention (fake keys of the view)
+        self.plans: dict = {}  # attention plans of kvpress.ragged_attention, by (q_len, groups)
+        self._protected: Optional[dict] = None  # the backup holder of the state() to roll back to (see evict)
+        self._last_view: Optional[weakref.ref] = None
         self._track_free_rows()
 
     def _track_free_rows(self) -> None:
-        """Host-side bookkeeping read by every step without a device sync: the fewest free rows of any segment, the
-        largest segment capacity, and the logical length on the device (for the attention masks)."""
+        """Host-side bookkeeping read by every step without a device sync: the fewest free rows of any segment and
+        the largest segment capacity; the device copy of the logical length is refreshed in place."""
         self.min_free_rows = int((self.capacities - self.lengths).min()) if self.num_segments else 0
         self.max_capacity = int(self.capacities.max()) if self.num_segments else 0
-        self.logical_position = torch.tensor(self.logical_length, dtype=torch.long, device=self.device)
+        self.logical_position.fill_(self.logical_length)
 
     # -- transformers' cache-layer interface --------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -112,7 +126,8 @@ class RaggedLayer(CacheLayerMixin):
         rows = rows.reshape(-1)
         self.keys.index_copy_(0, rows, key_states.reshape(-1, key_states.shape[-1]).to(self.keys.dtype))
         self.values.index_copy_(0, rows, value_states.reshape(-1, value_states.shape[-1]).to(self.values.dtype))
-        new_positions = torch.arange(self.logical_length, self.logical_length + n_new, device=self.device)
+        # positions from the device copy of the logical length: no host value that changes from step to step
+        new_positions = self.logical_position + torch.arange(n_new, device=self.device)
         self.positions.index_copy_(0, rows, new_positions.to(torch.int32).repeat(bsz * num_kv_heads))
         self.lengths += n_new
         self.logical_length += n_new
@@ -151,17 +166,109 @@ class RaggedLayer(CacheLayerMixin):
     def used_rows(self) -> int:
         return int(self.lengths.sum())
 
-    def state(self) -> tuple[torch.Tensor, int]:
-        return self.lengths.clone(), self.logical_length
+    def state(self) -> tuple:
+        """What `rollback` returns to. Until then (or until a rollback with `release=True`), the first eviction
+        copies the layer once, so that the entries it drops can be brought back."""
+        holder: dict = {}
+        self._protected = holder
+        return self.lengths.clone(), self.logical_length, holder
 
-    def rollback(self, state: tuple[torch.Tensor, int]) -> None:
-        """Forget every entry written after `state` (from `state()`): later tokens overwrite the spare rows.
-
-        Entries evicted in place since then are not brought back (their rows were reused)."""
-        lengths, logical_length = state
+    def rollback(self, state: tuple, release: bool = False) -> None:
+        """Forget every entry written after `state` (from `state()`): later tokens overwrite the spare rows, and
+        entries evicted since are restored from the copy the first eviction made. With `release`, the state is not
+        needed again: later evictions make no copy."""
+        lengths, logical_length = state[0], state[1]
+        holder = state[2] if len(state) > 2 else None
+        if holder is not None and holder.get("buffers") is not None:
+            saved = holder["buffers"]
+            for name, tensor in saved.items():
+                setattr(self, name, tensor if release else tensor.clone())
+            if release:
+                holder["buffers"] = None
+            self.version += 1
+        self._protected = None if release else holder
         self.lengths.copy_(lengths)
         self.logical_length = logical_length
         self._track_free_rows()
+
+    def _protect_before_eviction(self) -> None:
+        """Copy the layer once, before the first eviction after `state()` changes its rows."""
+        holder = self._protected
+        if holder is not None and holder.get("buffers") is None:
+            names = ("keys", "values", "positions", "offsets", "capacities")
+            holder["buffers"] = {name: getattr(self, name).clone() for name in names}
+
+    def rows_in_use(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The segment of every row `(rows,)` and whether the row is in use `(rows,)`."""
+        n_rows = self.keys.shape[0]
+        row_segment = torch.repeat_interleave(
+            torch.arange(self.num_segments, device=self.device), self.capacities.long(), output_size=n_rows
+        )
+        in_use = (
+            torch.arange(n_rows, device=self.device) - self.offsets.long()[row_segment]
+            < self.lengths.long()[row_segment]
+        )
+        return row_segment, in_use
+
+    # -- the dense view presses read during decoding ------------------------------------------------------------
+    def dense_keys_and_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `(B, H_kv, T, d)` over the logical sequence, for a press acting during decoding.
+
+        Each held entry sits at its logical position. An evicted entry has a zero value and, as on the masking
+        path (where the patched attention overwrites masked keys in place), the fake key of the layer's last
+        queries (`kvpress.attention_patch.search_hyperplane`), so scorers rank it lowest and the press scores what
+        it scores on a dense cache. When no fake key exists for all those queries (the masking path then masks
+        explicitly and leaves the original keys in place, which the ragged layer no longer holds), the fake key of
+        the last query row is used: the choices may then differ from the masking path's (zero key when none
+        exists either)."""
+        from kvpress.attention_patch import search_hyperplane
+
+        segments, seq_len = self.num_segments, self.logical_length
+        row_segment, in_use = self.rows_in_use()
+        rows = in_use.nonzero().squeeze(-1)
+        segment, position = row_segment[rows], self.positions[rows].long()
+        keys = self.keys.new_zeros(segments, seq_len, self.keys.shape[-1])
+        values = self.values.new_zeros(segments, seq_len, self.values.shape[-1])
+        held = torch.zeros(segments, seq_len, dtype=torch.bool, device=self.device)
+        keys[segment, position] = self.keys[rows]
+        values[segment, position] = self.values[rows]
+        held[segment, position] = True
+        query = self.last_query
+        if query is not None and query.shape[0] == self.batch_size and not bool(held.all()):
+            groups = query.shape[1] // self.num_kv_heads
+            fake = None
+            # the masking path's fake key (every query row of the head), else one for the last query row alone
+            for rows in (query, query[:, :, -1:]):
+                try:
+                    folded = rows.reshape(segments, groups * rows.shape[2], rows.shape[-1]).float()
+                    fake = search_hyperplane(folded).to(keys.dtype)  # (segments, d)
+                    break
+                except ValueError:
+                    continue
+            if fake is not None:
+                missing_segment, missing_position = (~held).nonzero(as_tuple=True)
+                keys[missing_segment, missing_position] = fake[missing_segment]
+        shape = (self.batch_size, self.num_kv_heads, seq_len)
+        keys, values = keys.view(*shape, -1), values.view(*shape, -1)
+        self._last_view = weakref.ref(keys)
+        return keys, values
+
+    def write_dense(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """What a press writes back after reading `dense_keys_and_values`: the view itself (its evictions went
+        through the head-wise masks, already applied). Anything else would resize or rewrite the layer, which a
+        ragged layer does not do: CannotCompressError."""
+        view = self._last_view() if self._last_view is not None else None
+        if view is not None and keys is view:
+            return
+        raise CannotCompressError(
+            f"a press wrote keys of shape {tuple(keys.shape)} into a ragged cache layer (logical length "
+            f"{self.logical_length}): the ragged cache keeps each head's own entries and takes decoding-time eviction "
+            "only as head-wise masks (DMSPress(decoding=True), DecodingPress over AdaKVPress). Decode with the "
+            "masking path (ragged_cache=False) for presses that resize the cache."
+        )
+
+    def refuses_remap(self) -> str:
+        return "its cache is ragged, which cannot be resized (uniform decoding-time compression needs a dense cache)"
 
     def segment_rows(self, segment: int) -> torch.Tensor:
         """The rows of `segment` in use (for tests and inspection)."""
@@ -190,6 +297,7 @@ class RaggedLayer(CacheLayerMixin):
             new[new_rows] = old[old_rows]
             setattr(self, name, new)
         self.offsets, self.capacities = offsets.to(torch.int32), capacities.to(torch.int32)
+        self.version += 1
         self._track_free_rows()
 
     def evict(self, batch_idx: torch.Tensor, head_idx: torch.Tensor, positions: torch.Tensor) -> int:
@@ -199,16 +307,15 @@ class RaggedLayer(CacheLayerMixin):
         if positions.numel() == 0:
             return 0
         big = self.logical_length + 1
-        lengths, offsets = self.lengths.long(), self.offsets.long()
+        offsets = self.offsets.long()
         n_rows = self.keys.shape[0]
-        row_segment = torch.repeat_interleave(
-            torch.arange(self.num_segments, device=self.device), self.capacities.long(), output_size=n_rows
-        )
-        in_use = torch.arange(n_rows, device=self.device) - offsets[row_segment] < lengths[row_segment]
+        row_segment, in_use = self.rows_in_use()
         # a sorted key per row: segment-major, positions ascending within a segment, free rows last
         sort_key = row_segment * big + torch.where(in_use, self.positions.long(), big - 1)
+        positions = positions.to(self.device).long()
         wanted = (batch_idx.to(self.device).long() * self.num_kv_heads + head_idx.to(self.device).long()) * big
-        wanted = wanted + positions.to(self.device).long()
+        # a position outside the logical sequence would alias an entry of the next segment: it matches nothing
+        wanted = torch.where((positions >= 0) & (positions < self.logical_length), wanted + positions, -1)
         found = torch.searchsorted(sort_key, wanted).clamp(max=n_rows - 1)
         hit = (sort_key[found] == wanted) & in_use[found]
         drop = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
@@ -216,6 +323,7 @@ class RaggedLayer(CacheLayerMixin):
         n_dropped = int(drop.sum())
         if n_dropped == 0:
             return 0
+        self._protect_before_eviction()
         stays = in_use & ~drop
         rank = torch.cumsum(stays.long(), 0)
         segment_start = torch.zeros(self.num_segments + 1, dtype=torch.long, device=self.device)
@@ -274,12 +382,14 @@ class RaggedCache(DynamicCache):
         applied (decoding-time masks set later are evicted in place)."""
         for layer_idx, module in attention_modules_by_layer(model).items():
             if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], RaggedLayer):
-                module.__dict__[_LAYER_ATTRIBUTE] = (self.layers[layer_idx], get_masks(module))
+                module.__dict__[_LAYER_ATTRIBUTE] = self.layers[layer_idx]
+                attach_mask_sink(module, self.layers[layer_idx])  # entries masked from now on are evicted
 
     @staticmethod
     def detach(model: torch.nn.Module) -> None:
         for module in model.modules():
-            module.__dict__.pop(_LAYER_ATTRIBUTE, None)
+            if module.__dict__.pop(_LAYER_ATTRIBUTE, None) is not None:
+                detach_mask_sink(module)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
@@ -298,12 +408,14 @@ class RaggedCache(DynamicCache):
         return total
 
     def state(self) -> list:
+        """What `rollback` returns to (entries evicted after it included, see `RaggedLayer.state`)."""
         return [layer.state() if isinstance(layer, RaggedLayer) else None for layer in self.layers]
 
-    def rollback(self, state: list) -> None:
+    def rollback(self, state: list, release: bool = False) -> None:
+        """Return to `state`; with `release`, for the last time (later evictions make no copy)."""
         for layer, saved in zip(self.layers, state):
             if saved is not None:
-                layer.rollback(saved)  # type: ignore[attr-defined]
+                layer.rollback(saved, release=release)  # type: ignore[attr-defined]
 
 
 def attention_modules_by_layer(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -334,18 +446,13 @@ def ragged_problem(cache: Cache) -> Optional[str]:
 
 
 def ragged_layer_of(module, key: torch.Tensor) -> Optional[RaggedLayer]:
-    """The ragged layer `module` reads when `key` is its buffer (as its update returned it), else None. Head-wise
-    masks set on `module` since the layer was attached (decoding-time eviction) are evicted first."""
-    attached = module.__dict__.get(_LAYER_ATTRIBUTE)
-    if attached is None:
+    """The ragged layer `module` reads when `key` is its buffer (as its update returned it), else None. (Entries
+    masked on `module` were evicted when the masks were set: `kvpress.headwise_masks` is the writer.)"""
+    layer = module.__dict__.get(_LAYER_ATTRIBUTE)
+    if layer is None:
         return None
-    layer, seen = attached
     if key.dim() != 4 or key.shape[:2] != (1, 1) or key.shape[2] != layer.keys.shape[0]:
         return None
-    masks = get_masks(module)
-    if masks is not None and masks is not seen:
-        layer.evict(*masks)
-        module.__dict__[_LAYER_ATTRIBUTE] = (layer, masks)
     return layer
 
 
@@ -359,19 +466,63 @@ def log_once(message: str) -> None:
         logger.info(message)
 
 
+def _nested_presses(press: Any) -> list:
+    """The presses nested in `press` (fields holding a press, or lists/tuples of presses), at any depth."""
+    from kvpress.presses.base_press import BasePress
+
+    found: list = []
+    stack = [value for value in vars(press).values()]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif isinstance(value, BasePress) and all(value is not seen for seen in found):
+            found.append(value)
+            stack.extend(vars(value).values())
+    return found
+
+
+def decoding_eviction_problem(press: Any) -> Optional[str]:
+    """Why the ragged cache cannot serve `press` while it decodes (None when it can): every press that acts during
+    decoding must evict head by head, being head-wise itself (DMSPress) or acting through a nested head-wise press
+    (DecodingPress over AdaKVPress); presses that resize the cache (DecodingPress over a ScorerPress, a
+    cache_budget) need a dynamic cache."""
+    from kvpress.presses.base_press import BasePress
+
+    if not isinstance(press, BasePress):
+        return None if press is None or press is False else "a press acting during decoding"
+
+    def served(item: Any) -> bool:
+        if not item.acts_during_decoding or item.head_wise:
+            return True
+        nested = _nested_presses(item)
+        acting = [inner for inner in nested if inner.acts_during_decoding]
+        return any(inner.head_wise for inner in nested) and all(served(inner) for inner in acting)
+
+    for item in [press, *_nested_presses(press)]:
+        if not served(item):
+            return f"{type(item).__name__} resizes the cache while decoding"
+    return None
+
+
 def ragged_cache_for(
     model: torch.nn.Module,
     cache: Cache,
-    press_acts_during_decoding: bool,
+    press: Union[bool, Any],
     extra_tokens: int,
     release_source: bool = False,
 ) -> Optional[RaggedCache]:
-    """A RaggedCache holding the kept entries of `cache` for decoding `model`, or None (said once in the log) when
-    it cannot apply: the press acts during decoding (it resizes a dynamic cache), or the cache holds layers the
+    """A RaggedCache holding the kept entries of `cache` for decoding `model` with `press` acting during decoding
+    (a press, None or False when none acts; True for one not given), or None (said once in the log) when it cannot
+    apply: the press resizes the cache while decoding (`decoding_eviction_problem`), or the cache holds layers the
     ragged cache cannot copy (quantized). Head-wise masks then stay on the masking path. With `release_source`, the
     dense layers of `cache` are dropped once copied (the caller no longer needs them)."""
-    if press_acts_during_decoding:
+    if press is True:
         log_once("ragged_cache: the press acts during decoding and resizes a dynamic cache; using the masking path")
+        return None
+    problem = decoding_eviction_problem(press)
+    if problem is not None:
+        log_once(f"ragged_cache: not applicable ({problem}: it needs a dynamic cache); using the masking path")
         return None
     problem = ragged_problem(cache)
     if problem is not None:

@@ -12,6 +12,7 @@ from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
 from kvpress.inplace_cache import InPlaceLayer
+from kvpress.ragged_cache import RaggedLayer
 from kvpress.resources import text_config
 from kvpress.transformers_adapter import CannotCompressError
 from kvpress.validation import real_number, validate_compression_ratio  # noqa: F401 (importable from here as before)
@@ -129,7 +130,8 @@ def dequantize_layer(cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 def resizable_layer(cache: Cache, layer_idx: int):
     """`cache.layers[layer_idx]`, checked to be a layer a press can shrink: a dynamic (growing) layer, a quantized
-    one, or an in-place decoding layer (written back into its own buffers). Raises CannotCompressError for any other
+    one, an in-place decoding layer (written back into its own buffers), or a ragged layer (read as a dense view; it
+    takes only head-wise eviction, see `RaggedLayer.write_dense`). Raises CannotCompressError for any other
     layout (a static, preallocated layer; an unknown class)."""
     layers = getattr(cache, "layers", None)
     if layers is None or layer_idx >= len(layers):
@@ -138,7 +140,7 @@ def resizable_layer(cache: Cache, layer_idx: int):
             ": kvpress compresses caches that hold one layer object per attention layer (DynamicCache, QuantizedCache)."
         )
     cache_layer = layers[layer_idx]
-    if is_quantized_layer(cache_layer) or isinstance(cache_layer, (DynamicLayer, InPlaceLayer)):
+    if is_quantized_layer(cache_layer) or isinstance(cache_layer, (DynamicLayer, InPlaceLayer, RaggedLayer)):
         return cache_layer
     raise CannotCompressError(
         f"Cannot resize layer {layer_idx} of {type(cache).__name__}: its {type(cache_layer).__name__} keeps a fixed "
@@ -154,6 +156,8 @@ def extract_keys_and_values(cache: Cache, layer_idx: int) -> tuple[torch.Tensor,
         return dequantize_layer(cache_layer)
     if isinstance(cache_layer, InPlaceLayer):
         return cache_layer.valid_keys, cache_layer.valid_values
+    if isinstance(cache_layer, RaggedLayer):
+        return cache_layer.dense_keys_and_values()
     return cache_layer.keys, cache_layer.values
 
 
@@ -175,6 +179,8 @@ def write_keys_and_values(cache: Cache, layer_idx: int, keys: torch.Tensor, valu
         cache_layer.cumulative_length = keys.shape[2]
     elif isinstance(cache_layer, InPlaceLayer):
         cache_layer.replace(keys, values)
+    elif isinstance(cache_layer, RaggedLayer):
+        cache_layer.write_dense(keys, values)
     else:
         cache_layer.keys = keys
         cache_layer.values = values

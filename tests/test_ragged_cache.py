@@ -294,14 +294,8 @@ def test_pipeline_questions_match_the_masking_path(name, tmp_path, monkeypatch):
     assert ragged == masked
 
 
-def test_pipeline_falls_back_to_masking_for_decoding_presses(caplog):
+def test_pipeline_refuses_a_ragged_cache_flag_that_is_not_a_bool():
     pipe = KVPressTextGenerationPipeline(model=get_model("llama"), tokenizer=load_tokenizer(), device="cpu")
-    press = DMSPress(KnormPress(), threshold=-3.0, sliding_window_size=4, decoding=True)
-    with caplog.at_level(logging.INFO, logger="kvpress.ragged_cache"):
-        ragged = pipe("Some context " * 8, question="Why?", press=press, max_new_tokens=4, ragged_cache=True)
-    assert "using the masking path" in caplog.text
-    press = DMSPress(KnormPress(), threshold=-3.0, sliding_window_size=4, decoding=True)
-    assert ragged == pipe("Some context " * 8, question="Why?", press=press, max_new_tokens=4)
     with pytest.raises(TypeError, match="ragged_cache must be True or False"):
         pipe("Some context", question="Why?", ragged_cache="yes")
 
@@ -344,8 +338,9 @@ def test_benchmark_ragged_loop_holds_only_the_kept_entries(tmp_path):
     rows = main([*args, "--presses", "adakv_snapkv:0.5,knorm:0.5", "--decode_loops", "inplace,ragged"])
     by_key = {(row["press"], row["decode_loop"]): row for row in rows}
     ragged, masked = by_key[("adakv_snapkv:0.5", "ragged")], by_key[("adakv_snapkv:0.5", "inplace")]
-    # tiny shape: 2 layers x 2 KV heads x head_dim 16, float32; 64 kept entries + 6 spare rows per segment
-    assert ragged["kv_bytes"] == 2 * 2 * 2 * 16 * 4 * (64 + 6)
+    # tiny shape: 2 layers x 2 KV heads x head_dim 16, float32; 64 kept entries + 8 spare rows per segment (4 new
+    # tokens, 2 warm-up steps, 2 more)
+    assert ragged["kv_bytes"] == 2 * 2 * 2 * 16 * 4 * (64 + 8)
     assert masked["kv_bytes"] == 2 * 2 * 2 * 16 * 4 * 128  # the masking path keeps every entry
     assert ragged["kv_bytes_dense_prefill"] == masked["kv_bytes"]
     assert by_key[("knorm:0.5", "ragged")]["kv_bytes"] == ragged["kv_bytes"]  # the same kept size
