@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from kvpress import attention_patch
 from kvpress import (
     AdaKVPress,
     DMSPress,
@@ -194,7 +195,7 @@ def _check_resident(model, cache, ragged):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
 @pytest.mark.parametrize("name", sorted(PRESSES))
-def test_ragged_decoding_matches_the_masking_path(arch, name, tmp_path):
+def test_ragged_decoding_matches_the_masking_path(arch, name, tmp_path, monkeypatch):
     model = get_model(arch)
     press = PRESSES[name](0.5, tmp_path)
     ids = random_input_ids(2, 40)
@@ -210,9 +211,16 @@ def test_ragged_decoding_matches_the_masking_path(arch, name, tmp_path):
         ragged_logits = _decode(model, ragged, question, steps=5)
     finally:
         RaggedCache.detach(model)
+    # The reference is the masking path's exact mode, an explicit per-head mask: its fake keys hide an entry only up to
+    # the perceptron's margin, which for some random masks (DMS over RandomPress) leaves a visible weight.
+    monkeypatch.setattr(attention_patch, "apply_masked_key_indices", _no_fake_key)
     masked_logits = _decode(model, cache, question, steps=5)
     torch.testing.assert_close(ragged_logits, masked_logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(ragged_logits.argmax(-1), masked_logits.argmax(-1))
+
+
+def _no_fake_key(*args, **kwargs):
+    raise ValueError("no fake key: the test asks for the explicit per-head mask")
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])

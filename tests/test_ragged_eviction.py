@@ -299,10 +299,10 @@ def test_benchmark_ragged_loop_evicts_while_decoding(tmp_path):
     from kvpress.benchmark import main
 
     args = ["--model", "tiny", "--context_lengths", "128", "--max_new_tokens", "6", "--output_dir", str(tmp_path)]
-    presses = "decoding_adakv_snapkv:target_size=64:compression_interval=2,knorm:budget=64"
+    presses = "decoding_adakv_expected_attention_e2:target_size=64:compression_interval=2,knorm:budget=64"
     rows = main([*args, "--presses", presses, "--decode_loops", "ragged"])
     by_press = {row["press"]: row for row in rows}
-    evicting = by_press["decoding_adakv_snapkv:target_size=64:compression_interval=2"]
+    evicting = by_press["decoding_adakv_expected_attention_e2:target_size=64:compression_interval=2"]
     # 2 layers x 2 KV heads, 128 context tokens + 2 warm-up steps + 5 timed ones; DecodingPress keeps about 64 per
     # head (at most 64 + 2 - 1 between compressions): the rows in use fell by what it evicted
     assert 2 * 2 * 64 <= evicting["kv_entries_after_decode"] <= 2 * 2 * 65
