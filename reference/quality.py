@@ -315,7 +315,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--presses",
         default="all",
-        help="comma-separated names, 'all' or 'long' (issue 26's: " + ", ".join(LONG_PRESSES) + "): "
+        help="comma-separated names, 'all' or 'long' (issue 26's: "
+        + ", ".join(LONG_PRESSES)
+        + "): "
         + ", ".join(ALL_PRESSES),
     )
     parser.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS))

@@ -205,8 +205,9 @@ LONG_RECIPE: dict[str, object] = {
     "min_lr_ratio": 0.1,
     "warmup_steps": 100,
     "max_steps": "auto",
-    "time_budget_s": 570.0,
-    "eval_reserve_s": 100.0,
+    "time_budget_s": 510.0,
+    "eval_reserve_s": 90.0,
+    "calibration_margin": 0.05,
     "eval_lengths": [4096, 8192, 16384, 32768],
     "eval_rows": 5,
     "compile": False,
@@ -351,6 +352,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     add("--eval_reserve_s", type=float, default=75.0, help="seconds kept for the final save and evaluation")
     add(
+        "--calibration_margin",
+        type=float,
+        default=0.15,
+        help="with --max_steps auto: the fitted schedule is predicted to take 1/(1 + margin) of the time left",
+    )
+    add(
         "--stop_after_s",
         type=float,
         default=None,
@@ -386,6 +393,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "shape, which made an eager step on new shapes 3.4 to 3.8 times slower on an H100)",
     )
     add("--log_every", type=int, default=50)
+    add(
+        "--save_model",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write output_dir/model/ at the end (--no-save_model: only the resume checkpoint, which --export_to "
+        "turns into a model directory later; keeps a device run's output small)",
+    )
     add("--save_every_s", type=float, default=120.0)
     add(
         "--optimizer_dtype",
@@ -664,7 +678,7 @@ def schedule_seconds(max_steps: int, args: argparse.Namespace, per_step: tuple[f
 def calibrate_max_steps(train_step, tokenizer, args: argparse.Namespace, device: str, started: float) -> int:
     """The number of steps that fits the time budget: times full-size steps (forward and backward, no update) on
     synthetic batches at a few context lengths of the schedule, fits seconds = a + b * length, and takes the longest
-    schedule whose predicted time fits the time left, with a 15% margin."""
+    schedule whose predicted time fits the time left, with a margin (--calibration_margin, 15% by default)."""
     timings = {}
     for length in probe_lengths(args):
         rows = rows_per_batch(length, args)
@@ -685,7 +699,7 @@ def calibrate_max_steps(train_step, tokenizer, args: argparse.Namespace, device:
         timings[length] = (run(4) - begin) / 4
     per_step = step_time_model(timings)
     left = args.time_budget_s - args.eval_reserve_s - (time.time() - started) - 20  # 20 s: the loader's start
-    budget = left / 1.15
+    budget = left / (1 + args.calibration_margin)
     low, high = 1, 1
     while schedule_seconds(high, args, per_step) < budget and high < 10**7:
         low, high = high, high * 2
@@ -729,6 +743,11 @@ def _read_parts(directory: Path, stem: str) -> list[Path]:
     )
 
 
+def _is_moment(value) -> bool:
+    """A floating-point tensor of the optimizer state other than a scalar (the step counts stay as they are)."""
+    return torch.is_tensor(value) and value.is_floating_point() and value.ndim > 0
+
+
 def optimizer_state(optimizer, dtype: str = "float32") -> dict:
     """The optimizer's state dict, its floating-point moments in `dtype` (bfloat16 halves the checkpoint; loading
     casts them back to the parameters' dtype)."""
@@ -738,10 +757,7 @@ def optimizer_state(optimizer, dtype: str = "float32") -> dict:
     if dtype != "bfloat16":
         raise ValueError(f"optimizer dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     state["state"] = {
-        key: {
-            name: value.to(torch.bfloat16) if torch.is_tensor(value) and value.is_floating_point() and value.ndim else value
-            for name, value in entry.items()
-        }
+        key: {name: value.to(torch.bfloat16) if _is_moment(value) else value for name, value in entry.items()}
         for key, entry in state["state"].items()
     }
     return state
@@ -866,9 +882,7 @@ def evaluate_held_out(model, tokenizer, args: argparse.Namespace) -> dict:
         start = time.time()
         try:
             rows = [
-                row
-                for task in TASK_NAMES
-                for row in generate_rows(task, count, length, tokenizer, seed=args.eval_seed)
+                row for task in TASK_NAMES for row in generate_rows(task, count, length, tokenizer, seed=args.eval_seed)
             ]
             scores, predictions = evaluate(pipe, rows)
         except (RuntimeError, ValueError) as error:  # recorded, not hidden: the summary says which length failed
@@ -1113,8 +1127,9 @@ def train(args: argparse.Namespace) -> dict:
     log_file.close()
     finished = step >= max_steps
     save_resume(model, step, max_steps, args, optimizer, earlier_seconds + time.time() - started)
-    path = save_model(model, tokenizer, output_dir)
-    logger.info("saved the model to %s after %d steps (%s)", path, step, "complete" if finished else "INCOMPLETE")
+    if args.save_model:
+        path = save_model(model, tokenizer, output_dir)
+        logger.info("saved the model to %s after %d steps (%s)", path, step, "complete" if finished else "INCOMPLETE")
     # a schedule fitted to the time budget that ran out before its last steps is evaluated all the same (its learning
     # rate was near the end of its decay); a run in parts (--stop_after_s) is not
     fitted_but_late = out_of_time and args.max_steps == "auto" and not args.stop_after_s

@@ -324,19 +324,20 @@ def test_the_32k_model_is_the_reference_architecture_with_yarn():
     model = AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL_32K_DIR)
     reference = AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL_DIR)
     assert model.config.rope_parameters["rope_type"] == "yarn"
-    assert model.config.rope_parameters["factor"] * model.config.rope_parameters[
-        "original_max_position_embeddings"
-    ] >= LONG_CONTEXT_LENGTH
+    assert (
+        model.config.rope_parameters["factor"] * model.config.rope_parameters["original_max_position_embeddings"]
+        >= LONG_CONTEXT_LENGTH
+    )
     assert model.num_parameters() == reference.num_parameters()
     assert sum(p.stat().st_size for p in REFERENCE_MODEL_32K_DIR.iterdir()) < 40 * 10**6  # ships (issue 26)
 
 
 @needs_32k
 def test_the_32k_model_finds_single_needles_at_8k_tokens():
-    from kvpress.pipeline import KVPressTextGenerationPipeline  # noqa: F401  (registers the pipeline)
     from transformers import pipeline
 
     from harness.synthetic.tasks import generate_rows
+    from kvpress.pipeline import KVPressTextGenerationPipeline  # noqa: F401  (registers the pipeline)
     from reference.evaluate import accuracy, predict
 
     pipe = pipeline("kv-press-text-generation", model=str(REFERENCE_MODEL_32K_DIR), device="cpu")
