@@ -291,9 +291,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add(
         "--yarn_attention_factor",
         type=float,
-        default=1.0,
-        help="YaRN's cos/sin scale (1: a pure rotation, so every press that re-applies RoPE sees the model's keys; "
-        "YaRN's own choice is 0.1 ln(factor) + 1)",
+        default=None,
+        help="YaRN's cos/sin scale (default: YaRN's own, 0.1 ln(factor) + 1, which sharpens every attention logit by "
+        "its square; 1: a pure rotation)",
     )
     # data
     add("--context_length", type=int, default=TRAINED_CONTEXT_LENGTH)
@@ -576,13 +576,15 @@ def rope_parameters(args: argparse.Namespace, current: Optional[dict] = None) ->
         return {**current, "rope_theta": theta}
     if args.yarn_factor == 1:
         return {"rope_type": "default", "rope_theta": theta}
-    return {
+    parameters = {
         "rope_type": "yarn",
         "rope_theta": theta,
         "factor": float(args.yarn_factor),
         "original_max_position_embeddings": int(args.yarn_original_length),
-        "attention_factor": float(args.yarn_attention_factor),
     }
+    if args.yarn_attention_factor is not None:
+        parameters["attention_factor"] = float(args.yarn_attention_factor)
+    return parameters
 
 
 def build_model(args: argparse.Namespace, tokenizer, config_json: Optional[str] = None):
@@ -1125,6 +1127,7 @@ def train(args: argparse.Namespace) -> dict:
             save_resume(model, step, max_steps, args, optimizer, earlier_seconds + time.time() - started)
             last_save = time.time()
     log_file.close()
+    del batches, loader  # stops the data-loader workers: the evaluation needs the CPUs
     finished = step >= max_steps
     save_resume(model, step, max_steps, args, optimizer, earlier_seconds + time.time() - started)
     if args.save_model:

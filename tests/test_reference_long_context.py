@@ -116,7 +116,6 @@ def test_yarn_keeps_the_fast_frequencies_and_divides_the_slow_ones_by_the_factor
         "rope_theta": 100000.0,
         "factor": 32.0,
         "original_max_position_embeddings": 1024,
-        "attention_factor": 1.0,
     }
     config = LlamaConfig(
         hidden_size=256, num_attention_heads=4, head_dim=64, max_position_embeddings=32768, rope_parameters=parameters
@@ -125,7 +124,7 @@ def test_yarn_keeps_the_fast_frequencies_and_divides_the_slow_ones_by_the_factor
     plain = 1.0 / 100000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
     ratio = inv_freq.double() / plain
     periods = 2 * math.pi / plain
-    assert scale == 1.0  # a pure rotation
+    assert scale == pytest.approx(0.1 * math.log(32) + 1)  # YaRN's own sharpening (cos and sin scaled)
     assert torch.allclose(ratio[periods < 1024 / 32], torch.ones(1, dtype=torch.float64))  # local heads unchanged
     assert torch.allclose(ratio[periods > 1024], torch.full((1,), 1 / 32, dtype=torch.float64))  # slow ones / 32
     # without a RoPE option a continued checkpoint keeps its own; --yarn_factor 1 is plain RoPE; --rope_theta sets it
@@ -133,6 +132,8 @@ def test_yarn_keeps_the_fast_frequencies_and_divides_the_slow_ones_by_the_factor
     assert rope_parameters(kept, parameters) == parameters
     plain_args = parse_args(["--output_dir", "x", "--yarn_factor", "1", "--rope_theta", "500000"])
     assert rope_parameters(plain_args, parameters) == {"rope_type": "default", "rope_theta": 500000.0}
+    rotation = parse_args(["--output_dir", "x", "--yarn_factor", "32", "--yarn_attention_factor", "1"])
+    assert rope_parameters(rotation, None)["attention_factor"] == 1.0
 
 
 def test_batches_hold_the_same_tokens_at_every_length_and_follow_the_curriculum(tokenizer):
@@ -347,3 +348,33 @@ def test_the_32k_model_finds_single_needles_at_8k_tokens():
         for row in generate_rows(task, 2, 8192, pipe.tokenizer, seed=3)
     ]
     assert accuracy(rows, predict(pipe, rows))["all"] >= 80  # 5 of 6 rows at least
+
+
+def test_kvpress_recomputes_the_keys_of_a_yarn_model_with_its_attention_factor():
+    # presses re-apply RoPE through the model's rotary embedding: with YaRN's cos/sin scale they must get the keys
+    # the model cached, not keys scaled twice or not at all
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    from kvpress.transformers_adapter import forward_kwargs
+    from kvpress.utils import apply_rope, get_prerope_key_states, rope_cos_sin
+
+    parameters = {"rope_type": "yarn", "rope_theta": 1e5, "factor": 8.0, "original_max_position_embeddings": 64}
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=512, rope_parameters=parameters,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    assert model.model.rotary_emb.attention_scaling == pytest.approx(0.1 * math.log(8) + 1)
+    input_ids = torch.randint(0, 50, (1, 40))
+    cache = DynamicCache()
+    with torch.no_grad():
+        hidden = model.model.embed_tokens(input_ids)
+        model(**forward_kwargs(model, input_ids, cache=cache))
+        layer = model.model.layers[0]
+        module = layer.self_attn
+        object.__setattr__(module, "rotary_emb", model.model.rotary_emb)
+        keys = get_prerope_key_states(module, layer.input_layernorm(hidden))
+        cos, sin = rope_cos_sin(module, keys, torch.arange(40)[None])
+        recomputed = apply_rope(keys, cos, sin)
+    torch.testing.assert_close(recomputed, cache.layers[0].keys, rtol=1e-5, atol=1e-5)
