@@ -33,6 +33,13 @@ can change. The shipped run used all three attempts the default allows; if all t
 status 3 (`--retries 3` allows a fourth, for about 3 more minutes: a missed attempt took 158 to 245 s).
 reference/README.md has every run, its wall time and held-out accuracy.
 
+`--recipe long32k` continues that checkpoint to 32k tokens (YaRN RoPE, a 2k-to-32k length curriculum at constant
+tokens per step, a calibrated wall-clock budget, resume checkpoints in parts under 16 MiB; `LONG_RECIPE`,
+reference/README.md "The 32k checkpoint"), and `--resume RUN/resume --export_to DIR` writes a checkpoint as a model:
+
+    python reference/train.py --recipe long32k --output_dir run --no-save_model     # one H200, about 9 minutes
+    python reference/train.py --resume run/resume --export_to reference/model-32k
+
 A smoke test on CPU:
 
     python reference/train.py --output_dir /tmp/ref --device cpu --tiny --max_steps 20
