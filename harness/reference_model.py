@@ -1,10 +1,13 @@
 # SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Where the project's reference model is shipped, and the context length it was trained up to.
+"""Where the project's reference models are shipped, and the context lengths they were trained up to.
 
 The one idea: harnesses and tests find the model by this constant, without importing `reference/` (which trains
-it). Load it with `AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL_DIR)` or
-`pipeline("kv-press-text-generation", model=str(REFERENCE_MODEL_DIR))`; `reference/train.py` reproduces it.
+it). `REFERENCE_MODEL_32K_DIR` is the long-context checkpoint (`reference/train.py --recipe long32k`, continued
+from the first to `LONG_CONTEXT_LENGTH` tokens); it is not shipped until that run is done, so code and tests check
+that it exists (`long_context_model_dir` raises FileNotFoundError otherwise) before using it. Load either with
+`AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL_DIR)` or
+`pipeline("kv-press-text-generation", model=str(REFERENCE_MODEL_DIR))`; `reference/train.py` reproduces both.
 """
 
 from __future__ import annotations
@@ -16,4 +19,27 @@ REFERENCE_MODEL_DIR: Path = Path(__file__).resolve().parents[1] / "reference" / 
 # Context length (tokens of the task context) the model was trained up to.
 TRAINED_CONTEXT_LENGTH: int = 1024
 
-__all__ = ["REFERENCE_MODEL_DIR", "TRAINED_CONTEXT_LENGTH"]
+# The long-context checkpoint (config.json, model.safetensors, tokenizer files) and the length it reads.
+REFERENCE_MODEL_32K_DIR: Path = REFERENCE_MODEL_DIR.parent / "model-32k"
+LONG_CONTEXT_LENGTH: int = 32768
+
+
+def long_context_model_dir() -> Path:
+    """`REFERENCE_MODEL_32K_DIR`, or FileNotFoundError saying how to make it when it is not there."""
+    if not (REFERENCE_MODEL_32K_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"The long-context reference model is not in {REFERENCE_MODEL_32K_DIR}: train it with "
+            "`python reference/train.py --recipe long32k --output_dir RUN` on a GPU, then export it with "
+            f"`python reference/train.py --resume RUN/resume --export_to {REFERENCE_MODEL_32K_DIR}` "
+            "(reference/README.md)."
+        )
+    return REFERENCE_MODEL_32K_DIR
+
+
+__all__ = [
+    "LONG_CONTEXT_LENGTH",
+    "REFERENCE_MODEL_32K_DIR",
+    "REFERENCE_MODEL_DIR",
+    "TRAINED_CONTEXT_LENGTH",
+    "long_context_model_dir",
+]

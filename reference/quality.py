@@ -11,6 +11,12 @@ cell is written to the JSON file as soon as it is done, so an interrupted run re
     python reference/quality.py                                  # GPU: every press, 10 rows per task
     python reference/quality.py --device cpu --rows_per_task 2 --presses random,snapkv --workers 1
     python reference/quality.py --plot_only                      # table and plot from the JSON file
+
+Long contexts (the 32k checkpoint, issue 26: its presses and ratios, both modes, one JSON file per length):
+
+    python reference/quality.py --model_dir reference/model-32k --presses long --ratios 0.5,0.75,0.9 \
+        --context_length 8192 --rows_per_task 5 --workers 8        # then --context_length 32768
+    python reference/quality.py --model_dir reference/model-32k --long_table 8192,32768   # the combined table
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
+from harness.reference_model import REFERENCE_MODEL_32K_DIR, REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,11 +88,66 @@ PRESSES: dict[str, tuple[Callable[[], Any], str]] = {
 REQUIRED = ("random", "knorm", "streaming_llm", "snapkv", "tova", "expected_attention", "adakv_expected_attention")
 
 
+_DUO_SCORES: dict[tuple[str, int], tuple[int, int, Any]] = {}  # head scores per loaded model (one per process)
+
+
+def _duo_attention_factory(ratio: float):
+    """DuoAttention-style press for the reference model: `ratio` of the KV heads become streaming heads (sink 128,
+    recent 256), the heads ranked by `duo_attention_on_the_fly` on synthetic haystacks (the published patterns are
+    for large LLMs, and its default texts come from the Hub). Its compression ratio follows from the heads, so the
+    factory takes the ratio instead of setting `compression_ratio`."""
+    from kvpress.presses.duo_attention_press import (
+        ON_THE_FLY_RECENT_SIZE,
+        ON_THE_FLY_SINK_SIZE,
+        DuoAttentionPress,
+        duo_attention_on_the_fly,
+    )
+
+    def pattern(model):
+        from transformers import AutoTokenizer
+
+        from harness.synthetic.tasks import generate_rows
+
+        key = (model.config.name_or_path, id(model))
+        if key in _DUO_SCORES:
+            return _DUO_SCORES[key]
+        tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
+        texts = [row["context"] for row in generate_rows("niah_single_essay", 4, 1024, tokenizer, seed=77)]
+        scores = duo_attention_on_the_fly(model, num_samples=len(texts), dataset=texts, tokenizer=tokenizer)
+        _DUO_SCORES[key] = (ON_THE_FLY_SINK_SIZE, ON_THE_FLY_RECENT_SIZE, scores)
+        return _DUO_SCORES[key]
+
+    press = DuoAttentionPress(head_compression_ratio=ratio)
+    press.load_attention_pattern = pattern  # the instance's pattern: on-the-fly scores on offline texts
+    return press
+
+
+# Presses whose factory takes the compression ratio (they cannot be given one afterwards).
+RATIO_PRESSES: dict[str, tuple[Callable[[float], Any], str]] = {"duo_attention": (_duo_attention_factory, "sdpa")}
+# The long-context table of issue 26: its presses (`--presses long`) and ratios.
+LONG_PRESSES = (
+    "random",
+    "knorm",
+    "streaming_llm",
+    "snapkv",
+    "tova",
+    "expected_attention",
+    "kvzip",
+    "adakv_expected_attention",
+    "pyramidkv",
+    "duo_attention",
+)
+LONG_RATIOS = (0.5, 0.75, 0.9)
+ALL_PRESSES = tuple(PRESSES) + tuple(RATIO_PRESSES)
+
+
 def cell_key(press: str, ratio: float, mode: str) -> str:
     return f"{press}|{ratio:g}|{mode}"
 
 
 def build_press(name: str, ratio: float):
+    if name in RATIO_PRESSES:
+        return RATIO_PRESSES[name][0](ratio)
     factory, _ = PRESSES[name]
     press = factory()
     if ratio > 0:
@@ -139,7 +200,7 @@ def run_cell(cell: tuple[str, float, str]) -> dict:
     started = time.time()
     try:
         press = None if name == "no_press" else build_press(name, ratio)
-        attn = "sdpa" if name == "no_press" else PRESSES[name][1]
+        attn = "sdpa" if name == "no_press" else {**PRESSES, **RATIO_PRESSES}[name][1]
         pipe = _pipeline(attn)
         rows = _WORKER["rows"]
         predictions = predict(pipe, rows, press=press, question_aware=(mode == "aware"))
@@ -245,8 +306,20 @@ def _weights_digest(model_dir: Path) -> str:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", default=str(REFERENCE_MODEL_DIR))
-    parser.add_argument("--output_dir", default=str(RESULTS_DIR))
-    parser.add_argument("--presses", default="all", help="comma-separated names or 'all': " + ", ".join(PRESSES))
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help=f"default: {RESULTS_DIR} for the shipped model, {RESULTS_DIR / 'model-32k'} for the 32k one (required "
+        "for any other)",
+    )
+    parser.add_argument(
+        "--presses",
+        default="all",
+        help="comma-separated names, 'all' or 'long' (issue 26's: "
+        + ", ".join(LONG_PRESSES)
+        + "): "
+        + ", ".join(ALL_PRESSES),
+    )
     parser.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS))
     parser.add_argument("--context_length", type=int, default=TRAINED_CONTEXT_LENGTH)
     parser.add_argument("--rows_per_task", type=int, default=10)
@@ -255,22 +328,98 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model")
     parser.add_argument("--time_budget_s", type=float, default=None, help="stop starting cells after this long")
     parser.add_argument("--plot_only", action="store_true", help="only print the table and draw the plot")
+    parser.add_argument(
+        "--long_table",
+        default=None,
+        help="comma-separated context lengths: print the table of the quality_<length>.json files of --output_dir "
+        "side by side (one column per length, mode and ratio) and exit",
+    )
     args = parser.parse_args(argv)
-    args.ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    names = list(PRESSES) if args.presses == "all" else [p.strip() for p in args.presses.split(",") if p.strip()]
-    unknown = [name for name in names if name not in PRESSES]
+    try:
+        args.ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        parser.error(f"--ratios must be comma-separated numbers, got {args.ratios!r}")
+    if not args.ratios or not all(0 < r < 1 for r in args.ratios):
+        parser.error(f"--ratios must be in (0, 1), got {args.ratios}")
+    if args.context_length < 1 or args.rows_per_task < 1:
+        parser.error("--context_length and --rows_per_task must be >= 1")
+    if args.presses == "all":
+        names = list(PRESSES)
+    elif args.presses == "long":
+        names = list(LONG_PRESSES)
+    else:
+        names = [p.strip() for p in args.presses.split(",") if p.strip()]
+    unknown = [name for name in names if name not in ALL_PRESSES]
     if unknown:
-        parser.error(f"unknown presses {unknown}; choose among {', '.join(PRESSES)} or 'all'")
+        parser.error(f"unknown presses {unknown}; choose among {', '.join(ALL_PRESSES)}, 'all' or 'long'")
     args.press_names = names
+    if args.long_table is not None:
+        try:
+            args.long_table = [int(x) for x in args.long_table.split(",") if x.strip()]
+        except ValueError:
+            parser.error(f"--long_table must be comma-separated context lengths, got {args.long_table!r}")
+    if args.output_dir is None:
+        model_dir = Path(args.model_dir).resolve()
+        if model_dir == REFERENCE_MODEL_DIR.resolve():
+            args.output_dir = str(RESULTS_DIR)
+        elif model_dir == REFERENCE_MODEL_32K_DIR.resolve():
+            args.output_dir = str(RESULTS_DIR / "model-32k")
+        else:
+            parser.error(f"--output_dir is required for a model other than the shipped ones ({args.model_dir})")
     return args
+
+
+def result_names(context_length: int) -> tuple[str, str]:
+    """The JSON and plot file names of a table at `context_length`: quality.json/png at the trained length (the
+    shipped table), quality_<length>.json/png at any other."""
+    if context_length == TRAINED_CONTEXT_LENGTH:
+        return "quality.json", "quality.png"
+    return f"quality_{context_length}.json", f"quality_{context_length}.png"
+
+
+def long_table(tables: dict[int, dict], ratios=LONG_RATIOS) -> str:
+    """Markdown table of several context lengths side by side: one row per press (those of any table), one column
+    per (length, mode, ratio); the first row is the full cache. An empty cell was not run, "fails" failed."""
+    lengths = sorted(tables)
+    columns = [(length, mode, ratio) for length in lengths for mode in MODES for ratio in ratios]
+
+    def label(length: int, mode: str, ratio: float) -> str:
+        return f"{length // 1024}k {'q-agn.' if mode == 'agnostic' else 'q-aware'} {ratio:g}"
+
+    names: list[str] = []
+    for length in lengths:
+        names += [n for n in tables[length].get("presses", []) if n != "no_press" and n not in names]
+    header = ["press"] + [label(*column) for column in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in ["no_press"] + names:
+        values = []
+        for length, mode, ratio in columns:
+            cells = tables[length].get("cells", {})
+            cell = cells.get(cell_key(name, 0.0 if name == "no_press" else ratio, mode))
+            values.append("" if cell is None else "fails" if "error" in cell else f"{cell['accuracy']['all']:.1f}")
+        shown = "full cache" if name == "no_press" else f"`{name}`"
+        lines.append(f"| {shown} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
+    if args.long_table:
+        tables = {}
+        for length in args.long_table:
+            path = output_dir / result_names(length)[0]
+            if not path.exists():
+                raise FileNotFoundError(f"no table at {length} tokens: {path} (run with --context_length {length})")
+            tables[length] = json.loads(path.read_text())
+        ratios = LONG_RATIOS if args.ratios == list(RATIOS) else args.ratios  # the long table's ratios by default
+        text = long_table(tables, ratios)
+        print(text)
+        return {"long_table": text, "tables": tables}
     output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = output_dir / "quality.json", output_dir / "quality.png"
+    json_name, png_name = result_names(args.context_length)
+    json_path, png_path = output_dir / json_name, output_dir / png_name
     meta = {
         "model_sha256": _weights_digest(Path(args.model_dir)),
         "context_length": args.context_length,

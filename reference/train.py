@@ -33,6 +33,13 @@ can change. The shipped run used all three attempts the default allows; if all t
 status 3 (`--retries 3` allows a fourth, for about 3 more minutes: a missed attempt took 158 to 245 s).
 reference/README.md has every run, its wall time and held-out accuracy.
 
+`--recipe long32k` continues that checkpoint to 32k tokens (YaRN RoPE, a 2k-to-32k length curriculum at constant
+tokens per step, a calibrated wall-clock budget, resume checkpoints in parts under 16 MiB; `LONG_RECIPE`,
+reference/README.md "The 32k checkpoint"), and `--resume RUN/resume --export_to DIR` writes a checkpoint as a model:
+
+    python reference/train.py --recipe long32k --output_dir run --no-save_model     # one H200, about 9 minutes
+    python reference/train.py --resume run/resume --export_to reference/model-32k
+
 A smoke test on CPU:
 
     python reference/train.py --output_dir /tmp/ref --device cpu --tiny --max_steps 20
@@ -173,10 +180,101 @@ def _early_task_weights(text: str) -> dict[str, float]:
     return _task_weights(text, EARLY_TASK_WEIGHTS)
 
 
+def _lengths(text: str) -> list[int]:
+    """ "4096,8192" -> [4096, 8192] (positive integers)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lengths must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"give at least one length, every one >= 1, got {text!r}")
+    return values
+
+
+# `--recipe long32k`: continue the shipped 1k checkpoint to 32k tokens in one session of about 10 minutes on one H200
+# (reference/README.md). Every option left at its default takes this value. YaRN (factor 32 over the trained 1024
+# tokens) keeps the fast RoPE frequencies (the look-back heads of key matching) and brings the slow ones back into the
+# range the model was trained on; constant tokens per step, so a 32k step holds two rows and a 1k step 64; the longest
+# context grows from 2k to 32k over the first 30% of the steps, after which half the batches are 24k to 32k tokens and
+# the others uniform over 1k to 32k, so most of the time goes to the long contexts; eager (compiling costs minutes,
+# attention dominates at these lengths); bf16 moments so that the resume checkpoint fits the device's file limits.
+LONG_RECIPE: dict[str, object] = {
+    "init_from": str(REFERENCE_MODEL_DIR),
+    "context_length": 32768,
+    "start_context_length": 2048,
+    "min_context_length": 1024,
+    "curriculum_steps": 0.3,
+    "tokens_per_batch": 65536,
+    "yarn_factor": 32.0,
+    "yarn_original_length": TRAINED_CONTEXT_LENGTH,
+    "early_steps": 0.0,
+    "lr": 5e-4,
+    "min_lr_ratio": 0.1,
+    "warmup_steps": 100,
+    "max_steps": "auto",
+    "time_budget_s": 510.0,
+    "eval_reserve_s": 90.0,
+    "calibration_margin": 0.05,
+    "eval_lengths": [4096, 8192, 16384, 32768],
+    "eval_rows": 5,
+    "compile": False,
+    "log_every": 25,
+    "optimizer_dtype": "bfloat16",
+}
+
+
+# `--tiny`: a tiny model and short contexts, for smoke tests (the options left at their defaults).
+TINY: dict[str, object] = {
+    "layers": 2,
+    "hidden": 64,
+    "heads": 2,
+    "kv_heads": 1,
+    "head_dim": 32,
+    "intermediate": 128,
+    "context_length": 256,
+    "start_context_length": 192,
+    "curriculum_steps": 0.5,
+    "tokens_per_batch": 2048,
+    "warmup_steps": 5,
+    "log_every": 5,
+    "eval_rows": 2,
+    "eval_rows_long": 1,
+}
+
+
+def _given_options(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> set[str]:
+    """The destinations of the options given on the command line (a copy of the parser without defaults)."""
+    import copy
+
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--output_dir", required=True, help="where the model, logs and resume checkpoint go")
+    add("--output_dir", default=None, help="where the model, logs and resume checkpoint go (required to train)")
+    add(
+        "--recipe",
+        choices=("scratch", "long32k"),
+        default="scratch",
+        help="scratch: the shipped 1k checkpoint from scratch; long32k: continue reference/model/ to 32k tokens "
+        "(sets every option below that is left at its default: see LONG_RECIPE)",
+    )
+    add(
+        "--init_from",
+        default=None,
+        help="a saved checkpoint (config.json, model.safetensors) to continue from: its architecture and weights, "
+        "with a fresh optimizer (the model-shape options are ignored)",
+    )
+    add(
+        "--export_to",
+        default=None,
+        help="with --resume: write the checkpoint's weights as a shippable model directory (config, fp16 weights, "
+        "tokenizer) there and exit, training nothing",
+    )
     add("--tokenizer_dir", default=str(REFERENCE_MODEL_DIR))
     add("--seed", type=int, default=0)
     add("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -187,7 +285,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--kv_heads", type=int, default=2)
     add("--head_dim", type=int, default=64)
     add("--intermediate", type=int, default=1024)
-    add("--rope_theta", type=float, default=100_000.0)
+    add("--rope_theta", type=float, default=None, help="RoPE base (default 100000, or the --init_from checkpoint's)")
+    add(
+        "--yarn_factor",
+        type=float,
+        default=None,
+        help="YaRN RoPE scaling factor (https://arxiv.org/abs/2309.00071), e.g. 32 to read 32k tokens with a model "
+        "trained at 1k: frequencies whose period exceeds --yarn_original_length are divided by it, the fast ones "
+        "(local attention) are left alone; 1 or unset: plain RoPE (or the --init_from checkpoint's scaling)",
+    )
+    add("--yarn_original_length", type=int, default=TRAINED_CONTEXT_LENGTH, help="length the model was trained at")
+    add(
+        "--yarn_attention_factor",
+        type=float,
+        default=None,
+        help="YaRN's cos/sin scale (default: YaRN's own, 0.1 ln(factor) + 1, which sharpens every attention logit by "
+        "its square; 1: a pure rotation)",
+    )
     # data
     add("--context_length", type=int, default=TRAINED_CONTEXT_LENGTH)
     add("--start_context_length", type=int, default=256, help="longest context at step 0 of the curriculum")
@@ -197,7 +311,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         default=0.5,
         help="steps to grow the longest context to --context_length (a number below 1: that fraction of the steps)",
     )
-    add("--tokens_per_batch", type=int, default=32768)
+    add(
+        "--min_context_length",
+        type=int,
+        default=MIN_TRAIN_CONTEXT,
+        help="shortest training context (half the batches draw their length uniformly from here to the longest)",
+    )
+    add("--tokens_per_batch", type=int, default=32768, help="tokens of one step, whatever the context length")
     add("--task_weights", type=_task_weights, default=dict(TASK_WEIGHTS), help="e.g. common_words=2,niah_multikey=1.5")
     add(
         "--early_steps",
@@ -239,6 +359,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     add("--eval_reserve_s", type=float, default=75.0, help="seconds kept for the final save and evaluation")
     add(
+        "--calibration_margin",
+        type=float,
+        default=0.15,
+        help="with --max_steps auto: the fitted schedule is predicted to take 1/(1 + margin) of the time left",
+    )
+    add(
         "--stop_after_s",
         type=float,
         default=None,
@@ -274,26 +400,63 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "shape, which made an eager step on new shapes 3.4 to 3.8 times slower on an H100)",
     )
     add("--log_every", type=int, default=50)
+    add(
+        "--save_model",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write output_dir/model/ at the end (--no-save_model: only the resume checkpoint, which --export_to "
+        "turns into a model directory later; keeps a device run's output small)",
+    )
     add("--save_every_s", type=float, default=120.0)
+    add(
+        "--optimizer_dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the AdamW moments in the resume checkpoint (float32: an exact resume; bfloat16: half the "
+        "size, resumed with rounded moments)",
+    )
     add("--resume", default=None, help="a resume/ directory written by an earlier run")
     # evaluation
     add("--eval_rows", type=int, default=40, help="held-out rows per task at the trained length")
     add("--eval_rows_long", type=int, default=10, help="held-out rows per task at twice the trained length")
+    add(
+        "--eval_lengths",
+        type=_lengths,
+        default=None,
+        help="comma-separated context lengths of the held-out evaluation, --eval_rows rows per task each (default: "
+        "the trained length and twice it, with --eval_rows_long rows)",
+    )
     add("--eval_seed", type=int, default=1000, help="seed of the held-out rows (any seed: training seeds differ)")
     add("--tiny", action="store_true", help="a tiny model and short contexts, for smoke tests")
     args = parser.parse_args(argv)
-    if args.tiny:
-        args.layers, args.hidden, args.heads, args.kv_heads, args.head_dim, args.intermediate = 2, 64, 2, 1, 32, 128
-        args.context_length, args.start_context_length, args.curriculum_steps = 256, 192, 0.5
-        args.tokens_per_batch, args.warmup_steps, args.log_every = 2048, 5, 5
-        args.eval_rows, args.eval_rows_long = 2, 1
+    given = _given_options(parser, argv)
+    if args.recipe != "scratch":  # the options not given take the recipe's values
+        for name, value in LONG_RECIPE.items():
+            if name not in given:
+                setattr(args, name, value)
+    if args.export_to is not None:
+        if not args.resume:
+            parser.error("--export_to needs --resume DIR (the checkpoint to export)")
+        return args
+    if args.output_dir is None:
+        parser.error("--output_dir is required to train")
+    if args.tiny:  # the options left at their defaults (given options and the recipe's win)
+        for name, value in TINY.items():
+            if name not in given and not (args.recipe != "scratch" and name in LONG_RECIPE):
+                setattr(args, name, value)
     if args.max_steps != "auto":
         args.max_steps = int(args.max_steps)
-    if args.milestone is None:
-        args.milestone = [] if args.tiny else list(DEFAULT_MILESTONES)
+    if args.milestone is None:  # a continued model has learned key matching already
+        args.milestone = [] if args.tiny or args.init_from else list(DEFAULT_MILESTONES)
     args.milestone = [milestone for milestone in args.milestone if milestone is not None]
     if args.retries < 0:
         parser.error(f"--retries must be >= 0, got {args.retries}")
+    if args.min_context_length < 1 or args.start_context_length < 1 or args.context_length < 1:
+        parser.error("--min_context_length, --start_context_length and --context_length must be >= 1")
+    if args.yarn_factor is not None and args.yarn_factor < 1:
+        parser.error(f"--yarn_factor must be >= 1 (1: no scaling), got {args.yarn_factor}")
+    if args.tokens_per_batch < 1:
+        parser.error(f"--tokens_per_batch must be >= 1, got {args.tokens_per_batch}")
     return args
 
 
@@ -319,16 +482,32 @@ def encode_row(row: dict, tokenizer) -> tuple[list[int], int, int]:
     return context + prompt + answer, len(context), len(context) + len(prompt)
 
 
+def draw_length(index: int, args: argparse.Namespace, rng: random.Random) -> int:
+    """The context length of batch `index` (its first draws from the batch's generator): half the batches are
+    within the top quarter of the curriculum's longest context, the others uniform from --min_context_length."""
+    longest = curriculum_max_length(index, args)
+    shortest = min(args.min_context_length, longest)
+    if rng.random() < 0.5:
+        return rng.randint(max(shortest, int(0.75 * longest)), longest)
+    return rng.randint(shortest, longest)
+
+
+def batch_length(index: int, args: argparse.Namespace) -> int:
+    """The context length of batch `index`, without building it (the time calibration)."""
+    return draw_length(index, args, random.Random(f"train|{args.seed}|{index}"))
+
+
+def rows_per_batch(length: int, args: argparse.Namespace) -> int:
+    """Rows of a batch of contexts of `length` tokens: --tokens_per_batch in all (the question and answer take about
+    64 more tokens per row), at least one."""
+    return max(1, args.tokens_per_batch // (length + 64))
+
+
 def make_batch(index: int, args: argparse.Namespace, tokenizer) -> dict[str, torch.Tensor]:
     """Training batch number `index`: a function of (seed, index) only."""
     rng = random.Random(f"train|{args.seed}|{index}")
-    longest = curriculum_max_length(index, args)
-    shortest = min(MIN_TRAIN_CONTEXT, longest)
-    if rng.random() < 0.5:
-        length = rng.randint(max(shortest, int(0.75 * longest)), longest)
-    else:
-        length = rng.randint(shortest, longest)
-    rows = max(1, args.tokens_per_batch // (length + 64))
+    length = draw_length(index, args, rng)
+    rows = rows_per_batch(length, args)
     mixture = args.early_task_weights if index < args.early_steps and args.early_task_weights else args.task_weights
     names = [name for name, weight in mixture.items() if weight > 0]
     weights = [mixture[name] for name in names]
@@ -395,9 +574,47 @@ class TaskBatches(IterableDataset):
 # Model, schedule, checkpoints
 
 
-def build_model(args: argparse.Namespace, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def rope_parameters(args: argparse.Namespace, current: Optional[dict] = None) -> dict:
+    """The model's `rope_parameters`: plain RoPE of base --rope_theta, or YaRN with --yarn_factor. Without either
+    option, `current` (a continued checkpoint's) is kept."""
+    current = dict(current or {"rope_type": "default", "rope_theta": 100_000.0})
+    theta = float(args.rope_theta if args.rope_theta is not None else current.get("rope_theta", 100_000.0))
+    if args.yarn_factor is None:
+        return {**current, "rope_theta": theta}
+    if args.yarn_factor == 1:
+        return {"rope_type": "default", "rope_theta": theta}
+    parameters = {
+        "rope_type": "yarn",
+        "rope_theta": theta,
+        "factor": float(args.yarn_factor),
+        "original_max_position_embeddings": int(args.yarn_original_length),
+    }
+    if args.yarn_attention_factor is not None:
+        parameters["attention_factor"] = float(args.yarn_attention_factor)
+    return parameters
 
+
+def build_model(args: argparse.Namespace, tokenizer, config_json: Optional[str] = None):
+    """A new model of the options' shape, the --init_from checkpoint (its weights, RoPE updated by the options), or
+    the model of a resume checkpoint's saved config (`config_json`; weights loaded by the caller)."""
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    if config_json is not None:
+        return LlamaForCausalLM(LlamaConfig.from_dict(json.loads(config_json)))
+    if args.init_from:
+        config = AutoConfig.from_pretrained(args.init_from)
+        if config.vocab_size < len(tokenizer):
+            raise ValueError(
+                f"--init_from {args.init_from}: its vocabulary ({config.vocab_size}) is smaller than the tokenizer's "
+                f"({len(tokenizer)} tokens in {args.tokenizer_dir}); continue a checkpoint with its own tokenizer"
+            )
+        config.rope_parameters = rope_parameters(args, config.rope_parameters)
+        parameters = config.rope_parameters
+        if parameters.get("rope_type") == "yarn":  # what transformers expects of YaRN: factor x the original length
+            config.max_position_embeddings = int(parameters["factor"] * parameters["original_max_position_embeddings"])
+        model = LlamaForCausalLM.from_pretrained(args.init_from, config=config, dtype=torch.float32)
+        logger.info("continuing %s with RoPE %s", args.init_from, config.rope_parameters)
+        return model
     vocab = 64 * math.ceil(len(tokenizer) / 64)  # padded for efficient matrix shapes
     config = LlamaConfig(
         vocab_size=vocab,
@@ -408,7 +625,7 @@ def build_model(args: argparse.Namespace, tokenizer):
         num_key_value_heads=args.kv_heads,
         head_dim=args.head_dim,
         max_position_embeddings=65536,
-        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        rope_parameters=rope_parameters(args),
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -434,32 +651,80 @@ def resolve_fractions(args: argparse.Namespace, max_steps: int) -> None:
         setattr(args, name, int(round(value * max_steps)) if 0 < value < 1 else int(value))
 
 
+def probe_lengths(args: argparse.Namespace) -> list[int]:
+    """Context lengths the time calibration times a step at: from the shortest to the longest of the schedule."""
+    low = max(16, min(args.min_context_length, args.context_length))
+    high = max(16, args.context_length)
+    return sorted({low, max(low, high // 4), max(low, high // 2), high})
+
+
+def step_time_model(timings: dict[int, float]) -> tuple[float, float]:
+    """Least-squares (a, b) of seconds per step = a + b * length over the timed lengths. With a constant number of
+    tokens per step, the linear layers cost the same at every length and attention grows with it (b >= 0, a >= 0)."""
+    lengths, seconds = list(timings), [timings[length] for length in timings]
+    if len(lengths) == 1 or max(lengths) == min(lengths):
+        return sum(seconds) / len(seconds), 0.0
+    mean_l, mean_s = sum(lengths) / len(lengths), sum(seconds) / len(seconds)
+    b = sum((x - mean_l) * (y - mean_s) for x, y in zip(lengths, seconds)) / sum((x - mean_l) ** 2 for x in lengths)
+    b = max(b, 0.0)
+    return max(mean_s - b * mean_l, 0.0), b
+
+
+def schedule_seconds(max_steps: int, args: argparse.Namespace, per_step: tuple[float, float], start: int = 0) -> float:
+    """Predicted seconds of steps `start` to `max_steps` of the schedule of `max_steps` steps (batch lengths drawn as
+    the loader will draw them, at most 2000 of them sampled evenly)."""
+    if max_steps <= start:
+        return 0.0
+    trial = argparse.Namespace(**vars(args))
+    resolve_fractions(trial, max_steps)
+    count = max_steps - start
+    stride = max(1, count // 2000)
+    indices = range(start, max_steps, stride)
+    mean = sum(per_step[0] + per_step[1] * batch_length(i, trial) for i in indices) / len(indices)
+    return mean * count
+
+
 def calibrate_max_steps(train_step, tokenizer, args: argparse.Namespace, device: str, started: float) -> int:
-    """The number of steps that fits the time budget: times full-size steps (forward and backward, no update) on a
-    synthetic batch at 3/4 of the trained length, then divides the time left by that, with a 15% margin."""
-    length = max(16, int(0.75 * args.context_length))
-    rows = max(1, args.tokens_per_batch // (length + 64))
-    generator = torch.Generator().manual_seed(args.seed)
-    input_ids = torch.randint(4, len(tokenizer), (rows, length), generator=generator).to(device)
-    answer_mask = torch.zeros(rows, length - 1, dtype=torch.bool, device=device)
-    answer_mask[:, -8:] = True
-    context_mask = ~answer_mask
+    """The number of steps that fits the time budget: times full-size steps (forward and backward, no update) on
+    synthetic batches at a few context lengths of the schedule, fits seconds = a + b * length, and takes the longest
+    schedule whose predicted time fits the time left, with a margin (--calibration_margin, 15% by default)."""
+    timings = {}
+    for length in probe_lengths(args):
+        rows = rows_per_batch(length, args)
+        generator = torch.Generator().manual_seed(args.seed)
+        input_ids = torch.randint(4, len(tokenizer), (rows, length), generator=generator).to(device)
+        answer_mask = torch.zeros(rows, length - 1, dtype=torch.bool, device=device)
+        answer_mask[:, -8:] = True
+        context_mask = ~answer_mask
 
-    def run(count: int) -> float:
-        for _ in range(count):
-            train_step(input_ids, answer_mask, context_mask, 0.0, update=False)
-        synchronize(device)
-        return time.time()
+        def run(count: int) -> float:
+            for _ in range(count):
+                train_step(input_ids, answer_mask, context_mask, 0.0, update=False)
+            synchronize(device)
+            return time.time()
 
-    run(3)  # warm-up (and compilation)
-    begin = time.time()
-    per_step = (run(10) - begin) / 10
+        run(2)  # warm-up (and compilation)
+        begin = time.time()
+        timings[length] = (run(4) - begin) / 4
+    per_step = step_time_model(timings)
     left = args.time_budget_s - args.eval_reserve_s - (time.time() - started) - 20  # 20 s: the loader's start
-    steps = max(1, int(left / (per_step * 1.15)))
+    budget = left / (1 + args.calibration_margin)
+    low, high = 1, 1
+    while schedule_seconds(high, args, per_step) < budget and high < 10**7:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if schedule_seconds(middle, args, per_step) <= budget else (low, middle)
+    steps = low
     logger.info(
-        "auto max_steps: %d (%.4f s per step measured; pass --max_steps %d to repeat the schedule)",
+        "auto max_steps: %d (seconds per step %s measured, fitted as %.4f + %.3g x length; %.0f s predicted for "
+        "%.0f s left; pass --max_steps %d to repeat the schedule)",
         steps,
-        per_step,
+        {length: round(value, 4) for length, value in timings.items()},
+        per_step[0],
+        per_step[1],
+        schedule_seconds(steps, args, per_step),
+        left,
         steps,
     )
     return steps
@@ -472,27 +737,84 @@ def learning_rate(step: int, max_steps: int, args: argparse.Namespace) -> float:
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _write_parts(directory: Path, stem: str, data: bytes) -> None:
+    """`data` as files `<stem>0`, `<stem>1`, ... of at most RESUME_PART_BYTES each (older parts removed)."""
+    for old in directory.glob(f"{stem}[0-9]*"):
+        old.unlink()
+    for i in range(0, max(len(data), 1), RESUME_PART_BYTES):
+        (directory / f"{stem}{i // RESUME_PART_BYTES}.tmp").write_bytes(data[i : i + RESUME_PART_BYTES])
+        os.replace(directory / f"{stem}{i // RESUME_PART_BYTES}.tmp", directory / f"{stem}{i // RESUME_PART_BYTES}")
+
+
+def _read_parts(directory: Path, stem: str) -> list[Path]:
+    return sorted(
+        (p for p in directory.glob(f"{stem}*") if p.name[len(stem) :].isdigit()), key=lambda p: int(p.name[len(stem) :])
+    )
+
+
+def _is_moment(value) -> bool:
+    """A floating-point tensor of the optimizer state other than a scalar (the step counts stay as they are)."""
+    return torch.is_tensor(value) and value.is_floating_point() and value.ndim > 0
+
+
+def optimizer_state(optimizer, dtype: str = "float32") -> dict:
+    """The optimizer's state dict, its floating-point moments in `dtype` (bfloat16 halves the checkpoint; loading
+    casts them back to the parameters' dtype)."""
+    state = optimizer.state_dict()
+    if dtype == "float32":
+        return state
+    if dtype != "bfloat16":
+        raise ValueError(f"optimizer dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    state["state"] = {
+        key: {name: value.to(torch.bfloat16) if _is_moment(value) else value for name, value in entry.items()}
+        for key, entry in state["state"].items()
+    }
+    return state
+
+
 def save_resume(
     model, step: int, max_steps: int, args: argparse.Namespace, optimizer=None, seconds: float = 0.0
 ) -> None:
-    """fp32 weights and the step, split in parts small enough to come back from the device, and the optimizer state
-    (`optimizer.pt`, larger: a resume on the same machine continues the run exactly; without it the moments restart
-    with a short warm-up)."""
+    """fp32 weights, the model's config and the step, split in parts small enough to come back from the device
+    (`part0`, `part1`, ...), and the optimizer state (`optimizer.pt`, or `optimizer_part0`, ... when it is larger
+    than one part; its moments in --optimizer_dtype: float32 continues the run exactly, bfloat16 halves the size;
+    without it a resume restarts the moments with a short warm-up)."""
     buffer = io.BytesIO()
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     # the arguments as JSON values: the checkpoint must load with torch.load(weights_only=True)
     saved_args = json.loads(json.dumps(vars(args), default=str))
-    torch.save({"model": state, "step": step, "max_steps": max_steps, "seconds": seconds, "args": saved_args}, buffer)
-    data = buffer.getvalue()
+    config = getattr(model, "config", None)
+    checkpoint = {"model": state, "step": step, "max_steps": max_steps, "seconds": seconds, "args": saved_args}
+    if config is not None:
+        checkpoint["config"] = config.to_json_string(use_diff=False)
+    torch.save(checkpoint, buffer)
     directory = Path(args.output_dir) / "resume"
     directory.mkdir(parents=True, exist_ok=True)
-    for old in directory.glob("part*"):
-        old.unlink()
-    for i in range(0, len(data), RESUME_PART_BYTES):
-        (directory / f"part{i // RESUME_PART_BYTES}").write_bytes(data[i : i + RESUME_PART_BYTES])
+    _write_parts(directory, "part", buffer.getvalue())
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "step": step}, directory / "optimizer.pt.tmp")
-        os.replace(directory / "optimizer.pt.tmp", directory / "optimizer.pt")
+        buffer = io.BytesIO()
+        dtype = getattr(args, "optimizer_dtype", "float32")
+        torch.save({"optimizer": optimizer_state(optimizer, dtype), "step": step, "dtype": dtype}, buffer)
+        data = buffer.getvalue()
+        if len(data) <= RESUME_PART_BYTES:
+            (directory / "optimizer.pt.tmp").write_bytes(data)
+            os.replace(directory / "optimizer.pt.tmp", directory / "optimizer.pt")
+            for old in _read_parts(directory, "optimizer_part"):
+                old.unlink()
+        else:
+            _write_parts(directory, "optimizer_part", data)
+            (directory / "optimizer.pt").unlink(missing_ok=True)
+
+
+def load_optimizer(directory: str) -> Optional[dict]:
+    """The optimizer checkpoint that save_resume wrote in `directory` ({"optimizer", "step", ...}), or None."""
+    directory_path = Path(directory)
+    if (directory_path / "optimizer.pt").exists():
+        return _load_checkpoint(directory_path / "optimizer.pt", f"{directory_path / 'optimizer.pt'}")
+    parts = _read_parts(directory_path, "optimizer_part")
+    if not parts:
+        return None
+    return _load_checkpoint(io.BytesIO(b"".join(p.read_bytes() for p in parts)), f"the optimizer in {directory}")
 
 
 def _load_checkpoint(source, what: str) -> dict:
@@ -509,15 +831,16 @@ def _load_checkpoint(source, what: str) -> dict:
 
 
 def load_resume(directory: str) -> dict:
-    parts = sorted(Path(directory).glob("part*"), key=lambda p: int(p.name[4:]))
+    parts = _read_parts(Path(directory), "part")
     if not parts:
         raise FileNotFoundError(f"--resume {directory}: no part* files written by save_resume there.")
     return _load_checkpoint(io.BytesIO(b"".join(p.read_bytes() for p in parts)), f"the checkpoint in {directory}")
 
 
-def save_model(model, tokenizer, output_dir: Path) -> Path:
-    """The shipped checkpoint: fp16 weights (half the size), a config that loads them as float32, the tokenizer."""
-    path = output_dir / "model"
+def save_model(model, tokenizer, output_dir: Path, path: Optional[Path] = None) -> Path:
+    """The shipped checkpoint: fp16 weights (half the size), a config that loads them as float32, the tokenizer.
+    Written to `path` (default `output_dir/model`)."""
+    path = Path(path) if path is not None else output_dir / "model"
     model.to(torch.float16).save_pretrained(path)
     model.to(torch.float32)
     config_file = path / "config.json"
@@ -528,25 +851,53 @@ def save_model(model, tokenizer, output_dir: Path) -> Path:
     return path
 
 
+def export_resume(resume_dir: str, target: str, tokenizer_dir: str) -> Path:
+    """A resume checkpoint as a shippable model directory (`save_model`: config, fp16 weights, tokenizer)."""
+    from transformers import AutoTokenizer
+
+    state = load_resume(resume_dir)
+    if "config" not in state:
+        raise ValueError(f"--resume {resume_dir}: this checkpoint has no saved config (written before it was saved)")
+    model = build_model(argparse.Namespace(), None, config_json=state["config"])
+    model.load_state_dict(state["model"])
+    path = save_model(model, AutoTokenizer.from_pretrained(tokenizer_dir), Path(target), path=Path(target))
+    logger.info("exported step %d of %s to %s", int(state["step"]), resume_dir, path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training
 
 
+def eval_plan(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(context length, rows per task) of the held-out evaluation."""
+    if args.eval_lengths:
+        return [(length, args.eval_rows) for length in args.eval_lengths]
+    return [(args.context_length, args.eval_rows), (2 * args.context_length, args.eval_rows_long)]
+
+
 def evaluate_held_out(model, tokenizer, args: argparse.Namespace) -> dict:
-    """Full-cache accuracy through the kvpress pipeline on held-out rows, at the trained length and at twice it."""
+    """Full-cache accuracy through the kvpress pipeline on held-out rows, at each length of `eval_plan` (by default
+    the trained length and twice it). A length that fails (e.g. out of memory) is recorded with its error and the
+    others still run."""
     from reference.evaluate import evaluate, first_mismatches, make_pipeline
 
     model.eval()
     pipe = make_pipeline(model, tokenizer)
-    results = {}
-    for length, count in ((args.context_length, args.eval_rows), (2 * args.context_length, args.eval_rows_long)):
+    results: dict = {}
+    for length, count in eval_plan(args):
         if count <= 0:
             continue
-        rows = [
-            row for task in TASK_NAMES for row in generate_rows(task, count, length, tokenizer, seed=args.eval_seed)
-        ]
         start = time.time()
-        scores, predictions = evaluate(pipe, rows)
+        try:
+            rows = [
+                row for task in TASK_NAMES for row in generate_rows(task, count, length, tokenizer, seed=args.eval_seed)
+            ]
+            scores, predictions = evaluate(pipe, rows)
+        except (RuntimeError, ValueError) as error:  # recorded, not hidden: the summary says which length failed
+            logger.error("held-out evaluation at %d tokens failed: %s", length, error)
+            results[str(length)] = {"error": f"{type(error).__name__}: {error}"}
+            continue
         results[str(length)] = scores
         logger.info("held-out accuracy at %d tokens (%d rows, %.0f s):", length, len(rows), time.time() - start)
         for task, score in scores.items():
@@ -622,21 +973,24 @@ def train(args: argparse.Namespace) -> dict:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir)
-    model = build_model(args, tokenizer)
     start_step, max_steps, earlier_seconds = 0, args.max_steps, 0.0
     if args.resume:
         state = load_resume(args.resume)
+        # the checkpoint's own architecture and RoPE (a continued model's differ from the options)
+        model = build_model(args, tokenizer, config_json=state.get("config"))
         model.load_state_dict(state["model"])
         start_step = int(state["step"])
         earlier_seconds = float(state.get("seconds", 0.0))  # wall time of the earlier invocations
         if state.get("max_steps", -1) not in (-1, None) and args.max_steps == "auto":
             max_steps = int(state["max_steps"])  # continue the schedule of the run
         logger.info("resumed at step %d of %s", start_step, max_steps)
+    else:
+        model = build_model(args, tokenizer)
     model.to(device).train()
     optimizer_state = None
-    if args.resume and (Path(args.resume) / "optimizer.pt").exists():
-        saved = _load_checkpoint(Path(args.resume) / "optimizer.pt", f"{Path(args.resume) / 'optimizer.pt'}")
-        if int(saved["step"]) == start_step:
+    if args.resume:
+        saved = load_optimizer(args.resume)
+        if saved is not None and int(saved["step"]) == start_step:
             optimizer_state = saved["optimizer"]
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %s parameters, config %s", f"{n_params:,}", model.config.to_json_string(use_diff=True))
@@ -685,6 +1039,8 @@ def train(args: argparse.Namespace) -> dict:
     train_started = window_started = time.time()
     pending = sorted(args.milestone, key=lambda m: m[2])
     missed = None
+    out_of_time = False
+    lengths_sum = 0  # context tokens of the window's longest rows (the batch width), for the log
     batches = iter(loader)
     data_wait = 0.0  # seconds of the logging window spent waiting for the data loader
     while True:
@@ -698,6 +1054,7 @@ def train(args: argparse.Namespace) -> dict:
             break
         if time.time() > deadline:
             logger.warning("time limit of this invocation reached at step %d: saving a resume checkpoint", step)
+            out_of_time = True
             break
         lr = learning_rate(step, max_steps, args)
         if resume_warmup and step - start_step < resume_warmup:
@@ -711,6 +1068,7 @@ def train(args: argparse.Namespace) -> dict:
         )
         step += 1
         tokens_done += input_ids.numel()
+        lengths_sum += input_ids.shape[1]
         with torch.no_grad():
             task = batch["task"].to(device, non_blocking=True)
             hits.index_add_(0, task, correct)
@@ -733,6 +1091,7 @@ def train(args: argparse.Namespace) -> dict:
                 "max_steps": max_steps,
                 "lr": lr,
                 "context_max": curriculum_max_length(step, args),
+                "mean_width": round(lengths_sum / max(window_steps, 1)),
                 **dict(zip(("loss", "answer_loss", "lm_loss"), (sums / max(window_steps, 1)).tolist())),
                 "answer_exact": exact,
                 "tokens_per_s": tokens_done / elapsed,
@@ -759,7 +1118,7 @@ def train(args: argparse.Namespace) -> dict:
                 record["elapsed_s"],
             )
             sums.zero_()
-            window_steps, window_started, data_wait = 0, time.time(), 0.0
+            window_steps, window_started, data_wait, lengths_sum = 0, time.time(), 0.0, 0
             hits.zero_()
             seen.zero_()
             for task, accuracy, at in [m for m in pending if m[2] <= step and m[0] in exact]:
@@ -775,11 +1134,18 @@ def train(args: argparse.Namespace) -> dict:
             save_resume(model, step, max_steps, args, optimizer, earlier_seconds + time.time() - started)
             last_save = time.time()
     log_file.close()
+    del batches, loader  # stops the data-loader workers: the evaluation needs the CPUs
     finished = step >= max_steps
     save_resume(model, step, max_steps, args, optimizer, earlier_seconds + time.time() - started)
-    path = save_model(model, tokenizer, output_dir)
-    logger.info("saved the model to %s after %d steps (%s)", path, step, "complete" if finished else "INCOMPLETE")
-    if finished:
+    if args.save_model:
+        path = save_model(model, tokenizer, output_dir)
+        logger.info("saved the model to %s after %d steps (%s)", path, step, "complete" if finished else "INCOMPLETE")
+    # a schedule fitted to the time budget that ran out before its last steps is evaluated all the same (its learning
+    # rate was near the end of its decay); a run in parts (--stop_after_s) is not
+    fitted_but_late = out_of_time and args.max_steps == "auto" and not args.stop_after_s
+    if fitted_but_late:
+        logger.warning("the fitted schedule ran out of time at step %d of %d: evaluating it anyway", step, max_steps)
+    if finished or fitted_but_late:
         results = evaluate_held_out(model, tokenizer, args)
     elif missed:
         results = {}
@@ -793,6 +1159,8 @@ def train(args: argparse.Namespace) -> dict:
         "steps": step,
         "max_steps": max_steps,
         "complete": finished,
+        "stopped_by_time_budget": out_of_time,
+        "rope_parameters": dict(model.config.rope_parameters),
         "train_seconds": round(time.time() - train_started, 1),
         "run_seconds_all_invocations": round(earlier_seconds + time.time() - started, 1),
         "parameters": n_params,
@@ -810,6 +1178,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     summary of a run with retries lists every attempt and the wall time of them all."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
+    if args.export_to is not None:
+        export_resume(args.resume, args.export_to, args.tokenizer_dir)
+        return
     started = time.time()
     attempts = []
     while True:
