@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpress import attention_patch
 from kvpress import (
     AdaKVPress,
     DMSPress,
@@ -19,6 +18,7 @@ from kvpress import (
     RandomPress,
     RestoreKVPress,
     SnapKVPress,
+    attention_patch,
 )
 from kvpress.headwise_masks import add_masks, get_masks, masks_as_bool, set_masks
 from kvpress.ragged_attention import (
