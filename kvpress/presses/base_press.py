@@ -307,8 +307,15 @@ class BasePress:
                 ", ".join(cls.__name__ for cls in SUPPORTED_MODELS),
             )
         self.post_init_from_model(model)
-        with self._hooked(language_model, self.forward_hook), self._positions_after_rerotation(language_model):
-            yield
+        try:
+            with self._hooked(language_model, self.forward_hook), self._positions_after_rerotation(language_model):
+                yield
+        finally:
+            self.on_exit()
+
+    def on_exit(self) -> None:
+        """Called when the press's `with` block exits (exceptions included), after its hooks are removed. Presses
+        with decoding state (DecodingPress, PrefillDecodingPress) forget it here, as upstream does."""
 
     @property
     def acts_during_decoding(self) -> bool:

@@ -92,6 +92,10 @@ class ComposedPress(BasePress):
         for press in self.presses:
             press.post_init_from_model(model)
 
+    def on_exit(self) -> None:
+        for press in self.presses:
+            press.on_exit()
+
     def forward_hook(self, module, input, kwargs, output):
         _, cache = get_hook_inputs(module, input, kwargs)
         length_before = None if cache is None else cache_layer_length(cache, module.layer_idx)

@@ -132,14 +132,9 @@ class DecodingPress(BasePress):
             )
         self.reset()
 
-    @contextmanager
-    def __call__(self, model) -> Generator:
-        """`BasePress.__call__`, then the state is reset when the block exits (exceptions included), as upstream."""
-        try:
-            with super().__call__(model):
-                yield
-        finally:
-            self.reset()
+    def on_exit(self) -> None:
+        """The state is reset when the `with` block exits (exceptions included), as upstream."""
+        self.reset()
 
     def reset(self) -> None:
         """Forget every layer's buffered tokens and step count (done when the `with` block exits, and for each layer

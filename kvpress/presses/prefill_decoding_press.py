@@ -10,9 +10,8 @@ right one. Same API as upstream kvpress (https://github.com/NVIDIA/kvpress).
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Generator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -63,14 +62,9 @@ class PrefillDecodingPress(BasePress):
         if self.decoding_press is not None:
             self.decoding_press.post_init_from_model(model)
 
-    @contextmanager
-    def __call__(self, model) -> Generator:
-        """`BasePress.__call__`, then the decoding press's state is reset when the block exits, as upstream."""
-        try:
-            with super().__call__(model):
-                yield
-        finally:
-            self.reset()
+    def on_exit(self) -> None:
+        """The state is reset when the `with` block exits (exceptions included), as upstream."""
+        self.reset()
 
     def reset(self) -> None:
         """Forget the decoding press's state (done when the `with` block exits; also per layer at every prefill)."""

@@ -9,6 +9,7 @@ import torch
 
 from kvpress import (
     CapPress,
+    ComposedPress,
     CriticalKVPress,
     CURPress,
     DMSPress,
@@ -94,8 +95,13 @@ def test_state_is_reset_when_the_block_exits():
     for press in (
         DecodingPress(KnormPress(), compression_interval=100, target_size=100),
         PrefillDecodingPress(KnormPress(0.5), DecodingPress(KnormPress(), compression_interval=100, target_size=100)),
+        # inside a ComposedPress the inner press's block never opens: the composed press resets it on exit
+        ComposedPress([KnormPress(0.2), DecodingPress(KnormPress(), compression_interval=100, target_size=100)]),
     ):
-        decoding = press if isinstance(press, DecodingPress) else press.decoding_press
+        if isinstance(press, ComposedPress):
+            decoding = press.presses[1]
+        else:
+            decoding = press if isinstance(press, DecodingPress) else press.decoding_press
         inside = {}
 
         def record(step, cache, decoding=decoding):
