@@ -308,7 +308,7 @@ def run_press(
     _sync(device)
     _reset_peak(device)
     start = time.perf_counter()
-    with ragged_prefill(model, ragged_extra, cache) if compact else contextlib.nullcontext():
+    with ragged_prefill(model, ragged_extra, cache, keep_masks=decoding) if compact else contextlib.nullcontext():
         logits = chunked_prefill(model, input_ids, cache, press=press, chunk_size=prefill_chunk_size)
     if logits is None:  # pragma: no cover - chunked_prefill returns logits unless told not to
         raise RuntimeError("chunked_prefill returned no logits")

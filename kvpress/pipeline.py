@@ -233,7 +233,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         prefill_context: contextlib.AbstractContextManager = contextlib.nullcontext()
         if compact:
             cache = RaggedCache(config=self.model.config)
-            prefill_context = ragged_prefill(self.model, extra + 2, cache)
+            prefill_context = ragged_prefill(self.model, extra + 2, cache, keep_masks=decoding)
         elif cache is None:
             # With the config, the cache knows which layers use sliding-window attention (Gemma3), so that the
             # attention masks are sized from the layers that presses compress.

@@ -34,6 +34,7 @@ from typing import Any, Generator, Optional
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from kvpress.headwise_masks import clear_masks
 from kvpress.ragged_cache import (
     RaggedCache,
     attention_modules_by_layer,
@@ -64,9 +65,9 @@ def prefill_compaction_problem(press: Any) -> Optional[str]:
     return None
 
 
-def _compact(cache: RaggedCache, modules: dict, below: int, extra_tokens: int) -> None:
+def _compact(cache: RaggedCache, modules: dict, below: int, extra_tokens: int, keep_masks: bool) -> None:
     """Move every filled full-attention dense layer of `cache` with index < `below` into a ragged layer, drop its
-    dense tensors and attach it to its attention module."""
+    dense tensors (and, unless `keep_masks`, the masks it applied) and attach it to its attention module."""
     for layer_idx in range(min(below, len(cache.layers))):
         layer = cache.layers[layer_idx]
         if type(layer) is not DynamicLayer or not layer.is_initialized or getattr(layer, "keys", None) is None:
@@ -79,21 +80,31 @@ def _compact(cache: RaggedCache, modules: dict, below: int, extra_tokens: int) -
         cache.layers[layer_idx] = ragged
         layer.keys = layer.values = None  # the dense tensors go now, before the next layer runs
         layer.is_initialized = False
+        module = modules.get(layer_idx)
+        if not keep_masks and module is not None:
+            clear_masks(module)  # applied: 24 bytes per dropped entry that would stay resident for every layer
         logger.debug("ragged_prefill: layer %d compacted to %d rows", layer_idx, ragged.keys.shape[0])
     cache.attach_layers(modules)
 
 
 @contextmanager
 def ragged_prefill(
-    model: torch.nn.Module, extra_tokens: int, cache: Optional[RaggedCache] = None
+    model: torch.nn.Module, extra_tokens: int, cache: Optional[RaggedCache] = None, keep_masks: bool = True
 ) -> Generator[RaggedCache, None, None]:
     """Yield an empty RaggedCache (`cache`, or a new one for `model`'s config) whose layers are compacted one by one
     while a forward prefills it (see the module's docstring), with room for `extra_tokens` more tokens per segment.
+
+    `keep_masks`: whether each layer's head-wise masks stay recorded on its attention module once applied (as after
+    `RaggedCache.from_cache`). Presses acting during decoding read them back (DMS counts them, DecodingPress merges
+    with them); otherwise `keep_masks=False` drops them at once (three int64 indices per dropped entry: at 0.8,
+    about a fifth of the kept keys and values at head_dim 128 in bf16).
 
     On leaving the block the hooks are removed; the ragged layers stay attached to the attention modules for
     decoding (`RaggedCache.detach(model)` afterwards, as after `RaggedCache.from_cache`), except after an error."""
     if isinstance(extra_tokens, bool) or not isinstance(extra_tokens, int) or extra_tokens < 0:
         raise ValueError(f"extra_tokens must be a non-negative integer, got {extra_tokens!r}")
+    if not isinstance(keep_masks, bool):
+        raise TypeError(f"keep_masks must be True or False, got {keep_masks!r}")
     if cache is None:
         cache = RaggedCache(config=model.config)
     elif not isinstance(cache, RaggedCache):
@@ -109,11 +120,11 @@ def ragged_prefill(
     def before_attention(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         # every hook of the layers before this one has run: their masks are final
         if find_cache(kwargs) is target:
-            _compact(target, modules, int(module.layer_idx), extra_tokens)
+            _compact(target, modules, int(module.layer_idx), extra_tokens, keep_masks)
 
     def after_decoder(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if find_cache(kwargs) is target:
-            _compact(target, modules, len(target.layers), extra_tokens)
+            _compact(target, modules, len(target.layers), extra_tokens, keep_masks)
 
     handles = [module.register_forward_pre_hook(before_attention, with_kwargs=True) for module in modules.values()]
     handles.append(get_language_model(model).register_forward_hook(after_decoder, with_kwargs=True))

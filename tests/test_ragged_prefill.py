@@ -27,7 +27,7 @@ from kvpress import (
     RandomPress,
     SnapKVPress,
 )
-from kvpress.headwise_masks import masks_as_bool
+from kvpress.headwise_masks import clear_masks, get_masks, masks_as_bool
 from kvpress.ragged_attention import set_ragged_backend
 from kvpress.ragged_cache import RaggedCache, RaggedLayer
 from kvpress.ragged_prefill import compacts_during_prefill, prefill_compaction_problem, ragged_prefill
@@ -219,8 +219,9 @@ def _deep_model(n_layers: int = 6):
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
 
 
-def _held_bytes(cache) -> tuple[int, int]:
-    """(bytes held by the cache's dense layers and ragged storage, metadata included; dense layers holding keys)."""
+def _held_bytes(cache, modules) -> tuple[int, int]:
+    """(bytes held by the cache's dense layers, ragged storage with its metadata, and the head-wise masks recorded
+    on the attention modules; the dense layers holding keys)."""
     held, dense_layers = 0, 0
     for layer in cache.layers:
         if isinstance(layer, RaggedLayer):
@@ -229,39 +230,56 @@ def _held_bytes(cache) -> tuple[int, int]:
         elif isinstance(getattr(layer, "keys", None), torch.Tensor):
             held += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
             dense_layers += 1
+    for module in modules:
+        masks = get_masks(module)
+        held += sum(t.numel() * t.element_size() for t in masks) if masks is not None else 0
     return held, dense_layers
+
+
+def _kept_per_layer(model, press, ids) -> list[int]:
+    """The entries each layer keeps, from an ordinary prefill (the masks the press recorded), independently of the
+    compaction under test."""
+    dense = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model):
+        model(ids, **cache_kwargs(model, dense))
+    modules = attention_modules(model)
+    kept = [int((~masks_as_bool(m, tuple(dense.layers[i].keys.shape[:3]))).sum()) for i, m in enumerate(modules)]
+    for module in modules:
+        clear_masks(module)  # the measured prefill starts from modules without masks
+    return kept
 
 
 def _measure_prefill(model, press, ids, compact: bool):
     """Run the prefill, recording after each layer's attention (its dense KV written, before the press compresses
     it: the largest point of the layer) and at the start of each attention: the bytes held, the dense layers, and
-    the bound (kept entries of the layers compacted so far + one layer's full KV + their spare rows and metadata)."""
+    the bound: kept entries of the layers compacted so far (with their spare rows and metadata) + one layer's full
+    KV + one layer's masks (three int64 per entry at most)."""
     modules = attention_modules(model)
+    kept = _kept_per_layer(model, press, ids)
     bsz, seq_len = ids.shape
-    heads = model.config.num_key_value_heads
+    segments = bsz * model.config.num_key_value_heads
     row = 2 * HEAD_DIM * 4  # a key and a value row, float32
-    full_layer = bsz * heads * seq_len * row
+    full_layer = segments * seq_len * row
     records = []
     cache = RaggedCache(config=model.config) if compact else DynamicCache(config=model.config)
 
     def bound() -> int:
-        total = full_layer
+        total = full_layer + segments * seq_len * 3 * 8
         for layer_idx, layer in enumerate(cache.layers):
             if isinstance(layer, RaggedLayer):
-                kept = int((~masks_as_bool(modules[layer_idx], (bsz, heads, seq_len))).sum())  # from the masks
-                segments = bsz * heads
-                total += (kept + SPARE * segments) * row + (kept + SPARE * segments) * 4 + 3 * (segments + 1) * 4
+                rows = kept[layer_idx] + SPARE * segments
+                total += rows * (row + 4) + 3 * (segments + 1) * 4
         return total
 
     def record(*_):
-        records.append((*_held_bytes(cache), bound()))
+        records.append((*_held_bytes(cache, modules), bound()))
 
     with torch.no_grad(), press(model):
         handles = [m.register_forward_hook(record, prepend=True) for m in modules]  # before the press's hook
         handles += [m.register_forward_pre_hook(record) for m in modules]
         try:
             if compact:
-                with ragged_prefill(model, SPARE, cache):
+                with ragged_prefill(model, SPARE, cache, keep_masks=False):
                     model(ids, **cache_kwargs(model, cache))
             else:
                 model(ids, **cache_kwargs(model, cache))
@@ -286,11 +304,28 @@ def test_the_dense_caches_of_all_layers_never_coexist(press):
         assert held <= limit
     # at 0.8 the whole prefill held far less than the dense cache of every layer would
     assert max(held for held, _, _ in records) < 6 * full_layer / 2
-    # the same measurement without compaction: every layer's KV is resident at the end, over the bound
+    # the same measurement without compaction: every layer's KV (and masks) resident at the end, over the bound
     dense_records, _ = _measure_prefill(model, press, ids, compact=False)
     held, dense_layers, _ = dense_records[-1]
-    assert dense_layers == 6 and held == 6 * full_layer
+    assert dense_layers == 6 and held >= 6 * full_layer
     assert held > records[-1][2]
+
+
+def test_masks_are_dropped_once_applied_unless_kept(tmp_path):
+    model = get_model("llama")
+    ids = random_input_ids(2, 40)
+    press = AdaKVPress(SnapKVPress(0.5, window_size=2))
+    caches = []
+    for keep in (True, False):
+        with torch.no_grad(), press(model), ragged_prefill(model, SPARE, keep_masks=keep) as cache:
+            model(ids, **cache_kwargs(model, cache))
+        RaggedCache.detach(model)
+        caches.append(cache)
+        assert all((get_masks(m) is not None) == keep for m in attention_modules(model))
+    _assert_same_layers(caches[1], caches[0])
+    with pytest.raises(TypeError, match="keep_masks"):
+        with ragged_prefill(model, SPARE, keep_masks=1):
+            pass
 
 
 def test_dense_tensors_are_freed_before_the_next_layer_runs():
