@@ -9,8 +9,8 @@ its head-wise masks): its kept entries move into a `RaggedLayer` and its dense k
 layer i + 1 runs. The prefill then holds the kept entries of the layers already run plus one layer's full KV.
 
     with press(model), ragged_prefill(model, extra_tokens=64) as cache:
-        model(context_ids, past_key_values=cache)    # one forward for the whole context
-        ...decode with `cache` (new tokens are appended in place; a press acting during decoding evicts head-wise)
+        model.generate(input_ids, cache=cache, max_new_tokens=32)  # `past_key_values=` before transformers 5.24
+        # or model(context_ids, cache=cache) (one forward for the whole context), then decode with `cache`
     # the attention modules read their ragged layers until RaggedCache.detach(model)
 
 The cache is the one `RaggedCache.from_cache` builds from the same prefill (the same conversion,

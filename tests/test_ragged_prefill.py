@@ -355,3 +355,22 @@ def test_dense_tensors_are_freed_before_the_next_layer_runs():
                 handle.remove()
             RaggedCache.detach(model)
     assert alive_at_next_layer == [False, False, False]
+
+
+@pytest.mark.parametrize("name", ["adakv_snapkv", "critical_adakv", "duo_attention"])
+def test_generate_inside_ragged_prefill_gives_the_masking_path_tokens(name, tmp_path):
+    """`model.generate` with the yielded cache: prefill compacted layer by layer, then decoding in place."""
+    model = get_model("llama")
+    ids = random_input_ids(2, 40)
+    options = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad(), COMPACTED[name](0.5, tmp_path)(model):
+        masked = model.generate(ids, **options)
+    built = []
+    with torch.no_grad(), COMPACTED[name](0.5, tmp_path)(model), ragged_prefill(model, 8, keep_masks=False) as cache:
+        ragged = model.generate(ids, **cache_kwargs(model, cache), **options)
+        built = [type(layer).__name__ for layer in cache.layers]
+    RaggedCache.detach(model)
+    assert built == ["RaggedLayer"] * model.config.num_hidden_layers
+    assert cache.get_seq_length() == 40 + 5  # the context, then the new tokens appended in place (all but the last)
+    assert torch.equal(ragged.sequences, masked.sequences)
+    torch.testing.assert_close(torch.stack(ragged.scores), torch.stack(masked.scores), atol=1e-5, rtol=1e-5)
