@@ -12,6 +12,9 @@ measured peak are both printed), so a prediction is only as good as the longest 
 
     python benchmarks/longest_context.py run/long.jsonl run/c128.jsonl --press knorm --prefill_chunk_size 8192 \
         --ratios 0.5,0.8,0.9 --memory_gib 74.5,139 --output longest_context.json
+
+`--decode_loop` keeps the rows of one decode loop (e.g. `ragged`, whose prefill compacts each layer); the rows that
+ran out of memory are listed with those that fit (`measured`), the measured answer beside the predicted one.
 """
 
 from __future__ import annotations
@@ -24,21 +27,33 @@ from typing import Optional
 GIB = float(1 << 30)
 
 
-def read_rows(paths: list[str], press: str, chunk: Optional[int]) -> list[dict]:
+def read_rows(
+    paths: list[str], press: str, chunk: Optional[int], loop: Optional[str] = None, with_errors: bool = False
+) -> list[dict]:
+    """The rows of `press` with `prefill_chunk_size` `chunk` (and decode loop `loop`, any when None); rows that
+    failed (out of memory) only `with_errors`."""
     rows = []
     for path in paths:
         for line in Path(path).read_text().splitlines():
             if not line.strip():
                 continue
             row = json.loads(line)
-            if row.get("error") or row.get("prefill_chunk_size") != chunk:
+            if (row.get("error") and not with_errors) or row.get("prefill_chunk_size") != chunk:
                 continue
-            if row["press"].split(":")[0] != press:
+            if row["press"].split(":")[0] != press or (loop is not None and row.get("decode_loop") != loop):
                 continue
             rows.append(row)
-    if not rows:
-        raise SystemExit(f"no measured row of press {press!r} with prefill_chunk_size {chunk} in {paths}")
+    if not rows and not with_errors:
+        where = f" and decode loop {loop!r}" if loop is not None else ""
+        raise SystemExit(f"no measured row of press {press!r} with prefill_chunk_size {chunk}{where} in {paths}")
     return rows
+
+
+def measured_fits(rows: list[dict]) -> dict:
+    """The measured lengths that fit (no error) and those that did not (out of memory), and the longest that fit."""
+    fit = sorted({row["context_length"] for row in rows if not row.get("error")})
+    failed = sorted({row["context_length"] for row in rows if "out of memory" in str(row.get("error") or "")})
+    return {"fit": fit, "out_of_memory": failed, "longest_measured_fit": fit[-1] if fit else None}
 
 
 def bytes_per_token(row: dict) -> float:
@@ -82,6 +97,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("results", nargs="+", help="results.jsonl files of python -m kvpress.benchmark")
     parser.add_argument("--press", default="knorm", help="the press name of the rows to use (e.g. knorm)")
     parser.add_argument("--prefill_chunk_size", type=int, default=None)
+    parser.add_argument("--decode_loop", default=None, help="only rows of this decode loop (e.g. ragged; default any)")
     parser.add_argument("--ratios", default="0.5,0.8,0.9")
     parser.add_argument("--memory_gib", default="74.5,139", help="memory sizes; 80 GB is 74.5 GiB")
     parser.add_argument("--output", default=None, help="write the table as JSON here")
@@ -90,7 +106,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     memories = [float(value) for value in args.memory_gib.split(",")]
     if not all(0 <= ratio < 1 for ratio in ratios) or not all(memory > 0 for memory in memories):
         parser.error("--ratios must be in [0, 1) and --memory_gib positive")
-    rows = read_rows(args.results, args.press, args.prefill_chunk_size)
+    rows = read_rows(args.results, args.press, args.prefill_chunk_size, args.decode_loop)
+    measured = measured_fits(read_rows(args.results, args.press, args.prefill_chunk_size, args.decode_loop, True))
     per_token = bytes_per_token(rows[0])
     weights = float(rows[0]["weights_bytes"])
     fit = fit_transient(rows)
@@ -112,6 +129,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     result = {
         "press": args.press,
         "prefill_chunk_size": args.prefill_chunk_size,
+        "decode_loop": args.decode_loop,
+        "measured": measured,
         "weights_gib": weights / GIB,
         "kv_bytes_per_token": per_token,
         "transient_gib_at_0": fit[0] / GIB,
@@ -130,6 +149,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             f"{check['press']} | {check['context_length']} | {check['measured_peak_gib']:.2f} | "
             f"{check['predicted_peak_gib']:.2f}"
         )
+    print(f"measured: fit at {measured['fit']}, out of memory at {measured['out_of_memory']}")
     print("ratio | memory GiB | longest context (tokens)")
     for entry in table:
         print(f"{entry['ratio']} | {entry['memory_gib']} | {entry['longest_tokens']}")

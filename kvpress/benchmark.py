@@ -51,6 +51,7 @@ from kvpress.ragged_cache import (
     ragged_problem,
     release_dense_layers,
 )
+from kvpress.ragged_prefill import compacts_during_prefill, ragged_prefill
 from kvpress.resources import text_config
 from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import get_language_model
@@ -231,6 +232,21 @@ def kv_statistics(cache, model: PreTrainedModel) -> dict:
     return {"kv_bytes": resident, "kv_entries": entries, "kv_unmasked_entries": unmasked}
 
 
+def dense_bytes_of(cache) -> int:
+    """Bytes the dense cache of the same prefill holds (every ragged layer at its logical length, other layers as
+    they are): the ragged loop's `kv_bytes_dense_prefill` when its layers were compacted during the prefill."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, RaggedLayer):
+            width = (
+                layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
+            )
+            total += layer.num_segments * layer.logical_length * width
+        elif isinstance(getattr(layer, "keys", None), torch.Tensor):
+            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return total
+
+
 def full_kv_bytes(model: PreTrainedModel, batch: int, length: int) -> int:
     """Bytes of an uncompressed cache of `length` tokens (sliding-window layers hold at most their window)."""
     config = text_config(model)
@@ -281,11 +297,19 @@ def run_press(
     if request.name == "generate":
         return _run_generate(model, input_ids, max_new_tokens)
     batch, context_length = input_ids.shape
-    cache = DynamicCache(config=model.config)
+    decoding = press is not None and press.acts_during_decoding
+    ragged_extra = max_new_tokens + RAGGED_WARMUP_STEPS + 2
+    # the ragged loop compacts each layer as soon as its press ran (kvpress.ragged_prefill), so the prefill never holds
+    # every layer's dense cache; presses with passes of their own convert after the prefill
+    compact = loop == "ragged" and compacts_during_prefill(
+        press, press if decoding else None, prefill_chunk_size, context_length
+    )
+    cache: Any = RaggedCache(config=model.config) if compact else DynamicCache(config=model.config)
     _sync(device)
     _reset_peak(device)
     start = time.perf_counter()
-    logits = chunked_prefill(model, input_ids, cache, press=press, chunk_size=prefill_chunk_size)
+    with ragged_prefill(model, ragged_extra, cache, keep_masks=decoding) if compact else contextlib.nullcontext():
+        logits = chunked_prefill(model, input_ids, cache, press=press, chunk_size=prefill_chunk_size)
     if logits is None:  # pragma: no cover - chunked_prefill returns logits unless told not to
         raise RuntimeError("chunked_prefill returned no logits")
     token = logits[:, -1:].argmax(-1)
@@ -294,7 +318,6 @@ def run_press(
     peak_prefill = _peak(device)
     stats = kv_statistics(cache, model)
 
-    decoding = press is not None and press.acts_during_decoding
     decode_cache: Any = cache
     step_fn = None
     capture = 0.0
@@ -303,16 +326,24 @@ def run_press(
         problem = decoding_eviction_problem(press) if decoding else None
         if problem is not None:
             raise NotApplicable(f"the ragged loop does not apply to a press acting during decoding: {problem}")
-        problem = ragged_problem(cache)
-        if problem is not None:
-            raise NotApplicable(f"the ragged loop does not apply: {problem}")
-        decode_cache = RaggedCache.from_cache(cache, model, extra_tokens=max_new_tokens + RAGGED_WARMUP_STEPS + 2)
+        if compact:
+            dense_prefill_bytes = dense_bytes_of(cache)
+        else:
+            problem = ragged_problem(cache)
+            if problem is not None:
+                raise NotApplicable(f"the ragged loop does not apply: {problem}")
+            decode_cache = RaggedCache.from_cache(cache, model, extra_tokens=ragged_extra)
+            dense_prefill_bytes = stats["kv_bytes"]
+            release_dense_layers(cache)
         if not decoding:  # a press evicting while decoding reads its masks back; others need them no more
             for module in get_language_model(model).layers:
                 clear_masks(module.self_attn)  # applied: the ragged layers hold only the kept entries
-        release_dense_layers(cache)
         del cache
-        stats = {**kv_statistics(decode_cache, model), "kv_bytes_dense_prefill": stats["kv_bytes"]}
+        stats = {
+            **kv_statistics(decode_cache, model),
+            "kv_bytes_dense_prefill": dense_prefill_bytes,
+            "ragged_prefill": "per_layer" if compact else "after_prefill",
+        }
     elif loop != "dynamic":
         if not can_decode_in_place(model, cache):
             raise NotApplicable(f"the {loop} loop does not apply to this cache (sliding-window, quantized or empty)")

@@ -19,6 +19,7 @@ from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.press_state import restore_press_state, snapshot_press_state
 from kvpress.presses.base_press import BasePress
 from kvpress.ragged_cache import RaggedCache, ragged_cache_for
+from kvpress.ragged_prefill import compacts_during_prefill, ragged_prefill
 from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import restore_cache, snapshot_cache, write_keys_and_values
 
@@ -221,20 +222,32 @@ class KVPressTextGenerationPipeline(Pipeline):
                 "(e.g. DynamicCache()) for every context, or cache=None to let the pipeline create one."
             )
         own_cache = cache is None  # a cache the pipeline made: its dense layers can go once copied (ragged)
-        if cache is None:
+        decoding = _is_decoding_press(press)
+        questions = input_tensors["questions_ids"]
+        extra = max(q.shape[1] for q in questions) + max_new_tokens
+        # ragged_cache: each layer is compacted into the ragged cache as soon as its press hooks ran, so the dense
+        # caches of all layers never coexist (kvpress.ragged_prefill); otherwise it is copied after the prefill.
+        compact = ragged_cache and compacts_during_prefill(
+            press, press if decoding else None, prefill_chunk_size, context_length, own_cache
+        )
+        prefill_context: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if compact:
+            cache = RaggedCache(config=self.model.config)
+            prefill_context = ragged_prefill(self.model, extra + 2, cache, keep_masks=decoding)
+        elif cache is None:
             # With the config, the cache knows which layers use sliding-window attention (Gemma3), so that the
             # attention masks are sized from the layers that presses compress.
             cache = DynamicCache(config=self.model.config)
 
         # Prefill the context (in chunks with prefill_chunk_size); the press compresses the cache of each layer as it
         # goes.
-        chunked_prefill(self.model, context_ids, cache, press, prefill_chunk_size, return_logits=False)
+        with prefill_context:
+            chunked_prefill(self.model, context_ids, cache, press, prefill_chunk_size, return_logits=False)
         logger.debug(f"Context Length: {context_length}")
         logger.debug(f"Compressed Context Length: {cache.get_seq_length()}")
         # RestoreKV appends its learned restore tokens after the context: questions continue after them.
         context_length += int(getattr(press, "num_restore_tokens", 0) or 0)
 
-        decoding = _is_decoding_press(press)
         if decoding:
             decoding_context = press(self.model)
         elif press is not None and press.latency:
@@ -244,10 +257,10 @@ class KVPressTextGenerationPipeline(Pipeline):
             decoding_context = contextlib.nullcontext()
         if _uses_rerotated_positions(press):
             context_length = cache.get_seq_length()
-        questions = input_tensors["questions_ids"]
-        extra = max(q.shape[1] for q in questions) + max_new_tokens
         ragged = None
-        if ragged_cache:
+        if compact:
+            ragged = cache  # type: ignore[assignment]
+        elif ragged_cache:
             ragged = ragged_cache_for(self.model, cache, press if decoding else None, extra + 2, own_cache)
         if ragged is not None:
             # Only the entries each head kept are copied (kvpress.ragged_cache); answers are appended in place, and a

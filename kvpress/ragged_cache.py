@@ -367,12 +367,7 @@ class RaggedCache(DynamicCache):
             if getattr(layer, "is_sliding", False):
                 layers.append(copy.deepcopy(layer))  # a window of tokens: copied, so the source cache stays as it is
                 continue
-            keys, values = layer.keys, layer.values
-            module = modules.get(layer_idx)
-            kept = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
-            if module is not None:
-                kept = ~masks_as_bool(module, tuple(keys.shape[:3]), device=keys.device)
-            layers.append(RaggedLayer(keys, values, kept, extra_tokens))
+            layers.append(ragged_layer_from(layer, modules.get(layer_idx), extra_tokens))
         new.layers = layers
         new.attach(model)
         return new
@@ -380,7 +375,11 @@ class RaggedCache(DynamicCache):
     def attach(self, model: torch.nn.Module) -> None:
         """Tell each attention module of `model` which ragged layer it reads; the masks it holds now are already
         applied (decoding-time masks set later are evicted in place)."""
-        for layer_idx, module in attention_modules_by_layer(model).items():
+        self.attach_layers(attention_modules_by_layer(model))
+
+    def attach_layers(self, modules: dict) -> None:
+        """`attach`, given the attention modules by layer index (`attention_modules_by_layer`)."""
+        for layer_idx, module in modules.items():
             if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], RaggedLayer):
                 module.__dict__[_LAYER_ATTRIBUTE] = self.layers[layer_idx]
                 attach_mask_sink(module, self.layers[layer_idx])  # entries masked from now on are evicted
@@ -416,6 +415,17 @@ class RaggedCache(DynamicCache):
         for layer, saved in zip(self.layers, state):
             if saved is not None:
                 layer.rollback(saved, release=release)  # type: ignore[attr-defined]
+
+
+def ragged_layer_from(layer: DynamicLayer, module: Optional[torch.nn.Module], extra_tokens: int) -> RaggedLayer:
+    """A ragged layer holding the entries of the filled dense `layer` that the head-wise masks of `module` (its
+    attention module, None for none) do not hide, with `extra_tokens` spare rows per segment. The one conversion
+    `RaggedCache.from_cache` and `ragged_prefill` share, so both build the same layer."""
+    keys, values = layer.keys, layer.values
+    kept = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
+    if module is not None:
+        kept = ~masks_as_bool(module, tuple(keys.shape[:3]), device=keys.device)
+    return RaggedLayer(keys, values, kept, extra_tokens)
 
 
 def attention_modules_by_layer(model: torch.nn.Module) -> dict[int, torch.nn.Module]:

@@ -74,3 +74,27 @@ def test_rows_of_other_presses_chunks_or_errors_are_not_used(tmp_path):
     assert result["transient_gib_at_0"] == pytest.approx(2.0)
     with pytest.raises(SystemExit, match="no measured row"):
         _script().main([_write(tmp_path, rows), "--press", "tova", "--prefill_chunk_size", "4096"])
+
+
+def test_rows_of_one_decode_loop_and_the_measured_fits(tmp_path):
+    rows = [
+        {**_row(131072, 0.8, 2 * GIB, chunk=None, press="adakv_snapkv"), "decode_loop": "ragged"},
+        {**_row(262144, 0.8, 2 * GIB, chunk=None, press="adakv_snapkv"), "decode_loop": "ragged"},
+        {**_row(131072, 0.0, 9 * GIB, chunk=None, press="adakv_snapkv"), "decode_loop": "dynamic"},
+        {
+            "press": "adakv_snapkv:0.8",
+            "context_length": 1 << 20,
+            "prefill_chunk_size": None,
+            "decode_loop": "ragged",
+            "error": "out of memory: CUDA out of memory",
+        },
+    ]
+    path = _write(tmp_path, rows)
+    result = _script().main([path, "--press", "adakv_snapkv", "--decode_loop", "ragged", "--ratios", "0.8"])
+    assert [check["context_length"] for check in result["checks"]] == [131072, 262144]
+    assert result["transient_gib_at_0"] == pytest.approx(2.0)
+    assert result["measured"] == {"fit": [131072, 262144], "out_of_memory": [1 << 20], "longest_measured_fit": 262144}
+    every_loop = _script().main([path, "--press", "adakv_snapkv", "--ratios", "0.8"])
+    assert len(every_loop["checks"]) == 3
+    with pytest.raises(SystemExit, match="decode loop 'inplace'"):
+        _script().main([path, "--press", "adakv_snapkv", "--decode_loop", "inplace"])

@@ -39,6 +39,7 @@ from tests.fixtures import (
 )
 from tests.presses.test_headwise_matrix import FACTORIES, MockDuoAttentionPress
 from tests.presses.test_restorekv import needs_compatible_peft, restore_resources
+from tests.test_ragged_prefill import count_ragged_layers_built
 
 SPARE = 8
 
@@ -288,16 +289,12 @@ def test_pipeline_questions_match_the_masking_path(name, tmp_path, monkeypatch):
     pipe = KVPressTextGenerationPipeline(model=get_model("llama"), tokenizer=load_tokenizer(), device="cpu")
     context = "The quick brown fox jumps over the lazy dog. " * 6
     questions = ["Who jumps?", "What is lazy?", "Which fox?"]
-    built = []
-    original = RaggedCache.from_cache.__func__
-
-    def counting(cls, *args, **kwargs):
-        built.append(True)
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(RaggedCache, "from_cache", classmethod(counting))
+    built = count_ragged_layers_built(monkeypatch)
     ragged = pipe(context, questions=questions, press=PRESSES[name](0.5, tmp_path), max_new_tokens=6, ragged_cache=True)
-    assert built == [True]  # one ragged cache serves every question (rolled back in between)
+    # one ragged cache serves every question (rolled back in between): each layer converted once, during the
+    # prefill for presses that mask a layer in its forward hook, after it for KVzip (a second pass over the context)
+    assert len(built) == pipe.model.config.num_hidden_layers
+    assert set(built) == {"after" if name == "kvzip_global" else "prefill"}
     masked = pipe(context, questions=questions, press=PRESSES[name](0.5, tmp_path), max_new_tokens=6)
     assert ragged == masked
 
@@ -354,6 +351,7 @@ def test_benchmark_ragged_loop_holds_only_the_kept_entries(tmp_path):
     assert by_key[("knorm:0.5", "ragged")]["kv_bytes"] == ragged["kv_bytes"]  # the same kept size
     assert ragged["decode_ms_per_token"] > 0
     assert ragged["ragged_backend"] == "reference"
+    assert ragged["ragged_prefill"] == "per_layer"  # compacted layer by layer during the prefill
 
 
 @needs_compatible_peft

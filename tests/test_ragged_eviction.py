@@ -37,6 +37,7 @@ from kvpress.ragged_cache import RaggedCache, RaggedLayer, decoding_eviction_pro
 from kvpress.transformers_adapter import CannotCompressError, cache_kwargs
 from kvpress.utils import extract_keys_and_values, write_keys_and_values
 from tests.fixtures import attention_modules, get_model, load_tokenizer, random_input_ids
+from tests.test_ragged_prefill import count_ragged_layers_built
 
 
 @pytest.fixture(autouse=True)
@@ -257,21 +258,20 @@ PIPELINE_PRESSES = {
 @pytest.mark.parametrize("name", sorted(PIPELINE_PRESSES))
 def test_pipeline_questions_with_decoding_eviction_match_the_masking_path(name, monkeypatch):
     pipe = KVPressTextGenerationPipeline(model=get_model("llama"), tokenizer=load_tokenizer(), device="cpu")
-    built, evicted = [], []
-    original_from_cache, original_evict = RaggedCache.from_cache.__func__, RaggedLayer.evict
-
-    def counting(cls, *args, **kwargs):
-        built.append(True)
-        return original_from_cache(cls, *args, **kwargs)
+    evicted = []
+    original_evict = RaggedLayer.evict
 
     def evict(self, *args):
         evicted.append(original_evict(self, *args))
         return evicted[-1]
 
-    monkeypatch.setattr(RaggedCache, "from_cache", classmethod(counting))
+    built = count_ragged_layers_built(monkeypatch)
     monkeypatch.setattr(RaggedLayer, "evict", evict)
     ragged = pipe(CONTEXT, questions=QUESTIONS, press=PIPELINE_PRESSES[name](), max_new_tokens=12, ragged_cache=True)
-    assert built == [True] and sum(evicted) > 0  # one ragged cache, evicting in place
+    n_layers = pipe.model.config.num_hidden_layers
+    assert len(built) == n_layers and sum(evicted) > 0  # one ragged cache (each layer once), evicting in place
+    # DMS masks each layer in its forward hook: compacted during the prefill; the wrappers convert after it
+    assert set(built) == {"prefill" if name == "dms_knorm" else "after"}
     masked = pipe(CONTEXT, questions=QUESTIONS, press=PIPELINE_PRESSES[name](), max_new_tokens=12)
     assert ragged == masked
     # each question is answered from the compressed context (evictions of the earlier ones rolled back)
