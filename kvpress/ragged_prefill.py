@@ -57,10 +57,19 @@ def prefill_compaction_problem(press: Any) -> Optional[str]:
         return None
     if not isinstance(press, BasePress):
         raise TypeError(f"press must be a BasePress or None, got {type(press).__name__}")
+    from kvpress.presses.composed_press import ComposedPress
+
+    if isinstance(press, ComposedPress):
+        return next((problem for inner in press.presses if (problem := prefill_compaction_problem(inner))), None)
     if type(press).__call__ is not BasePress.__call__:
         return (
             f"{type(press).__name__} runs with a context manager of its own (passes over the context or hooks beyond "
             "the layers' forward hooks), so every layer's dense cache must stay until the prefill ends"
+        )
+    if type(press).on_exit is not BasePress.on_exit:
+        return (
+            f"{type(press).__name__} keeps a decoding state of its own across its block (a wrapper that also "
+            "compresses while decoding), so its layers are converted once the prefill ends"
         )
     return None
 

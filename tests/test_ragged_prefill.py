@@ -182,7 +182,7 @@ def test_pipeline_compacts_during_the_prefill_and_answers_as_the_masking_path(na
 def test_presses_with_passes_of_their_own_convert_after_the_prefill(caplog):
     kvzip = KVzipPress(0.5, tokenizer=load_tokenizer())
     assert "context manager of its own" in prefill_compaction_problem(kvzip)
-    assert "context manager of its own" in prefill_compaction_problem(DecodingPress(AdaKVPress(KnormPress())))
+    assert "decoding state of its own" in prefill_compaction_problem(DecodingPress(AdaKVPress(KnormPress())))
     assert prefill_compaction_problem(AdaKVPress(SnapKVPress(0.5))) is None and prefill_compaction_problem(None) is None
     with pytest.raises(TypeError, match="BasePress or None"):
         prefill_compaction_problem("snapkv")
