@@ -27,6 +27,7 @@ its press cannot compress).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from contextlib import contextmanager
 from typing import Any, Generator, Optional
@@ -34,6 +35,7 @@ from typing import Any, Generator, Optional
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from kvpress.chunked_mlp import DEFAULT_SLICE_TOKENS, mlp_in_slices
 from kvpress.headwise_masks import clear_masks
 from kvpress.ragged_cache import (
     RaggedCache,
@@ -98,7 +100,11 @@ def _compact(cache: RaggedCache, modules: dict, below: int, extra_tokens: int, k
 
 @contextmanager
 def ragged_prefill(
-    model: torch.nn.Module, extra_tokens: int, cache: Optional[RaggedCache] = None, keep_masks: bool = True
+    model: torch.nn.Module,
+    extra_tokens: int,
+    cache: Optional[RaggedCache] = None,
+    keep_masks: bool = True,
+    mlp_slice_tokens: Optional[int] = DEFAULT_SLICE_TOKENS,
 ) -> Generator[RaggedCache, None, None]:
     """Yield an empty RaggedCache (`cache`, or a new one for `model`'s config) whose layers are compacted one by one
     while a forward prefills it (see the module's docstring), with room for `extra_tokens` more tokens per segment.
@@ -107,6 +113,10 @@ def ragged_prefill(
     `RaggedCache.from_cache`). Presses acting during decoding read them back (DMS counts them, DecodingPress merges
     with them); otherwise `keep_masks=False` drops them at once (three int64 indices per dropped entry: at 0.8,
     about a fifth of the kept keys and values at head_dim 128 in bf16).
+
+    `mlp_slice_tokens`: inside the block the decoder layers' MLPs run over that many tokens at a time
+    (`kvpress.chunked_mlp`, the same output): with the cache compacted layer by layer, the MLP activations are what is
+    left of the prefill's peak, and this bounds them. None runs them whole.
 
     On leaving the block the hooks are removed; the ragged layers stay attached to the attention modules for
     decoding (`RaggedCache.detach(model)` afterwards, as after `RaggedCache.from_cache`), except after an error."""
@@ -137,8 +147,10 @@ def ragged_prefill(
 
     handles = [module.register_forward_pre_hook(before_attention, with_kwargs=True) for module in modules.values()]
     handles.append(get_language_model(model).register_forward_hook(after_decoder, with_kwargs=True))
+    slices = mlp_in_slices(model, mlp_slice_tokens) if mlp_slice_tokens is not None else contextlib.nullcontext()
     try:
-        yield cache
+        with slices:
+            yield cache
     except BaseException:
         RaggedCache.detach(model)
         raise
