@@ -87,9 +87,10 @@ def test_the_needle_sits_at_the_sentence_boundary_nearest_its_depth(tokenizer, l
             without, at = haystack[needle.end() + 1 :], 0
         else:
             without, at = haystack[: needle.start() - 1] + haystack[needle.end() :], needle.start() - 1
-        starts = [start for start, _ in tokenizer(without, add_special_tokens=False, return_offsets_mapping=True)[
-            "offset_mapping"
-        ]]
+        starts = [
+            start
+            for start, _ in tokenizer(without, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        ]
         total = len(starts)
         # sentence boundaries: before the first sentence, after each ". "
         boundaries = [0] + [m.end() - 1 for m in re.finditer(r"\. ", without)] + [len(without)]
