@@ -585,6 +585,28 @@ def environment(device: torch.device, bandwidth: float) -> dict:
 
 
 NEEDLE_DEPTHS = (0.05, 0.5, 0.95)
+# `--needle_modes`: question-agnostic (the context is compressed before the question is seen, the pipeline's default)
+# and question-aware (the question is appended to the context and compressed with it).
+NEEDLE_MODES = ("agnostic", "aware")
+# `--model` aliases of the project's reference models (resolved by `resolve_model`, from a checkout of the repository).
+REFERENCE_ALIASES = ("reference", "reference-32k")
+
+
+def resolve_model(name: str) -> str:
+    """The directory of a reference-model alias (`reference`: the shipped 1k model, `reference-32k`: the 32k one), or
+    `name` unchanged. FileNotFoundError (saying how to build it) when the 32k checkpoint is not there."""
+    if name not in REFERENCE_ALIASES:
+        return name
+    try:
+        from harness import reference_model
+    except ImportError:
+        raise ValueError(
+            f"--model {name} is a reference model of the repository: run from its root (the `harness` package), or "
+            "pass the model's directory."
+        ) from None
+    if name == "reference-32k":
+        return str(reference_model.long_context_model_dir())
+    return str(reference_model.REFERENCE_MODEL_DIR)
 
 
 def needle_rows(context_lengths: list[int], depths: tuple[float, ...], samples: int, tokenizer) -> list[dict]:
@@ -594,6 +616,34 @@ def needle_rows(context_lengths: list[int], depths: tuple[float, ...], samples: 
     return needle_sweep_rows(context_lengths, depths=depths, num_samples=samples, tokenizer=tokenizer)
 
 
+def needle_key(row: dict) -> tuple:
+    """What identifies a needle cell in `needle.jsonl` (rows written before `mode` existed are question-agnostic)."""
+    return (
+        row["model"],
+        row["press"],
+        row.get("mode", "agnostic"),
+        row["context_length"],
+        row["depth"],
+        row["samples"],
+        row.get("dtype"),
+    )
+
+
+def _read_needle_rows(path: Path) -> dict[tuple, dict]:
+    """The finished cells of `path`. A line cut short by a killed run is dropped from the file (so the rows appended
+    next start on a line of their own); a cell written twice keeps its first row."""
+    done: dict[tuple, dict] = {}
+    if not path.exists():
+        return done
+    text = path.read_text()
+    rows = read_rows(path)
+    for row in rows:
+        done.setdefault(needle_key(row), row)
+    if text and (not text.endswith("\n") or len(done) != len([line for line in text.splitlines() if line.strip()])):
+        path.write_text("".join(json.dumps(row) + "\n" for row in done.values()))
+    return done
+
+
 def run_needle(
     model: PreTrainedModel,
     tokenizer,
@@ -601,66 +651,109 @@ def run_needle(
     rows: list[dict],
     results_path: Path,
     model_name: str,
+    modes: tuple[str, ...] = ("agnostic",),
 ) -> list[dict]:
-    """Answer every needle row with every press through the pipeline (a fresh press per row); one result row per
-    (press, context length, depth), appended to `results_path` as it finishes (a rerun resumes)."""
+    """Answer every needle row with every press, in every mode, through the pipeline (a fresh press per row); one
+    result row per (press, mode, context length, depth), appended to `results_path` as soon as its cell is done, so
+    a rerun (after a kill, or with more presses) measures only the cells not there yet."""
     from harness.synthetic.scoring import row_score
     from kvpress.pipeline import KVPressTextGenerationPipeline
 
+    unknown = [mode for mode in modes if mode not in NEEDLE_MODES]
+    if unknown or not modes:
+        raise ValueError(f"needle modes must be some of {', '.join(NEEDLE_MODES)}, got {list(modes)}.")
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer, device=model.device)
-    done = {(r["model"], r["press"], r["context_length"], r["depth"]): r for r in read_rows(results_path)}
+    done = _read_needle_rows(results_path)
     groups: dict[tuple[int, float], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["context_length"], row["depth"]), []).append(row)
+    dtype = str(model.dtype).replace("torch.", "")
     results = []
-    runs = [(request, key) for key in groups for request in requests if request.name != "generate"]
-    for request, (length, depth) in tqdm(runs, desc="needle", unit="run"):
-        run_key_ = (model_name, request.text, length, depth)
-        if run_key_ in done:
-            results.append(done[run_key_])
-            continue
-        scores = []
-        for row in groups[(length, depth)]:
-            press = request.build()
-            answer = pipe(
-                row["context"],
-                question=row["question"],
-                answer_prefix=row.get("answer_prefix", ""),
-                press=press,
-                max_new_tokens=int(row.get("max_new_tokens", 16)),
-            )["answer"]
-            scores.append(row_score(answer, row["answer"]))
-        result = {
+    runs = [
+        (request, mode, key) for key in groups for mode in modes for request in requests if request.name != "generate"
+    ]
+    for request, mode, (length, depth) in tqdm(runs, desc="needle", unit="cell"):
+        cell = groups[(length, depth)]
+        result: dict[str, Any] = {
             "model": model_name,
             "press": request.text,
+            "mode": mode,
             "context_length": length,
             "depth": depth,
-            "samples": len(scores),
-            "accuracy": 100.0 * sum(scores) / len(scores),
+            "samples": len(cell),
+            "dtype": dtype,
         }
+        previous = done.get(needle_key(result))
+        if previous is not None:
+            results.append(previous)
+            continue
+        scores, start = [], time.perf_counter()
+        try:
+            for row in cell:
+                if mode == "aware":
+                    context, question = row["context"] + row["question"], ""
+                else:
+                    context, question = row["context"], row["question"]
+                answer = pipe(
+                    context,
+                    question=question,
+                    answer_prefix=row.get("answer_prefix", ""),
+                    press=request.build(),
+                    max_new_tokens=int(row.get("max_new_tokens", 16)),
+                )["answer"]
+                scores.append(row_score(answer, row["answer"]))
+            result["accuracy"] = 100.0 * sum(scores) / len(scores)
+        except torch.cuda.OutOfMemoryError as error:
+            result.update(accuracy=None, error=f"out of memory: {str(error).splitlines()[0]}")
+        finally:
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+        result["seconds"] = round(time.perf_counter() - start, 3)
         append_row(results_path, result)
+        done[needle_key(result)] = result
         results.append(result)
     return results
 
 
 def format_needle_table(rows: list[dict]) -> str:
-    """Accuracy per press (rows) and (context length, depth) (columns)."""
+    """Accuracy per press (rows) and (context length, depth) (columns), one table per mode, with each press's mean
+    over the cells; `oom` marks a cell that ran out of memory, `-` one not measured."""
     columns = sorted({(r["context_length"], r["depth"]) for r in rows})
+    modes = [mode for mode in NEEDLE_MODES if any(r.get("mode", "agnostic") == mode for r in rows)]
     presses = list(dict.fromkeys(r["press"] for r in rows))
-    by_key = {(r["press"], r["context_length"], r["depth"]): r["accuracy"] for r in rows}
-    header = "press | " + " | ".join(f"{length} @ {depth:.0%}" for length, depth in columns)
-    lines = [header, "|".join(["---"] * (len(columns) + 1))]
-    for press in presses:
-        cells = [f"{by_key[(press, *column)]:.0f}" if (press, *column) in by_key else "-" for column in columns]
-        lines.append(f"{press} | " + " | ".join(cells))
-    return "\n".join(lines)
+    by_key = {(r["press"], r.get("mode", "agnostic"), r["context_length"], r["depth"]): r for r in rows}
+    tables = []
+    for mode in modes:
+        title = "question-agnostic" if mode == "agnostic" else "question-aware"
+        header = f"press ({title}) | " + " | ".join(f"{length} @ {depth:.0%}" for length, depth in columns) + " | mean"
+        lines = [header, "|".join(["---"] * (len(columns) + 2))]
+        for press in presses:
+            cells, values = [], []
+            for column in columns:
+                row = by_key.get((press, mode, *column))
+                if row is None:
+                    cells.append("-")
+                elif row.get("accuracy") is None:
+                    cells.append("oom")
+                else:
+                    cells.append(f"{row['accuracy']:.0f}")
+                    values.append(row["accuracy"])
+            mean = f"{sum(values) / len(values):.1f}" if values and len(values) == len(columns) else "-"
+            lines.append(f"{press} | " + " | ".join(cells) + f" | {mean}")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--model", default="tiny", help=f"Hub id, local directory, or a shape: {', '.join(SHAPES)}")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help=f"Hub id, local directory, a shape ({', '.join(SHAPES)}), or a reference model of the repository: "
+        "`reference` (reference/model, reads 1024 tokens), `reference-32k` (reference/model-32k, 32768)",
+    )
     parser.add_argument("--presses", default="none,generate,knorm:0.5", help="e.g. none,knorm:0.5,h2o:budget=256")
     parser.add_argument("--context_lengths", default="256", help="comma-separated, e.g. 8192,32768")
     parser.add_argument("--max_new_tokens", type=int, default=16)
@@ -690,8 +783,18 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         "answered through the pipeline with and without each press (use a model that can do the task, e.g. "
         "reference/model offline)",
     )
-    parser.add_argument("--needle_depths", default=",".join(str(d) for d in NEEDLE_DEPTHS))
+    parser.add_argument(
+        "--needle_depths",
+        default=",".join(str(d) for d in NEEDLE_DEPTHS),
+        help="where the needle sits, as fractions of the haystack's tokens",
+    )
     parser.add_argument("--needle_samples", type=int, default=5, help="needles per (context length, depth)")
+    parser.add_argument(
+        "--needle_modes",
+        default="agnostic",
+        help="comma-separated, of agnostic (the context is compressed before the question is seen) and aware (the "
+        "question is appended to the context and compressed with it)",
+    )
     parser.add_argument(
         "--disable_cudnn_sdp",
         action="store_true",
@@ -732,6 +835,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(
         torch, args.dtype
     )
+    try:
+        args.model_path = resolve_model(args.model)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    if args.needle:
+        _check_needle_flags(parser, args)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results_path = output_dir / "results.jsonl"
@@ -739,7 +848,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         results_path.unlink()
     done = {run_key(row): row for row in read_rows(results_path)}
 
-    model = load_model(args.model, str(device), dtype, args.attn_implementation, args.trust_remote_code)
+    model = load_model(args.model_path, str(device), dtype, args.attn_implementation, args.trust_remote_code)
     if args.needle:
         return _needle_main(parser, args, model, requests, lengths, output_dir)
     vocab = text_config(model).vocab_size
@@ -819,28 +928,51 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     return rows
 
 
-def _needle_main(parser, args, model, requests, lengths, output_dir: Path) -> list[dict]:
+def _check_needle_flags(parser, args) -> None:
+    """The needle flags, checked before the model is loaded; sets `args.depths` and `args.modes`."""
     if args.model in SHAPES:
         parser.error("--needle needs a model that can find a needle (a Hub id or local directory), not a random shape")
     try:
-        depths = tuple(float(value) for value in args.needle_depths.split(",") if value.strip())
+        args.depths = tuple(float(value) for value in args.needle_depths.split(",") if value.strip())
     except ValueError:
         parser.error(f"--needle_depths must be comma-separated fractions, got {args.needle_depths!r}")
-    if not depths or not all(0.0 <= depth <= 1.0 for depth in depths):
+    if not args.depths or not all(0.0 <= depth <= 1.0 for depth in args.depths):
         parser.error(f"--needle_depths must be fractions between 0 and 1, got {args.needle_depths!r}")
     if args.needle_samples < 1:
         parser.error("--needle_samples must be positive")
+    args.modes = tuple(dict.fromkeys(mode.strip() for mode in args.needle_modes.split(",") if mode.strip()))
+    unknown = [mode for mode in args.modes if mode not in NEEDLE_MODES]
+    if unknown or not args.modes:
+        parser.error(f"--needle_modes: unknown {unknown}; allowed: {', '.join(NEEDLE_MODES)}")
+
+
+def _needle_main(parser, args, model, requests, lengths, output_dir: Path) -> list[dict]:
+    """`--needle`: the sweep's rows for the model's tokenizer, every cell answered (or read back), then the table
+    (`needle.txt`, printed) and every row with the run's settings (`needle.json`)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    needles = needle_rows(lengths, depths, args.needle_samples, tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    needles = needle_rows(lengths, args.depths, args.needle_samples, tokenizer)
     results_path = output_dir / "needle.jsonl"
     if args.force and results_path.exists():
         results_path.unlink()
-    rows = run_needle(model, tokenizer, requests, needles, results_path, args.model)
-    table = f"needle accuracy (%), {args.model}, {args.needle_samples} needles per cell\n{format_needle_table(rows)}\n"
-    sys.stdout.write(table)
+    rows = run_needle(model, tokenizer, requests, needles, results_path, args.model, args.modes)
+    header = f"needle accuracy (%), {args.model}, {args.needle_samples} needles per cell"
+    table = f"{header}\n{format_needle_table(rows)}\n"
+    sys.stdout.write(table)  # the CLI's report
     (output_dir / "needle.txt").write_text(table)
+    summary = {
+        "model": args.model,
+        "model_path": args.model_path,
+        "context_lengths": lengths,
+        "depths": list(args.depths),
+        "samples": args.needle_samples,
+        "modes": list(args.modes),
+        "presses": [request.text for request in requests if request.name != "generate"],
+        "environment": {k: v for k, v in environment(model.device, 0.0).items() if not k.startswith("copy_")},
+        "rows": rows,
+    }
+    (output_dir / "needle.json").write_text(json.dumps(summary, indent=2) + "\n")
     return rows
 
 
