@@ -7,16 +7,13 @@
 `KILL_RANK` (the rank to kill) and `KILL_AFTER` (how many saved answers it writes first) choose the kill; without
 them the script runs unchanged. The answers are counted where both harnesses write them to disk
 (`harness.results.PartialResults.append`, `reason.records.PredictionLog.append`), so the kill lands between two
-saved answers, as a crash after a write would.
+saved answers, as a crash after a write would. The repository must be on PYTHONPATH (tests/harness/torchrun.py sets it).
 """
 
 import os
 import runpy
 import signal
 import sys
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def kill_after(owner, name: str, count: int) -> None:
@@ -38,7 +35,6 @@ def main() -> None:
         raise SystemExit("usage: kill_launcher.py SCRIPT [ARGS...]")
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
-    sys.path.insert(0, str(REPO_ROOT))
     kill_rank = os.environ.get("KILL_RANK")
     if kill_rank is not None and os.environ.get("RANK", "0") == kill_rank:
         count = int(os.environ.get("KILL_AFTER", "1"))
