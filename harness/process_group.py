@@ -5,11 +5,15 @@ reasoning harnesses."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,3 +54,25 @@ class ProcessGroup:
             distributed.init_process_group("gloo")
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         return cls(rank, world_size, local_rank, distributed.barrier)
+
+
+def wait_until_complete(
+    count_missing: Callable[[], int], total: int, poll_seconds: float = 2.0, report_seconds: float = 300.0
+) -> None:
+    """Return once `count_missing()` (the rows no process has saved yet) is 0, polling every `poll_seconds`.
+
+    The main process of a data-parallel run waits this way for the other shards, not with a collective barrier: a
+    barrier times out (NCCL's and gloo's default timeouts are minutes) while a slower shard is still generating, and
+    then kills a run whose answers were all being saved. A worker that dies makes the launcher stop every process.
+    """
+    if poll_seconds <= 0 or report_seconds <= 0:
+        raise ValueError(f"poll_seconds and report_seconds must be positive, got {poll_seconds} and {report_seconds}")
+    last_report = time.monotonic()
+    while True:
+        missing = count_missing()
+        if missing == 0:
+            return
+        if time.monotonic() - last_report > report_seconds:
+            logger.info("Waiting for the other processes: %d of %d rows still unanswered.", missing, total)
+            last_report = time.monotonic()
+        time.sleep(poll_seconds)

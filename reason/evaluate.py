@@ -34,6 +34,7 @@ from reason.shared import (
     atomic_write_text,
     check_inside,
     data_fingerprint,
+    wait_until_complete,
 )
 from reason.telemetry import SampleTelemetry
 
@@ -329,9 +330,12 @@ def evaluate(
             logger.info("Resuming %s: %d of %d samples already answered.", run_dir, len(mine) - len(pending), len(mine))
         if pending:
             _run(benchmark, settings, tokenizer, pending, done, mine, log, group)
-        group.wait()
         if not group.is_main:
             return None
+        # Launched processes (a real group): wait for the other shards' answers on disk, not at a barrier, which
+        # would time out while a slower shard still generates. A group without a barrier does not wait.
+        if group.world_size > 1 and group.barrier is not None:
+            wait_until_complete(lambda: _count_missing(log, len(selected)), len(selected))
         answered = log.read()
         missing = [i for i in range(len(selected)) if i not in answered]
         if missing:
@@ -345,6 +349,11 @@ def evaluate(
         metrics = {**config, **records.compute_metrics([answered[i] for i in sorted(answered)], score_keys)}
         atomic_write_json(metrics_path, metrics)
     return {**summary, "metrics": metrics, "run_dir": str(run_dir)}
+
+
+def _count_missing(log: records.PredictionLog, count: int) -> int:
+    answered = log.read()
+    return sum(sample_id not in answered for sample_id in range(count))
 
 
 def _run(benchmark, settings, tokenizer, pending, done, mine, log, group) -> None:

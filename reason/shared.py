@@ -6,7 +6,7 @@ name is fixed here once.
 
 from harness.data import data_fingerprint, normalize_cells, read_jsonl
 from harness.press_registry import PressSpec, UnknownNameError
-from harness.process_group import ProcessGroup
+from harness.process_group import ProcessGroup, wait_until_complete
 from harness.reference_model import REFERENCE_MODEL_DIR
 from harness.results import RunLock, atomic_write_json, atomic_write_text, check_inside
 
@@ -31,4 +31,5 @@ __all__ = [
     "normalize_cells",
     "read_jsonl",
     "synthetic_rows",
+    "wait_until_complete",
 ]
