@@ -29,6 +29,7 @@ from kvpress.inplace_cache import MAX_INPLACE_QUERY_ROWS, inplace_attention, inp
 from kvpress.padding import hide_padding_slots
 from kvpress.ragged_attention import register_ragged_attention, run_ragged_attention
 from kvpress.ragged_cache import ragged_layer_of
+from kvpress.transformers_adapter import attention_options, drop_causal_flag, fit_varlen_key_length
 
 logger = logging.getLogger(__name__)
 
@@ -136,15 +137,13 @@ def attention_patch(func: Callable) -> Callable:
         return func
 
     def wrapper(module, query, key, value, attention_mask, *args, **kwargs):
+        scaling, softcap, dropout = attention_options(kwargs)
         # a ragged layer (kvpress.ragged_cache) holds only the kept entries: attention runs over its segments
         ragged = ragged_layer_of(module, key)
         if ragged is not None:
-            if kwargs.get("dropout"):
+            if dropout:
                 raise ValueError("ragged attention serves inference only (dropout must be 0)")
-            return (
-                run_ragged_attention(ragged, query, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")),
-                None,
-            )
+            return run_ragged_attention(ragged, query, attention_mask, scaling, softcap), None
         # a preallocated decoding buffer (kvpress.inplace_cache): its own valid slots, whatever mask the model sized
         inplace_mask = inplace_attention_mask(module, query, key)
         if query.shape[2] == key.shape[2]:
@@ -161,21 +160,16 @@ def attention_patch(func: Callable) -> Callable:
                     inplace_mask = hide_masked_entries(module, inplace_mask, query)
                 else:
                     attention_mask = headwise_attention_mask(module, query, key, attention_mask)
-        if "cu_seq_lens_k" in kwargs and kwargs["cu_seq_lens_k"] is not None:
-            # flash-attn varlen lengths must follow the (possibly compressed) cache length
-            kwargs["cu_seq_lens_k"][-1] = key.shape[-2]
-        if inplace_mask is not None and query.shape[2] <= MAX_INPLACE_QUERY_ROWS and not kwargs.get("dropout"):
-            output = inplace_attention(
-                module, query, key, value, inplace_mask, kwargs.get("scaling"), kwargs.get("softcap")
-            )
-            return output, None
+        fit_varlen_key_length(kwargs, key.shape[-2])  # flash-attn varlen lengths follow the compressed cache
+        if inplace_mask is not None and query.shape[2] <= MAX_INPLACE_QUERY_ROWS and not dropout:
+            return inplace_attention(module, query, key, value, inplace_mask, scaling, softcap), None
         if inplace_mask is not None:
             if isinstance(attention_mask, torch.Tensor) and attention_mask.is_floating_point():
                 attention_mask = torch.zeros(inplace_mask.shape, dtype=attention_mask.dtype, device=query.device)
                 attention_mask = attention_mask.masked_fill(~inplace_mask, torch.finfo(attention_mask.dtype).min)
             else:
                 attention_mask = inplace_mask
-            kwargs.pop("is_causal", None)
+            drop_causal_flag(kwargs)
         else:
             attention_mask = fit_mask_to_keys(attention_mask, query.shape[2], key.shape[2])
             attention_mask = hide_padding_slots(module, query, key, attention_mask)  # a padded batch's rows

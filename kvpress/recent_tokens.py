@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from kvpress.transformers_adapter import optional_position_embeddings, replace_inputs
+from kvpress.transformers_adapter import hidden_states_by_keyword, optional_position_embeddings, replace_inputs
 
 
 @dataclass(eq=False)
@@ -90,7 +90,7 @@ class RecentTokens(Mapping):
         changes: dict = {}
         if "position_ids" in self._tensors:
             changes["position_ids"] = self._tensors["position_ids"]
-        if "hidden_states" in kwargs:
+        if hidden_states_by_keyword(kwargs):
             changes["hidden_states"] = hidden_states
         if "cos" in self._tensors:
             changes["position_embeddings"] = (self._tensors["cos"], self._tensors["sin"])

@@ -181,6 +181,29 @@ _WRITABLE = {
 }
 
 
+def attention_options(kwargs: dict) -> tuple[Optional[float], Optional[float], float]:
+    """`(scaling, softcap, dropout)` of a call to an attention function (None, None, 0.0 when not passed)."""
+    return kwargs.get("scaling"), kwargs.get("softcap"), float(kwargs.get("dropout") or 0.0)
+
+
+def fit_varlen_key_length(kwargs: dict, key_length: int) -> None:
+    """flash-attn varlen calls carry cumulative key lengths (`cu_seq_lens_k`): make the last one `key_length`, the
+    (possibly compressed) cache length, in place."""
+    lengths = kwargs.get("cu_seq_lens_k")
+    if lengths is not None:
+        lengths[-1] = key_length
+
+
+def drop_causal_flag(kwargs: dict) -> None:
+    """Remove an attention call's `is_causal` flag (an explicit mask then decides), in place."""
+    kwargs.pop("is_causal", None)
+
+
+def hidden_states_by_keyword(kwargs: dict) -> bool:
+    """Whether the forward received its hidden states as a keyword (so a copy of `kwargs` must carry new ones)."""
+    return "hidden_states" in kwargs
+
+
 def replace_inputs(kwargs: dict, **changes: Any) -> dict:
     """A copy of a forward's keyword arguments with `changes` applied (logical names; `cache=` is written under the
     keyword the forward used). Unknown names raise a TypeError."""

@@ -101,8 +101,8 @@ class DecodingPress(BasePress):
     that bound holds after every step, also right after a long prompt.
 
     The scorer sees the hidden states of the forwards since the layer's last compression (at most the last
-    `hidden_states_buffer_size` tokens, never fewer than the current forward's), with their own rotary embeddings in
-    `kwargs["position_embeddings"]`; the buffer is emptied after every compression, as upstream. Until a layer's
+    `hidden_states_buffer_size` tokens, never fewer than the current forward's), with their own rotary embeddings
+    in place of the current forward's; the buffer is emptied after every compression, as upstream. Until a layer's
     first compression the buffer also holds the prompt's last tokens, so that a compression right after a long
     prompt has observations. All state is forgotten when the `with press(model)` block exits (and per layer at each
     prefill).
