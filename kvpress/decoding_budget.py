@@ -171,6 +171,13 @@ class CacheBudget:
         decoding with a budget; 0 when the score does not use hidden states (it then gets the current forward's)."""
         return 64
 
+    @property
+    def required_observations(self) -> int:
+        """Recent tokens whose hidden states `score` cannot do without during decoding (an observation window it
+        recomputes attention from), 0 when it works with any number. DecodingPress keeps that many in its buffer
+        across compressions, so a window longer than its `compression_interval` still gets its queries."""
+        return 0
+
     def layer_cache_budget(self, module: nn.Module) -> int:
         """Entries per KV head that layer `module` keeps with a `cache_budget`: the budget itself, the same for every
         layer (PyramidKVPress spreads it over the layers)."""

@@ -116,7 +116,8 @@ def make_config(arch: str):
         return Qwen3Config(**_common(head_dim=HEAD_DIM)), Qwen3ForCausalLM
     text_kwargs = _common(
         head_dim=HEAD_DIM,
-        query_pre_attn_scalar=HEAD_DIM,
+        # unlike head_dim, as in Gemma3 27B (168 against 128): a press that scales by 1/sqrt(head_dim) is caught
+        query_pre_attn_scalar=HEAD_DIM + 8,
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention"],
     )
@@ -163,10 +164,21 @@ def get_model(arch: str = "llama", attn_implementation: str = "sdpa") -> PreTrai
 
 
 @functools.lru_cache(maxsize=None)
+def save_tiny_model(arch: str, path) -> None:
+    """Save the shared tiny model of `arch` (weights and config) to `path`, leaving the shared model as it was."""
+    model = get_model(arch)
+    dtype = model.config.dtype
+    try:
+        model.save_pretrained(path)
+    finally:
+        # transformers' save_pretrained writes the config's dtype back as a string ("float32") on the shared model
+        model.config.dtype = dtype
+
+
 def saved_model_dir(arch: str = "llama", with_chat_template: bool = False) -> str:
     """Save a tiny model with its tokenizer to a local directory, so it loads through `from_pretrained(path)`."""
     path = Path(tempfile.mkdtemp(prefix=f"kvpress-{arch}-"))
-    get_model(arch).save_pretrained(path)
+    save_tiny_model(arch, path)
     load_tokenizer(with_chat_template).save_pretrained(path)
     return str(path)
 

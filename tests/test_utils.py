@@ -14,7 +14,7 @@ from kvpress.utils import (
     rope_cos_sin,
     validate_compression_ratio,
 )
-from tests.fixtures import ARCHITECTURES, get_model, random_input_ids, record_layers
+from tests.fixtures import ARCHITECTURES, get_model, random_input_ids, record_layers, saved_model_dir
 
 pytestmark = pytest.mark.core
 
@@ -58,3 +58,12 @@ def test_validate_compression_ratio_messages():
         validate_compression_ratio(-0.5, name="ratios[2]", allow_one=True)
     with pytest.raises(ValueError, match="got True"):
         validate_compression_ratio(True)
+
+
+def test_saving_the_tiny_model_leaves_the_shared_model_as_it_was():
+    """tests.fixtures.saved_model_dir saves the cached tiny model: its config must keep a torch dtype afterwards
+    (transformers' save_pretrained turns it into a string), or later tests that read it see "float32"."""
+    model = get_model("llama")
+    saved_model_dir("llama")
+    assert get_model("llama") is model
+    assert model.config.dtype == torch.float32

@@ -15,29 +15,13 @@ from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from kvpress.attention_weights import group_mean
+from kvpress.future_queries import average_rope_matrix, next_position, sink_rows
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.token_selection import pad_with_top_score
-from kvpress.utils import get_prerope_query_states, rope_cos_sin
+from kvpress.utils import get_prerope_query_states
 from kvpress.validation import validate_int
 
 logger = logging.getLogger(__name__)
-
-
-def average_rope_matrix(module: nn.Module, start: int, n_positions: int, head_dim: int, device) -> torch.Tensor:
-    """The RoPE rotation averaged over positions `start .. start + n_positions - 1`, a float32 `(d, d)` matrix.
-
-    RoPE at one position maps x to `diag(cos) x + P diag(sin) x`, with P the matrix of rotate_half, so the average
-    rotation is `diag(mean cos) + P diag(mean sin)`.
-    """
-    position_ids = torch.arange(start, start + n_positions, device=device).unsqueeze(0)
-    dummy = torch.zeros(1, 1, head_dim, device=device, dtype=torch.float32)
-    cos, sin = rope_cos_sin(module, dummy, position_ids)
-    mean_cos, mean_sin = cos[0].float().mean(dim=0), sin[0].float().mean(dim=0)
-    half = head_dim // 2
-    rotate = torch.zeros(head_dim, head_dim, device=device)
-    rotate[:half, half:] = -torch.eye(half, device=device)
-    rotate[half:, :half] = torch.eye(half, device=device)
-    return torch.diag(mean_cos) + rotate * mean_sin.unsqueeze(0)
 
 
 @dataclass
@@ -85,18 +69,21 @@ class CapPress(ScorerPress):
                 f"Input cache length ({k_len}) must be larger than n_sink={self.n_sink}: CapPress always keeps the "
                 "sink tokens and scores the others. Use a longer context or a smaller n_sink."
             )
-        q_len = hidden_states.shape[1]
-        if q_len <= self.n_sink:
+        # during decoding the hidden states are a window of recent tokens, none of them a sink
+        n_sink_rows = sink_rows(hidden_states, keys, kwargs, self.n_sink)
+        if hidden_states.shape[1] <= n_sink_rows:
             raise ValueError(
-                f"CapPress builds its query anchor from the tokens after the {self.n_sink} sinks, but got only {q_len} "
-                "hidden states. Use a longer context or a smaller n_sink."
+                f"CapPress builds its query anchor from the tokens after the {self.n_sink} sinks, but got only "
+                f"{hidden_states.shape[1]} hidden states. Use a longer context or a smaller n_sink."
             )
         groups = module.config.num_attention_heads // num_kv_heads
         scored_keys = repeat_kv(keys[:, :, self.n_sink :], groups).float()
         scored_values = repeat_kv(values[:, :, self.n_sink :], groups).float()
 
-        queries = get_prerope_query_states(module, hidden_states[:, self.n_sink :]).float()
-        rotation = average_rope_matrix(module, q_len, self.n_future_positions, head_dim, keys.device)
+        queries = get_prerope_query_states(module, hidden_states[:, n_sink_rows:]).float()
+        # future queries follow the last token's true position
+        start = next_position(kwargs, hidden_states)
+        rotation = average_rope_matrix(module, start, self.n_future_positions, head_dim, keys.device)
         anchor = (queries @ rotation.T).mean(dim=2)  # (B, H, d)
 
         similarity = torch.einsum("bhd,bhtd->bht", F.normalize(anchor, dim=-1), F.normalize(scored_keys, dim=-1))

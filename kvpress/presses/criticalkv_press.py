@@ -148,6 +148,10 @@ class CriticalKVPress(InnerPressDelegation, ScorerPress):
         return int(self.press.decoding_window)
 
     @property
+    def required_observations(self) -> int:
+        return int(self.press.required_observations)
+
+    @property
     def budget_buffer(self) -> int:
         return int(self.press.budget_buffer)
 

@@ -102,9 +102,11 @@ class DecodingPress(BasePress):
 
     The scorer sees the hidden states of the forwards since the layer's last compression (at most the last
     `hidden_states_buffer_size` tokens, never fewer than the current forward's), with their own rotary embeddings
-    in place of the current forward's; the buffer is emptied after every compression, as upstream. Until a layer's
-    first compression the buffer also holds the prompt's last tokens, so that a compression right after a long
-    prompt has observations. All state is forgotten when the `with press(model)` block exits (and per layer at each
+    in place of the current forward's; the buffer is emptied after every compression, as upstream, except for the
+    scorer's `required_observations` (SnapKV's and R-KV's window of queries, which upstream cannot serve when it is
+    longer than the interval): those last tokens stay, and no compression runs before the buffer holds them. Until a
+    layer's first compression the buffer also holds the prompt's last tokens, so that a compression right after a
+    long prompt has observations. All state is forgotten when the `with press(model)` block exits (and per layer at each
     prefill).
     """
 
@@ -163,14 +165,24 @@ class DecodingPress(BasePress):
         if prefill:
             buffer.keep_last(self.hidden_states_buffer_size)
 
+    @property
+    def scorer(self) -> ScorerPress:
+        """The press that scores the tokens: the base press, or the scorer inside an AdaKV base."""
+        return self.base_press.press if isinstance(self.base_press, AdaKVPress) else self.base_press
+
+    def required_observations(self) -> int:
+        """Buffered tokens the scorer cannot do without (its `required_observations`)."""
+        return int(getattr(self.scorer, "required_observations", 0) or 0)
+
     def clear_buffer(self, layer_idx: int) -> None:
-        """Empty the layer's buffer: done after every compression, so the next one sees only the later steps."""
-        self.recent_tokens[layer_idx].clear()
+        """Empty the layer's buffer but for the scorer's required observations: done after every compression, so the
+        next one sees only the later steps (and the window of queries the scorer needs)."""
+        self.recent_tokens[layer_idx].keep_last(self.required_observations())
 
     def truncate_buffer(self, layer_idx: int, minimum: int = 0) -> None:
         """Keep the last `max(hidden_states_buffer_size, minimum)` tokens of the layer's buffer."""
         buffer = self.recent_tokens[layer_idx]
-        size = max(self.hidden_states_buffer_size, minimum)
+        size = max(self.hidden_states_buffer_size, minimum, self.required_observations())
         if buffer.n_tokens > size:
             buffer.keep_last(size)
 
@@ -193,8 +205,7 @@ class DecodingPress(BasePress):
         """Buffered tokens the scorer needs before an early compression (one that upstream's triggers would not make):
         its observation window (`decoding_window`, 0 for scorers that do not read hidden states), at most
         `compression_interval` (upstream's own trigger waits no longer) and the buffer's size."""
-        scorer = self.base_press.press if isinstance(self.base_press, AdaKVPress) else self.base_press
-        window = int(getattr(scorer, "decoding_window", 0) or 0)
+        window = int(getattr(self.scorer, "decoding_window", 0) or 0)
         return min(window, self.compression_interval, max(self.hidden_states_buffer_size, 1))
 
     def over_the_bound(self, layer_idx: int, k_len: float, target: int) -> bool:
@@ -205,6 +216,8 @@ class DecodingPress(BasePress):
         return self.recent_tokens[layer_idx].n_tokens >= self.observations_needed()
 
     def should_compress(self, layer_idx: int, q_len: int, k_len: float, target: int) -> bool:
+        if self.recent_tokens[layer_idx].n_tokens < self.required_observations():
+            return False  # the scorer's window of queries is not there yet (only right after the block starts)
         return (
             self.layer_step_counts[layer_idx] >= self.compression_interval
             or q_len >= target

@@ -14,11 +14,11 @@ from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from kvpress.attention_weights import group_mean
+from kvpress.future_queries import average_rope_matrix, next_position, sink_rows
 from kvpress.presses.base_press import FieldCheck, integer_check
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.token_selection import pad_with_top_score
-from kvpress.transformers_adapter import position_ids_of
-from kvpress.utils import attention_scaling, get_prerope_query_states, rope_cos_sin
+from kvpress.utils import attention_scaling, get_prerope_query_states
 
 logger = logging.getLogger(__name__)
 
@@ -78,31 +78,14 @@ class ExpectedAttentionPress(ScorerPress):
         return self.apply_avg_rope(module, mu, cov, q_len if start_position is None else start_position)
 
     def sink_queries(self, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict) -> int:
-        """How many of the scored hidden states are sink tokens (positions below `n_sink`): read from the
-        `position_ids` that cover them; without those, `n_sink` when the hidden states cover the whole cache (a
-        prefill) and 0 otherwise (a window of recent tokens during decoding)."""
-        q_len = hidden_states.shape[1]
-        position_ids = position_ids_of(kwargs)
-        if position_ids is not None and position_ids.shape[-1] == q_len:
-            return int((position_ids < self.n_sink).sum(dim=-1).max())
-        return self.n_sink if q_len == keys.shape[2] else 0
+        """How many of the scored hidden states are sink tokens (see `kvpress.future_queries.sink_rows`)."""
+        return sink_rows(hidden_states, keys, kwargs, self.n_sink)
 
     def apply_avg_rope(
         self, module: nn.Module, mu: torch.Tensor, cov: torch.Tensor | None, q_len: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rotate `mu` (and `cov`) by the RoPE matrix averaged over positions q_len .. q_len + n_future - 1."""
-        position_ids = torch.arange(q_len, q_len + self.n_future_positions, device=mu.device).unsqueeze(0)
-        cos, sin = rope_cos_sin(module, mu.float(), position_ids)
-        mean_cos, mean_sin = cos[0].float().mean(dim=0), sin[0].float().mean(dim=0)
-        # RoPE at one position is x -> diag(cos) x + P diag(sin) x, with P the matrix of rotate_half; the
-        # average over positions is therefore diag(mean cos) + P diag(mean sin).
-        head_dim = mu.shape[-1]
-        half = head_dim // 2
-        identity = torch.eye(half, device=mu.device)
-        rotate = torch.zeros(head_dim, head_dim, device=mu.device)
-        rotate[:half, half:] = -identity
-        rotate[half:, :half] = identity
-        avg_rope = (torch.diag(mean_cos) + rotate * mean_sin.unsqueeze(0)).to(mu.dtype)
+        avg_rope = average_rope_matrix(module, q_len, self.n_future_positions, mu.shape[-1], mu.device).to(mu.dtype)
         mu = mu @ avg_rope.T
         if cov is not None:
             cov = avg_rope @ cov @ avg_rope.T
@@ -124,8 +107,7 @@ class ExpectedAttentionPress(ScorerPress):
                 f"cache holds only {k_len} tokens. Use a longer context or a smaller n_sink."
             )
         # future queries follow the last token's true position (during decoding, hidden_states is only a window)
-        position_ids = position_ids_of(kwargs)
-        start = int(position_ids[..., -1].max()) + 1 if position_ids is not None else None
+        start = next_position(kwargs, hidden_states)
         # a window of recent tokens holds no sink: none of its states is dropped (upstream drops n_sink of them)
         n_sink_queries = self.sink_queries(hidden_states, keys, kwargs)
         mu, cov = self.get_query_statistics(module, hidden_states, start, n_sink_queries=n_sink_queries)

@@ -9,12 +9,13 @@ near-duplicate is redundant, its most recent copy is not). Generated tokens accu
 `compress_interval` entries beyond the budget, then the cache is pruned back to `cache_budget`.
 
 Both terms follow the R-KV authors' reference code (Zefan-Cai/R-KV, `rkv/compression/r1_kv.py` and `rkv/utils.py`),
-described here in words: importance takes the raw logits `q.k * scale` of the window queries, the maximum over each
-GQA group, a softmax over the candidates only (the entries before the window), the mean over the window queries and
-a max-pooling over `kernel_size` tokens; redundancy takes the cosine similarities between *all* cached keys (window
-included), zeroes the diagonal and each row's most recent entry above `similarity_threshold` (entry 0 when there is
-none, as the reference does), averages each column, takes the softmax over all entries and keeps the candidates'.
-Defaults are the reference's as its run script and README use them (`kernel_size=7`, a buffer of
+described here in words: importance takes the raw logits `q.k * scale` of the window queries (`scale` is the attention
+module's own, as the model computes attention: 1/sqrt(head_dim) for most models, Gemma3's `query_pre_attn_scalar **
+-0.5`), the maximum over each GQA group, a softmax over the candidates only (the entries before the window), the mean
+over the window queries and a max-pooling over `kernel_size` tokens; redundancy takes the cosine similarities between
+*all* cached keys (window included), zeroes the diagonal and each row's most recent entry above `similarity_threshold`
+(entry 0 when there is none, as the reference does), averages each column, takes the softmax over all entries and keeps
+the candidates'. Defaults are the reference's as its run script and README use them (`kernel_size=7`, a buffer of
 `compress_interval=128`, `lam=0.1`; its class default `mix_lambda=0.07` is overridden there);
 `RKVPress(**RKVPress.FORK_SETTINGS, cache_budget=...)` reproduces the reasoning fork's (64, 5, 0.1).
 """
@@ -154,6 +155,10 @@ class RKVPress(ScorerPress):
 
     @property
     def decoding_window(self) -> int:
+        return self.window_size
+
+    @property
+    def required_observations(self) -> int:
         return self.window_size
 
     def redundancy(self, keys: torch.Tensor) -> torch.Tensor:

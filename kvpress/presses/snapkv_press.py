@@ -55,6 +55,10 @@ class SnapKVPress(ScorerPress):
     def decoding_window(self) -> int:
         return self.window_size
 
+    @property
+    def required_observations(self) -> int:
+        return self.window_size
+
     def check_budget_settings(self, budget: int) -> None:
         if budget < self.window_size:
             raise ValueError(

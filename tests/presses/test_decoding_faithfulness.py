@@ -88,6 +88,62 @@ def test_scorer_sees_exactly_the_states_since_the_last_compression():
         assert torch.equal(hidden_states, expected)
 
 
+def test_a_window_longer_than_the_interval_keeps_its_queries():
+    """SnapKV's window of 6 queries with compression_interval=2 (upstream raises at the second compression: its
+    buffer holds 2 states): the buffer keeps the window across compressions, so every compression scores with the
+    true hidden states of the last 6 tokens and the cache stays within target + interval - 1."""
+    model = get_model("llama")
+    prompt, target, interval, window = 12, 10, 2, 6
+    seen = []
+
+    class Spy(SnapKVPress):
+        def score(self, module, hidden_states, keys, values, attentions, kwargs):
+            seen.append((module.layer_idx, hidden_states.clone()))
+            return super().score(module, hidden_states, keys, values, attentions, kwargs)
+
+    press = DecodingPress(Spy(window_size=window), compression_interval=interval, target_size=target)
+    lengths = []
+    with AttentionRecorder(model) as recorder:
+        decode_step_by_step(
+            model,
+            press,
+            random_input_ids(1, prompt),
+            9,
+            lambda step, cache: lengths.append(cache.layers[0].keys.shape[2]),
+        )
+    assert all(target <= n <= target + interval - 1 for n in lengths[1:]), lengths
+    assert len(seen) >= 8
+    for layer, hidden_states in seen:
+        assert hidden_states.shape[1] >= window
+        # the last `window` buffered states are those of the last `window` tokens fed to the model
+        fed = torch.cat(recorder.hidden[layer], dim=1)
+        matches = [
+            end
+            for end in range(window, fed.shape[1] + 1)
+            if torch.equal(hidden_states[:, -window:], fed[:, end - window : end])
+        ]
+        assert matches, "the scorer got hidden states that are not the last tokens'"
+
+
+def test_cap_and_expected_attention_score_a_window_shorter_than_their_sinks():
+    """A window of recent tokens during decoding holds no sink: with compression_interval=2 and n_sink=4, CapPress
+    and ExpectedAttentionPress anchor on the 2 buffered states (upstream drops n_sink of them and gets NaN)."""
+    model = get_model("llama")
+    for base in (CapPress, ExpectedAttentionPress):
+        seen = []
+
+        class Spy(base):  # type: ignore[valid-type, misc]
+            def score(self, module, hidden_states, keys, values, attentions, kwargs):
+                scores = super().score(module, hidden_states, keys, values, attentions, kwargs)
+                seen.append((hidden_states.shape[1], bool(torch.isfinite(scores).all())))
+                return scores
+
+        press = DecodingPress(Spy(), compression_interval=2, target_size=12)
+        decode_step_by_step(model, press, random_input_ids(1, 8), 12, lambda step, cache: None)
+        later = seen[2:]  # the first compression also sees the prompt's last states
+        assert later and all(n == 2 and finite for n, finite in later), (base.__name__, seen)
+
+
 def test_state_is_reset_when_the_block_exits():
     """Upstream resets DecodingPress (and PrefillDecodingPress's decoding press) when the `with` block exits,
     an exception included; ours also restarts each layer at every prefill."""
@@ -327,8 +383,9 @@ def test_every_default_scorer_as_base_keeps_the_target(cls, kwargs):
             DecodingPress(cls(**kwargs))
         return
     model = get_model("llama")
-    # an interval above CapPress's 4 sinks: it drops n_sink of the buffered states (upstream: NaN for fewer)
-    target, interval = 16, 6
+    # an interval below the 4 sinks of CapPress and ExpectedAttention: a window of recent hidden states holds no sink,
+    # so none of it is dropped (upstream drops n_sink of them: NaN scores for an interval <= n_sink)
+    target, interval = 16, 3
     press = DecodingPress(cls(**kwargs), compression_interval=interval, target_size=target)
     lengths = []
     decode_step_by_step(

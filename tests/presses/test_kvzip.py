@@ -24,6 +24,7 @@ from tests.fixtures import (
     masked_bool,
     prefill_base_model,
     random_input_ids,
+    save_tiny_model,
     saved_model_dir,
 )
 from tests.test_quantized_cache import make_caches
@@ -255,7 +256,7 @@ def test_clear_error_when_no_tokenizer_can_be_found():
         with KVzipPress(0.5)(get_model("llama")):
             pass
     path = tempfile.mkdtemp(prefix="kvpress-no-tokenizer-")
-    get_model("llama").save_pretrained(path)
+    save_tiny_model("llama", path)
     with pytest.raises(ValueError, match="could not load a tokenizer from model.config.name_or_path"):
         with KVzipPress(0.5)(load_saved_model(path)):
             pass

@@ -18,7 +18,17 @@ from kvpress.presses.rkv_lsh_press import (
 from kvpress.presses.rkv_press import RKVPress, key_cosine_similarity, redundancy_from_similarity
 from kvpress.presses.scorer_press import POSITIONS
 from kvpress.timing import EVICTION_LOG_COLUMNS
-from tests.fixtures import HEAD_DIM, HEADS, KV_HEADS, PAD_ID, get_model, random_input_ids, record_layers
+from kvpress.utils import get_language_model
+from tests.fixtures import (
+    ARCHITECTURES,
+    HEAD_DIM,
+    HEADS,
+    KV_HEADS,
+    PAD_ID,
+    get_model,
+    random_input_ids,
+    record_layers,
+)
 from tests.presses.test_snapkv_tova import reference_logits
 
 GROUPS = HEADS // KV_HEADS
@@ -268,3 +278,30 @@ def test_bad_settings_are_rejected():
     _, call, keys, values = constructed_case(n_tokens=8)
     with pytest.raises(ValueError, match="needs more cached tokens"):
         RKVPress(0.5, window_size=8).score(call["module"], call["hidden_states"], keys, values, None, call["kwargs"])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_window_logits_use_the_models_own_attention_scale(arch):
+    """R-KV's window logits are the model's: softmaxed under the causal mask they equal the eager attention weights
+    of the last window queries, on every architecture (Gemma3 scales by query_pre_attn_scalar, not head_dim)."""
+    model = get_model(arch, "eager")
+    window = 4
+    weights = {}
+
+    def hook(module, args, kwargs, output):
+        weights[module.layer_idx] = output[1].detach()
+
+    attentions = [layer.self_attn for layer in get_language_model(model).layers]
+    handles = [attention.register_forward_hook(hook, with_kwargs=True) for attention in attentions]
+    try:
+        calls = record_layers(model, random_input_ids(1, 12))
+    finally:
+        for handle in handles:
+            handle.remove()
+    press = RKVPress(0.25, window_size=window)
+    for layer_idx, call in calls.items():
+        logits, _ = press.importance(call["module"], call["hidden_states"], call["keys"], call["kwargs"])
+        length = logits.shape[-1]
+        causal = torch.ones(window, length, dtype=torch.bool).tril(diagonal=length - window)
+        expected = weights[layer_idx][..., -window:, :]
+        torch.testing.assert_close(logits.masked_fill(~causal, float("-inf")).softmax(dim=-1), expected)
