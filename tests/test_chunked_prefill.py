@@ -30,7 +30,7 @@ from kvpress.chunked_prefill import (
     chunked_prefill,
     presses_supporting_chunked_prefill,
 )
-from kvpress.transformers_adapter import cache_kwargs
+from kvpress.transformers_adapter import cache_kwargs, find_cache
 from kvpress.utils import extract_keys_and_values, get_language_model, write_keys_and_values
 from tests.default_presses import default_presses, eager_presses
 from tests.fixtures import get_model, load_tokenizer
@@ -246,7 +246,7 @@ def test_supported_press_keeps_the_unchunked_size_at_logical_positions(cls, kwar
     compressed = [layer.self_attn.layer_idx for layer in layers if not getattr(layer.self_attn, "is_sliding", False)]
 
     def after_chunk(module, args, kwargs_, output):
-        cache = kwargs_[next(k for k in kwargs_ if k in ("cache", "past_key_values"))]
+        cache = find_cache(kwargs_)
         sizes.append(cache.layers[compressed[0]].keys.shape[2])
 
     full, _ = _unchunked(model, ids, None)

@@ -24,6 +24,7 @@ from kvpress import (
 )
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
+from kvpress.transformers_adapter import find_cache
 from tests.fixtures import compressed_layers, get_model, random_input_ids
 from tests.test_decoding_compression import decode_step_by_step
 
@@ -45,7 +46,7 @@ class AttentionRecorder:
             layer = module.layer_idx
             self.hidden.setdefault(layer, []).append(kwargs["hidden_states"].detach().clone())
             self.weights.setdefault(layer, []).append(output[1].detach().clone() if output[1] is not None else None)
-            cache = kwargs.get("past_key_values", kwargs.get("cache"))
+            cache = find_cache(kwargs)
             self.keys.setdefault(layer, []).append(cache.layers[layer].keys.detach().clone())
 
         self.handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attention_modules(self.model)]
