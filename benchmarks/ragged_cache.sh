@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# SPDX-FileCopyrightText: Copyright (c) 2026 kvpress fork contributors
+# SPDX-License-Identifier: Apache-2.0
+# Issue 19's GPU measurements of the ragged cache, in one go (run from the repository root on the GPU machine):
+#   1. speed and memory at 32k, batch 1, 8B shape: head-wise presses (AdaKV(SnapKV), AdaKV(ExpectedAttention)) against
+#      Knorm at the same kept size, masked in-place loop against the ragged cache;
+#   2. the largest context: no press (dynamic cache) and AdaKV(SnapKV) 0.8 (ragged) at 128k and 256k.
+# Results go to $1 (default benchmark_results/ragged): speed/ and longest/, each with results.jsonl and table.txt,
+# env.txt (GPU and versions) and log.txt (everything printed).
+# Every part is capped by `timeout` so that one slow part leaves the others their time; rerunning resumes
+# (the benchmark skips the rows already in results.jsonl).
+set -u
+out=${1:-benchmark_results/ragged}
+mkdir -p "$out/speed" "$out/longest"
+exec > >(tee -a "$out/log.txt") 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/env.txt"
+python -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)" \
+    | tee -a "$out/env.txt"
+timeout "${SPEED_TIMEOUT:-300}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 32768 \
+    --max_new_tokens 64 --decode_loops inplace,ragged --output_dir "$out/speed" \
+    --presses knorm:0.5,knorm:0.8,adakv_snapkv:0.5,adakv_snapkv:0.8,expected_attention:0.5,expected_attention:0.8
+echo "speed rc $?"
+timeout "${LONGEST_TIMEOUT:-240}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 131072,262144 \
+    --max_new_tokens 4 --presses none --decode_loops dynamic --output_dir "$out/longest"
+echo "longest none rc $?"
+timeout "${LONGEST_TIMEOUT:-240}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 131072,262144 \
+    --max_new_tokens 4 --presses adakv_snapkv:0.8 --decode_loops ragged --output_dir "$out/longest"
+echo "longest adakv_snapkv rc $?"
