@@ -163,7 +163,6 @@ def get_model(arch: str = "llama", attn_implementation: str = "sdpa") -> PreTrai
     return _build_model(arch, attn_implementation)
 
 
-@functools.lru_cache(maxsize=None)
 def save_tiny_model(arch: str, path) -> None:
     """Save the shared tiny model of `arch` (weights and config) to `path`, leaving the shared model as it was."""
     model = get_model(arch)
@@ -175,6 +174,7 @@ def save_tiny_model(arch: str, path) -> None:
         model.config.dtype = dtype
 
 
+@functools.lru_cache(maxsize=None)
 def saved_model_dir(arch: str = "llama", with_chat_template: bool = False) -> str:
     """Save a tiny model with its tokenizer to a local directory, so it loads through `from_pretrained(path)`."""
     path = Path(tempfile.mkdtemp(prefix=f"kvpress-{arch}-"))
