@@ -14,7 +14,7 @@ from kvpress.utils import (
     rope_cos_sin,
     validate_compression_ratio,
 )
-from tests.fixtures import ARCHITECTURES, get_model, random_input_ids, record_layers, saved_model_dir
+from tests.fixtures import ARCHITECTURES, get_model, random_input_ids, record_layers, save_tiny_model
 
 pytestmark = pytest.mark.core
 
@@ -60,10 +60,14 @@ def test_validate_compression_ratio_messages():
         validate_compression_ratio(True)
 
 
-def test_saving_the_tiny_model_leaves_the_shared_model_as_it_was():
-    """tests.fixtures.saved_model_dir saves the cached tiny model: its config must keep a torch dtype afterwards
-    (transformers' save_pretrained turns it into a string), or later tests that read it see "float32"."""
+def test_saving_the_tiny_model_leaves_the_shared_model_as_it_was(tmp_path):
+    """tests.fixtures.save_tiny_model (behind saved_model_dir) saves the cached tiny model: its config keeps the dtype
+    it had (transformers 5.25's save_pretrained turns a torch dtype into a string), or later tests that read it see
+    "float32"."""
     model = get_model("llama")
-    saved_model_dir("llama")
+    before = model.config.dtype
+    assert not isinstance(before, str)
+    save_tiny_model("llama", tmp_path)
+    assert (tmp_path / "config.json").exists()
     assert get_model("llama") is model
-    assert model.config.dtype == torch.float32
+    assert model.config.dtype is before
