@@ -170,19 +170,21 @@ class DecodingPress(BasePress):
         """The press that scores the tokens: the base press, or the scorer inside an AdaKV base."""
         return self.base_press.press if isinstance(self.base_press, AdaKVPress) else self.base_press
 
+    @property
     def required_observations(self) -> int:
         """Buffered tokens the scorer cannot do without (its `required_observations`)."""
-        return int(getattr(self.scorer, "required_observations", 0) or 0)
+        return int(self.scorer.required_observations)
 
     def clear_buffer(self, layer_idx: int) -> None:
         """Empty the layer's buffer but for the scorer's required observations: done after every compression, so the
         next one sees only the later steps (and the window of queries the scorer needs)."""
-        self.recent_tokens[layer_idx].keep_last(self.required_observations())
+        self.recent_tokens[layer_idx].keep_last(self.required_observations)
 
     def truncate_buffer(self, layer_idx: int, minimum: int = 0) -> None:
-        """Keep the last `max(hidden_states_buffer_size, minimum)` tokens of the layer's buffer."""
+        """Keep the last `max(hidden_states_buffer_size, minimum, required_observations)` tokens of the layer's
+        buffer."""
         buffer = self.recent_tokens[layer_idx]
-        size = max(self.hidden_states_buffer_size, minimum, self.required_observations())
+        size = max(self.hidden_states_buffer_size, minimum, self.required_observations)
         if buffer.n_tokens > size:
             buffer.keep_last(size)
 
@@ -216,7 +218,7 @@ class DecodingPress(BasePress):
         return self.recent_tokens[layer_idx].n_tokens >= self.observations_needed()
 
     def should_compress(self, layer_idx: int, q_len: int, k_len: float, target: int) -> bool:
-        if self.recent_tokens[layer_idx].n_tokens < self.required_observations():
+        if self.recent_tokens[layer_idx].n_tokens < self.required_observations:
             return False  # the scorer's window of queries is not there yet (only right after the block starts)
         return (
             self.layer_step_counts[layer_idx] >= self.compression_interval

@@ -77,10 +77,6 @@ class ExpectedAttentionPress(ScorerPress):
             cov = centered.transpose(2, 3) @ centered / queries.shape[2]
         return self.apply_avg_rope(module, mu, cov, q_len if start_position is None else start_position)
 
-    def sink_queries(self, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict) -> int:
-        """How many of the scored hidden states are sink tokens (see `kvpress.future_queries.sink_rows`)."""
-        return sink_rows(hidden_states, keys, kwargs, self.n_sink)
-
     def apply_avg_rope(
         self, module: nn.Module, mu: torch.Tensor, cov: torch.Tensor | None, q_len: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -109,7 +105,7 @@ class ExpectedAttentionPress(ScorerPress):
         # future queries follow the last token's true position (during decoding, hidden_states is only a window)
         start = next_position(kwargs, hidden_states)
         # a window of recent tokens holds no sink: none of its states is dropped (upstream drops n_sink of them)
-        n_sink_queries = self.sink_queries(hidden_states, keys, kwargs)
+        n_sink_queries = sink_rows(hidden_states, keys, kwargs, self.n_sink)
         mu, cov = self.get_query_statistics(module, hidden_states, start, n_sink_queries=n_sink_queries)
         groups = mu.shape[1] // num_kv_heads
         scored_keys = repeat_kv(keys[:, :, self.n_sink :], groups)
