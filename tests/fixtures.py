@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,14 @@ ARCHITECTURES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma3_text", "g
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 64, 4, 2, 16, 2
 
 
+def temp_dir(prefix: str = "kvpress-test-") -> str:
+    """A new directory under the system's temporary directory, removed when this test process exits: the cached
+    fixtures (saved models, tokenizers, statistics) outlive any one test, so pytest's `tmp_path` does not fit them."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 @functools.lru_cache(maxsize=None)
 def tokenizer_dir(with_chat_template: bool) -> str:
     """Save a byte-level tokenizer (256 byte tokens + special tokens) and return its directory."""
@@ -72,7 +82,7 @@ def tokenizer_dir(with_chat_template: bool) -> str:
     )
     if with_chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
-    path = Path(tempfile.mkdtemp(prefix=f"kvpress-tokenizer-{'chat' if with_chat_template else 'plain'}-"))
+    path = Path(temp_dir(prefix=f"kvpress-tokenizer-{'chat' if with_chat_template else 'plain'}-"))
     tokenizer.save_pretrained(path)
     return str(path)
 
@@ -177,7 +187,7 @@ def save_tiny_model(arch: str, path) -> None:
 @functools.lru_cache(maxsize=None)
 def saved_model_dir(arch: str = "llama", with_chat_template: bool = False) -> str:
     """Save a tiny model with its tokenizer to a local directory, so it loads through `from_pretrained(path)`."""
-    path = Path(tempfile.mkdtemp(prefix=f"kvpress-{arch}-"))
+    path = Path(temp_dir(prefix=f"kvpress-{arch}-"))
     save_tiny_model(arch, path)
     load_tokenizer(with_chat_template).save_pretrained(path)
     return str(path)

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +25,7 @@ def run_script(
 ) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --nproc_per_node nproc kill_launcher.py script args` (nproc 1: no torchrun,
     a plain process), on CPU, offline, one thread per process. `kill_rank` SIGKILLs that rank after `kill_after`
-    saved answers."""
+    saved answers. The run gets its own TMPDIR (torchrun's log folders), removed afterwards."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     for name in ("KILL_RANK", "KILL_AFTER", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -36,4 +37,6 @@ def run_script(
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
         command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(LAUNCHER), script, *args]
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="kvpress-torchrun-") as scratch:
+        env["TMPDIR"] = scratch
+        return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -10,7 +10,6 @@ CLI `main`); scores against reference computations; clear errors for missing or 
 
 import functools
 import json
-import tempfile
 from pathlib import Path
 
 import fire
@@ -29,6 +28,7 @@ from kvpress.presses.expected_attention_with_stats import (
 )
 from kvpress.presses.qfilter_press import QFilterPress, QFilters
 from tests.fixtures import (
+    temp_dir,
     ARCHITECTURES,
     HEAD_DIM,
     HEADS,
@@ -67,7 +67,7 @@ def random_stats(seed: int = 0, num_layers: int = LAYERS) -> ExpectedAttentionSt
 @functools.lru_cache(maxsize=None)
 def local_qfilters_dir() -> str:
     """A directory with random Q-filters for the tiny test models, saved with `save_pretrained`."""
-    path = tempfile.mkdtemp(prefix="kvpress-qfilters-")
+    path = temp_dir(prefix="kvpress-qfilters-")
     random_qfilters().save_pretrained(path)
     return path
 
@@ -75,7 +75,7 @@ def local_qfilters_dir() -> str:
 @functools.lru_cache(maxsize=None)
 def local_ea_stats_dir() -> str:
     """A directory with random Expected Attention statistics for the tiny test models, saved with `save_pretrained`."""
-    path = tempfile.mkdtemp(prefix="kvpress-ea-stats-")
+    path = temp_dir(prefix="kvpress-ea-stats-")
     random_stats().save_pretrained(path)
     return path
 

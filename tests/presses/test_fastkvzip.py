@@ -6,7 +6,6 @@ import copy
 import functools
 import math
 import os
-import tempfile
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.fastkvzip_press import FastKVzipGate, FastKVzipPress, get_gate_id, load_fastkvzip
 from kvpress.presses.knorm_press import KnormPress
 from tests.fixtures import (
+    temp_dir,
     attention_modules,
     check_questions_leave_compressed_context,
     compressed_layers,
@@ -60,14 +60,14 @@ def save_gates(gates, path: str) -> str:
 def gates_repo_dir(arch: str = "llama") -> str:
     """A local directory laid out like the Hub repo Jang-Hyun/Fast-KVzip, holding gates for the saved tiny model."""
     model_dir = saved_model_dir(arch, with_chat_template=True)
-    root = tempfile.mkdtemp(prefix="kvpress-fastkvzip-")
+    root = temp_dir(prefix="kvpress-fastkvzip-")
     save_gates(random_gates(get_model(arch)), os.path.join(root, *get_gate_id(model_dir).split("/")))
     return root
 
 
 @functools.lru_cache(maxsize=None)
 def gates_file(arch: str = "llama") -> str:
-    root = tempfile.mkdtemp(prefix="kvpress-fastkvzip-file-")
+    root = temp_dir(prefix="kvpress-fastkvzip-file-")
     return save_gates(random_gates(get_model(arch), seed=1), os.path.join(root, "gates.pt"))
 
 
@@ -144,7 +144,7 @@ def test_gates_load_from_a_local_directory_or_file():
     for gate, reference in zip(loaded, expected):
         torch.testing.assert_close(gate(hidden), reference(hidden))
     # dimensions are read from the file: another sink count and output size
-    path = save_gates(random_gates(get_model("llama"), output_dim=8, sink=4), os.path.join(tempfile.mkdtemp(), "g.pt"))
+    path = save_gates(random_gates(get_model("llama"), output_dim=8, sink=4), os.path.join(temp_dir(), "g.pt"))
     gate = load_fastkvzip("", "cpu", gates_path=path)[0]
     assert (gate.output_dim, gate.sink) == (8, 4)
 
@@ -233,7 +233,7 @@ def test_clear_errors_for_missing_or_mismatched_gates():
         with FastKVzipPress(0.5)(model):  # the Hub cannot be reached here
             pass
     with pytest.raises(RuntimeError, match="not released.*No Fast-KVzip gates"):
-        with FastKVzipPress(0.5, gates_path=tempfile.mkdtemp())(model):
+        with FastKVzipPress(0.5, gates_path=temp_dir())(model):
             pass
     other = random_gates(get_model("llama"))[:1]
     press = FastKVzipPress(0.5)

@@ -4,7 +4,6 @@
 
 import functools
 import inspect
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel, KVzapPress
 from kvpress.presses.scorer_press import gather_tokens
 from tests.fixtures import (
+    temp_dir,
     ARCHITECTURES,
     HIDDEN,
     KV_HEADS,
@@ -44,7 +44,7 @@ def save_kvzap(path: Path, hidden_dim=None, seed=0, n_modules=LAYERS, input_dim=
 def untrained_kvzap_dir() -> str:
     """A directory laid out like kvzap/train.py's output (`linear/` and `mlp/`), for every tiny test model (they
     share hidden size, layer count and KV heads): `KVzapPress(ratio, model_type, kvzap_model_path=...)`."""
-    root = Path(tempfile.mkdtemp(prefix="kvpress-kvzap-"))
+    root = Path(temp_dir(prefix="kvpress-kvzap-"))
     save_kvzap(root / "linear", seed=1)
     save_kvzap(root / "mlp", hidden_dim=8, seed=2)
     return str(root)

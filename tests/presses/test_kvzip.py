@@ -3,7 +3,6 @@
 """KVzipPress: repeat-pass scores against eager attention, head-wise budgets, tokenizer loading, the pipeline."""
 
 import copy
-import tempfile
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.kvzip_press import FIRST_CHUNK_PROMPT, NEXT_CHUNK_PROMPT, KVzipPress, headwise_masks
 from kvpress.utils import extract_keys_and_values
 from tests.fixtures import (
+    temp_dir,
     attention_modules,
     check_questions_leave_compressed_context,
     compressed_layers,
@@ -255,7 +255,7 @@ def test_clear_error_when_no_tokenizer_can_be_found():
     with pytest.raises(ValueError, match="name_or_path.*tokenizer="):
         with KVzipPress(0.5)(get_model("llama")):
             pass
-    path = tempfile.mkdtemp(prefix="kvpress-no-tokenizer-")
+    path = temp_dir(prefix="kvpress-no-tokenizer-")
     save_tiny_model("llama", path)
     with pytest.raises(ValueError, match="could not load a tokenizer from model.config.name_or_path"):
         with KVzipPress(0.5)(load_saved_model(path)):

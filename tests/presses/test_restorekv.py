@@ -5,7 +5,6 @@
 import functools
 import importlib.metadata
 import os
-import tempfile
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from kvpress.presses.restorekv_press import (
     peft_required_by_transformers,
 )
 from tests.fixtures import (
+    temp_dir,
     attention_modules,
     check_questions_leave_compressed_context,
     compressed_layers,
@@ -61,7 +61,7 @@ def restore_resources(arch: str = "llama", zero_embeddings: bool = True) -> str:
     # init_lora_weights=False: random A and B, so that the adapter really changes the restore tokens' KV
     config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
     model.add_adapter(config, adapter_name="restorekv")
-    path = tempfile.mkdtemp(prefix=f"kvpress-restorekv-{arch}-")
+    path = temp_dir(prefix=f"kvpress-restorekv-{arch}-")
     model.save_pretrained(path)
     hidden = model.config.get_text_config().hidden_size
     if zero_embeddings:
@@ -180,7 +180,7 @@ def test_missing_resources_give_clear_errors():
     with pytest.raises(RuntimeError, match="higokri/RestoreKV-.*restore_repo_or_dir"):
         with RestoreKVPress(0.5)(fresh_model()):
             pass
-    empty = tempfile.mkdtemp(prefix="kvpress-restorekv-empty-")
+    empty = temp_dir(prefix="kvpress-restorekv-empty-")
     with pytest.raises(RuntimeError, match="without restore_embeddings.safetensors"):
         with RestoreKVPress(0.5, restore_repo_or_dir=empty)(fresh_model()):
             pass
@@ -264,6 +264,6 @@ def test_too_old_peft_is_refused_clearly():
 
 
 def restore_resources_without_adapter() -> str:
-    directory = tempfile.mkdtemp(prefix="kvpress-restorekv-embeddings-")
+    directory = temp_dir(prefix="kvpress-restorekv-embeddings-")
     save_file({"restore_embeddings": torch.zeros(N_RESTORE, 64)}, os.path.join(directory, RESTORE_EMBEDDINGS_FILE))
     return directory
