@@ -28,7 +28,6 @@ from kvpress.presses.expected_attention_with_stats import (
 )
 from kvpress.presses.qfilter_press import QFilterPress, QFilters
 from tests.fixtures import (
-    temp_dir,
     ARCHITECTURES,
     HEAD_DIM,
     HEADS,
@@ -42,6 +41,7 @@ from tests.fixtures import (
     random_input_ids,
     record_layers,
     saved_model_dir,
+    temp_dir,
 )
 
 GROUPS = HEADS // KV_HEADS

@@ -16,7 +16,6 @@ from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.fastkvzip_press import FastKVzipGate, FastKVzipPress, get_gate_id, load_fastkvzip
 from kvpress.presses.knorm_press import KnormPress
 from tests.fixtures import (
-    temp_dir,
     attention_modules,
     check_questions_leave_compressed_context,
     compressed_layers,
@@ -29,6 +28,7 @@ from tests.fixtures import (
     random_input_ids,
     record_layers,
     saved_model_dir,
+    temp_dir,
 )
 
 CONTEXT_LEN = 40

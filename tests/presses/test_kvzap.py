@@ -15,7 +15,6 @@ from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel, KVzapPress
 from kvpress.presses.scorer_press import gather_tokens
 from tests.fixtures import (
-    temp_dir,
     ARCHITECTURES,
     HIDDEN,
     KV_HEADS,
@@ -29,6 +28,7 @@ from tests.fixtures import (
     random_input_ids,
     record_layers,
     saved_model_dir,
+    temp_dir,
 )
 
 

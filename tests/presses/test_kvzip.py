@@ -14,7 +14,6 @@ from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.kvzip_press import FIRST_CHUNK_PROMPT, NEXT_CHUNK_PROMPT, KVzipPress, headwise_masks
 from kvpress.utils import extract_keys_and_values
 from tests.fixtures import (
-    temp_dir,
     attention_modules,
     check_questions_leave_compressed_context,
     compressed_layers,
@@ -26,6 +25,7 @@ from tests.fixtures import (
     random_input_ids,
     save_tiny_model,
     saved_model_dir,
+    temp_dir,
 )
 from tests.test_quantized_cache import make_caches
 

@@ -23,7 +23,6 @@ from kvpress.presses.restorekv_press import (
     peft_required_by_transformers,
 )
 from tests.fixtures import (
-    temp_dir,
     attention_modules,
     check_questions_leave_compressed_context,
     compressed_layers,
@@ -33,6 +32,7 @@ from tests.fixtures import (
     prefill_base_model,
     random_input_ids,
     saved_model_dir,
+    temp_dir,
 )
 
 # transformers 5.24+ loads adapters only with peft >= 0.22, which this project's package index does not serve yet;
