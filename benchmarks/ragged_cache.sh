@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)" \
     | tee -a "$out/env.txt"
 timeout "${SPEED_TIMEOUT:-300}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 32768 \
-    --max_new_tokens 64 --decode_loops inplace,ragged --output_dir "$out/speed" \
+    --max_new_tokens 64 --decode_loops inplace,ragged --profile_steps 5 --output_dir "$out/speed" \
     --presses knorm:0.5,knorm:0.8,adakv_snapkv:0.5,adakv_snapkv:0.8,expected_attention:0.5,expected_attention:0.8
 echo "speed rc $?"
 timeout "${LONGEST_TIMEOUT:-240}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 131072,262144 \

@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTra
 import kvpress
 from kvpress.chunk_attention import serves_model
 from kvpress.chunked_prefill import check_chunk_size, chunked_prefill, require_chunked_prefill_support
+from kvpress.decode_profile import profile_steps as run_profile
 from kvpress.graphed_decoding import GraphedDecodeStep, graphable
 from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
@@ -280,6 +281,7 @@ def run_press(
     max_new_tokens: int,
     loop: str = "dynamic",
     prefill_chunk_size: Optional[int] = None,
+    profile_steps: int = 0,
 ) -> dict[str, Any]:
     """Prefill `input_ids` with the press, then decode greedily; times and memory of both phases.
 
@@ -291,13 +293,16 @@ def run_press(
     decoding; `kv_bytes` is then what it holds after the conversion, and `RAGGED_WARMUP_STEPS` untimed steps first
     compile its FlexAttention kernel, `ragged_warmup_s`). `prefill_chunk_size`: the context is prefilled that many
     tokens at a time, the press compressing after each chunk (`kvpress.chunked_prefill`); only the last position's
-    logits are computed either way."""
+    logits are computed either way. `profile_steps`: that many more steps after the timed ones, under `torch.profiler`
+    (`kvpress.decode_profile`; the row's `decode_profile`), in none of the timings."""
     device = input_ids.device
     press = request.build()
     if request.name == "generate":
         return _run_generate(model, input_ids, max_new_tokens)
     batch, context_length = input_ids.shape
     decoding = press is not None and press.acts_during_decoding
+    # the ragged layers grow if profiled steps outrun the spare rows: the resident bytes measured stay those of a run
+    # without a profile (the in-place buffers cannot grow: their capacity holds the profiled steps too)
     ragged_extra = max_new_tokens + RAGGED_WARMUP_STEPS + 2
     # the ragged loop compacts each layer as soon as its press ran (kvpress.ragged_prefill), so the prefill never holds
     # every layer's dense cache; presses with passes of their own convert after the prefill
@@ -350,7 +355,7 @@ def run_press(
         if decoding and loop in GRAPH_LOOPS:
             raise NotApplicable(f"the {loop} loop does not apply to a press acting during decoding (host decisions)")
         # a press acting during decoding evicts inside the in-place buffers
-        decode_cache = InPlaceCache.from_cache(cache, extra_tokens=max_new_tokens + 2, model=model)
+        decode_cache = InPlaceCache.from_cache(cache, extra_tokens=max_new_tokens + profile_steps + 2, model=model)
         del cache
         if loop in GRAPH_LOOPS:
             if not graphable(model, decode_cache):
@@ -359,39 +364,45 @@ def run_press(
             step_fn = GraphedDecodeStep(model, decode_cache, batch_size=batch, compile_mode=GRAPH_LOOPS[loop])
             _sync(device)
             capture = time.perf_counter() - start
+    position = context_length  # of the next token
+
+    def step() -> None:
+        nonlocal token, position
+        positions = torch.full((batch, 1), position, device=device)
+        if step_fn is not None:
+            logits = step_fn(token, positions)
+        else:
+            logits = model(
+                input_ids=token, position_ids=positions, logits_to_keep=1, **cache_kwargs(model, decode_cache)
+            ).logits
+        token = logits[:, -1:].argmax(-1)
+        position += 1
+
+    profile = None
     _reset_peak(device)
     start = time.perf_counter()
     try:
         with press(model) if decoding else contextlib.nullcontext():
-            first_step = 0
             if loop == "ragged":
                 # untimed steps: the first compiles FlexAttention's kernel (then one more for dynamic shapes)
-                for step in range(RAGGED_WARMUP_STEPS):
-                    positions = torch.full((batch, 1), context_length + step, device=device)
-                    logits = model(
-                        input_ids=token, position_ids=positions, logits_to_keep=1, **cache_kwargs(model, decode_cache)
-                    ).logits
-                    token = logits[:, -1:].argmax(-1)
+                for _ in range(RAGGED_WARMUP_STEPS):
+                    step()
                 _sync(device)
-                warmup, first_step = time.perf_counter() - start, RAGGED_WARMUP_STEPS
+                warmup = time.perf_counter() - start
                 _reset_peak(device)  # as for the graph loops, whose capture runs before: the steady decode's peak
                 start = time.perf_counter()
-            for step in range(first_step, first_step + max_new_tokens - 1):
-                positions = torch.full((batch, 1), context_length + step, device=device)
-                if step_fn is not None:
-                    logits = step_fn(token, positions)
-                else:
-                    logits = model(
-                        input_ids=token, position_ids=positions, logits_to_keep=1, **cache_kwargs(model, decode_cache)
-                    ).logits
-                token = logits[:, -1:].argmax(-1)
-        _sync(device)
+            for _ in range(max_new_tokens - 1):
+                step()
+            _sync(device)
+            decode = time.perf_counter() - start
+            peak_decode = _peak(device)
+            after = kv_statistics(decode_cache, model)
+            if profile_steps:
+                profile = run_profile(step, profile_steps, device)
     finally:
         InPlaceCache.detach(model)
         RaggedCache.detach(model)
-    decode = time.perf_counter() - start
     steps = max(1, max_new_tokens - 1)
-    after = kv_statistics(decode_cache, model)
     return {
         "graph_capture_s": capture,
         "prefill_s": prefill,
@@ -399,7 +410,7 @@ def run_press(
         "decode_ms_per_token": 1000 * decode / steps,
         "tokens_per_s": batch * steps / decode if decode > 0 else 0.0,
         "peak_prefill_bytes": peak_prefill,
-        "peak_decode_bytes": _peak(device),
+        "peak_decode_bytes": peak_decode,
         **stats,
         "kv_bytes_after_decode": after["kv_bytes"],
         **(
@@ -411,6 +422,7 @@ def run_press(
             if loop == "ragged"
             else {}
         ),
+        **({"decode_profile": profile} if profile is not None else {}),
     }
 
 
@@ -496,6 +508,7 @@ def format_table(rows: list[dict]) -> str:
         ("tok/s", "tokens_per_s", "{:.1f}"),
         ("floor ms", "floor_ms", "{:.2f}"),
         ("x floor", "ratio_to_floor", "{:.2f}"),
+        ("kernel ms/tok", "kernel_ms_per_token", "{:.2f}"),
         ("KV GiB", "kv_gib", "{:.3f}"),
         ("ratio", "achieved_ratio", "{:.3f}"),
         ("eff. ratio", "effective_ratio", "{:.3f}"),
@@ -536,6 +549,8 @@ def derive(row: dict, full_kv_bytes: Optional[float], weights: int, bandwidth: f
         mean_kv = (row["kv_bytes"] + row["kv_bytes_after_decode"]) / 2
         row["floor_ms"] = 1000 * (weights + mean_kv) / bandwidth
         row["ratio_to_floor"] = row["decode_ms_per_token"] / row["floor_ms"]
+    if row.get("decode_profile"):  # the profiled steps' GPU kernel time (None on CPU)
+        row["kernel_ms_per_token"] = row["decode_profile"]["kernel_ms_per_step"]
     return row
 
 
@@ -758,6 +773,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--context_lengths", default="256", help="comma-separated, e.g. 8192,32768")
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument(
+        "--profile_steps",
+        type=int,
+        default=0,
+        help="after the timed decoding, this many more steps under torch.profiler: kernel time and count per step "
+        "against wall time per step, and the top kernels (the row's decode_profile; a rerun keeps rows already "
+        "measured, with or without a profile)",
+    )
+    parser.add_argument(
         "--decode_loops",
         default="dynamic,inplace",
         help=f"comma-separated, of {', '.join(DECODE_LOOPS)} (graph, compiled, autotuned: CUDA only); `generate` rows "
@@ -806,6 +829,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         parser.error("--max_new_tokens must be at least 2 (one prefill token and one decoding step)")
     if args.batch_size < 1:
         parser.error("--batch_size must be positive")
+    if args.profile_steps < 0:
+        parser.error(f"--profile_steps must be 0 (no profile) or more, got {args.profile_steps}")
     try:
         check_chunk_size(args.prefill_chunk_size, "--prefill_chunk_size")
     except ValueError as error:
@@ -900,7 +925,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             **env,
         }
         try:
-            measured = run_press(model, request, input_ids, args.max_new_tokens, loop, args.prefill_chunk_size)
+            measured = run_press(
+                model, request, input_ids, args.max_new_tokens, loop, args.prefill_chunk_size, args.profile_steps
+            )
             # generate's cache also holds the new tokens (all but the last)
             cached = length + (args.max_new_tokens - 1 if request.name == "generate" else 0)
             full = full_kv_bytes(model, args.batch_size, cached)

@@ -143,3 +143,48 @@ def test_needle_mode_scores_each_press_at_each_depth(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "tiny", "--needle", "--output_dir", str(tmp_path)])
     assert "needs a model that can find a needle" in capsys.readouterr().err
+
+
+def test_profiled_steps_come_after_the_measurement_and_summarize_each_step(tmp_path, capsys):
+    """`--profile_steps`: every loop's row gains a per-step profile of extra steps (on CPU: host operators, no kernel
+    time), and what the row measured is what an unprofiled run measures (the cache after the timed steps)."""
+    presses = "knorm:0.5,h2o:budget=32,adakv_snapkv:0.5"
+    plain = run(tmp_path / "plain", "--presses", presses, "--decode_loops", "dynamic,inplace,ragged")
+    profiled = run(
+        tmp_path / "profiled", "--presses", presses, "--decode_loops", "dynamic,inplace,ragged", "--profile_steps", "3"
+    )
+    key = lambda row: (row["press"], row["decode_loop"], row["context_length"])  # noqa: E731
+    plain_rows = {key(row): row for row in plain}
+    measured = [row for row in profiled if not row.get("error")]
+    assert len(measured) >= 14  # every loop of every press, but the ragged loop of h2o (it evicts while decoding)
+    for row in measured:
+        profile = row["decode_profile"]
+        assert profile["steps"] == 3 and profile["wall_ms_per_step"] > 0
+        assert profile["kernel_ms_per_step"] is None and profile["kernels_per_step"] is None  # no GPU
+        names = [entry["name"] for entry in profile["top"]]
+        assert 0 < len(names) <= 8 and all(name.startswith("aten::") for name in names)
+        assert all(entry["ms_per_step"] >= 0 and entry["calls_per_step"] > 0 for entry in profile["top"])
+        reference = plain_rows[key(row)]
+        assert "decode_profile" not in reference
+        for field in ("kv_bytes", "kv_entries", "kv_bytes_after_decode"):
+            assert row[field] == reference[field], (key(row), field)
+    assert "kernel ms/tok" in capsys.readouterr().out
+
+
+def test_profile_steps_runs_the_step_and_refuses_no_steps():
+    from kvpress.decode_profile import profile_steps
+
+    calls = []
+    matrix = torch.randn(64, 64)
+    summary = profile_steps(lambda: calls.append(matrix @ matrix), 4, torch.device("cpu"))
+    assert len(calls) == 4 and summary["steps"] == 4
+    top = {entry["name"]: entry for entry in summary["top"]}
+    assert top["aten::mm"]["calls_per_step"] == 1
+    with pytest.raises(ValueError, match="at least one step"):
+        profile_steps(lambda: None, 0, torch.device("cpu"))
+
+
+def test_negative_profile_steps_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--presses", "none", "--profile_steps", "-1")
+    assert "--profile_steps must be 0" in capsys.readouterr().err
