@@ -40,6 +40,7 @@ import kvpress
 from kvpress.chunk_attention import serves_model
 from kvpress.chunked_prefill import check_chunk_size, chunked_prefill, require_chunked_prefill_support
 from kvpress.decode_profile import profile_steps as run_profile
+from kvpress.decoding_loop import next_greedy_token
 from kvpress.graphed_decoding import GraphedDecodeStep, graphable
 from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
@@ -54,7 +55,6 @@ from kvpress.ragged_cache import (
 )
 from kvpress.ragged_prefill import compacts_during_prefill, ragged_prefill
 from kvpress.resources import text_config
-from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import get_language_model
 
 logger = logging.getLogger(__name__)
@@ -369,13 +369,7 @@ def run_press(
     def step() -> None:
         nonlocal token, position
         positions = torch.full((batch, 1), position, device=device)
-        if step_fn is not None:
-            logits = step_fn(token, positions)
-        else:
-            logits = model(
-                input_ids=token, position_ids=positions, logits_to_keep=1, **cache_kwargs(model, decode_cache)
-            ).logits
-        token = logits[:, -1:].argmax(-1)
+        token = next_greedy_token(model, decode_cache, token, positions, step_fn)
         position += 1
 
     profile = None

@@ -73,15 +73,25 @@ def greedy_generate(
                     if bool(finished.all()):
                         break
                 positions = torch.full((batch, 1), start + index, device=input_ids.device)
-                if step is not None:
-                    logits = step(token, positions)
-                else:
-                    logits = model(
-                        input_ids=token, position_ids=positions, logits_to_keep=1, **cache_kwargs(model, cache)
-                    ).logits
-                next_token = logits[:, -1:].argmax(-1)
+                next_token = next_greedy_token(model, cache, token, positions, step)
                 token = torch.where(finished[:, None], token, next_token) if eos else next_token
                 generated.append(token)
     finally:
         InPlaceCache.detach(model)
     return torch.cat([input_ids, *generated], dim=1)
+
+
+def next_greedy_token(
+    model: PreTrainedModel,
+    cache,
+    token: torch.Tensor,
+    positions: torch.Tensor,
+    graphed: Optional[GraphedDecodeStep] = None,
+) -> torch.Tensor:
+    """One decoding step: the greedy next token `(batch, 1)` after `token` at `positions`, from the CUDA-graph step
+    `graphed` when given, else from one forward of `model` on `cache` (last position's logits only)."""
+    if graphed is not None:
+        logits = graphed(token, positions)
+    else:
+        logits = model(input_ids=token, position_ids=positions, logits_to_keep=1, **cache_kwargs(model, cache)).logits
+    return logits[:, -1:].argmax(-1)
