@@ -54,6 +54,9 @@ def test_prompts_carry_the_row():
     assert "Facts:\nLions can swim" in prompt and "Question:\nCould a lion" in prompt
     rows, _ = load_rows(get_benchmark("logiqa"), data_path=str(FIXTURES / "logiqa.jsonl"))
     assert "1. Anna failed.\n2. Anna passed." in get_benchmark("logiqa").format_prompt(rows[0])
+    rows, _ = load_rows(get_benchmark("reclor"), data_path=str(FIXTURES / "reclor.jsonl"))
+    prompt = get_benchmark("reclor").format_prompt(rows[0])
+    assert f"Question:\n{rows[0]['question'].strip()}\nOptions:\n1. {rows[0]['answers'][0].strip()}\n" in prompt
     rows, _ = load_rows(get_benchmark("openbookqa"), data_path=str(FIXTURES / "openbookqa.jsonl"))
     assert "A. puppies learning new tricks\nB. children" in get_benchmark("openbookqa").format_prompt(rows[0])
 
@@ -101,6 +104,10 @@ def test_bad_gold_raises():
         get_benchmark("gsm8k").gold_answer({"question": "q", "answer": "42"})
     with pytest.raises(ValueError, match="True, False or Uncertain"):
         get_benchmark("folio").gold_answer({"label": "maybe"})
+    with pytest.raises(ValueError, match="correct_option 4 is outside the 4 options"):
+        get_benchmark("logiqa").gold_answer({"options": ["a", "b", "c", "d"], "correct_option": 4})
+    with pytest.raises(ValueError, match="label -1 is outside the 2 options"):
+        get_benchmark("reclor").gold_answer({"answers": ["a", "b"], "label": -1})
 
 
 def test_select_rows():
