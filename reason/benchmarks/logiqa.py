@@ -8,7 +8,6 @@ from reason.benchmarks.numbered_choice import numbered_choice_benchmark
 BENCHMARK = numbered_choice_benchmark(
     name="logiqa",
     hub_id="lucasmccabe/logiqa",
-    subset=None,
     split="test",
     question="query",
     options="options",

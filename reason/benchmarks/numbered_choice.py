@@ -7,19 +7,16 @@ The answer instruction shows a plain "\\boxed{}" (the fork's prompt showed "\\bo
 
 from __future__ import annotations
 
-from typing import Optional
-
 from reason.answers import extract_label
 from reason.benchmarks import Benchmark, correct
 from reason.benchmarks.prompts import numbered
 
-# the numbers the extractor accepts (the datasets have four options; a few more keep a stray "5" an answer, not noise)
+# the numbers the extractor accepts: the datasets have four options, and a reply of "5" or "6" still counts as an answer
+# (scored wrong) rather than as no answer
 OPTION_NUMBERS = ("1", "2", "3", "4", "5", "6")
 
 
-def numbered_choice_benchmark(
-    name: str, hub_id: str, subset: Optional[str], split: str, question: str, options: str, label: str
-) -> Benchmark:
+def numbered_choice_benchmark(name: str, hub_id: str, split: str, question: str, options: str, label: str) -> Benchmark:
     """The Benchmark of a dataset whose rows have a `context` column and the given question, options and 0-based
     gold-index columns; the gold answer is the index + 1 as a string, and an index outside the options raises."""
 
@@ -41,7 +38,7 @@ def numbered_choice_benchmark(
     return Benchmark(
         name=name,
         hub_id=hub_id,
-        subset=subset,
+        subset=None,
         split=split,
         columns=("context", question, options, label),
         format_prompt=format_prompt,

@@ -8,7 +8,6 @@ from reason.benchmarks.numbered_choice import numbered_choice_benchmark
 BENCHMARK = numbered_choice_benchmark(
     name="reclor",
     hub_id="metaeval/reclor",
-    subset=None,
     split="validation",
     question="question",
     options="answers",
