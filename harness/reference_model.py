@@ -4,8 +4,8 @@
 
 The one idea: harnesses and tests find the model by this constant, without importing `reference/` (which trains
 it). `REFERENCE_MODEL_32K_DIR` is the long-context checkpoint (`reference/train.py --recipe long32k`, continued
-from the first to `LONG_CONTEXT_LENGTH` tokens); a checkout without it (a partial copy) is possible, so code and tests check
-that it exists (`long_context_model_dir` raises FileNotFoundError otherwise) before using it. Load either with
+from the first to `LONG_CONTEXT_LENGTH` tokens); a partial copy of the repository may lack it, so code and tests
+check that it exists (`long_context_model_dir` raises FileNotFoundError otherwise) before using it. Load either with
 `AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL_DIR)` or
 `pipeline("kv-press-text-generation", model=str(REFERENCE_MODEL_DIR))`; `reference/train.py` reproduces both.
 """

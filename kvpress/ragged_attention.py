@@ -10,10 +10,16 @@ tokens) and the model's attention mask (padding), read at the entry's logical po
 Backends (`set_ragged_backend`, or `KVPRESS_RAGGED_BACKEND`):
 - `"reference"`: the segments gathered into a padded `(segments, longest, d)` tensor and a masked softmax in
   float32; exact, any device. The default on CPU.
-- `"flex"`: FlexAttention with one "head" per segment over the flat buffer and a block mask built once from the
-  segment offsets (`FlexPlan`: each head visits only the blocks of its own segment; appends and evictions change
-  the tensors its mask_mod reads, in place, not the mask); compiled on CUDA, where it is the default. On CPU it
-  runs unfused (tests use it to check the CUDA path's masks).
+- `"flex"`: FlexAttention over the flat buffer with a block mask built once from the segment offsets (`FlexPlan`;
+  appends and evictions change the tensors its mask_mod reads, in place, not the mask); compiled on CUDA, where it
+  is the default. On CPU it runs unfused (tests use it to check the CUDA path's masks). Two layouts:
+  - packed (a decoding step: fewer than 128 query rows in all): one query "head" holding every segment's query
+    rows, one key "head" (the flat buffer), every block visited once. FlexAttention then runs its decoding kernel,
+    which splits the keys across the GPU's multiprocessors;
+  - per segment (longer forwards): one query "head" per segment, each visiting the blocks of its own segment. This
+    is FlexAttention's main kernel, one thread block per (segment, 128 query rows) walking its segment's keys in
+    order: too few thread blocks for a decoding step (measured on an H100, 8B shape, 32k, AdaKV 0.5: 29 ms of
+    the step's 41 ms of kernels, where the in-place loop's whole step takes 10 ms).
 
 `ragged_attention` has the signature of transformers' attention functions and is registered with
 `AttentionInterface` as `"kvpress_ragged"`; the patched attention functions (`kvpress.attention_patch`) call it for
@@ -34,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "flex")
 _FLEX_BLOCK = 128
+# FlexAttention's decoding kernel serves fewer than 128 query rows per head (torch's `_use_flex_decoding`)
+_PACKED_MAX_ROWS = 128
 _state: dict[str, Any] = {"backend": os.environ.get("KVPRESS_RAGGED_BACKEND", "auto"), "compiled": None}
 
 
@@ -118,9 +126,13 @@ def reference_ragged_attention(
 class FlexPlan:
     """The FlexAttention block mask of a ragged layer for one query shape, built once and reused by every step.
 
-    One "head" per segment. The blocks a head visits cover its segment's capacity (`offsets[s]` to
-    `offsets[s + 1]`), which changes only when the layer grows, so appends and evictions leave the block mask as it
-    is. The mask_mod reads the layer's tensors, which appends and evictions change in place: `lengths` (rows in use),
+    Packed layout (`packed`, fewer than `_PACKED_MAX_ROWS` query rows in all, which a decoding step has): one query
+    head whose rows are the segments' query rows in segment order (`rows_per_segment` each, ordered (group member,
+    query)), over one key head, the flat buffer; it visits every block. Per-segment layout (otherwise): one query
+    head per segment, visiting the blocks of its segment's capacity (`offsets[s]` to `offsets[s + 1]`).
+
+    Either way the blocks change only when the layer grows, so appends and evictions leave the block mask as it is.
+    The mask_mod reads the layer's tensors, which appends and evictions change in place: `lengths` (rows in use),
     `positions` (causality among new tokens) and the device copy of the logical length; and the plan's own
     `row_visible` (padding, per row), refreshed from the model's attention mask when one is given. A step thus
     builds nothing: no host value, no new tensor shape, no new Python object reaches the kernel (what a CUDA graph
@@ -134,35 +146,32 @@ class FlexPlan:
 
         self.version, self.q_len, self.groups = layer.version, q_len, groups
         segments, n_rows = layer.num_segments, layer.keys.shape[0]
-        offsets = layer.offsets.long()
-        n_q = groups * q_len
-        q_blocks = -(-n_q // _FLEX_BLOCK)
+        self.rows_per_segment = rows_per_segment = groups * q_len
+        self.packed = segments * rows_per_segment < _PACKED_MAX_ROWS
         total_blocks = max(-(-n_rows // _FLEX_BLOCK), 1)
-        first = offsets[:-1] // _FLEX_BLOCK
-        last = (offsets[1:] - 1).clamp(min=0) // _FLEX_BLOCK
-        count = torch.where(offsets[1:] > offsets[:-1], last - first + 1, torch.zeros_like(first))
-        max_blocks = max(int(count.max()) if segments else 1, 1)
-        if layer.device.type == "cpu":
-            # inductor's CPU kernel wants block indices spanning the whole key length (only `count` are visited)
-            max_blocks = total_blocks
-        indices = (first[:, None] + torch.arange(max_blocks, device=layer.device)).clamp(max=total_blocks - 1)
-        kv_num_blocks = count.to(torch.int32)[None, :, None].expand(1, segments, q_blocks).contiguous()
-        kv_indices = indices.to(torch.int32)[None, :, None, :].expand(1, segments, q_blocks, max_blocks).contiguous()
+        if self.packed:
+            n_q = segments * rows_per_segment
+            kv_num_blocks = torch.full((1, 1, 1), total_blocks, dtype=torch.int32, device=layer.device)
+            kv_indices = torch.arange(total_blocks, dtype=torch.int32, device=layer.device)[None, None, None, :]
+        else:
+            n_q = rows_per_segment
+            kv_num_blocks, kv_indices = self._segment_blocks(layer, -(-n_q // _FLEX_BLOCK), total_blocks)
         row_segment, _ = layer.rows_in_use()
         self.row_batch = row_segment // layer.num_kv_heads
         self.row_visible = torch.ones(n_rows, dtype=torch.bool, device=layer.device)
         self.padded = False
         starts, lengths, positions, logical = layer.offsets, layer.lengths, layer.positions, layer.logical_position
-        row_visible = self.row_visible
+        row_visible, packed = self.row_visible, self.packed
         # a tensor, not a Python int: compiled kernels of layers of different sizes then share one graph
         last_row = torch.tensor(max(n_rows - 1, 0), device=layer.device)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            start = starts[h]
+            segment = q_idx // rows_per_segment if packed else h
+            start = starts[segment]
             row = torch.minimum(kv_idx, last_row)  # key blocks may run past the last row: outside every segment
             entry_pos = positions[row]
             query_pos = logical - q_len + q_idx % q_len
-            in_use = (kv_idx >= start) & (kv_idx < start + lengths[h])
+            in_use = (kv_idx >= start) & (kv_idx < start + lengths[segment])
             return in_use & (entry_pos <= query_pos) & row_visible[row]
 
         self.mask_mod = mask_mod
@@ -174,6 +183,22 @@ class FlexPlan:
             seq_lengths=(n_q, n_rows),
             compute_q_blocks=False,  # inference only: no backward pass
         )
+
+    @staticmethod
+    def _segment_blocks(layer: RaggedLayer, q_blocks: int, total_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kv_num_blocks` `(1, S, q_blocks)` and `kv_indices` `(1, S, q_blocks, max)` of the per-segment layout."""
+        segments, offsets = layer.num_segments, layer.offsets.long()
+        first = offsets[:-1] // _FLEX_BLOCK
+        last = (offsets[1:] - 1).clamp(min=0) // _FLEX_BLOCK
+        count = torch.where(offsets[1:] > offsets[:-1], last - first + 1, torch.zeros_like(first))
+        max_blocks = max(int(count.max()) if segments else 1, 1)
+        if layer.device.type == "cpu":
+            # inductor's CPU kernel wants block indices spanning the whole key length (only `count` are visited)
+            max_blocks = total_blocks
+        indices = (first[:, None] + torch.arange(max_blocks, device=layer.device)).clamp(max=total_blocks - 1)
+        kv_num_blocks = count.to(torch.int32)[None, :, None].expand(1, segments, q_blocks).contiguous()
+        kv_indices = indices.to(torch.int32)[None, :, None, :].expand(1, segments, q_blocks, max_blocks).contiguous()
+        return kv_num_blocks, kv_indices
 
     def refresh_padding(self, layer: RaggedLayer, attention_mask) -> None:
         """Copy the visibility of every row's entry under `attention_mask` (`(B or 1, 1, q, W)`) into
@@ -237,11 +262,13 @@ def flex_ragged_attention(
     scaling: Optional[float] = None,
     softcap: Optional[float] = None,
 ) -> torch.Tensor:
-    """FlexAttention over `layer`'s flat buffer, one head per segment; returns `(B, q, H, d)`."""
+    """FlexAttention over `layer`'s flat buffer in its plan's layout (packed or per segment); returns `(B, q, H, d)`."""
     bsz, num_heads, q_len, head_dim = query.shape
     segments, groups = layer.num_segments, num_heads // layer.num_kv_heads
-    block_mask = segment_block_mask(layer, q_len, groups, attention_mask)
-    folded = query.reshape(1, segments, groups * q_len, head_dim)
+    plan = flex_plan(layer, q_len, groups)
+    plan.refresh_padding(layer, attention_mask)
+    # rows ordered (segment, group member, query): the query heads of a KV head are consecutive
+    folded = query.reshape(1, 1 if plan.packed else segments, -1, head_dim)
     keys, values = layer.keys[None, None].to(query.dtype), layer.values[None, None].to(query.dtype)
     score_mod = None
     if softcap is not None:
@@ -253,7 +280,9 @@ def flex_ragged_attention(
         score_mod = capped
 
     flex = _flex_function(query.device)
-    output = flex(folded, keys, values, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=True)
+    output = flex(
+        folded, keys, values, score_mod=score_mod, block_mask=plan.block_mask, scale=scaling, enable_gqa=not plan.packed
+    )
     return output.reshape(bsz, num_heads, q_len, -1).transpose(1, 2).contiguous()
 
 

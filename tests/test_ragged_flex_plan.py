@@ -3,7 +3,8 @@
 """The FlexAttention plan of a ragged layer (`kvpress.ragged_attention.FlexPlan`): its block mask is built once and
 reused by every decoding step (appends and evictions change the tensors its mask_mod reads, in place), its blocks
 cover each segment's rows, its mask_mod gives the visibility an independent computation gives, and FlexAttention
-(unfused on CPU) with it gives the reference path's output after appends, evictions, growth and rollbacks."""
+(unfused on CPU) with it gives the reference path's output after appends, evictions, growth and rollbacks. Every
+test runs with both layouts: packed (what a decoding step uses) and per segment (longer forwards)."""
 
 import os
 
@@ -11,9 +12,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpress import AdaKVPress, DecodingPress, SnapKVPress
+from kvpress import AdaKVPress, DecodingPress, SnapKVPress, ragged_attention
 from kvpress.ragged_attention import (
     _FLEX_BLOCK,
+    FlexPlan,
     flex_plan,
     flex_ragged_attention,
     reference_ragged_attention,
@@ -23,6 +25,13 @@ from kvpress.ragged_attention import (
 from kvpress.ragged_cache import RaggedCache, RaggedLayer
 from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import get_model, random_input_ids
+
+
+@pytest.fixture(autouse=True, params=["packed", "per_segment"])
+def layout(request, monkeypatch):
+    """Every plan of the test in one layout: packed for any number of query rows, or always per segment."""
+    monkeypatch.setattr(ragged_attention, "_PACKED_MAX_ROWS", 10**9 if request.param == "packed" else 0)
+    return request.param
 
 
 def _layer(bsz=2, heads=2, seq_len=150, dim=8, spare=3, seed=0):
@@ -52,20 +61,25 @@ def _expected_visibility(layer: RaggedLayer, q_len: int, groups: int, padding=No
 
 
 def _mask_mod_grid(layer: RaggedLayer, q_len: int, groups: int) -> torch.Tensor:
+    """The plan's mask_mod over every (segment, query row, key row), `(segments, groups * q_len, rows)`."""
     plan = flex_plan(layer, q_len, groups)
+    zero = torch.zeros((), dtype=torch.long)
+    rows = torch.arange(layer.keys.shape[0])
+    if plan.packed:  # one query head: the segments' rows one after the other
+        queries = torch.arange(layer.num_segments * groups * q_len)[:, None]
+        return plan.mask_mod(zero, zero, queries, rows[None, :]).reshape(layer.num_segments, groups * q_len, -1)
     heads = torch.arange(layer.num_segments)[:, None, None]
-    queries = torch.arange(groups * q_len)[None, :, None]
-    rows = torch.arange(layer.keys.shape[0])[None, None, :]
-    return plan.mask_mod(torch.zeros((), dtype=torch.long), heads, queries, rows)
+    return plan.mask_mod(zero, heads, torch.arange(groups * q_len)[None, :, None], rows[None, None, :])
 
 
 def _blocks_cover_every_segment(layer: RaggedLayer, q_len: int, groups: int) -> None:
-    block_mask = flex_plan(layer, q_len, groups).block_mask
-    counts, indices = block_mask.kv_num_blocks[0, :, 0], block_mask.kv_indices[0, :, 0]
+    plan = flex_plan(layer, q_len, groups)
+    counts, indices = plan.block_mask.kv_num_blocks[0, :, 0], plan.block_mask.kv_indices[0, :, 0]
     for segment in range(layer.num_segments):
-        rows = layer.segment_rows(segment)
-        visited = set(indices[segment, : int(counts[segment])].tolist())
-        assert {int(row) // _FLEX_BLOCK for row in rows} <= visited
+        head = 0 if plan.packed else segment
+        visited = indices[head, : int(counts[head])].tolist()
+        assert len(visited) == len(set(visited))  # no block twice
+        assert {int(row) // _FLEX_BLOCK for row in layer.segment_rows(segment)} <= set(visited)
 
 
 def test_mask_mod_follows_appends_evictions_and_rollbacks_without_a_new_block_mask():
@@ -179,3 +193,21 @@ def test_compiled_flex_attention_on_cpu_reuses_its_kernel_across_steps(monkeypat
                 compilations = sum(counters["frames"].values())
                 assert compilations > 0  # it did compile
         assert sum(counters["frames"].values()) == compilations  # steps 2 and 3 ran the kernel compiled at step 1
+
+
+@pytest.mark.parametrize("bsz, packed", [(1, True), (3, True), (4, False)])
+def test_a_decoding_step_packs_its_query_rows_while_they_fit_the_decoding_kernel(monkeypatch, bsz, packed):
+    """The 8B shape (8 KV heads, 4 query heads each): a step of one token has 32 query rows per batch row, packed
+    into one head (FlexAttention's decoding kernel, which splits the keys over the GPU) below 128 rows in all."""
+    monkeypatch.setattr(ragged_attention, "_PACKED_MAX_ROWS", 128)  # the shipped threshold, whatever the fixture
+    layer = _layer(bsz=bsz, heads=8, seq_len=300)
+    plan = FlexPlan(layer, q_len=1, groups=4)
+    assert plan.packed is packed
+    counts, indices = plan.block_mask.kv_num_blocks, plan.block_mask.kv_indices
+    if packed:  # one head visits every block of the buffer once
+        blocks = -(-layer.keys.shape[0] // _FLEX_BLOCK)
+        assert counts.shape == (1, 1, 1) and int(counts) == blocks
+        assert indices[0, 0, 0, :blocks].tolist() == list(range(blocks))
+    else:
+        assert counts.shape == (1, layer.num_segments, 1)
+    assert not FlexPlan(layer, q_len=40, groups=4).packed  # a question's forward: per segment
