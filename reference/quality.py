@@ -6,7 +6,9 @@ https://arxiv.org/abs/2404.06654) for each press and compression ratio.
 The one idea: with a model that really retrieves, a press's quality is one number per ratio: the accuracy on held-out
 rows, question-agnostic (the pipeline's default: the context is compressed before the question is seen) and
 question-aware (the question is appended to the context, so it is compressed with it). Each (press, ratio, mode)
-cell is written to the JSON file as soon as it is done, so an interrupted run resumes where it stopped.
+cell is written to the JSON file as soon as it is done, so an interrupted run resumes where it stopped; a rerun also
+retries the cells that failed (their error stays in the file until then). On CUDA, `--workers` is capped by the
+GPU's free memory (`worker_limit`: about 43 GiB a worker at 32k tokens, 2.7 GiB at 8k).
 
     python reference/quality.py                                  # GPU: every press, 10 rows per task
     python reference/quality.py --device cpu --rows_per_task 2 --presses random,snapkv --workers 1
@@ -15,7 +17,7 @@ cell is written to the JSON file as soon as it is done, so an interrupted run re
 Long contexts (the 32k checkpoint, issue 26: its presses and ratios, both modes, one JSON file per length):
 
     python reference/quality.py --model_dir reference/model-32k --presses long --ratios 0.5,0.75,0.9 \
-        --context_length 8192 --rows_per_task 5 --workers 8        # then --context_length 32768
+        --context_length 8192 --rows_per_task 5 --workers 12       # then --context_length 32768
     python reference/quality.py --model_dir reference/model-32k --long_table 8192,32768   # the combined table
 """
 
@@ -402,6 +404,31 @@ def long_table(tables: dict[int, dict], ratios=LONG_RATIOS) -> str:
     return "\n".join(lines)
 
 
+def cells_to_run(results: dict, cells: list[tuple[str, float, str]]) -> tuple[list, list]:
+    """The cells of `cells` still to run: those without a result, and those whose result is an error (an error can
+    be the run's and not the press's: out of memory, a killed worker). Returns (to run, of which retried)."""
+    retried = [cell for cell in cells if "error" in results["cells"].get(cell_key(*cell), {})]
+    return [cell for cell in cells if cell_key(*cell) not in results["cells"] or cell in retried], retried
+
+
+def is_out_of_memory(error: str) -> bool:
+    """Whether a cell's recorded error is an out-of-memory error: the run's resources, not the press."""
+    return "OutOfMemoryError" in error or "out of memory" in error
+
+
+# GPU memory of one worker at 32768 tokens, measured on an H100 with the 32k checkpoint (2026-12-07): 43 GiB. On
+# CUDA, transformers runs a GQA model without a mask through SDPA with enable_gqa, which only the math kernel serves
+# in float32, so every layer materialises its (heads, length, length) float32 scores: 16 GiB at 32k, 2.7 times that
+# at the peak. It grows with the square of the length.
+_WORKER_BYTES_PER_SCORE = 2.7 * 4
+
+
+def worker_limit(requested: int, context_length: int, num_heads: int, free_bytes: int) -> int:
+    """How many workers fit in `free_bytes` of GPU memory at `context_length` (at least 1, at most `requested`)."""
+    per_worker = _WORKER_BYTES_PER_SCORE * num_heads * context_length**2
+    return max(1, min(requested, int(0.9 * free_bytes // per_worker)))
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
@@ -452,23 +479,48 @@ def main(argv: Optional[list[str]] = None) -> dict:
         ]
         todo = [("no_press", 0.0, mode) for mode in MODES]
         todo += [(name, ratio, mode) for name in args.press_names for mode in MODES for ratio in args.ratios]
-        todo = [cell for cell in todo if cell_key(*cell) not in results["cells"]]
-        logger.info("%d rows per cell; %d cells to run, %d already done", len(rows), len(todo), len(results["cells"]))
-        failed: set[str] = {c["press"] for c in results["cells"].values() if "error" in c}
+        todo, retried = cells_to_run(results, todo)
+        logger.info(
+            "%d rows per cell; %d cells to run (%d failed before and are retried), %d done",
+            len(rows),
+            len(todo),
+            len(retried),
+            len(results["cells"]) - len(retried),
+        )
+        failed: set[str] = set()  # presses that failed in this run, other than for memory: their other cells wait
+        workers = args.workers
+        if device.startswith("cuda") and workers > 1:
+            from transformers import AutoConfig
+
+            heads = AutoConfig.from_pretrained(args.model_dir).num_attention_heads
+            workers = worker_limit(workers, args.context_length, heads, torch.cuda.mem_get_info()[0])
+            if workers < args.workers:
+                logger.warning(
+                    "--workers %d do not fit in the GPU's free memory at %d tokens (about %.0f GiB each): using %d",
+                    args.workers,
+                    args.context_length,
+                    _WORKER_BYTES_PER_SCORE * heads * args.context_length**2 / 2**30,
+                    workers,
+                )
         started = time.time()
 
         def record(result: dict) -> None:
             key = cell_key(result["press"], result["ratio"], result["mode"])
             results["cells"][key] = result
-            if "error" in result and result["press"] not in failed:
-                failed.add(result["press"])
-                logger.warning("press %s fails and is skipped: %s", result["press"], result["error"])
+            if "error" in result:
+                if is_out_of_memory(result["error"]):
+                    logger.warning("%s ran out of memory; a later run retries it: %s", key, result["error"][:200])
+                elif result["press"] not in failed:
+                    failed.add(result["press"])
+                    logger.warning(
+                        "press %s fails; its other cells wait for a later run: %s", result["press"], result["error"]
+                    )
             json_path.write_text(json.dumps(results, indent=1) + "\n")
 
         from tqdm import tqdm
 
         progress = tqdm(total=len(todo), desc="quality cells", mininterval=5)
-        if args.workers <= 1:
+        if workers <= 1:
             _init_worker(args.model_dir, device, rows)
             for cell in todo:
                 if args.time_budget_s and time.time() - started > args.time_budget_s:
@@ -481,7 +533,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 progress.update(1)
         else:
             context = mp.get_context("spawn")
-            with context.Pool(args.workers, initializer=_init_worker, initargs=(args.model_dir, device, rows)) as pool:
+            with context.Pool(workers, initializer=_init_worker, initargs=(args.model_dir, device, rows)) as pool:
                 pending = [pool.apply_async(run_cell, (cell,)) for cell in todo]
                 for job in pending:
                     remaining = None

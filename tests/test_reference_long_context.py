@@ -218,9 +218,10 @@ def test_a_fitted_schedule_that_runs_out_of_time_is_still_evaluated(tmp_path, ti
     from reference.train import parse_args, train
 
     monkeypatch.setattr(train_module, "evaluate_held_out", lambda model, tokenizer, args: {"256": {"all": 1.0}})
-    # a deadline already passed at the first step: the calibration fits one step, the loop stops before it
+    # a deadline already passed at the first step (the whole budget reserved for the evaluation: the deadline is the
+    # start, whatever the machine's speed): the calibration fits one step, the loop stops before it
     argv = ["--output_dir", str(tmp_path), "--init_from", str(tiny_checkpoint), "--max_steps", "auto"]
-    argv += ["--time_budget_s", "1", "--eval_reserve_s", "0", "--device", "cpu", "--tiny", "--workers", "0"]
+    argv += ["--time_budget_s", "1", "--eval_reserve_s", "1", "--device", "cpu", "--tiny", "--workers", "0"]
     summary = train(parse_args(argv))
     assert summary["stopped_by_time_budget"] and not summary["complete"]
     assert summary["held_out_accuracy"] == {"256": {"all": 1.0}}
@@ -299,6 +300,50 @@ def test_the_long_quality_table_puts_lengths_side_by_side(tmp_path):
     assert printed["long_table"] == text
     with pytest.raises(FileNotFoundError, match="--context_length 4096"):
         main(["--output_dir", str(tmp_path), "--long_table", "4096"])
+
+
+def test_a_rerun_retries_the_failed_cells_and_a_press_that_fails_waits(tmp_path, monkeypatch):
+    from reference import quality
+
+    calls = []
+
+    def fake_run_cell(cell):  # snapkv runs out of memory at 0.5, tova fails for good; the rest succeed
+        calls.append(cell)
+        name, ratio, mode = cell
+        if name == "snapkv" and ratio == 0.5 and len(calls) < 20:
+            return {"press": name, "ratio": ratio, "mode": mode, "error": "OutOfMemoryError: CUDA out of memory."}
+        if name == "tova" and len(calls) < 20:
+            return {"press": name, "ratio": ratio, "mode": mode, "error": "ValueError: bad layout"}
+        return {"press": name, "ratio": ratio, "mode": mode, "accuracy": {"all": 10.0 * ratio}}
+
+    monkeypatch.setattr(quality, "run_cell", fake_run_cell)
+    argv = ["--model_dir", str(REFERENCE_MODEL_DIR), "--output_dir", str(tmp_path), "--presses", "snapkv,tova"]
+    argv += ["--ratios", "0.5,0.9", "--context_length", "300", "--rows_per_task", "1", "--device", "cpu"]
+    quality.main(argv)
+    cells = json.loads((tmp_path / "quality_300.json").read_text())["cells"]
+    # out of memory: recorded, and the press's other cells still ran; a real failure: its other cells wait
+    assert "error" in cells["snapkv|0.5|agnostic"] and cells["snapkv|0.9|agnostic"]["accuracy"]["all"] == 9.0
+    assert "error" in cells["tova|0.5|agnostic"] and "tova|0.9|agnostic" not in cells
+    first = len(calls)
+    calls.extend([None] * 20)  # the presses work now
+    quality.main(argv)
+    retried = set(calls[first + 20 :])
+    assert ("snapkv", 0.5, "agnostic") in retried and ("tova", 0.9, "agnostic") in retried
+    assert ("snapkv", 0.9, "agnostic") not in retried  # done cells are not run again
+    cells = json.loads((tmp_path / "quality_300.json").read_text())["cells"]
+    assert not [key for key, cell in cells.items() if "error" in cell] and len(cells) == 2 + 2 * 2 * 2
+
+
+def test_quality_workers_are_capped_by_the_gpu_memory_they_need():
+    from reference.quality import is_out_of_memory, worker_limit
+
+    gib = 2**30  # measured: 43 GiB a worker at 32k tokens with the reference model's 4 query heads
+    assert worker_limit(12, 32768, 4, 79 * gib) == 1  # an H100
+    assert worker_limit(12, 32768, 4, 139 * gib) == 2  # an H200
+    assert worker_limit(12, 8192, 4, 79 * gib) == 12 and worker_limit(3, 8192, 4, 79 * gib) == 3
+    assert worker_limit(12, 65536, 4, 79 * gib) == 1  # never fewer than one: its cells say out of memory
+    assert is_out_of_memory("OutOfMemoryError: CUDA out of memory. Tried to allocate 16.00 GiB")
+    assert not is_out_of_memory("ValueError: bad layout")
 
 
 def test_the_duo_attention_style_press_ranks_the_reference_heads_offline():
