@@ -8,7 +8,7 @@ rows, question-agnostic (the pipeline's default: the context is compressed befor
 question-aware (the question is appended to the context, so it is compressed with it). Each (press, ratio, mode)
 cell is written to the JSON file as soon as it is done, so an interrupted run resumes where it stopped; a rerun also
 retries the cells that failed (their error stays in the file until then). On CUDA, `--workers` is capped by the
-GPU's free memory (`worker_limit`: about 43 GiB a worker at 32k tokens, 2.7 GiB at 8k).
+GPU's free memory (`worker_limit`: about 3 GiB a worker at 32k tokens).
 
     python reference/quality.py                                  # GPU: every press, 10 rows per task
     python reference/quality.py --device cpu --rows_per_task 2 --presses random,snapkv --workers 1
@@ -170,9 +170,10 @@ def _init_worker(model_dir: str, device: str, rows: list[dict]) -> None:
 
     torch.set_num_threads(1)
     if device.startswith("cuda"):
-        from reference import avoid_cudnn_attention
+        from reference import avoid_cudnn_attention, repeat_kv_heads_in_float32
 
         avoid_cudnn_attention()  # decoding changes the attention shapes at every token
+        repeat_kv_heads_in_float32()  # float32 GQA attention in linear memory, not the math kernel's scores
     _WORKER.update(model_dir=model_dir, device=device, rows=rows, models={})
 
 
@@ -196,10 +197,15 @@ def _pipeline(attn_implementation: str):
 
 def run_cell(cell: tuple[str, float, str]) -> dict:
     """Accuracy of one (press, ratio, mode) cell, or the error that stopped it."""
+    import torch
+
     from reference.evaluate import accuracy, predict
 
     name, ratio, mode = cell
     started = time.time()
+    on_cuda = _WORKER["device"].startswith("cuda")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
     try:
         press = None if name == "no_press" else build_press(name, ratio)
         attn = "sdpa" if name == "no_press" else {**PRESSES, **RATIO_PRESSES}[name][1]
@@ -213,6 +219,7 @@ def run_cell(cell: tuple[str, float, str]) -> dict:
             "mode": mode,
             "accuracy": {k: round(v, 2) for k, v in scores.items()},
             "seconds": round(time.time() - started, 1),
+            **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)} if on_cuda else {}),
         }
     except Exception as error:  # a press that fails is skipped, with the reason
         return {
@@ -416,17 +423,23 @@ def is_out_of_memory(error: str) -> bool:
     return "OutOfMemoryError" in error or "out of memory" in error
 
 
-# GPU memory of one worker at 32768 tokens, measured on an H100 with the 32k checkpoint (2026-12-07): 43 GiB. On
-# CUDA, transformers runs a GQA model without a mask through SDPA with enable_gqa, which only the math kernel serves
-# in float32, so every layer materialises its (heads, length, length) float32 scores: 16 GiB at 32k, 2.7 times that
-# at the peak. It grows with the square of the length.
-_WORKER_BYTES_PER_SCORE = 2.7 * 4
+# GPU memory of one worker: a CUDA context and the model, plus what grows with the length (the KV cache, the
+# hidden states, KVzip's chunked repeat passes). Workers repeat the KV heads for float32 SDPA
+# (`reference.repeat_kv_heads_in_float32`), so nothing grows with the square of the length; without that, SDPA's
+# math kernel took 43 GiB a worker at 32768 tokens (H100, 2026-12-07). A conservative bound, checked against the
+# `peak_gpu_gib` that every CUDA cell records.
+_WORKER_BASE_BYTES = 2**30
+_WORKER_BYTES_PER_TOKEN = 2**16
 
 
-def worker_limit(requested: int, context_length: int, num_heads: int, free_bytes: int) -> int:
+def worker_bytes(context_length: int) -> int:
+    """Bound on the GPU memory of one worker at `context_length` tokens."""
+    return _WORKER_BASE_BYTES + _WORKER_BYTES_PER_TOKEN * context_length
+
+
+def worker_limit(requested: int, context_length: int, free_bytes: int) -> int:
     """How many workers fit in `free_bytes` of GPU memory at `context_length` (at least 1, at most `requested`)."""
-    per_worker = _WORKER_BYTES_PER_SCORE * num_heads * context_length**2
-    return max(1, min(requested, int(0.9 * free_bytes // per_worker)))
+    return max(1, min(requested, int(0.9 * free_bytes // worker_bytes(context_length))))
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -490,16 +503,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         failed: set[str] = set()  # presses that failed in this run, other than for memory: their other cells wait
         workers = args.workers
         if device.startswith("cuda") and workers > 1:
-            from transformers import AutoConfig
-
-            heads = AutoConfig.from_pretrained(args.model_dir).num_attention_heads
-            workers = worker_limit(workers, args.context_length, heads, torch.cuda.mem_get_info()[0])
+            workers = worker_limit(workers, args.context_length, torch.cuda.mem_get_info()[0])
             if workers < args.workers:
                 logger.warning(
-                    "--workers %d do not fit in the GPU's free memory at %d tokens (about %.0f GiB each): using %d",
+                    "--workers %d do not fit in the GPU's free memory at %d tokens (about %.1f GiB each): using %d",
                     args.workers,
                     args.context_length,
-                    _WORKER_BYTES_PER_SCORE * heads * args.context_length**2 / 2**30,
+                    worker_bytes(args.context_length) / 2**30,
                     workers,
                 )
         started = time.time()

@@ -8,6 +8,7 @@ evaluation at several lengths and the long-context quality table. The tests of t
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
@@ -335,15 +336,53 @@ def test_a_rerun_retries_the_failed_cells_and_a_press_that_fails_waits(tmp_path,
 
 
 def test_quality_workers_are_capped_by_the_gpu_memory_they_need():
-    from reference.quality import is_out_of_memory, worker_limit
+    from reference.quality import is_out_of_memory, worker_bytes, worker_limit
 
-    gib = 2**30  # measured: 43 GiB a worker at 32k tokens with the reference model's 4 query heads
-    assert worker_limit(12, 32768, 4, 79 * gib) == 1  # an H100
-    assert worker_limit(12, 32768, 4, 139 * gib) == 2  # an H200
-    assert worker_limit(12, 8192, 4, 79 * gib) == 12 and worker_limit(3, 8192, 4, 79 * gib) == 3
-    assert worker_limit(12, 65536, 4, 79 * gib) == 1  # never fewer than one: its cells say out of memory
+    gib = 2**30
+    assert worker_bytes(32768) == 3 * gib and worker_bytes(8192) < worker_bytes(32768)
+    assert worker_limit(12, 32768, 79 * gib) == 12 and worker_limit(3, 32768, 79 * gib) == 3  # an H100
+    assert worker_limit(12, 32768, 10 * gib) == 3
+    assert worker_limit(12, 2**20, 10 * gib) == 1  # never fewer than one: its cells say out of memory
     assert is_out_of_memory("OutOfMemoryError: CUDA out of memory. Tried to allocate 16.00 GiB")
     assert not is_out_of_memory("ValueError: bad layout")
+
+
+def test_float32_gqa_attention_repeats_the_kv_heads_and_keeps_the_result(monkeypatch):
+    """The quality workers' fix for SDPA's math kernel: float32 GQA goes through repeated KV heads (the memory-efficient
+    kernel on CUDA), other dtypes keep transformers' choice, and the model computes the same logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations import sdpa_attention
+
+    from reference import repeat_kv_heads_in_float32
+
+    monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", sdpa_attention.use_gqa_in_sdpa)  # undone after the test
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 40))
+    key = torch.zeros(1, 2, 40, 16)
+    # (mask, key) in older releases, then (mask, key, value)
+    arity = len(inspect.signature(sdpa_attention.use_gqa_in_sdpa).parameters)
+
+    def uses_gqa(key: torch.Tensor) -> bool:
+        return sdpa_attention.use_gqa_in_sdpa(None, *[key] * (arity - 1))
+
+    assert uses_gqa(key)  # transformers' own choice: enable_gqa without a mask
+    with torch.no_grad():
+        before = model(ids).logits
+    assert repeat_kv_heads_in_float32() and repeat_kv_heads_in_float32()  # idempotent
+    assert not uses_gqa(key) and uses_gqa(key.bfloat16())
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
 def test_the_duo_attention_style_press_ranks_the_reference_heads_offline():
