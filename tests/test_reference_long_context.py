@@ -350,24 +350,15 @@ def test_quality_workers_are_capped_by_the_gpu_memory_they_need():
 def test_float32_gqa_attention_repeats_the_kv_heads_and_keeps_the_result(monkeypatch):
     """The quality workers' fix for SDPA's math kernel: float32 GQA goes through repeated KV heads (the memory-efficient
     kernel on CUDA), other dtypes keep transformers' choice, and the model computes the same logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.integrations import sdpa_attention
 
     from reference import repeat_kv_heads_in_float32
+    from tests.fixtures import get_model, random_input_ids
 
     monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", sdpa_attention.use_gqa_in_sdpa)  # undone after the test
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 64, (1, 40))
+    model = get_model("llama")
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    ids = random_input_ids(seq_len=40)
     key = torch.zeros(1, 2, 40, 16)
     # (mask, key) in older releases, then (mask, key, value)
     arity = len(inspect.signature(sdpa_attention.use_gqa_in_sdpa).parameters)
