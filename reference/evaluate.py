@@ -23,7 +23,7 @@ import torch
 
 from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
 from harness.synthetic.scoring import row_score
-from reference import write_report
+from reference import avoid_cudnn_attention, repeat_kv_heads_in_float32, write_report
 
 
 def load_reference(path: str | Path = REFERENCE_MODEL_DIR, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -125,7 +125,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         parser.error(f"unknown tasks {unknown}; tasks: {', '.join(TASK_NAMES)}")
     if args.rows < 1:
         parser.error(f"--rows must be at least 1, got {args.rows}")
-    model, tokenizer = load_reference(args.model_dir, optional_device(args.device))
+    device = optional_device(args.device)
+    if device.startswith("cuda"):
+        avoid_cudnn_attention()  # new shapes at every prompt and decoding step
+        repeat_kv_heads_in_float32()  # float32 GQA attention in linear memory, not the math kernel's scores
+    model, tokenizer = load_reference(args.model_dir, device)
     pipe = make_pipeline(model, tokenizer)
     rows = [
         row
