@@ -275,6 +275,16 @@ class RaggedLayer(CacheLayerMixin):
         start = int(self.offsets[segment])
         return torch.arange(start, start + int(self.lengths[segment]), device=self.device)
 
+    def reserve(self, n_new: int) -> bool:
+        """Make room now for `n_new` more tokens in every segment (growing, that is copying the used rows, only if some
+        segment has fewer free rows), so that the next `n_new` appends copy nothing. Returns whether it grew."""
+        if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0:
+            raise ValueError(f"n_new must be a non-negative number of rows per segment, got {n_new!r}.")
+        if n_new <= self.min_free_rows:
+            return False
+        self._grow(n_new)
+        return True
+
     def _grow(self, n_new: int) -> None:
         """Reallocate with room for `n_new` more rows per segment (plus as many again), copying the used rows."""
         extra = max(n_new, 1) * 2

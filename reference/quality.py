@@ -544,13 +544,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
         else:
             context = mp.get_context("spawn")
             with context.Pool(workers, initializer=_init_worker, initargs=(args.model_dir, device, rows)) as pool:
-                pending = [pool.apply_async(run_cell, (cell,)) for cell in todo]
-                for job in pending:
+                # Results in the order the cells finish, each written at once: a slow cell (KVzip) keeps no
+                # finished one waiting, and the time budget loses only the cells still running.
+                finished = pool.imap_unordered(run_cell, todo)
+                for _ in todo:
                     remaining = None
                     if args.time_budget_s:
                         remaining = max(1.0, args.time_budget_s - (time.time() - started))
                     try:
-                        record(job.get(timeout=remaining))
+                        record(finished.next(timeout=remaining))
                     except mp.TimeoutError:
                         logger.warning("time budget reached: unfinished cells are left for a later run")
                         pool.terminate()

@@ -105,6 +105,24 @@ def test_update_appends_in_place_then_grows_and_rolls_back():
         layer.update(torch.randn(1, heads, 1, dim), torch.randn(1, heads, 1, dim))
 
 
+def test_reserve_grows_only_when_a_segment_lacks_the_rows_and_keeps_every_entry():
+    keys, values, kept, layer = _random_layer(spare=3)
+    bsz, heads, _, dim = keys.shape
+    before = [_segment(layer, segment) for segment in range(bsz * heads)]
+    pointer, version = layer.keys.data_ptr(), layer.version
+    assert not layer.reserve(3) and layer.keys.data_ptr() == pointer and layer.version == version  # room already
+    assert layer.reserve(5) and layer.version == version + 1 and layer.min_free_rows >= 5
+    for segment, (seg_keys, seg_values, positions) in enumerate(before):
+        now = _segment(layer, segment)
+        assert torch.equal(now[0], seg_keys) and torch.equal(now[1], seg_values) and torch.equal(now[2], positions)
+    pointer = layer.keys.data_ptr()
+    for _ in range(5):  # the reserved rows take the next appends without another copy
+        layer.update(torch.randn(bsz, heads, 1, dim), torch.randn(bsz, heads, 1, dim))
+    assert layer.keys.data_ptr() == pointer
+    with pytest.raises(ValueError, match="non-negative number of rows"):
+        layer.reserve(-1)
+
+
 def test_evict_frees_rows_in_place_and_keeps_order():
     keys, values, kept, layer = _random_layer()
     pointer, before = layer.keys.data_ptr(), layer.used_rows()
