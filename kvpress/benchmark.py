@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -269,6 +270,35 @@ RAGGED_WARMUP_STEPS = 2  # untimed decoding steps of the ragged loop (FlexAttent
 GRAPH_LOOPS = {"graph": None, "compiled": "default", "autotuned": "max-autotune-no-cudagraphs"}
 
 
+DECODE_BLOCK_STEPS = 16  # the timed steps are also timed in blocks of this many (one device sync per block)
+
+
+def compile_count() -> Optional[int]:
+    """Graphs torch.compile has built in this process so far (None where torch keeps no such counter)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return None
+    return int(counters["stats"]["unique_graphs"])
+
+
+def timed_steps(step: Callable[[], Any], steps: int, device: torch.device) -> tuple[float, list[float]]:
+    """Run `step` `steps` times; return the seconds in all and the ms per step of each block of `DECODE_BLOCK_STEPS`
+    (the last block may be shorter). One row's blocks show whether a slow row was slow throughout (the host) or in
+    one block (a recompilation, a pause): its mean alone cannot tell."""
+    blocks: list[float] = []
+    start = block_start = time.perf_counter()
+    for index in range(steps):
+        step()
+        done = index + 1
+        if done % DECODE_BLOCK_STEPS == 0 or done == steps:
+            _sync(device)
+            now = time.perf_counter()
+            blocks.append(1000 * (now - block_start) / (done - DECODE_BLOCK_STEPS * len(blocks)))
+            block_start = now
+    return time.perf_counter() - start, blocks
+
+
 class NotApplicable(ValueError):
     """A decoding loop that cannot serve this press or model (the row records why)."""
 
@@ -385,10 +415,10 @@ def run_press(
                 warmup = time.perf_counter() - start
                 _reset_peak(device)  # as for the graph loops, whose capture runs before: the steady decode's peak
                 start = time.perf_counter()
-            for _ in range(max_new_tokens - 1):
-                step()
-            _sync(device)
-            decode = time.perf_counter() - start
+            compiles = compile_count()
+            _, blocks = timed_steps(step, max_new_tokens - 1, device)
+            decode = time.perf_counter() - start  # from `start`, as before (entering the press's context included)
+            compiles_after = compile_count()
             peak_decode = _peak(device)
             after = kv_statistics(decode_cache, model)
             if profile_steps:
@@ -411,6 +441,11 @@ def run_press(
         "peak_decode_bytes": peak_decode,
         **stats,
         "kv_bytes_after_decode": after["kv_bytes"],
+        "decode_block_ms_per_token": [round(value, 3) for value in blocks],
+        "decode_median_block_ms_per_token": statistics.median(blocks) if blocks else None,
+        "compiles_during_decode": (
+            compiles_after - compiles if compiles is not None and compiles_after is not None else None
+        ),
         **(
             {
                 "ragged_backend": effective_backend(device),
@@ -503,6 +538,8 @@ def format_table(rows: list[dict]) -> str:
         ("chunk", "prefill_chunk_size", "{}"),
         ("prefill s", "prefill_s", "{:.3f}"),
         ("decode ms/tok", "decode_ms_per_token", "{:.2f}"),
+        ("median block ms/tok", "decode_median_block_ms_per_token", "{:.2f}"),
+        ("compiles", "compiles_during_decode", "{}"),
         ("tok/s", "tokens_per_s", "{:.1f}"),
         ("floor ms", "floor_ms", "{:.2f}"),
         ("x floor", "ratio_to_floor", "{:.2f}"),

@@ -188,3 +188,27 @@ def test_negative_profile_steps_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "--presses", "none", "--profile_steps", "-1")
     assert "--profile_steps must be 0" in capsys.readouterr().err
+
+
+def test_timed_steps_runs_every_step_and_times_it_in_blocks():
+    from kvpress.benchmark import DECODE_BLOCK_STEPS, timed_steps
+
+    calls = []
+    steps = 2 * DECODE_BLOCK_STEPS + 3
+    seconds, blocks = timed_steps(lambda: calls.append(1), steps, torch.device("cpu"))
+    assert len(calls) == steps and seconds >= 0
+    assert len(blocks) == 3 and all(value >= 0 for value in blocks)  # two full blocks, then the 3 last steps
+    assert timed_steps(lambda: None, 0, torch.device("cpu"))[1] == []
+
+
+def test_every_decode_row_has_its_block_times_and_compile_count(tmp_path):
+    """The rows say whether a slow decode was slow throughout or in one block, and whether anything compiled while
+    it was timed (the ragged loop's FlexAttention compiles only in its untimed warm-up steps)."""
+    rows = run(tmp_path, "--presses", "knorm:0.5,adakv_snapkv:0.5", "--decode_loops", "dynamic,ragged")
+    measured = [row for row in rows if not row.get("error")]
+    assert len(measured) == 8
+    for row in measured:
+        blocks = row["decode_block_ms_per_token"]
+        assert len(blocks) == 1 and blocks[0] > 0  # 3 timed steps: one block
+        assert row["decode_median_block_ms_per_token"] == pytest.approx(blocks[0], rel=1e-3)
+        assert row["compiles_during_decode"] == 0
