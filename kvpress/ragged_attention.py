@@ -15,7 +15,8 @@ Backends (`set_ragged_backend`, or `KVPRESS_RAGGED_BACKEND`):
   is the default. On CPU it runs unfused (tests use it to check the CUDA path's masks). Two layouts:
   - packed (a decoding step: fewer than 128 query rows in all): one query "head" holding every segment's query
     rows, one key "head" (the flat buffer), every block visited once. FlexAttention then runs its decoding kernel,
-    which splits the keys across the GPU's multiprocessors;
+    which splits the keys across the GPU's multiprocessors (measured on an H100, 8B shape, 32k, AdaKV 0.5: 2.7 ms
+    per step for the 32 layers, against 29 ms in the per-segment layout);
   - per segment (longer forwards): one query "head" per segment, each visiting the blocks of its own segment. This
     is FlexAttention's main kernel, one thread block per (segment, 128 query rows) walking its segment's keys in
     order: too few thread blocks for a decoding step (measured on an H100, 8B shape, 32k, AdaKV 0.5: 29 ms of
