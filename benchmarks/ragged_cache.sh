@@ -5,8 +5,11 @@
 #   1. speed and memory at 32k, batch 1, 8B shape: head-wise presses (AdaKV(SnapKV), AdaKV(ExpectedAttention)) against
 #      Knorm at the same kept size, masked in-place loop against the ragged cache;
 #   2. the largest context: no press (dynamic cache) and AdaKV(SnapKV) 0.8 (ragged) at 128k and 256k.
-# Results go to $1 (default benchmark_results/ragged): speed/ and longest/, each with results.jsonl and table.txt,
-# env.txt (GPU and versions) and log.txt (everything printed).
+# Results go to $1 (default benchmark_results/ragged): speed/run1 ... speed/runN (SPEED_REPEATS runs of the speed
+# part, default 1, one after the other so that drift on the host touches every row alike) and longest/, each with
+# results.jsonl and table.txt; speed/decode_ratio.json, every row's decode time against Knorm's (in-place loop, same
+# ratio) over the runs (benchmarks/decode_ratio.py); env.txt (GPU and versions) and log.txt (everything printed).
+# SKIP_LONGEST=1 leaves out the largest-context part.
 # Every part is capped by `timeout` so that one slow part leaves the others their time; rerunning resumes
 # (the benchmark skips the rows already in results.jsonl).
 set -u
@@ -16,13 +19,22 @@ exec > >(tee -a "$out/log.txt") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/env.txt"
 python -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)" \
     | tee -a "$out/env.txt"
-timeout "${SPEED_TIMEOUT:-300}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 32768 \
-    --max_new_tokens 64 --decode_loops inplace,ragged --profile_steps 5 --output_dir "$out/speed" \
-    --presses knorm:0.5,knorm:0.8,adakv_snapkv:0.5,adakv_snapkv:0.8,expected_attention:0.5,expected_attention:0.8
-echo "speed rc $?"
-timeout "${LONGEST_TIMEOUT:-240}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 131072,262144 \
-    --max_new_tokens 4 --presses none --decode_loops dynamic --output_dir "$out/longest"
-echo "longest none rc $?"
-timeout "${LONGEST_TIMEOUT:-240}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 131072,262144 \
-    --max_new_tokens 4 --presses adakv_snapkv:0.8 --decode_loops ragged --output_dir "$out/longest"
-echo "longest adakv_snapkv rc $?"
+runs=()
+for run in $(seq 1 "${SPEED_REPEATS:-1}"); do
+    mkdir -p "$out/speed/run$run"
+    runs+=("$out/speed/run$run")
+    timeout "${SPEED_TIMEOUT:-300}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 32768 \
+        --max_new_tokens 64 --decode_loops inplace,ragged --profile_steps 5 --output_dir "$out/speed/run$run" \
+        --presses knorm:0.5,knorm:0.8,adakv_snapkv:0.5,adakv_snapkv:0.8,expected_attention:0.5,expected_attention:0.8
+    echo "speed run $run rc $?"
+done
+python benchmarks/decode_ratio.py --runs "${runs[@]}" --output "$out/speed/decode_ratio.json"
+echo "decode ratio rc $?"
+if [ "${SKIP_LONGEST:-0}" != 1 ]; then
+    timeout "${LONGEST_TIMEOUT:-240}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 131072,262144 \
+        --max_new_tokens 4 --presses none --decode_loops dynamic --output_dir "$out/longest"
+    echo "longest none rc $?"
+    timeout "${LONGEST_TIMEOUT:-240}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 131072,262144 \
+        --max_new_tokens 4 --presses adakv_snapkv:0.8 --decode_loops ragged --output_dir "$out/longest"
+    echo "longest adakv_snapkv rc $?"
+fi

@@ -265,7 +265,10 @@ def parameter_bytes(model: PreTrainedModel) -> int:
 
 
 DECODE_LOOPS = ("dynamic", "inplace", "graph", "compiled", "autotuned", "ragged")
-RAGGED_WARMUP_STEPS = 2  # untimed decoding steps of the ragged loop (FlexAttention compiles on the first ones)
+# untimed decoding steps of the ragged loop: at least this many (FlexAttention compiles on the first ones, then once
+# more for dynamic shapes), and more while a step still compiles something, up to the maximum
+RAGGED_WARMUP_STEPS = 2
+RAGGED_MAX_WARMUP_STEPS = 8
 # decode loops replayed from a CUDA graph, and the `torch.compile` mode each compiles the step with first
 GRAPH_LOOPS = {"graph": None, "compiled": "default", "autotuned": "max-autotune-no-cudagraphs"}
 
@@ -299,6 +302,19 @@ def timed_steps(step: Callable[[], Any], steps: int, device: torch.device) -> tu
     return time.perf_counter() - start, blocks
 
 
+def ragged_warmup(step: Callable[[], Any]) -> int:
+    """Run the ragged loop's untimed steps: `RAGGED_WARMUP_STEPS`, then more while the last one compiled a graph (up
+    to `RAGGED_MAX_WARMUP_STEPS`), so that no compilation lands in the timed steps. Returns the steps run."""
+    done = 0
+    while done < RAGGED_MAX_WARMUP_STEPS:
+        before = compile_count()
+        step()
+        done += 1
+        if done >= RAGGED_WARMUP_STEPS and (before is None or compile_count() == before):
+            break
+    return done
+
+
 class NotApplicable(ValueError):
     """A decoding loop that cannot serve this press or model (the row records why)."""
 
@@ -320,11 +336,12 @@ def run_press(
     (`kvpress.graphed_decoding`), `compiled` / `autotuned` the graph of the step compiled first by `torch.compile`
     (default mode / max-autotune without its own graphs), `ragged` the per-head variable-length cache
     (`kvpress.ragged_cache`: only the entries each head kept, for head-wise presses, and head-wise eviction while
-    decoding; `kv_bytes` is then what it holds after the conversion, and `RAGGED_WARMUP_STEPS` untimed steps first
-    compile its FlexAttention kernel, `ragged_warmup_s`). `prefill_chunk_size`: the context is prefilled that many
-    tokens at a time, the press compressing after each chunk (`kvpress.chunked_prefill`); only the last position's
-    logits are computed either way. `profile_steps`: that many more steps after the timed ones, under `torch.profiler`
-    (`kvpress.decode_profile`; the row's `decode_profile`), in none of the timings."""
+    decoding; `kv_bytes` is then what it holds after the conversion, and untimed steps first compile its
+    FlexAttention kernel until a step compiles nothing: `ragged_warmup`, `ragged_warmup_s`, `ragged_warmup_steps`).
+    `prefill_chunk_size`: the context is prefilled that many tokens at a time, the press compressing after each chunk
+    (`kvpress.chunked_prefill`); only the last position's logits are computed either way. `profile_steps`: that many
+    more steps after the timed ones, under `torch.profiler` (`kvpress.decode_profile`; the row's `decode_profile`), in
+    none of the timings."""
     device = input_ids.device
     press = request.build()
     if request.name == "generate":
@@ -357,6 +374,7 @@ def run_press(
     step_fn = None
     capture = 0.0
     warmup = 0.0
+    warmup_steps = 0
     if loop == "ragged":
         problem = decoding_eviction_problem(press) if decoding else None
         if problem is not None:
@@ -408,9 +426,10 @@ def run_press(
     try:
         with press(model) if decoding else contextlib.nullcontext():
             if loop == "ragged":
-                # untimed steps: the first compiles FlexAttention's kernel (then one more for dynamic shapes)
-                for _ in range(RAGGED_WARMUP_STEPS):
-                    step()
+                warmup_steps = ragged_warmup(step)
+                # the timed steps append without growing, whatever the warm-up took (its growth is untimed)
+                for layer in decode_cache.ragged_layers():
+                    layer.reserve(max_new_tokens - 1)
                 _sync(device)
                 warmup = time.perf_counter() - start
                 _reset_peak(device)  # as for the graph loops, whose capture runs before: the steady decode's peak
@@ -450,6 +469,7 @@ def run_press(
             {
                 "ragged_backend": effective_backend(device),
                 "ragged_warmup_s": warmup,
+                "ragged_warmup_steps": warmup_steps,
                 "kv_entries_after_decode": after["kv_entries"],  # rows in use: evictions while decoding freed some
             }
             if loop == "ragged"

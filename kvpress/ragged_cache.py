@@ -121,7 +121,7 @@ class RaggedLayer(CacheLayerMixin):
                 f"{bsz} x {num_kv_heads}."
             )
         if n_new > self.min_free_rows:
-            self._grow(n_new)
+            self._grow(max(n_new, 1) * 2)  # room for as many again: growth stays rare
         rows = (self.offsets[:-1] + self.lengths).long()[:, None] + torch.arange(n_new, device=self.device)
         rows = rows.reshape(-1)
         self.keys.index_copy_(0, rows, key_states.reshape(-1, key_states.shape[-1]).to(self.keys.dtype))
@@ -285,11 +285,10 @@ class RaggedLayer(CacheLayerMixin):
         self._grow(n_new)
         return True
 
-    def _grow(self, n_new: int) -> None:
-        """Reallocate with room for `n_new` more rows per segment (plus as many again), copying the used rows."""
-        extra = max(n_new, 1) * 2
+    def _grow(self, free_rows: int) -> None:
+        """Reallocate so that every segment has at least `free_rows` free rows, copying the used rows."""
         old_offsets, lengths = self.offsets.long(), self.lengths.long()
-        capacities = torch.maximum(self.capacities.long(), lengths + extra)
+        capacities = torch.maximum(self.capacities.long(), lengths + free_rows)
         offsets = torch.zeros_like(old_offsets)
         offsets[1:] = capacities.cumsum(0)
         total = int(offsets[-1])

@@ -212,3 +212,21 @@ def test_every_decode_row_has_its_block_times_and_compile_count(tmp_path):
         assert len(blocks) == 1 and blocks[0] > 0  # 3 timed steps: one block
         assert row["decode_median_block_ms_per_token"] == pytest.approx(blocks[0], rel=1e-3)
         assert row["compiles_during_decode"] == 0
+
+
+def test_the_ragged_warm_up_runs_until_a_step_compiles_nothing(monkeypatch):
+    from kvpress import benchmark as bench
+
+    count = {"graphs": 0, "steps": 0}
+
+    def step():  # steps 1 to 3 compile a graph each, later steps nothing
+        count["steps"] += 1
+        count["graphs"] += count["steps"] <= 3
+
+    monkeypatch.setattr(bench, "compile_count", lambda: count["graphs"])
+    assert bench.ragged_warmup(step) == 4 and count["graphs"] == 3
+    calls = []
+    monkeypatch.setattr(bench, "compile_count", lambda: len(calls))  # every step compiles: stopped at the maximum
+    assert bench.ragged_warmup(lambda: calls.append(1)) == bench.RAGGED_MAX_WARMUP_STEPS
+    monkeypatch.setattr(bench, "compile_count", lambda: None)  # no counter: the minimum
+    assert bench.ragged_warmup(lambda: None) == bench.RAGGED_WARMUP_STEPS
