@@ -91,9 +91,10 @@ class RaggedLayer(CacheLayerMixin):
         self.capacities = capacities.to(torch.int32)
         self.logical_length = seq_len
         # the logical length on the device, changed in place (attention masks read it without a host value)
-        self.logical_position = torch.tensor(seq_len, dtype=torch.long, device=keys.device)
+        self.logical_position = torch.tensor(seq_len, dtype=torch.int32, device=keys.device)  # as `positions`
         # bumped whenever the buffers or offsets are replaced (growth, restore): plans built on them are stale
         self.version = 0
+        self._starts: Optional[tuple[int, torch.Tensor]] = None  # (version, offsets[:-1] as int64): `_segment_starts`
         self.last_query: Optional[torch.Tensor] = None  # the query of the last attention (fake keys of the view)
         self.plans: dict = {}  # attention plans of kvpress.ragged_attention, by (q_len, groups)
         self._protected: Optional[dict] = None  # the backup holder of the state() to roll back to (see evict)
@@ -122,18 +123,31 @@ class RaggedLayer(CacheLayerMixin):
             )
         if n_new > self.min_free_rows:
             self._grow(max(n_new, 1) * 2)  # room for as many again: growth stays rare
-        rows = (self.offsets[:-1] + self.lengths).long()[:, None] + torch.arange(n_new, device=self.device)
-        rows = rows.reshape(-1)
+        # a decoding step (one token) launches as few kernels as the in-place cache's: its rows are the segment
+        # ends, its position the device copy of the logical length (no host value that changes from step to step)
+        ends = self._segment_starts() + self.lengths
+        if n_new == 1:
+            rows, new_positions = ends, self.logical_position.expand(self.num_segments)
+        else:
+            steps = torch.arange(n_new, device=self.device)
+            rows = (ends[:, None] + steps).reshape(-1)
+            new_positions = (self.logical_position + steps.to(torch.int32)).repeat(self.num_segments)
         self.keys.index_copy_(0, rows, key_states.reshape(-1, key_states.shape[-1]).to(self.keys.dtype))
         self.values.index_copy_(0, rows, value_states.reshape(-1, value_states.shape[-1]).to(self.values.dtype))
-        # positions from the device copy of the logical length: no host value that changes from step to step
-        new_positions = self.logical_position + torch.arange(n_new, device=self.device)
-        self.positions.index_copy_(0, rows, new_positions.to(torch.int32).repeat(bsz * num_kv_heads))
+        self.positions.index_copy_(0, rows, new_positions)
         self.lengths += n_new
         self.logical_length += n_new
         self.logical_position.add_(n_new)
         self.min_free_rows -= n_new
         return self.keys[None, None], self.values[None, None]
+
+    def _segment_starts(self) -> torch.Tensor:
+        """The first row of every segment as int64 indices, kept until the offsets are replaced (`version`)."""
+        cached = self._starts
+        if cached is None or cached[0] != self.version:
+            cached = (self.version, self.offsets[:-1].long())
+            self._starts = cached
+        return cached[1]
 
     def get_seq_length(self, *args, **kwargs) -> int:
         """The logical length (what a dense cache would hold): positions and masks of new tokens follow it."""

@@ -105,6 +105,25 @@ def test_update_appends_in_place_then_grows_and_rolls_back():
         layer.update(torch.randn(1, heads, 1, dim), torch.randn(1, heads, 1, dim))
 
 
+def test_a_one_token_append_builds_no_index_tensors():
+    """A decoding step's append is three copies into the buffers and three small in-place adds, as few launches as
+    the in-place cache's (the host launches bound the eager loop): no arange, repeat or dtype conversion."""
+    from torch.profiler import ProfilerActivity, profile
+
+    keys, values, kept, layer = _random_layer(spare=4)
+    bsz, heads, seq_len, dim = keys.shape
+    new_k, new_v = torch.randn(bsz, heads, 1, dim), torch.randn(bsz, heads, 1, dim)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        layer.update(new_k, new_v)
+    names = [event.name for event in prof.events() if event.cpu_parent is None]
+    assert names.count("aten::index_copy_") == 3
+    assert not {"aten::arange", "aten::repeat", "aten::_to_copy"} & set(names), names
+    for segment in range(bsz * heads):  # and it wrote what a longer append writes
+        b, h = divmod(segment, heads)
+        seg_keys, _, positions = _segment(layer, segment)
+        assert torch.equal(seg_keys[-1], new_k[b, h, 0]) and positions[-1].item() == seq_len
+
+
 def test_reserve_grows_only_when_a_segment_lacks_the_rows_and_keeps_every_entry():
     keys, values, kept, layer = _random_layer(spare=3)
     bsz, heads, _, dim = keys.shape
