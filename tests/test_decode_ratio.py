@@ -2,20 +2,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """`benchmarks/decode_ratio.py`: decode time against the baseline row of the same run, over repeated runs."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_ratio.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("decode_ratio", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmark_scripts import load_benchmark_script
 
 
 def _row(press, loop, ms, block_ms=None, compiles=0):
@@ -55,7 +47,7 @@ def test_each_row_is_paired_with_the_baseline_of_its_own_run_and_ratio(tmp_path,
         ),
         _write_run(tmp_path / "run3", [_row("knorm:0.5", "inplace", 50.0), _row("adakv_snapkv:0.5", "ragged", 50.0)]),
     ]
-    summary = _script().main(["--runs", *map(str, runs)])
+    summary = load_benchmark_script("decode_ratio").main(["--runs", *map(str, runs)])
     entries = {(entry["press"], entry["decode_loop"]): entry for entry in summary}
     half = entries[("adakv_snapkv:0.5", "ragged")]
     assert half["ratios"] == [1.1, 1.3, 1.0] and half["median_ratio"] == 1.1 and half["meets_target"]
@@ -71,7 +63,7 @@ def test_each_row_is_paired_with_the_baseline_of_its_own_run_and_ratio(tmp_path,
 
 
 def test_missing_folders_and_unpaired_rows_are_errors(tmp_path, capsys):
-    script = _script()
+    script = load_benchmark_script("decode_ratio")
     with pytest.raises(FileNotFoundError, match="no results.jsonl"):
         script.main(["--runs", str(tmp_path / "absent")])
     run = _write_run(tmp_path / "run1", [_row("adakv_snapkv:0.5", "ragged", 55.0)])

@@ -2,21 +2,17 @@
 # SPDX-License-Identifier: Apache-2.0
 """`benchmarks/longest_context.py`: the longest context that fits, from benchmark rows, against arithmetic by hand."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.benchmark_scripts import load_benchmark_script
+
 GIB = 1 << 30
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "longest_context.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("longest_context", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def longest_context():
+    return load_benchmark_script("longest_context")
 
 
 def _row(length, ratio, transient, per_token=128 * 1024, weights=15 * GIB, chunk=4096, press="knorm"):
@@ -43,7 +39,7 @@ def _write(tmp_path, rows):
 
 def test_constant_transient_gives_the_hand_computed_length(tmp_path):
     path = _write(tmp_path, [_row(131072, 0.8, 2 * GIB), _row(1 << 20, 0.8, 2 * GIB), _row(131072, 0.5, 2 * GIB)])
-    result = _script().main([path, "--prefill_chunk_size", "4096", "--ratios", "0.9", "--memory_gib", "74.5"])
+    result = longest_context().main([path, "--prefill_chunk_size", "4096", "--ratios", "0.9", "--memory_gib", "74.5"])
     assert result["transient_gib_at_0"] == pytest.approx(2.0)
     assert result["transient_bytes_per_token"] == pytest.approx(0.0, abs=1e-6)
     # 74.5 GiB - 15 GiB weights - 2 GiB transient, at 0.1 x 128 KiB per token, rounded down to 1024 tokens
@@ -55,7 +51,7 @@ def test_constant_transient_gives_the_hand_computed_length(tmp_path):
 
 def test_a_transient_growing_with_the_context_is_fitted_and_shortens_the_answer(tmp_path):
     rows = [_row(length, 0.8, GIB + 4096 * length) for length in (131072, 524288, 1 << 20)]
-    result = _script().main([_write(tmp_path, rows), "--prefill_chunk_size", "4096", "--ratios", "0.8"])
+    result = longest_context().main([_write(tmp_path, rows), "--prefill_chunk_size", "4096", "--ratios", "0.8"])
     assert result["transient_bytes_per_token"] == pytest.approx(4096, rel=1e-6)
     per_length = 0.2 * 128 * 1024 + 4096
     expected = int((139 - 15 - 1) * GIB / per_length) // 1024 * 1024
@@ -69,11 +65,11 @@ def test_rows_of_other_presses_chunks_or_errors_are_not_used(tmp_path):
         _row(131072, 0.8, 9 * GIB, press="snapkv"),
         {**_row(131072, 0.8, 9 * GIB), "error": "out of memory"},
     ]
-    result = _script().main([_write(tmp_path, rows), "--prefill_chunk_size", "4096"])
+    result = longest_context().main([_write(tmp_path, rows), "--prefill_chunk_size", "4096"])
     assert len(result["checks"]) == 1
     assert result["transient_gib_at_0"] == pytest.approx(2.0)
     with pytest.raises(SystemExit, match="no measured row"):
-        _script().main([_write(tmp_path, rows), "--press", "tova", "--prefill_chunk_size", "4096"])
+        longest_context().main([_write(tmp_path, rows), "--press", "tova", "--prefill_chunk_size", "4096"])
 
 
 def test_rows_of_one_decode_loop_and_the_measured_fits(tmp_path):
@@ -90,11 +86,11 @@ def test_rows_of_one_decode_loop_and_the_measured_fits(tmp_path):
         },
     ]
     path = _write(tmp_path, rows)
-    result = _script().main([path, "--press", "adakv_snapkv", "--decode_loop", "ragged", "--ratios", "0.8"])
+    result = longest_context().main([path, "--press", "adakv_snapkv", "--decode_loop", "ragged", "--ratios", "0.8"])
     assert [check["context_length"] for check in result["checks"]] == [131072, 262144]
     assert result["transient_gib_at_0"] == pytest.approx(2.0)
     assert result["measured"] == {"fit": [131072, 262144], "out_of_memory": [1 << 20], "longest_measured_fit": 262144}
-    every_loop = _script().main([path, "--press", "adakv_snapkv", "--ratios", "0.8"])
+    every_loop = longest_context().main([path, "--press", "adakv_snapkv", "--ratios", "0.8"])
     assert len(every_loop["checks"]) == 3
     with pytest.raises(SystemExit, match="decode loop 'inplace'"):
-        _script().main([path, "--press", "adakv_snapkv", "--decode_loop", "inplace"])
+        longest_context().main([path, "--press", "adakv_snapkv", "--decode_loop", "inplace"])
