@@ -453,3 +453,13 @@ def test_kvpress_recomputes_the_keys_of_a_yarn_model_with_its_attention_factor()
         cos, sin = rope_cos_sin(module, keys, torch.arange(40)[None])
         recomputed = apply_rope(keys, cos, sin)
     torch.testing.assert_close(recomputed, cache.layers[0].keys, rtol=1e-5, atol=1e-5)
+
+
+def test_kvzip_cells_start_first_and_every_cell_stays():
+    from reference.quality import slow_cells_first
+
+    cells = [("no_press", 0.0, "agnostic"), ("snapkv", 0.5, "aware"), ("kvzip", 0.5, "agnostic")]
+    cells += [("tova", 0.9, "agnostic"), ("kvzip", 0.9, "aware")]
+    ordered = slow_cells_first(cells)
+    assert ordered[:2] == [("kvzip", 0.5, "agnostic"), ("kvzip", 0.9, "aware")]
+    assert ordered[2:] == [cell for cell in cells if cell[0] != "kvzip"] and sorted(ordered) == sorted(cells)
