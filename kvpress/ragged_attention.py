@@ -237,12 +237,16 @@ def flex_plan(layer: RaggedLayer, q_len: int, groups: int) -> FlexPlan:
     return plan
 
 
-def segment_block_mask(layer: RaggedLayer, q_len: int, groups: int, attention_mask=None):
-    """The FlexAttention BlockMask of `layer` for this step: its plan's (reused from step to step), with the padding
-    of `attention_mask` copied in place."""
+def step_plan(layer: RaggedLayer, q_len: int, groups: int, attention_mask=None) -> FlexPlan:
+    """The layer's plan for this step (reused from step to step), with the padding of `attention_mask` copied in."""
     plan = flex_plan(layer, q_len, groups)
     plan.refresh_padding(layer, attention_mask)
-    return plan.block_mask
+    return plan
+
+
+def segment_block_mask(layer: RaggedLayer, q_len: int, groups: int, attention_mask=None):
+    """The FlexAttention BlockMask of `layer` for this step (`step_plan`'s)."""
+    return step_plan(layer, q_len, groups, attention_mask).block_mask
 
 
 def _flex_function(device: torch.device) -> Callable:
@@ -266,8 +270,7 @@ def flex_ragged_attention(
     """FlexAttention over `layer`'s flat buffer in its plan's layout (packed or per segment); returns `(B, q, H, d)`."""
     bsz, num_heads, q_len, head_dim = query.shape
     segments, groups = layer.num_segments, num_heads // layer.num_kv_heads
-    plan = flex_plan(layer, q_len, groups)
-    plan.refresh_padding(layer, attention_mask)
+    plan = step_plan(layer, q_len, groups, attention_mask)
     # rows ordered (segment, group member, query): the query heads of a KV head are consecutive
     folded = query.reshape(1, 1 if plan.packed else segments, -1, head_dim)
     keys, values = layer.keys[None, None].to(query.dtype), layer.values[None, None].to(query.dtype)

@@ -122,7 +122,7 @@ class RaggedLayer(CacheLayerMixin):
                 f"{bsz} x {num_kv_heads}."
             )
         if n_new > self.min_free_rows:
-            self._grow(max(n_new, 1) * 2)  # room for as many again: growth stays rare
+            self._grow(2 * n_new)  # room for as many again: growth stays rare
         # a decoding step (one token) launches as few kernels as the in-place cache's: its rows are the segment
         # ends, its position the device copy of the logical length (no host value that changes from step to step)
         ends = self._segment_starts() + self.lengths

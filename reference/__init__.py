@@ -60,6 +60,13 @@ def repeat_kv_heads_in_float32() -> bool:
     return True
 
 
+def cuda_evaluation_attention() -> None:
+    """The attention settings of every evaluation on CUDA (`reference/evaluate.py`, the quality workers): no cuDNN
+    (new shapes at every prompt and decoding step) and repeated KV heads for float32 (linear memory)."""
+    avoid_cudnn_attention()
+    repeat_kv_heads_in_float32()
+
+
 def write_report(path, report: dict) -> dict:
     """Write a script's JSON report to `path` (a str or Path; parent folders are created; None writes nothing) and
     return the report."""
@@ -73,4 +80,4 @@ def write_report(path, report: dict) -> dict:
     return report
 
 
-__all__ = ["avoid_cudnn_attention", "repeat_kv_heads_in_float32", "write_report"]
+__all__ = ["avoid_cudnn_attention", "cuda_evaluation_attention", "repeat_kv_heads_in_float32", "write_report"]

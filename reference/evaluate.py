@@ -23,7 +23,7 @@ import torch
 
 from harness.reference_model import REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
 from harness.synthetic.scoring import row_score
-from reference import avoid_cudnn_attention, repeat_kv_heads_in_float32, write_report
+from reference import cuda_evaluation_attention, write_report
 
 
 def load_reference(path: str | Path = REFERENCE_MODEL_DIR, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -127,8 +127,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         parser.error(f"--rows must be at least 1, got {args.rows}")
     device = optional_device(args.device)
     if device.startswith("cuda"):
-        avoid_cudnn_attention()  # new shapes at every prompt and decoding step
-        repeat_kv_heads_in_float32()  # float32 GQA attention in linear memory, not the math kernel's scores
+        cuda_evaluation_attention()
     model, tokenizer = load_reference(args.model_dir, device)
     pipe = make_pipeline(model, tokenizer)
     rows = [

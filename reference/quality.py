@@ -170,10 +170,9 @@ def _init_worker(model_dir: str, device: str, rows: list[dict]) -> None:
 
     torch.set_num_threads(1)
     if device.startswith("cuda"):
-        from reference import avoid_cudnn_attention, repeat_kv_heads_in_float32
+        from reference import cuda_evaluation_attention
 
-        avoid_cudnn_attention()  # decoding changes the attention shapes at every token
-        repeat_kv_heads_in_float32()  # float32 GQA attention in linear memory, not the math kernel's scores
+        cuda_evaluation_attention()
     _WORKER.update(model_dir=model_dir, device=device, rows=rows, models={})
 
 
