@@ -4,23 +4,27 @@
 # Issue 19's GPU measurements of the ragged cache, in one go (run from the repository root on the GPU machine):
 #   1. speed and memory at 32k, batch 1, 8B shape: head-wise presses (AdaKV(SnapKV), AdaKV(ExpectedAttention)) against
 #      Knorm at the same kept size, masked in-place loop against the ragged cache;
-#   2. the largest context: no press (dynamic cache) and AdaKV(SnapKV) 0.8 (ragged) at 128k and 256k.
+#   2. the largest context: no press (dynamic cache) and AdaKV(SnapKV) 0.8 (ragged) at 128k and 256k;
+#   3. HEADWISE=1 only: the resident KV and peak memory of the other head-wise presses that need nothing from the Hub
+#      on a random-weight shape (CriticalAdaKV over SnapKV and ExpectedAttention, KVCompose) at 0.5 and 0.8, ragged
+#      loop, 8 new tokens (memory, not speed: it may share the GPU with other work).
 # Results go to $1 (default benchmark_results/ragged): speed/run1 ... speed/runN (SPEED_REPEATS runs of the speed
 # part, default 1, one after the other so that drift on the host touches every row alike) and longest/, each with
 # results.jsonl and table.txt; speed/decode_ratio.json, every row's decode time against Knorm's (in-place loop, same
 # ratio) over the runs (benchmarks/decode_ratio.py); env.txt (GPU and versions) and log.txt (everything printed).
-# SKIP_LONGEST=1 leaves out the largest-context part.
+# SKIP_LONGEST=1 leaves out the largest-context part; SKIP_SPEED=1 the speed part; headwise/ holds part 3.
 # Every part is capped by `timeout` so that one slow part leaves the others their time; rerunning resumes
 # (the benchmark skips the rows already in results.jsonl).
 set -u
 out=${1:-benchmark_results/ragged}
-mkdir -p "$out/speed" "$out/longest"
+mkdir -p "$out/speed" "$out/longest" "$out/headwise"
 exec > >(tee -a "$out/log.txt") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/env.txt"
 python -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)" \
     | tee -a "$out/env.txt"
 runs=()
-for run in $(seq 1 "${SPEED_REPEATS:-1}"); do
+[ "${SKIP_SPEED:-0}" = 1 ] && repeats=0 || repeats=${SPEED_REPEATS:-1}
+for run in $(seq 1 "$repeats"); do
     mkdir -p "$out/speed/run$run"
     runs+=("$out/speed/run$run")
     timeout "${SPEED_TIMEOUT:-300}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 32768 \
@@ -28,8 +32,10 @@ for run in $(seq 1 "${SPEED_REPEATS:-1}"); do
         --presses knorm:0.5,knorm:0.8,adakv_snapkv:0.5,adakv_snapkv:0.8,expected_attention:0.5,expected_attention:0.8
     echo "speed run $run rc $?"
 done
-python benchmarks/decode_ratio.py --runs "${runs[@]}" --output "$out/speed/decode_ratio.json"
-echo "decode ratio rc $?"
+if [ "$repeats" -gt 0 ]; then
+    python benchmarks/decode_ratio.py --runs "${runs[@]}" --output "$out/speed/decode_ratio.json"
+    echo "decode ratio rc $?"
+fi
 if [ "${SKIP_LONGEST:-0}" != 1 ]; then
     timeout "${LONGEST_TIMEOUT:-240}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 131072,262144 \
         --max_new_tokens 4 --presses none --decode_loops dynamic --output_dir "$out/longest"
@@ -37,4 +43,10 @@ if [ "${SKIP_LONGEST:-0}" != 1 ]; then
     timeout "${LONGEST_TIMEOUT:-240}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 131072,262144 \
         --max_new_tokens 4 --presses adakv_snapkv:0.8 --decode_loops ragged --output_dir "$out/longest"
     echo "longest adakv_snapkv rc $?"
+fi
+if [ "${HEADWISE:-0}" = 1 ]; then
+    timeout "${HEADWISE_TIMEOUT:-150}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 32768 \
+        --max_new_tokens 8 --decode_loops ragged --output_dir "$out/headwise" --presses \
+        critical_adakv_snapkv:0.5,critical_adakv_snapkv:0.8,critical_adakv_expected_attention:0.5,critical_adakv_expected_attention:0.8,kvcompose:0.5,kvcompose:0.8
+    echo "headwise rc $?"
 fi
