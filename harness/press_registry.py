@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 
 class UnknownNameError(KeyError, ValueError):
@@ -99,9 +99,22 @@ class PressSpec:
         return f"{self.cls}({', '.join(arguments)})"
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """An argument computed when the press is built (not when the registry is imported), e.g. texts to score on."""
+
+    make: Callable[[], Any]
+    label: str
+
+    def __repr__(self) -> str:
+        return self.label
+
+
 def _build_value(value):
     if isinstance(value, PressSpec):
         return value.build()
+    if isinstance(value, Deferred):
+        return value.make()
     if isinstance(value, list):
         return [_build_value(item) for item in value]
     return value
@@ -133,6 +146,12 @@ def _load_class(spec: PressSpec) -> Optional[type]:
             return None
         raise ImportError(f"{spec.import_path} exists but could not be imported: {error}") from error
     return getattr(module, spec.cls, None)
+
+
+def _synthetic_scoring_texts() -> tuple[str, ...]:
+    from harness.synthetic.tasks import head_scoring_texts
+
+    return head_scoring_texts()
 
 
 def _press(module: str, cls: str, *args: Any, **kwargs: Any) -> PressSpec:
@@ -201,6 +220,13 @@ PRESS_SPECS: dict[str, Optional[PressSpec]] = {
     "cur": _press("cur_press", "CURPress"),
     "duo_attention": _press("duo_attention_press", "DuoAttentionPress"),
     "duo_attention_on_the_fly": _press("duo_attention_press", "DuoAttentionPress", on_the_fly_scoring=True),
+    # offline: heads scored on the synthetic essay haystacks (set head_compression_ratio)
+    "duo_attention_synthetic": _press(
+        "duo_attention_press",
+        "DuoAttentionPress",
+        on_the_fly_scoring=True,
+        on_the_fly_dataset=Deferred(_synthetic_scoring_texts, "head_scoring_texts()"),
+    ),
     "expected_attention": _adakv(_expected_attention(epsilon=1e-2)),
     "fastkvzip": _press("fastkvzip_press", "FastKVzipPress"),
     "finch": _press("finch_press", "FinchPress"),

@@ -90,37 +90,16 @@ PRESSES: dict[str, tuple[Callable[[], Any], str]] = {
 REQUIRED = ("random", "knorm", "streaming_llm", "snapkv", "tova", "expected_attention", "adakv_expected_attention")
 
 
-_DUO_SCORES: dict[tuple[str, int], tuple[int, int, Any]] = {}  # head scores per loaded model (one per process)
-
-
 def _duo_attention_factory(ratio: float):
     """DuoAttention-style press for the reference model: `ratio` of the KV heads become streaming heads (sink 128,
-    recent 256), the heads ranked by `duo_attention_on_the_fly` on synthetic haystacks (the published patterns are
-    for large LLMs, and its default texts come from the Hub). Its compression ratio follows from the heads, so the
-    factory takes the ratio instead of setting `compression_ratio`."""
-    from kvpress.presses.duo_attention_press import (
-        ON_THE_FLY_RECENT_SIZE,
-        ON_THE_FLY_SINK_SIZE,
-        DuoAttentionPress,
-        duo_attention_on_the_fly,
-    )
+    recent 256), the heads ranked by `duo_attention_on_the_fly` on synthetic haystacks (the registry's
+    `duo_attention_synthetic`: the published patterns are for large LLMs, and upstream's texts come from the Hub).
+    Its compression ratio follows from the heads, so the factory takes the ratio instead of setting
+    `compression_ratio`."""
+    from harness.press_registry import PRESS_REGISTRY
 
-    def pattern(model):
-        from transformers import AutoTokenizer
-
-        from harness.synthetic.tasks import generate_rows
-
-        key = (model.config.name_or_path, id(model))
-        if key in _DUO_SCORES:
-            return _DUO_SCORES[key]
-        tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
-        texts = [row["context"] for row in generate_rows("niah_single_essay", 4, 1024, tokenizer, seed=77)]
-        scores = duo_attention_on_the_fly(model, num_samples=len(texts), dataset=texts, tokenizer=tokenizer)
-        _DUO_SCORES[key] = (ON_THE_FLY_SINK_SIZE, ON_THE_FLY_RECENT_SIZE, scores)
-        return _DUO_SCORES[key]
-
-    press = DuoAttentionPress(head_compression_ratio=ratio)
-    press.load_attention_pattern = pattern  # the instance's pattern: on-the-fly scores on offline texts
+    press = PRESS_REGISTRY["duo_attention_synthetic"]
+    press.head_compression_ratio = ratio
     return press
 
 

@@ -384,6 +384,20 @@ def test_the_duo_attention_style_press_ranks_the_reference_heads_offline():
     press.post_init_from_model(model)  # no Hub access: the heads are scored on synthetic haystacks
     assert press.streaming_mask.shape == (6, 2) and int(press.streaming_mask.sum()) == 6
     assert (press.sink_size, press.recent_size) == (128, 256)
+    # the registry's offline entry, which the benchmark's needle mode also takes: the same heads, scored on the
+    # contexts of 4 essay-haystack rows of 1024 reference-tokenizer tokens
+    from harness.press_registry import PRESS_REGISTRY
+    from harness.synthetic.tasks import generate_rows, load_reference_tokenizer
+    from kvpress.presses.duo_attention_press import duo_attention_on_the_fly
+
+    registry_press = PRESS_REGISTRY["duo_attention_synthetic"]
+    texts = [row["context"] for row in generate_rows("niah_single_essay", 4, 1024, load_reference_tokenizer(), seed=77)]
+    assert registry_press.on_the_fly_dataset == tuple(texts)
+    registry_press.head_compression_ratio = 0.5
+    registry_press.post_init_from_model(model)
+    assert torch.equal(registry_press.streaming_mask, press.streaming_mask)
+    scores = torch.as_tensor(duo_attention_on_the_fly(model, dataset=texts))
+    assert torch.equal(press.streaming_mask.flatten(), torch.isin(torch.arange(12), scores.flatten().argsort()[:6]))
 
 
 def test_the_32k_model_constant_names_a_directory_that_may_not_exist_yet():

@@ -650,3 +650,11 @@ def needle_sweep_rows(
                 row.update(depth=float(depth), context_length=length)
                 rows.append(row)
     return rows
+
+
+@functools.lru_cache(maxsize=4)
+def head_scoring_texts(count: int = 4, context_length: int = 1024, seed: int = 77) -> tuple[str, ...]:
+    """Offline texts to score attention heads on (DuoAttention's on-the-fly scoring, `duo_attention_synthetic`):
+    the contexts of `count` essay-haystack needle rows of `context_length` reference-tokenizer tokens."""
+    rows = generate_rows("niah_single_essay", count, context_length, load_reference_tokenizer(), seed=seed)
+    return tuple(row["context"] for row in rows)

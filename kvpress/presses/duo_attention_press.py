@@ -10,6 +10,7 @@ which heads are which, and the streaming heads drop the middle of the context.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -66,6 +67,7 @@ PATTERNS_DICT: dict[str, str] = {
 # sink and recent sizes used with on-the-fly head scores
 ON_THE_FLY_SINK_SIZE = 128
 ON_THE_FLY_RECENT_SIZE = 256
+ON_THE_FLY_DATASET = "kmfoda/booksum"  # upstream's texts for on-the-fly scoring (from the Hub)
 
 
 # Loaded patterns and on-the-fly scores live in the shared resource cache (cleared with `cache.clear()`).
@@ -177,7 +179,7 @@ def duo_attention_on_the_fly(
     model: PreTrainedModel,
     num_samples: int = 50,
     q_len: int = 500,
-    dataset: str | Sequence[str] = "kmfoda/booksum",
+    dataset: str | Sequence[str] = ON_THE_FLY_DATASET,
     tokenizer=None,
 ) -> np.ndarray:
     """Score every (layer, KV head) without a trained pattern: low scores mark streaming heads, `(layers, H_kv)`.
@@ -193,10 +195,32 @@ def duo_attention_on_the_fly(
     def compute() -> np.ndarray:
         return _score_heads_on_the_fly(model, _sample_texts(dataset, num_samples), q_len, tokenizer)
 
-    if tokenizer is not None or not isinstance(dataset, str):
+    if tokenizer is not None:
         return compute()
-    key = ("on_the_fly", model.config.name_or_path, type(model).__name__, num_samples, q_len, dataset)
+    # A list of texts is cached under a digest of the texts it scores on (a fresh press per row scores once).
+    source = dataset if isinstance(dataset, str) else _digest(_sample_texts(dataset, num_samples))
+    key = ("on_the_fly", model.config.name_or_path, type(model).__name__, num_samples, q_len, source)
     return load_cached(key, compute)
+
+
+def _digest(texts: Sequence[str]) -> str:
+    hasher = hashlib.sha256()
+    for text in texts:
+        hasher.update(text.encode())
+        hasher.update(b"\0")
+    return "texts:" + hasher.hexdigest()
+
+
+def _check_dataset(press: object, name: str, value: object) -> str | tuple[str, ...]:
+    """`on_the_fly_dataset`: a Hub name or local dataset directory, or texts (stored as a tuple)."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, Sequence) and len(value) > 0 and all(isinstance(text, str) for text in value):
+        return tuple(value)
+    raise ValueError(
+        f"{type(press).__name__}.{name} must be a Hub dataset name, a local dataset directory or a non-empty list of "
+        f"texts to score the heads on, got {value!r:.200}."
+    )
 
 
 @torch.no_grad()
@@ -237,7 +261,9 @@ class DuoAttentionPress(BasePress):
 
     Head scores come from DuoAttention's trained patterns (`load_attention_pattern`: `PATTERNS_DICT` maps a model
     name to the published folder, a URL, or a local directory / .tsv file), or are estimated with
-    `duo_attention_on_the_fly` when `on_the_fly_scoring=True` (sink 128, recent 256). The
+    `duo_attention_on_the_fly` when `on_the_fly_scoring=True` (sink 128, recent 256) on the texts of
+    `on_the_fly_dataset` (upstream's booksum from the Hub by default; a local dataset directory, or a list of texts
+    for offline use, e.g. the press registry's `duo_attention_synthetic`). The
     `round(n_heads * head_compression_ratio)` lowest-scoring (layer, head) pairs become streaming heads: they keep
     their `sink_size` first and `recent_size` last tokens. The cache stays dense; the dropped entries are listed in
     `module.masked_key_indices` and neutralised by the patched attention (sdpa, flash and eager).
@@ -246,6 +272,7 @@ class DuoAttentionPress(BasePress):
 
     head_compression_ratio: float = 0.0
     on_the_fly_scoring: bool = False
+    on_the_fly_dataset: str | tuple[str, ...] = field(default=ON_THE_FLY_DATASET, repr=False)  # texts can be long
     compression_ratio_: float | None = field(init=False, default=None)
     recent_size: int | None = field(init=False, default=None)
     sink_size: int | None = field(init=False, default=None)
@@ -256,7 +283,10 @@ class DuoAttentionPress(BasePress):
     composable: ClassVar[bool] = False
     head_wise: ClassVar[bool] = True
 
-    field_checks: ClassVar[Mapping[str, FieldCheck]] = {"head_compression_ratio": ratio_check(allow_one=True)}
+    field_checks: ClassVar[Mapping[str, FieldCheck]] = {
+        "head_compression_ratio": ratio_check(allow_one=True),
+        "on_the_fly_dataset": _check_dataset,
+    }
 
     def __post_init__(self) -> None:
         self._streaming_fraction = 0.0
@@ -272,7 +302,7 @@ class DuoAttentionPress(BasePress):
     def post_init_from_model(self, model: PreTrainedModel) -> None:
         if self.on_the_fly_scoring:
             self.sink_size, self.recent_size = ON_THE_FLY_SINK_SIZE, ON_THE_FLY_RECENT_SIZE
-            head_scores = duo_attention_on_the_fly(model)
+            head_scores = duo_attention_on_the_fly(model, dataset=self.on_the_fly_dataset)
         else:
             self.sink_size, self.recent_size, head_scores = self.load_attention_pattern(model)
         config = text_config(model)

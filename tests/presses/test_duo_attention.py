@@ -255,8 +255,9 @@ def test_on_the_fly_scores_equal_direct_computation(arch, tmp_path):
 def test_on_the_fly_press_uses_sink_128_recent_256(monkeypatch):
     model, tokenizer = get_model("llama"), load_tokenizer()
     scores = duo_attention_on_the_fly(model, num_samples=2, q_len=16, dataset=TEXTS, tokenizer=tokenizer)
-    monkeypatch.setattr(duo, "duo_attention_on_the_fly", lambda m: scores)
+    monkeypatch.setattr(duo, "duo_attention_on_the_fly", lambda m, dataset: scores)
     press = DuoAttentionPress(head_compression_ratio=0.5, on_the_fly_scoring=True)
+    assert press.on_the_fly_dataset == "kmfoda/booksum"  # upstream's texts by default
     with torch.no_grad(), press(model):
         model(random_input_ids(1, SEQ_LEN), past_key_values=DynamicCache())
     assert (press.sink_size, press.recent_size) == (128, 256)
@@ -265,6 +266,34 @@ def test_on_the_fly_press_uses_sink_128_recent_256(monkeypatch):
     # a context shorter than sink + recent masks nothing and reports 0 (upstream reports a negative ratio)
     assert all(module.masked_key_indices is None for module in attention_modules(model))
     assert press.compression_ratio == 0.0
+
+
+def test_on_the_fly_texts_are_scored_once_and_rank_the_heads(monkeypatch):
+    model = get_model("llama")
+    scores = np.array([[0.4, 0.1], [0.3, 0.9]])
+    calls = []
+
+    def score(model_, texts, q_len, tokenizer):
+        calls.append(list(texts))
+        return scores
+
+    monkeypatch.setattr(duo, "_score_heads_on_the_fly", score)
+    for _ in range(2):  # a fresh press per row: the second one reads the cached scores
+        press = DuoAttentionPress(head_compression_ratio=0.5, on_the_fly_scoring=True, on_the_fly_dataset=TEXTS)
+        press.post_init_from_model(model)
+        assert press.on_the_fly_dataset == tuple(TEXTS)
+        assert press.streaming_mask.tolist() == [[False, True], [True, False]]  # the two lowest scores
+    assert calls == [TEXTS]
+    other = DuoAttentionPress(head_compression_ratio=0.5, on_the_fly_scoring=True, on_the_fly_dataset=TEXTS[:1])
+    other.post_init_from_model(model)
+    assert calls == [TEXTS, TEXTS[:1]]  # other texts, other scores
+    assert "on_the_fly_dataset" not in repr(press)  # texts can be long
+
+
+@pytest.mark.parametrize("bad", ["", [], ["a text", 3], 7])
+def test_on_the_fly_dataset_must_be_a_name_or_texts(bad):
+    with pytest.raises(ValueError, match="on_the_fly_dataset must be a Hub dataset name"):
+        DuoAttentionPress(on_the_fly_scoring=True, on_the_fly_dataset=bad)
 
 
 def test_compression_ratio_and_bad_input():
