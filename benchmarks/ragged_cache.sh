@@ -8,16 +8,18 @@
 #   3. HEADWISE=1 only: the resident KV and peak memory of the other head-wise presses that need nothing from the Hub
 #      on a random-weight shape (CriticalAdaKV over SnapKV and ExpectedAttention, KVCompose) at 0.5 and 0.8, ragged
 #      loop, 8 new tokens (memory, not speed: it may share the GPU with other work).
-# Results go to $1 (default benchmark_results/ragged): speed/run1 ... speed/runN (SPEED_REPEATS runs of the speed
-# part, default 1, one after the other so that drift on the host touches every row alike) and longest/, each with
-# results.jsonl and table.txt; speed/decode_ratio.json, every row's decode time against Knorm's (in-place loop, same
-# ratio) over the runs (benchmarks/decode_ratio.py); env.txt (GPU and versions) and log.txt (everything printed).
+# Results go to $1 (default benchmark_results/ragged): run1 ... runN (SPEED_REPEATS runs of the speed part, default 1,
+# one after the other so that drift on the host touches every row alike), longest/ and headwise/, each with
+# results.jsonl and table.txt; decode_ratio.json, every row's decode time against Knorm's (in-place loop, same ratio)
+# over the runs (benchmarks/decode_ratio.py); env.txt (GPU and versions) and log.txt (everything printed). Every file
+# is one folder below $1, so that $OUT/<name> on the GPU machine brings them all back (it returns 2 folders down).
+# One speed run takes about 200 s on an H100 (12 rows); give SPEED_TIMEOUT room.
 # SKIP_LONGEST=1 leaves out the largest-context part; SKIP_SPEED=1 the speed part; headwise/ holds part 3.
 # Every part is capped by `timeout` so that one slow part leaves the others their time; rerunning resumes
 # (the benchmark skips the rows already in results.jsonl).
 set -u
 out=${1:-benchmark_results/ragged}
-mkdir -p "$out/speed" "$out/longest" "$out/headwise"
+mkdir -p "$out/longest" "$out/headwise"
 exec > >(tee -a "$out/log.txt") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/env.txt"
 python -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)" \
@@ -25,15 +27,15 @@ python -c "import sys, torch, transformers; print(sys.version.split()[0], torch.
 runs=()
 [ "${SKIP_SPEED:-0}" = 1 ] && repeats=0 || repeats=${SPEED_REPEATS:-1}
 for run in $(seq 1 "$repeats"); do
-    mkdir -p "$out/speed/run$run"
-    runs+=("$out/speed/run$run")
+    mkdir -p "$out/run$run"
+    runs+=("$out/run$run")
     timeout "${SPEED_TIMEOUT:-300}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 32768 \
-        --max_new_tokens 64 --decode_loops inplace,ragged --profile_steps 5 --output_dir "$out/speed/run$run" \
+        --max_new_tokens 64 --decode_loops inplace,ragged --profile_steps 5 --output_dir "$out/run$run" \
         --presses knorm:0.5,knorm:0.8,adakv_snapkv:0.5,adakv_snapkv:0.8,expected_attention:0.5,expected_attention:0.8
     echo "speed run $run rc $?"
 done
 if [ "$repeats" -gt 0 ]; then
-    python benchmarks/decode_ratio.py --runs "${runs[@]}" --output "$out/speed/decode_ratio.json"
+    python benchmarks/decode_ratio.py --runs "${runs[@]}" --output "$out/decode_ratio.json"
     echo "decode ratio rc $?"
 fi
 if [ "${SKIP_LONGEST:-0}" != 1 ]; then
