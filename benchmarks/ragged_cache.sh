@@ -7,7 +7,10 @@
 #   2. the largest context: no press (dynamic cache) and AdaKV(SnapKV) 0.8 (ragged) at 128k and 256k;
 #   3. HEADWISE=1 only: the resident KV and peak memory of the other head-wise presses that need nothing from the Hub
 #      on a random-weight shape (CriticalAdaKV over SnapKV and ExpectedAttention, KVCompose) at 0.5 and 0.8, ragged
-#      loop, 8 new tokens (memory, not speed: it may share the GPU with other work).
+#      loop, 8 new tokens (memory, not speed: it may share the GPU with other work);
+#   4. OVERHEAD=1 only: one layer's decoding attention call, compiled FlexAttention over a ragged layer against SDPA
+#      on the same entries, wall and kernel time per call and the compiled call's host events
+#      (benchmarks/attention_call_overhead.py, in overhead/).
 # Results go to $1 (default benchmark_results/ragged): run1 ... runN (SPEED_REPEATS runs of the speed part, default 1,
 # one after the other so that drift on the host touches every row alike), longest/ and headwise/, each with
 # results.jsonl and table.txt; decode_ratio.json, every row's decode time against Knorm's (in-place loop, same ratio)
@@ -19,7 +22,7 @@
 # (the benchmark skips the rows already in results.jsonl).
 set -u
 out=${1:-benchmark_results/ragged}
-mkdir -p "$out/longest" "$out/headwise"
+mkdir -p "$out/longest" "$out/headwise" "$out/overhead"
 exec > >(tee -a "$out/log.txt") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/env.txt"
 python -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)" \
@@ -51,4 +54,9 @@ if [ "${HEADWISE:-0}" = 1 ]; then
         --max_new_tokens 8 --decode_loops ragged --output_dir "$out/headwise" --presses \
         critical_adakv_snapkv:0.5,critical_adakv_snapkv:0.8,critical_adakv_expected_attention:0.5,critical_adakv_expected_attention:0.8,kvcompose:0.5,kvcompose:0.8
     echo "headwise rc $?"
+fi
+if [ "${OVERHEAD:-0}" = 1 ]; then
+    timeout "${OVERHEAD_TIMEOUT:-120}" python benchmarks/attention_call_overhead.py --context_lengths 1024,16384,32768 \
+        --output_dir "$out/overhead"
+    echo "overhead rc $?"
 fi
