@@ -55,7 +55,7 @@ from kvpress.ragged_cache import (
     release_dense_layers,
 )
 from kvpress.ragged_prefill import compacts_during_prefill, ragged_prefill
-from kvpress.resources import text_config
+from kvpress.resources import text_config, weights_digest
 from kvpress.utils import get_language_model
 
 logger = logging.getLogger(__name__)
@@ -699,6 +699,7 @@ def needle_key(row: dict) -> tuple:
         row["depth"],
         row["samples"],
         row.get("dtype"),
+        row.get("model_sha256"),  # a cell of another checkpoint (same alias or path) is measured again
     )
 
 
@@ -725,6 +726,7 @@ def run_needle(
     results_path: Path,
     model_name: str,
     modes: tuple[str, ...] = ("agnostic",),
+    model_sha256: Optional[str] = None,
 ) -> list[dict]:
     """Answer every needle row with every press, in every mode, through the pipeline (a fresh press per row); one
     result row per (press, mode, context length, depth), appended to `results_path` as soon as its cell is done, so
@@ -756,6 +758,8 @@ def run_needle(
             "samples": len(cell),
             "dtype": dtype,
         }
+        if model_sha256 is not None:
+            result["model_sha256"] = model_sha256
         previous = done.get(needle_key(result))
         if previous is not None:
             results.append(previous)
@@ -1041,7 +1045,8 @@ def _needle_main(parser, args, model, requests, lengths, output_dir: Path) -> li
     results_path = output_dir / "needle.jsonl"
     if args.force and results_path.exists():
         results_path.unlink()
-    rows = run_needle(model, tokenizer, requests, needles, results_path, args.model, args.modes)
+    digest = weights_digest(args.model_path)
+    rows = run_needle(model, tokenizer, requests, needles, results_path, args.model, args.modes, digest)
     header = f"needle accuracy (%), {args.model}, {args.needle_samples} needles per cell"
     table = f"{header}\n{format_needle_table(rows)}\n"
     sys.stdout.write(table)  # the CLI's report
@@ -1049,6 +1054,7 @@ def _needle_main(parser, args, model, requests, lengths, output_dir: Path) -> li
     summary = {
         "model": args.model,
         "model_path": args.model_path,
+        "model_sha256": digest,
         "context_lengths": lengths,
         "depths": list(args.depths),
         "samples": args.needle_samples,

@@ -7,7 +7,10 @@ model's language part, composite Gemma3 configs included).
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Callable, Hashable
 
 from transformers import PretrainedConfig, PreTrainedModel
@@ -34,6 +37,20 @@ class LRUCache(OrderedDict):
 
 # Every loaded resource, by key (a URL, or a tuple naming the resource); cleared with `cache.clear()`.
 cache: LRUCache = LRUCache(maxsize=128)
+
+
+def weights_digest(model_dir: str | os.PathLike) -> str | None:
+    """The first 16 hex digits of the SHA-256 of a local checkpoint's weights (its `*.safetensors` files in name
+    order), so that a result file belongs to one checkpoint; None for a Hub id or a folder without such files."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    if not files:
+        return None
+    hasher = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                hasher.update(block)
+    return hasher.hexdigest()[:16]
 
 
 def load_cached(key: Hashable, load: Callable[[], Any]) -> Any:

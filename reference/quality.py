@@ -284,10 +284,9 @@ def plot(results: dict, path: Path, ratios=RATIOS) -> bool:
 
 def _weights_digest(model_dir: Path) -> str:
     """The first 16 hex digits of the weights' SHA-256: a table belongs to one checkpoint."""
-    import hashlib
+    from kvpress.resources import weights_digest
 
-    weights = model_dir / "model.safetensors"
-    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.exists() else "missing"
+    return weights_digest(model_dir) or "missing"
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

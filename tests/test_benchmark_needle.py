@@ -16,7 +16,9 @@ import kvpress.pipeline
 from harness import reference_model
 from harness.reference_model import REFERENCE_MODEL_DIR
 from harness.synthetic.tasks import load_reference_tokenizer, needle_sweep_rows
+from kvpress import benchmark
 from kvpress.benchmark import format_needle_table, main, needle_key, resolve_model
+from kvpress.resources import weights_digest
 
 NEEDLE = re.compile(r"One special magic number for [a-z]+-[a-z]+ is: \d{7}\.")
 
@@ -202,6 +204,18 @@ def test_a_killed_run_resumes_without_duplicate_rows(tmp_path, monkeypatch):
     del killed
 
 
+def test_cells_of_another_checkpoint_are_measured_again(tmp_path, monkeypatch):
+    """The rows carry the weights' digest: the same alias on retrained weights does not resume the old cells."""
+    first = main(needle_argv(tmp_path, depths="0.5", samples="1"))
+    assert first[0]["model_sha256"] == weights_digest(REFERENCE_MODEL_DIR) and len(first[0]["model_sha256"]) == 16
+    assert json.loads((tmp_path / "needle.json").read_text())["model_sha256"] == first[0]["model_sha256"]
+    monkeypatch.setattr(benchmark, "weights_digest", lambda path: "0123456789abcdef")  # "retrained"
+    counted = CountingPipeline(monkeypatch)
+    again = main(needle_argv(tmp_path, depths="0.5", samples="1"))
+    assert counted.calls == 1 and again[0]["model_sha256"] == "0123456789abcdef"
+    assert len((tmp_path / "needle.jsonl").read_text().splitlines()) == 2
+
+
 # --- model aliases and errors ---------------------------------------------------------------------------------------
 
 
@@ -242,3 +256,14 @@ def test_bad_needle_flags(tmp_path, capsys, extra, message):
         main(needle_argv(tmp_path / "o", *extra))
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_weights_digest_reads_every_safetensors_file(tmp_path):
+    assert weights_digest(tmp_path) is None and weights_digest("some-org/some-model") is None
+    (tmp_path / "model-00002.safetensors").write_bytes(b"b")
+    one = weights_digest(tmp_path)
+    (tmp_path / "model-00001.safetensors").write_bytes(b"a")
+    two = weights_digest(tmp_path)
+    assert one != two and len(two) == 16
+    (tmp_path / "model-00001.safetensors").write_bytes(b"c")
+    assert weights_digest(tmp_path) != two
