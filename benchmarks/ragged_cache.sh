@@ -18,6 +18,9 @@
 # is one folder below $1, so that $OUT/<name> on the GPU machine brings them all back (it returns 2 folders down).
 # One speed run takes about 200 s on an H100 (12 rows); give SPEED_TIMEOUT room.
 # SKIP_LONGEST=1 leaves out the largest-context part; SKIP_SPEED=1 the speed part; headwise/ holds part 3.
+# RAGGED_GRAPH=1 adds the CUDA-graph loops to the speed part (`graph` for the in-place cache, `ragged_graph` for the
+# ragged one) and a second ratio file, decode_ratio_graph.json, against Knorm on the `graph` loop (about 1.6x the
+# time per run).
 # Every part is capped by `timeout` so that one slow part leaves the others their time; rerunning resumes
 # (the benchmark skips the rows already in results.jsonl).
 set -u
@@ -28,18 +31,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)" \
     | tee -a "$out/env.txt"
 runs=()
+# RAGGED_GRAPH=1: also the CUDA-graph loops, in-place (`graph`, Knorm's baseline) and ragged (`ragged_graph`)
+loops=inplace,ragged
+[ "${RAGGED_GRAPH:-0}" = 1 ] && loops=inplace,ragged,graph,ragged_graph
 [ "${SKIP_SPEED:-0}" = 1 ] && repeats=0 || repeats=${SPEED_REPEATS:-1}
 for run in $(seq 1 "$repeats"); do
     mkdir -p "$out/run$run"
     runs+=("$out/run$run")
     timeout "${SPEED_TIMEOUT:-300}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 32768 \
-        --max_new_tokens 64 --decode_loops inplace,ragged --profile_steps 5 --output_dir "$out/run$run" \
+        --max_new_tokens 64 --decode_loops "$loops" --profile_steps 5 --output_dir "$out/run$run" \
         --presses knorm:0.5,knorm:0.8,adakv_snapkv:0.5,adakv_snapkv:0.8,expected_attention:0.5,expected_attention:0.8
     echo "speed run $run rc $?"
 done
 if [ "$repeats" -gt 0 ]; then
     python benchmarks/decode_ratio.py --runs "${runs[@]}" --output "$out/decode_ratio.json"
     echo "decode ratio rc $?"
+    if [ "${RAGGED_GRAPH:-0}" = 1 ]; then  # graph against graph: Knorm replayed from a CUDA graph as the baseline
+        python benchmarks/decode_ratio.py --runs "${runs[@]}" --baseline_loop graph \
+            --output "$out/decode_ratio_graph.json"
+        echo "decode ratio (graph) rc $?"
+    fi
 fi
 if [ "${SKIP_LONGEST:-0}" != 1 ]; then
     timeout "${LONGEST_TIMEOUT:-240}" python -m kvpress.benchmark --model llama3.1-8b --context_lengths 131072,262144 \

@@ -264,7 +264,8 @@ def parameter_bytes(model: PreTrainedModel) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-DECODE_LOOPS = ("dynamic", "inplace", "graph", "compiled", "autotuned", "ragged")
+DECODE_LOOPS = ("dynamic", "inplace", "graph", "compiled", "autotuned", "ragged", "ragged_graph")
+RAGGED_LOOPS = ("ragged", "ragged_graph")  # the ragged cache, eager steps or replayed from a CUDA graph
 # untimed decoding steps of the ragged loop: at least this many (FlexAttention compiles on the first ones, then once
 # more for dynamic shapes), and more while a step still compiles something, up to the maximum
 RAGGED_WARMUP_STEPS = 2
@@ -343,7 +344,9 @@ def run_press(
     (default mode / max-autotune without its own graphs), `ragged` the per-head variable-length cache
     (`kvpress.ragged_cache`: only the entries each head kept, for head-wise presses, and head-wise eviction while
     decoding; `kv_bytes` is then what it holds after the conversion, and untimed steps first compile its
-    FlexAttention kernel until a step compiles nothing: `ragged_warmup`, `ragged_warmup_s`, `ragged_warmup_steps`).
+    FlexAttention kernel until a step compiles nothing: `ragged_warmup`, `ragged_warmup_s`, `ragged_warmup_steps`),
+    `ragged_graph` the same with each step then replayed from a CUDA graph (batch 1, CUDA; capture in
+    `graph_capture_s`).
     `prefill_chunk_size`: the context is prefilled that many tokens at a time, the press compressing after each chunk
     (`kvpress.chunked_prefill`); only the last position's logits are computed either way. `profile_steps`: that many
     more steps after the timed ones, under `torch.profiler` (`kvpress.decode_profile`; the row's `decode_profile`), in
@@ -354,12 +357,14 @@ def run_press(
         return _run_generate(model, input_ids, max_new_tokens)
     batch, context_length = input_ids.shape
     decoding = press is not None and press.acts_during_decoding
+    if loop == "ragged_graph" and (decoding or batch != 1 or device.type != "cuda"):
+        raise NotApplicable("the ragged_graph loop serves CUDA, batch 1 and presses that do not act during decoding")
     # spare rows for the warm-up and timed steps; the profiled steps get theirs just before they run (below), so the
     # resident bytes measured stay those of a run without a profile (the in-place buffers hold the profiled steps)
     ragged_extra = max_new_tokens + RAGGED_WARMUP_STEPS + 2
     # the ragged loop compacts each layer as soon as its press ran (kvpress.ragged_prefill), so the prefill never holds
     # every layer's dense cache; presses with passes of their own convert after the prefill
-    compact = loop == "ragged" and compacts_during_prefill(
+    compact = loop in RAGGED_LOOPS and compacts_during_prefill(
         press, press if decoding else None, prefill_chunk_size, context_length
     )
     cache: Any = RaggedCache(config=model.config) if compact else DynamicCache(config=model.config)
@@ -381,7 +386,7 @@ def run_press(
     capture = 0.0
     warmup = 0.0
     warmup_steps = 0
-    if loop == "ragged":
+    if loop in RAGGED_LOOPS:
         problem = decoding_eviction_problem(press) if decoding else None
         if problem is not None:
             raise NotApplicable(f"the ragged loop does not apply to a press acting during decoding: {problem}")
@@ -431,9 +436,19 @@ def run_press(
     start = time.perf_counter()
     try:
         with press(model) if decoding else contextlib.nullcontext():
-            if loop == "ragged":
+            if loop in RAGGED_LOOPS:
                 warmup_steps = ragged_warmup(step)
-                reserve_ragged_rows(decode_cache, max_new_tokens - 1)  # the timed steps append without growing
+                if loop == "ragged_graph":
+                    # every row the graph will write, reserved before capture: a growth would replace its buffers
+                    reserve_ragged_rows(decode_cache, max_new_tokens + profile_steps + 4)
+                    if not graphable(model, decode_cache):
+                        raise NotApplicable("the ragged_graph loop needs CUDA and the compiled FlexAttention backend")
+                    captured = time.perf_counter()
+                    step_fn = GraphedDecodeStep(model, decode_cache, batch_size=batch)
+                    _sync(device)
+                    capture = time.perf_counter() - captured
+                else:
+                    reserve_ragged_rows(decode_cache, max_new_tokens - 1)  # the timed steps append without growing
                 _sync(device)
                 warmup = time.perf_counter() - start
                 _reset_peak(device)  # as for the graph loops, whose capture runs before: the steady decode's peak
@@ -475,7 +490,7 @@ def run_press(
                 "ragged_warmup_steps": warmup_steps,
                 "kv_entries_after_decode": after["kv_entries"],  # rows in use: evictions while decoding freed some
             }
-            if loop == "ragged"
+            if loop in RAGGED_LOOPS
             else {}
         ),
         **({"decode_profile": profile} if profile is not None else {}),
@@ -845,8 +860,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument(
         "--decode_loops",
         default="dynamic,inplace",
-        help=f"comma-separated, of {', '.join(DECODE_LOOPS)} (graph, compiled, autotuned: CUDA only); `generate` rows "
-        "run once",
+        help=f"comma-separated, of {', '.join(DECODE_LOOPS)} (graph, compiled, autotuned, ragged_graph: CUDA only); "
+        "`generate` rows run once",
     )
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument(

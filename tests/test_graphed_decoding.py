@@ -65,9 +65,69 @@ def test_compiled_graph_tokens_equal_the_eager_loop():
         assert torch.equal(eager, compiled), (make(), eager[0, -12:], compiled[0, -12:])
 
 
+def _ragged_tokens(model, input_ids, graph: bool, steps: int = 12) -> list[int]:
+    """Greedy tokens after an AdaKV(SnapKV) 0.5 prefill, decoded over the ragged cache, eagerly or from a graph."""
+    from transformers import DynamicCache
+
+    from kvpress.decoding_loop import next_greedy_token
+    from kvpress.headwise_masks import clear_masks
+    from kvpress.ragged_cache import RaggedCache
+    from kvpress.transformers_adapter import cache_kwargs
+    from kvpress.utils import get_language_model
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), AdaKVPress(SnapKVPress(0.5))(model):
+        logits = model(input_ids, **cache_kwargs(model, cache)).logits
+    ragged = RaggedCache.from_cache(cache, model, extra_tokens=steps + 8)
+    for layer in get_language_model(model).layers:
+        clear_masks(layer.self_attn)  # applied: the ragged layers hold only the kept entries
+    token, position, tokens = logits[:, -1:].argmax(-1), input_ids.shape[1], []
+    try:
+        step = GraphedDecodeStep(model, ragged) if graph else None
+        with torch.no_grad():
+            for _ in range(steps):
+                positions = torch.full((1, 1), position, device=input_ids.device)
+                token = next_greedy_token(model, ragged, token, positions, step)
+                tokens.append(int(token))
+                position += 1
+    finally:
+        RaggedCache.detach(model)
+    return tokens
+
+
+def test_a_ragged_cache_is_refused_off_cuda_and_in_the_benchmark(tmp_path):
+    from kvpress.benchmark import main
+    from kvpress.ragged_cache import RaggedCache
+    from tests.fixtures import get_model, prefill, random_input_ids
+
+    model = get_model("llama")
+    ragged = RaggedCache.from_cache(prefill(model, random_input_ids(1, 10)), model, extra_tokens=4)
+    try:
+        assert not graphable(model, ragged)
+        with pytest.raises(CannotCompressError, match="or a ragged cache of ragged layers only on a CUDA device"):
+            GraphedDecodeStep(model, ragged)
+    finally:
+        RaggedCache.detach(model)
+    args = ["--model", "tiny", "--context_lengths", "64", "--max_new_tokens", "3", "--output_dir", str(tmp_path)]
+    (row,) = main([*args, "--presses", "adakv_snapkv:0.5", "--decode_loops", "ragged_graph"])
+    assert row["error"].startswith("not applicable") and "ragged_graph loop serves CUDA, batch 1" in row["error"]
+
+
+@needs_cuda
+def test_ragged_graph_tokens_equal_the_eager_ragged_loop():
+    from harness.reference_model import REFERENCE_MODEL_DIR
+
+    model = AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL_DIR, dtype=torch.float32).cuda().eval()
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)
+    input_ids = tokenizer(CONTEXT + QUESTIONS[0], return_tensors="pt").input_ids.cuda()
+    eager = _ragged_tokens(model, input_ids, graph=False)
+    assert _ragged_tokens(model, input_ids, graph=True) == eager
+
+
 if __name__ == "__main__":
     test_graph_answers_equal_the_eager_loops()
     test_compiled_graph_tokens_equal_the_eager_loop()
+    test_ragged_graph_tokens_equal_the_eager_ragged_loop()
     print("graph answers equal the eager loops")
 
 
