@@ -15,7 +15,8 @@
 # one after the other so that drift on the host touches every row alike), longest/ and headwise/, each with
 # results.jsonl and table.txt; decode_ratio.json, every row's decode time against Knorm's (in-place loop, same ratio)
 # over the runs (benchmarks/decode_ratio.py); env.txt (GPU and versions) and log.txt (everything printed). Every file
-# is one folder below $1, so that $OUT/<name> on the GPU machine brings them all back (it returns 2 folders down).
+# is one folder below $1. The GPU machine returns at most 8 files, 2 folders down, so pack them there:
+#   bash benchmarks/ragged_cache.sh /tmp/ragged; tar czf $OUT/ragged.tgz -C /tmp ragged
 # One speed run takes about 200 s on an H100 (12 rows); give SPEED_TIMEOUT room.
 # SKIP_LONGEST=1 leaves out the largest-context part; SKIP_SPEED=1 the speed part; headwise/ holds part 3.
 # RAGGED_GRAPH=1 adds the CUDA-graph loops to the speed part (`graph` for the in-place cache, `ragged_graph` for the
