@@ -42,6 +42,7 @@ from kvpress.chunk_attention import serves_model
 from kvpress.chunked_prefill import check_chunk_size, chunked_prefill, require_chunked_prefill_support
 from kvpress.decode_profile import profile_steps as run_profile
 from kvpress.decoding_loop import next_greedy_token
+from kvpress.float32_attention import repeat_kv_heads_in_float32
 from kvpress.graphed_decoding import GraphedDecodeStep, graphable
 from kvpress.headwise_masks import clear_masks, get_masks
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
@@ -1056,6 +1057,9 @@ def _needle_main(parser, args, model, requests, lengths, output_dir: Path) -> li
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    # float32 on CUDA: SDPA's memory-efficient kernel instead of the math kernel, whose scores grow with the square of
+    # the length (43 GiB a process at 32k for the 32k reference model); the same attention up to rounding
+    repeated = model.device.type == "cuda" and model.dtype == torch.float32 and repeat_kv_heads_in_float32()
     needles = needle_rows(lengths, args.depths, args.needle_samples, tokenizer)
     results_path = output_dir / "needle.jsonl"
     if args.force and results_path.exists():
@@ -1070,6 +1074,7 @@ def _needle_main(parser, args, model, requests, lengths, output_dir: Path) -> li
         "model": args.model,
         "model_path": args.model_path,
         "model_sha256": digest,
+        "float32_kv_heads_repeated": bool(repeated),
         "context_lengths": lengths,
         "depths": list(args.depths),
         "samples": args.needle_samples,
