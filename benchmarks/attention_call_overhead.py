@@ -70,23 +70,23 @@ def wall_us(call: Callable[[], torch.Tensor], calls: int, device: torch.device) 
 
 
 def profiled_us(call: Callable[[], torch.Tensor], calls: int, device: torch.device) -> dict[str, float]:
-    """Per call: GPU kernel time (CUDA) and the self CPU time of the compiled call's host events."""
+    """Per call: GPU kernel time (CUDA, `kvpress.decode_profile`) and the self CPU time of the compiled call's host
+    events."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    from kvpress.decode_profile import profile_steps
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             call()
         _sync(device)
     out: dict[str, float] = {}
-    kernel = 0.0
     for event in prof.key_averages():
         for name in HOST_EVENTS:
             if name in event.key:
                 out[name] = out.get(name, 0.0) + event.self_cpu_time_total / calls
-        kernel += getattr(event, "self_device_time_total", 0.0) or 0.0
     if device.type == "cuda":
-        out["kernel"] = kernel / calls
+        out["kernel"] = 1000 * profile_steps(call, calls, device)["kernel_ms_per_step"]
     return out
 
 

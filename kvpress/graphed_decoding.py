@@ -136,26 +136,22 @@ class GraphedDecodeStep:
         ).logits
 
     def __call__(self, token: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        if self.ragged:
-            versions = [layer.version for layer in self.cache.layers]  # type: ignore[union-attr]
-            if versions != self._versions:
-                raise CannotCompressError(
-                    "A ragged layer's buffers were replaced (grown or restored) after the CUDA graph was captured: "
-                    "capture a new step."
-                )
-            if self._room() < 1:
+        if self.ragged and [layer.version for layer in self.cache.layers] != self._versions:  # type: ignore[union-attr]
+            raise CannotCompressError(
+                "A ragged layer's buffers were replaced (grown or restored) after the CUDA graph was captured: "
+                "capture a new step."
+            )
+        if self._room() < 1:
+            if self.ragged:
                 raise CannotCompressError(
                     "A ragged layer has no spare row left for the CUDA-graph step: reserve rows before capturing "
                     "(`RaggedLayer.reserve`)."
                 )
-        else:
-            for layer in self.cache.layers:
-                if layer.length + 1 > layer.capacity:  # type: ignore[union-attr]
-                    capacity = layer.capacity  # type: ignore[union-attr]
-                    raise CannotCompressError(
-                        f"The in-place decoding cache holds {capacity} tokens per layer and is full: build it with a "
-                        "larger `extra_tokens` (question + answer tokens)."
-                    )
+            capacity = min(layer.capacity for layer in self.cache.layers)  # type: ignore[union-attr]
+            raise CannotCompressError(
+                f"The in-place decoding cache holds {capacity} tokens per layer and is full: build it with a larger "
+                "`extra_tokens` (question + answer tokens)."
+            )
         self.token.copy_(token)
         self.position_ids.copy_(position_ids)
         self.graph.replay()

@@ -192,13 +192,16 @@ def duo_attention_on_the_fly(
     validate_int(None, "q_len", q_len, 1, "positions of the synthetic sequence")
     validate_int(None, "num_samples", num_samples, 1)
 
+    # texts given as a list are taken once; a dataset name is read only when the scores are not cached
+    texts = None if isinstance(dataset, str) else _sample_texts(dataset, num_samples)
+
     def compute() -> np.ndarray:
-        return _score_heads_on_the_fly(model, _sample_texts(dataset, num_samples), q_len, tokenizer)
+        return _score_heads_on_the_fly(model, texts or _sample_texts(dataset, num_samples), q_len, tokenizer)
 
     if tokenizer is not None:
         return compute()
     # A list of texts is cached under a digest of the texts it scores on (a fresh press per row scores once).
-    source = dataset if isinstance(dataset, str) else _digest(_sample_texts(dataset, num_samples))
+    source = dataset if texts is None else _digest(texts)
     key = ("on_the_fly", model.config.name_or_path, type(model).__name__, num_samples, q_len, source)
     return load_cached(key, compute)
 
