@@ -22,18 +22,21 @@ layer appends a decoding token at device-held segment ends and positions, and it
 tensors that the append changes in place, so a replay advances everything on the device; the host mirrors (logical
 length, free rows) are advanced after each replay. Batch 1 only (a padding mask would be captured at one width),
 with the compiled FlexAttention backend, and no growth after capture: reserve the rows first
-(`RaggedLayer.reserve`). Not run on a GPU yet: `tests/test_graphed_decoding.py` checks its tokens there.
+(`RaggedLayer.reserve`). Warm-up and capture run with the model's attention named `"kvpress_ragged"`, so that
+transformers builds no mask (`without_mask_building`); `tests/test_graphed_decoding.py` checks the tokens on a GPU.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from contextlib import contextmanager, nullcontext
+from typing import Generator, Optional, Union
 
 import torch
 
 from kvpress.inplace_cache import InPlaceCache
-from kvpress.ragged_attention import effective_backend
+from kvpress.ragged_attention import RAGGED_ATTENTION, effective_backend, register_ragged_attention
 from kvpress.ragged_cache import RaggedCache, RaggedLayer
+from kvpress.resources import text_config
 from kvpress.transformers_adapter import CannotCompressError, cache_kwargs
 
 # `torch.compile` modes that leave CUDA graphs to us (reduce-overhead would capture its own graphs inside ours)
@@ -51,6 +54,24 @@ def graphable(model: torch.nn.Module, cache: Union[InPlaceCache, RaggedCache]) -
         if effective_backend(cache.layers[0].keys.device) != "flex":  # type: ignore[union-attr]
             return False
     return all(getattr(module, "masked_key_indices", None) is None for module in model.modules())
+
+
+@contextmanager
+def without_mask_building(model: torch.nn.Module) -> Generator[None, None, None]:
+    """Run `model`'s attention as `"kvpress_ragged"` inside the block, so that transformers builds no attention mask
+    (it builds none for an attention function it has no mask function for); restored on exit, exception or not.
+
+    For capturing a step over a cache of ragged layers only, at batch 1: ragged attention applies causality itself,
+    and without padding it needs no mask. Under stream capture transformers would otherwise materialise a mask of
+    the capture's width (it never skips the mask while tracing), which a replay would keep at that width."""
+    register_ragged_attention()
+    config = text_config(model)
+    previous = config._attn_implementation
+    config._attn_implementation = RAGGED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 class GraphedDecodeStep:
@@ -99,13 +120,15 @@ class GraphedDecodeStep:
             forward = torch.compile(self._forward, mode=compile_mode, dynamic=False)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.no_grad(), torch.cuda.stream(stream):
+        masks = without_mask_building(model) if self.ragged else nullcontext()
+        with masks, torch.no_grad(), torch.cuda.stream(stream):
             for _ in range(warmup):  # kernels choose their algorithms and allocate their workspaces outside capture
                 forward()
                 cache.rollback(lengths)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
+        masks = without_mask_building(model) if self.ragged else nullcontext()
+        with masks, torch.no_grad(), torch.cuda.graph(self.graph):
             self.logits = forward()
         if self.ragged:
             self._check_ragged_capture()

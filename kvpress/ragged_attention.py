@@ -40,6 +40,7 @@ from kvpress.ragged_cache import RaggedLayer, ragged_layer_of
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "flex")
+RAGGED_ATTENTION = "kvpress_ragged"  # the name `register_ragged_attention` gives `ragged_attention`
 _FLEX_BLOCK = 128
 # FlexAttention's decoding kernel serves fewer than 128 query rows per head (torch's `_use_flex_decoding`)
 _PACKED_MAX_ROWS = 128
@@ -325,4 +326,4 @@ def register_ragged_attention() -> None:
     """Register `ragged_attention` as the attention implementation `"kvpress_ragged"`. Safe to call twice."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register("kvpress_ragged", ragged_attention)
+    AttentionInterface.register(RAGGED_ATTENTION, ragged_attention)

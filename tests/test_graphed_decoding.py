@@ -5,6 +5,7 @@ runs the same checks without pytest on the GPU machine). On CPU only the refusal
 
 import pytest
 import torch
+import transformers.masking_utils
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvpress import AdaKVPress, CannotCompressError, KnormPress, KVPressTextGenerationPipeline, PyramidKVPress
@@ -109,7 +110,7 @@ def test_a_ragged_cache_is_refused_off_cuda_and_in_the_benchmark(tmp_path):
     finally:
         RaggedCache.detach(model)
     args = ["--model", "tiny", "--context_lengths", "64", "--max_new_tokens", "3", "--output_dir", str(tmp_path)]
-    (row,) = main([*args, "--presses", "adakv_snapkv:0.5", "--decode_loops", "ragged_graph"])
+    (row,) = main([*args, "--device", "cpu", "--presses", "adakv_snapkv:0.5", "--decode_loops", "ragged_graph"])
     assert row["error"].startswith("not applicable") and "ragged_graph loop serves CUDA, batch 1" in row["error"]
 
 
@@ -141,3 +142,53 @@ def test_compile_mode_is_checked():
         pipe(CONTEXT, question=QUESTIONS[0], cuda_graph=True, compile_mode="fast")
     with pytest.raises(ValueError, match="compile_mode must be None or one of"):
         GraphedDecodeStep(pipe.model, None, compile_mode="fast")  # type: ignore[arg-type]
+
+
+def test_capture_builds_no_mask_and_keeps_the_logits(monkeypatch):
+    """Warm-up and capture of a ragged step run with the attention named kvpress_ragged: transformers then builds no
+    mask (under stream capture it would build one of the capture's width), and the step's logits are unchanged."""
+    import kvpress.attention_patch as attention_patch_module
+    import kvpress.ragged_attention as ragged_attention_module
+    from kvpress.graphed_decoding import without_mask_building
+    from kvpress.ragged_cache import RaggedCache
+    from kvpress.resources import text_config
+    from kvpress.transformers_adapter import cache_kwargs
+    from tests.fixtures import get_model, prefill, random_input_ids
+
+    model = get_model("llama")
+    previous = text_config(model)._attn_implementation
+    masks = []
+    run = ragged_attention_module.run_ragged_attention
+
+    def spy(layer, query, attention_mask, scaling, softcap):
+        masks.append(attention_mask)
+        return run(layer, query, attention_mask, scaling, softcap)
+
+    for module in (ragged_attention_module, attention_patch_module):  # the two callers of run_ragged_attention
+        monkeypatch.setattr(module, "run_ragged_attention", spy)
+    # what transformers sees under stream capture: tracing, so it never skips the mask of a padding-free batch
+    monkeypatch.setattr(transformers.masking_utils, "is_tracing", lambda *args: True)
+    step = {
+        "input_ids": torch.tensor([[7]]),
+        "position_ids": torch.tensor([[10]]),
+        "attention_mask": torch.ones(1, 11, dtype=torch.long),
+    }
+    ragged = RaggedCache.from_cache(prefill(model, random_input_ids(1, 10)), model, extra_tokens=4)
+    try:
+        lengths = ragged.state()
+        with torch.no_grad():
+            masks.clear()
+            expected = model(**step, **cache_kwargs(model, ragged)).logits
+            built = list(masks)
+            ragged.rollback(lengths)
+            masks.clear()
+            with without_mask_building(model):
+                assert text_config(model)._attn_implementation == "kvpress_ragged"
+                got = model(**step, **cache_kwargs(model, ragged)).logits
+    finally:
+        RaggedCache.detach(model)
+    assert text_config(model)._attn_implementation == previous
+    assert len(built) == len(masks) == model.config.num_hidden_layers
+    assert all(isinstance(mask, torch.Tensor) for mask in built)  # what a capture would have frozen at one width
+    assert all(mask is None for mask in masks)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
