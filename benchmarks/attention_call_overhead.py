@@ -5,7 +5,8 @@ benchmarks/attention_call_overhead.py`.
 
 The one idea: in a host-bound decode loop, a layer's attention costs what its call costs the host, not what its
 kernel costs the GPU. The ragged cache's decoding step calls the compiled FlexAttention once per layer
-(`kvpress.ragged_attention.flex_ragged_attention`); the in-place loop calls SDPA on a dense cache. For one layer of
+(`kvpress.ragged_attention.flex_ragged_attention`), or the Triton kernel with the `triton` backend
+(`kvpress.ragged_triton`, timed when Triton can run); the in-place loop calls SDPA on a dense cache. For one layer of
 the Llama-3.1-8B shape (32 query heads, 8 KV heads, head dim 128, batch 1) holding `(1 - ratio) x context` entries
 per KV head, this script checks that both calls give the same output (the dense cache holds the same entries), then
 times each:
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -90,6 +92,14 @@ def profiled_us(call: Callable[[], torch.Tensor], calls: int, device: torch.devi
     return out
 
 
+def triton_runs(device: torch.device) -> bool:
+    """Whether the Triton ragged kernel can run here: Triton installed, and CUDA or its interpreter."""
+    from kvpress.ragged_triton import triton_importable
+
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_importable() and (device.type == "cuda" or interpreting)
+
+
 def measure(context: int, ratio: float, device: torch.device, dtype: torch.dtype, compile_flex: bool, calls: int):
     from kvpress import ragged_attention
 
@@ -106,18 +116,29 @@ def measure(context: int, ratio: float, device: torch.device, dtype: torch.dtype
         def ragged() -> torch.Tensor:
             return ragged_attention.flex_ragged_attention(layer, query)
 
+        def ragged_triton() -> torch.Tensor:
+            from kvpress.ragged_triton import triton_ragged_attention
+
+            return triton_ragged_attention(layer, query)
+
         def dense() -> torch.Tensor:
             return F.scaled_dot_product_attention(query, dense_keys, dense_values, enable_gqa=True).transpose(1, 2)
 
-        ragged_out, dense_out = ragged().float(), dense().float()
+        calls_by_name: list[tuple[str, Callable[[], torch.Tensor]]] = [("ragged (FlexAttention)", ragged)]
+        if triton_runs(device):
+            calls_by_name.append(("ragged (Triton)", ragged_triton))
+        calls_by_name.append(("dense (SDPA)", dense))
+        dense_out = dense().float()
         tolerance = 2e-2 if dtype != torch.float32 else 1e-4
-        if not torch.allclose(ragged_out, dense_out, atol=tolerance, rtol=tolerance):
-            raise AssertionError(
-                f"ragged and dense attention differ by {float((ragged_out - dense_out).abs().max()):.3g} at context "
-                f"{context}, ratio {ratio}: the timings would compare different work"
-            )
+        for name, call in calls_by_name[:-1]:
+            ragged_out = call().float()
+            if not torch.allclose(ragged_out, dense_out, atol=tolerance, rtol=tolerance):
+                raise AssertionError(
+                    f"{name} and dense attention differ by {float((ragged_out - dense_out).abs().max()):.3g} at "
+                    f"context {context}, ratio {ratio}: the timings would compare different work"
+                )
         rows = []
-        for name, call in (("ragged (FlexAttention)", ragged), ("dense (SDPA)", dense)):
+        for name, call in calls_by_name:
             row = {
                 "call": name,
                 "context_length": context,

@@ -443,7 +443,7 @@ def run_press(
                     # every row the graph will write, reserved before capture: a growth would replace its buffers
                     reserve_ragged_rows(decode_cache, max_new_tokens + profile_steps + 4)
                     if not graphable(model, decode_cache):
-                        raise NotApplicable("the ragged_graph loop needs CUDA and the compiled FlexAttention backend")
+                        raise NotApplicable("the ragged_graph loop needs CUDA and the flex or triton ragged backend")
                     captured = time.perf_counter()
                     step_fn = GraphedDecodeStep(model, decode_cache, batch_size=batch)
                     _sync(device)

@@ -18,10 +18,10 @@ Not for head-wise presses on the in-place cache (their fake-key search is a data
 that act during decoding; `graphable` says whether a model and cache qualify.
 
 Over a `RaggedCache` (head-wise presses, their kept entries only), the step is captured the same way: a ragged
-layer appends a decoding token at device-held segment ends and positions, and its FlexAttention plan reads device
+layer appends a decoding token at device-held segment ends and positions, and its attention plan reads device
 tensors that the append changes in place, so a replay advances everything on the device; the host mirrors (logical
 length, free rows) are advanced after each replay. Batch 1 only (a padding mask would be captured at one width),
-with the compiled FlexAttention backend, and no growth after capture: reserve the rows first
+with the compiled FlexAttention or the Triton backend, and no growth after capture: reserve the rows first
 (`RaggedLayer.reserve`). Warm-up and capture run with the model's attention named `"kvpress_ragged"`, so that
 transformers builds no mask (`without_mask_building`); `tests/test_graphed_decoding.py` checks the tokens on a GPU.
 """
@@ -34,7 +34,7 @@ from typing import Generator, Optional, Union
 import torch
 
 from kvpress.inplace_cache import InPlaceCache
-from kvpress.ragged_attention import RAGGED_ATTENTION, effective_backend, register_ragged_attention
+from kvpress.ragged_attention import FAST_BACKENDS, RAGGED_ATTENTION, effective_backend, register_ragged_attention
 from kvpress.ragged_cache import RaggedCache, RaggedLayer
 from kvpress.resources import text_config
 from kvpress.transformers_adapter import CannotCompressError, cache_kwargs
@@ -45,13 +45,13 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 def graphable(model: torch.nn.Module, cache: Union[InPlaceCache, RaggedCache]) -> bool:
     """Whether a decoding step of `model` over `cache` can be captured: CUDA, and no head-wise masks to apply; a
-    ragged cache also needs every layer ragged (no concatenating layer) and the compiled FlexAttention backend."""
+    ragged cache also needs every layer ragged (no concatenating layer) and the flex or triton backend."""
     if not cache.layers or cache.layers[0].keys.device.type != "cuda":  # type: ignore[union-attr]
         return False
     if isinstance(cache, RaggedCache):
         if not all(isinstance(layer, RaggedLayer) for layer in cache.layers):
             return False
-        if effective_backend(cache.layers[0].keys.device) != "flex":  # type: ignore[union-attr]
+        if effective_backend(cache.layers[0].keys.device) not in FAST_BACKENDS:  # type: ignore[union-attr]
             return False
     return all(getattr(module, "masked_key_indices", None) is None for module in model.modules())
 
@@ -92,12 +92,12 @@ class GraphedDecodeStep:
             raise CannotCompressError(
                 "A CUDA-graph decoding step needs an in-place cache on a CUDA device and no head-wise masks "
                 "(AdaKV-style presses search fake keys step by step), or a ragged cache of ragged layers only on a "
-                "CUDA device with the compiled FlexAttention backend; decode without the graph instead."
+                "CUDA device with the flex or triton ragged backend; decode without the graph instead."
             )
         if self.ragged and (batch_size != 1 or compile_mode is not None):
             raise CannotCompressError(
                 "A CUDA-graph step over a ragged cache serves batch 1 (a padding mask would be captured at one "
-                "width) without compile_mode (its FlexAttention is compiled already)."
+                "width) without compile_mode (its attention kernel is compiled already)."
             )
         self.model, self.cache = model, cache
         device = cache.layers[0].keys.device  # type: ignore[union-attr]

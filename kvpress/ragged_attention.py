@@ -39,16 +39,22 @@ from kvpress.ragged_cache import RaggedLayer, ragged_layer_of
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "flex")
+BACKENDS = ("auto", "reference", "flex", "triton")
 RAGGED_ATTENTION = "kvpress_ragged"  # the name `register_ragged_attention` gives `ragged_attention`
 _FLEX_BLOCK = 128
 # FlexAttention's decoding kernel serves fewer than 128 query rows per head (torch's `_use_flex_decoding`)
 _PACKED_MAX_ROWS = 128
-_state: dict[str, Any] = {"backend": os.environ.get("KVPRESS_RAGGED_BACKEND", "auto"), "compiled": None}
+_state: dict[str, Any] = {
+    "backend": os.environ.get("KVPRESS_RAGGED_BACKEND", "auto"),
+    "compiled": None,
+    "failed": set(),
+}
+FAST_BACKENDS = ("flex", "triton")  # the decoding-step kernels (CUDA; a CUDA graph can capture either)
 
 
 def set_ragged_backend(name: str) -> None:
-    """Choose the ragged attention backend: "auto" (flex on CUDA, reference elsewhere), "reference" or "flex"."""
+    """Choose the ragged attention backend: "auto" (flex on CUDA, reference elsewhere), "reference", "flex" or
+    "triton" (`kvpress.ragged_triton`: CUDA, or CPU under Triton's interpreter)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown ragged attention backend {name!r}; allowed: {BACKENDS}")
     _state["backend"] = name
@@ -66,7 +72,7 @@ def ragged_backend(device: torch.device) -> str:
 def effective_backend(device: torch.device) -> str:
     """The backend decoding steps use on `device` ("reference" after a failure of the compiled FlexAttention)."""
     name = ragged_backend(device)
-    return "reference (flex failed)" if name == "flex" and _state.get("flex_failed") else name
+    return f"reference ({name} failed)" if name in _state["failed"] else name
 
 
 def _visible_by_mask(layer: RaggedLayer, attention_mask, q_len: int, positions: torch.Tensor) -> Optional[torch.Tensor]:
@@ -125,86 +131,20 @@ def reference_ragged_attention(
     return output.reshape(bsz, num_heads, q_len, -1).transpose(1, 2).contiguous()
 
 
-class FlexPlan:
-    """The FlexAttention block mask of a ragged layer for one query shape, built once and reused by every step.
+class PaddingRows:
+    """The padding bit of every row of a ragged layer (`row_visible`, True = visible), a device tensor the attention
+    kernels read and `refresh` changes in place (no new tensor, so a CUDA graph can capture a step). Without a mask
+    every row is visible; `padded` says whether the last refresh copied a mask in."""
 
-    Packed layout (`packed`, fewer than `_PACKED_MAX_ROWS` query rows in all, which a decoding step has): one query
-    head whose rows are the segments' query rows in segment order (`rows_per_segment` each, ordered (group member,
-    query)), over one key head, the flat buffer; it visits every block. Per-segment layout (otherwise): one query
-    head per segment, visiting the blocks of its segment's capacity (`offsets[s]` to `offsets[s + 1]`).
-
-    Either way the blocks change only when the layer grows, so appends and evictions leave the block mask as it is.
-    The mask_mod reads the layer's tensors, which appends and evictions change in place: `lengths` (rows in use),
-    `positions` (causality among new tokens) and the device copy of the logical length; and the plan's own
-    `row_visible` (padding, per row), refreshed from the model's attention mask when one is given. A step thus
-    builds nothing: no host value, no new tensor shape, no new Python object reaches the kernel (what a CUDA graph
-    capture needs). The plan is rebuilt when the layer's `version` changes (growth, restore after a rollback).
-
-    The model's mask is read as causality and a per-column visibility (its last query row, a padding mask), which is
-    what the full-attention layers the ragged cache serves receive."""
-
-    def __init__(self, layer: RaggedLayer, q_len: int, groups: int):
-        from torch.nn.attention.flex_attention import BlockMask
-
-        self.version, self.q_len, self.groups = layer.version, q_len, groups
-        segments, n_rows = layer.num_segments, layer.keys.shape[0]
-        self.rows_per_segment = rows_per_segment = groups * q_len
-        self.packed = segments * rows_per_segment < _PACKED_MAX_ROWS
-        total_blocks = max(-(-n_rows // _FLEX_BLOCK), 1)
-        if self.packed:
-            n_q = segments * rows_per_segment
-            kv_num_blocks = torch.full((1, 1, 1), total_blocks, dtype=torch.int32, device=layer.device)
-            kv_indices = torch.arange(total_blocks, dtype=torch.int32, device=layer.device)[None, None, None, :]
-        else:
-            n_q = rows_per_segment
-            kv_num_blocks, kv_indices = self._segment_blocks(layer, -(-n_q // _FLEX_BLOCK), total_blocks)
+    def __init__(self, layer: RaggedLayer):
         row_segment, _ = layer.rows_in_use()
         self.row_batch = row_segment // layer.num_kv_heads
-        self.row_visible = torch.ones(n_rows, dtype=torch.bool, device=layer.device)
+        self.row_visible = torch.ones(layer.keys.shape[0], dtype=torch.bool, device=layer.device)
         self.padded = False
-        starts, lengths, positions, logical = layer.offsets, layer.lengths, layer.positions, layer.logical_position
-        row_visible, packed = self.row_visible, self.packed
-        # a tensor, not a Python int: compiled kernels of layers of different sizes then share one graph
-        last_row = torch.tensor(max(n_rows - 1, 0), device=layer.device)
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            segment = q_idx // rows_per_segment if packed else h
-            start = starts[segment]
-            row = torch.minimum(kv_idx, last_row)  # key blocks may run past the last row: outside every segment
-            entry_pos = positions[row]
-            query_pos = logical - q_len + q_idx % q_len
-            in_use = (kv_idx >= start) & (kv_idx < start + lengths[segment])
-            return in_use & (entry_pos <= query_pos) & row_visible[row]
-
-        self.mask_mod = mask_mod
-        self.block_mask = BlockMask.from_kv_blocks(
-            kv_num_blocks,
-            kv_indices,
-            BLOCK_SIZE=_FLEX_BLOCK,
-            mask_mod=mask_mod,
-            seq_lengths=(n_q, n_rows),
-            compute_q_blocks=False,  # inference only: no backward pass
-        )
-
-    @staticmethod
-    def _segment_blocks(layer: RaggedLayer, q_blocks: int, total_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`kv_num_blocks` `(1, S, q_blocks)` and `kv_indices` `(1, S, q_blocks, max)` of the per-segment layout."""
-        segments, offsets = layer.num_segments, layer.offsets.long()
-        first = offsets[:-1] // _FLEX_BLOCK
-        last = (offsets[1:] - 1).clamp(min=0) // _FLEX_BLOCK
-        count = torch.where(offsets[1:] > offsets[:-1], last - first + 1, torch.zeros_like(first))
-        max_blocks = max(int(count.max()) if segments else 1, 1)
-        if layer.device.type == "cpu":
-            # inductor's CPU kernel wants block indices spanning the whole key length (only `count` are visited)
-            max_blocks = total_blocks
-        indices = (first[:, None] + torch.arange(max_blocks, device=layer.device)).clamp(max=total_blocks - 1)
-        kv_num_blocks = count.to(torch.int32)[None, :, None].expand(1, segments, q_blocks).contiguous()
-        kv_indices = indices.to(torch.int32)[None, :, None, :].expand(1, segments, q_blocks, max_blocks).contiguous()
-        return kv_num_blocks, kv_indices
-
-    def refresh_padding(self, layer: RaggedLayer, attention_mask) -> None:
-        """Copy the visibility of every row's entry under `attention_mask` (`(B or 1, 1, q, W)`) into
-        `row_visible`, in place; without a mask, every row is visible."""
+    def refresh(self, layer: RaggedLayer, attention_mask) -> None:
+        """Copy the visibility of every row's entry under `attention_mask` (`(B or 1, 1, q, W)`, its last query row)
+        into `row_visible`, in place; without a mask, every row is visible."""
         if not isinstance(attention_mask, torch.Tensor):
             if self.padded:
                 self.row_visible.fill_(True)
@@ -228,6 +168,85 @@ class FlexPlan:
         self.padded = True
 
 
+class FlexPlan:
+    """The FlexAttention block mask of a ragged layer for one query shape, built once and reused by every step.
+
+    Packed layout (`packed`, fewer than `_PACKED_MAX_ROWS` query rows in all, which a decoding step has): one query
+    head whose rows are the segments' query rows in segment order (`rows_per_segment` each, ordered (group member,
+    query)), over one key head, the flat buffer; it visits every block. Per-segment layout (otherwise): one query
+    head per segment, visiting the blocks of its segment's capacity (`offsets[s]` to `offsets[s + 1]`).
+
+    Either way the blocks change only when the layer grows, so appends and evictions leave the block mask as it is.
+    The mask_mod reads the layer's tensors, which appends and evictions change in place: `lengths` (rows in use),
+    `positions` (causality among new tokens) and the device copy of the logical length; and the plan's own
+    `PaddingRows` (padding, per row), refreshed from the model's attention mask when one is given. A step thus
+    builds nothing: no host value, no new tensor shape, no new Python object reaches the kernel (what a CUDA graph
+    capture needs). The plan is rebuilt when the layer's `version` changes (growth, restore after a rollback).
+
+    The model's mask is read as causality and a per-column visibility (its last query row, a padding mask), which is
+    what the full-attention layers the ragged cache serves receive."""
+
+    def __init__(self, layer: RaggedLayer, q_len: int, groups: int):
+        from torch.nn.attention.flex_attention import BlockMask
+
+        self.version, self.q_len, self.groups = layer.version, q_len, groups
+        segments, n_rows = layer.num_segments, layer.keys.shape[0]
+        self.rows_per_segment = rows_per_segment = groups * q_len
+        self.packed = segments * rows_per_segment < _PACKED_MAX_ROWS
+        total_blocks = max(-(-n_rows // _FLEX_BLOCK), 1)
+        if self.packed:
+            n_q = segments * rows_per_segment
+            kv_num_blocks = torch.full((1, 1, 1), total_blocks, dtype=torch.int32, device=layer.device)
+            kv_indices = torch.arange(total_blocks, dtype=torch.int32, device=layer.device)[None, None, None, :]
+        else:
+            n_q = rows_per_segment
+            kv_num_blocks, kv_indices = self._segment_blocks(layer, -(-n_q // _FLEX_BLOCK), total_blocks)
+        self.padding = PaddingRows(layer)
+        starts, lengths, positions, logical = layer.offsets, layer.lengths, layer.positions, layer.logical_position
+        row_visible, packed = self.padding.row_visible, self.packed
+        # a tensor, not a Python int: compiled kernels of layers of different sizes then share one graph
+        last_row = torch.tensor(max(n_rows - 1, 0), device=layer.device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            segment = q_idx // rows_per_segment if packed else h
+            start = starts[segment]
+            row = torch.minimum(kv_idx, last_row)  # key blocks may run past the last row: outside every segment
+            entry_pos = positions[row]
+            query_pos = logical - q_len + q_idx % q_len
+            in_use = (kv_idx >= start) & (kv_idx < start + lengths[segment])
+            return in_use & (entry_pos <= query_pos) & row_visible[row]
+
+        self.mask_mod = mask_mod
+        self.block_mask = BlockMask.from_kv_blocks(
+            kv_num_blocks,
+            kv_indices,
+            BLOCK_SIZE=_FLEX_BLOCK,
+            mask_mod=mask_mod,
+            seq_lengths=(n_q, n_rows),
+            compute_q_blocks=False,  # inference only: no backward pass
+        )
+
+    @property
+    def padded(self) -> bool:
+        return self.padding.padded
+
+    @staticmethod
+    def _segment_blocks(layer: RaggedLayer, q_blocks: int, total_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kv_num_blocks` `(1, S, q_blocks)` and `kv_indices` `(1, S, q_blocks, max)` of the per-segment layout."""
+        segments, offsets = layer.num_segments, layer.offsets.long()
+        first = offsets[:-1] // _FLEX_BLOCK
+        last = (offsets[1:] - 1).clamp(min=0) // _FLEX_BLOCK
+        count = torch.where(offsets[1:] > offsets[:-1], last - first + 1, torch.zeros_like(first))
+        max_blocks = max(int(count.max()) if segments else 1, 1)
+        if layer.device.type == "cpu":
+            # inductor's CPU kernel wants block indices spanning the whole key length (only `count` are visited)
+            max_blocks = total_blocks
+        indices = (first[:, None] + torch.arange(max_blocks, device=layer.device)).clamp(max=total_blocks - 1)
+        kv_num_blocks = count.to(torch.int32)[None, :, None].expand(1, segments, q_blocks).contiguous()
+        kv_indices = indices.to(torch.int32)[None, :, None, :].expand(1, segments, q_blocks, max_blocks).contiguous()
+        return kv_num_blocks, kv_indices
+
+
 def flex_plan(layer: RaggedLayer, q_len: int, groups: int) -> FlexPlan:
     """The layer's FlexPlan for `q_len` queries per head and `groups` query heads per KV head (built on first use
     and after the layer's buffers were replaced)."""
@@ -241,7 +260,7 @@ def flex_plan(layer: RaggedLayer, q_len: int, groups: int) -> FlexPlan:
 def step_plan(layer: RaggedLayer, q_len: int, groups: int, attention_mask=None) -> FlexPlan:
     """The layer's plan for this step (reused from step to step), with the padding of `attention_mask` copied in."""
     plan = flex_plan(layer, q_len, groups)
-    plan.refresh_padding(layer, attention_mask)
+    plan.padding.refresh(layer, attention_mask)
     return plan
 
 
@@ -292,19 +311,24 @@ def flex_ragged_attention(
 
 
 def run_ragged_attention(layer: RaggedLayer, query: torch.Tensor, attention_mask, scaling, softcap) -> torch.Tensor:
-    """Attention over `layer` with the chosen backend. On CUDA the compiled FlexAttention serves decoding steps (one
-    query row per head: one shape per layer size); longer forwards (a question) and any failure of the compiled
-    kernel (said once in the log) use the reference path."""
+    """Attention over `layer` with the chosen backend. On CUDA the compiled FlexAttention or the Triton kernel serves
+    decoding steps (one query row per head: one shape per layer size); longer forwards (a question) and any failure
+    of the kernel on CUDA (said once in the log) use the reference path. Off CUDA a failure raises."""
     layer.last_query = query  # what the layer's dense view builds its fake keys from (decoding-time presses)
     backend = ragged_backend(query.device)
-    if backend == "flex" and (query.device.type != "cuda" or query.shape[2] == 1) and not _state.get("flex_failed"):
+    on_cuda = query.device.type == "cuda"
+    if backend in FAST_BACKENDS and (not on_cuda or query.shape[2] == 1) and backend not in _state["failed"]:
         try:
+            if backend == "triton":
+                from kvpress.ragged_triton import triton_ragged_attention
+
+                return triton_ragged_attention(layer, query, attention_mask, scaling, softcap)
             return flex_ragged_attention(layer, query, attention_mask, scaling, softcap)
         except Exception as error:  # noqa: BLE001 - any compile/runtime failure falls back, said once
-            if query.device.type != "cuda":
+            if not on_cuda:
                 raise
-            _state["flex_failed"] = True
-            logger.warning("FlexAttention over the ragged cache failed (%s); using the reference path", error)
+            _state["failed"].add(backend)
+            logger.warning("The %s backend over the ragged cache failed (%s); using the reference path", backend, error)
     return reference_ragged_attention(layer, query, attention_mask, scaling, softcap)
 
 
