@@ -39,7 +39,8 @@ from kvpress.ragged_cache import RaggedLayer
 
 BLOCK_N = 64  # rows of a segment per inner step
 PROGRAMS_PER_SM = 4  # programs with rows to read, per multiprocessor
-MAX_PARTS = 256  # partials of one segment (pass 2 reads them all at once)
+MAX_PARTS = 256  # partials of one segment
+PARTS_BLOCK = 16  # partials pass 2 reads at a time
 MAX_ROWS = 128  # query rows per segment (groups x q_len) the kernels hold in registers
 _kernels: dict[bool, Any] = {}
 
@@ -196,7 +197,8 @@ def triton_ragged_attention(
             output.stride(1),
             D=head_dim,
             D_PAD=d_pad,
-            PARTS_PAD=max(2, 1 << (plan.parts - 1).bit_length()),
+            PARTS_PAD=max(PARTS_BLOCK, 1 << (plan.parts - 1).bit_length()),
+            PARTS_BLOCK=PARTS_BLOCK,
             CHUNK=plan.chunk,
         )
     return output.reshape(bsz, num_heads, q_len, head_dim).transpose(1, 2).contiguous()

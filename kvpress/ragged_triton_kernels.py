@@ -50,7 +50,9 @@ def partial_kernel(
     d = tl.arange(0, D_PAD)
     row_ok = r < ROWS
     d_ok = d < D
-    q = tl.load(Q + seg * stride_qs + r[:, None] * stride_qr + d[None, :], mask=row_ok[:, None] & d_ok[None, :])
+    q = tl.load(
+        Q + seg * stride_qs + r[:, None] * stride_qr + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+    )
     query_pos = tl.load(LOGICAL) - Q_LEN + r % Q_LEN
     m = tl.full([ROWS_PAD], float("-inf"), tl.float32)
     total = tl.full([ROWS_PAD], 0.0, tl.float32)
@@ -112,25 +114,37 @@ def combine_kernel(
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     PARTS_PAD: tl.constexpr,
+    PARTS_BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
     seg = tl.program_id(0)
     r = tl.program_id(1)
     length = tl.load(LEN + seg)
     parts = (length + CHUNK - 1) // CHUNK
-    p = tl.arange(0, PARTS_PAD)
     d = tl.arange(0, D_PAD)
-    valid = p < parts
     d_ok = d < D
-    lse = tl.load(LSE + seg * stride_ls + p * stride_lp + r, mask=valid, other=float("-inf"))
-    top = tl.max(lse, 0)
+    # PARTS_BLOCK partials at a time, in two passes: the largest log-sum-exp, then the weighted sum
+    tops = tl.full([PARTS_BLOCK], float("-inf"), tl.float32)
+    for p0 in range(0, PARTS_PAD, PARTS_BLOCK):
+        p = p0 + tl.arange(0, PARTS_BLOCK)
+        lse = tl.load(LSE + seg * stride_ls + p * stride_lp + r, mask=p < parts, other=float("-inf"))
+        tops = tl.maximum(tops, lse)
+    top = tl.max(tops, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
-    weight = tl.where(valid, tl.exp2(lse - top), 0.0)
-    partial = tl.load(
-        ACC + seg * stride_as + p[:, None] * stride_ap + r * stride_ar + d[None, :],
-        mask=valid[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    norm = tl.sum(weight, 0)
-    out = tl.sum(partial * weight[:, None], 0) / tl.where(norm > 0, norm, 1.0)
+    sums = tl.full([PARTS_BLOCK, D_PAD], 0.0, tl.float32)
+    norms = tl.full([PARTS_BLOCK], 0.0, tl.float32)
+    for p0 in range(0, PARTS_PAD, PARTS_BLOCK):
+        p = p0 + tl.arange(0, PARTS_BLOCK)
+        valid = p < parts
+        lse = tl.load(LSE + seg * stride_ls + p * stride_lp + r, mask=valid, other=float("-inf"))
+        weight = tl.where(valid, tl.exp2(lse - top), 0.0)
+        partial = tl.load(
+            ACC + seg * stride_as + p[:, None] * stride_ap + r * stride_ar + d[None, :],
+            mask=valid[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        sums += partial * weight[:, None]
+        norms += weight
+    norm = tl.sum(norms, 0)
+    out = tl.sum(sums, 0) / tl.where(norm > 0, norm, 1.0)
     tl.store(OUT + seg * stride_os + r * stride_or + d, out.to(OUT.dtype.element_ty), mask=d_ok)

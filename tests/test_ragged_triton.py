@@ -124,3 +124,13 @@ def test_triton_backend_decodes_like_the_reference_backend():
             RaggedCache.detach(model)
         logits[backend] = torch.cat(steps, dim=1)
     torch.testing.assert_close(logits["triton"], logits["reference"], **TOLERANCE)
+
+
+def test_triton_combines_many_parts(monkeypatch):
+    """Segments of over a thousand rows in chunks of 64: pass 2 combines more partials than it reads at once."""
+    monkeypatch.setattr(ragged_triton, "PROGRAMS_PER_SM", 1000)  # the smallest chunk, 64 rows
+    layer = _layer(bsz=1, seq_len=1500, head_dim=16, empty_head=False, seed=3)
+    query = torch.randn(1, layer.num_kv_heads * 2, 1, 16, device=DEVICE)
+    got = triton_ragged_attention(layer, query)
+    assert layer.plans[("triton", 1, 2)].parts > ragged_triton.PARTS_BLOCK
+    torch.testing.assert_close(got, reference_ragged_attention(layer, query), **TOLERANCE)
