@@ -36,6 +36,7 @@ python -c "import sys, torch, transformers; print(sys.version.split()[0], torch.
 # RAGGED_GRAPH=1: also the CUDA-graph loops, in-place (`graph`, Knorm's baseline) and ragged (`ragged_graph`)
 loops=inplace,ragged
 [ "${RAGGED_GRAPH:-0}" = 1 ] && loops=inplace,ragged,graph,ragged_graph
+loops=${SPEED_LOOPS:-$loops}  # SPEED_LOOPS replaces the list (keep Knorm's baseline loop, inplace or graph)
 [ "${SKIP_SPEED:-0}" = 1 ] && repeats=0 || repeats=${SPEED_REPEATS:-1}
 # RAGGED_BACKENDS: the ragged attention backends to time, each in its own runs (default flex; e.g. "flex triton")
 for backend in ${RAGGED_BACKENDS:-flex}; do
