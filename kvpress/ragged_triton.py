@@ -16,7 +16,8 @@ How (flash-decoding over CSR segments):
   power of two) is chosen from the layer's size so that the programs that have rows to read number about
   `PROGRAMS_PER_SM` per multiprocessor, whatever the segments' lengths: a long segment gets many programs, a short
   one few (head-wise presses keep different counts per head). Programs past their segment's length store nothing.
-- Pass 2 (`combine_kernel`), grid `(segments, rows)`: the partials of a row are weighted by their log-sum-exp.
+- Pass 2 (`combine_kernel`), grid `(segments, rows)`: the partials of a row are weighted by their log-sum-exp, and
+  the row is written where transformers' attention output `(batch, query, head, dim)` holds it (no copy after).
   A row that sees nothing (padding) reads zeros, as in the reference path.
 - Visibility, as in the other backends: an entry is read when in use, its logical position is not after the query's
   (causality among new tokens, from the device copy of the logical length) and its padding bit allows it
@@ -146,7 +147,7 @@ def triton_ragged_attention(
     folded = query.reshape(segments, plan.rows, head_dim)
     keys = layer.keys if layer.keys.dtype == query.dtype else layer.keys.to(query.dtype)
     values = layer.values if layer.values.dtype == query.dtype else layer.values.to(query.dtype)
-    output = torch.empty_like(folded)
+    output = query.new_empty(bsz, q_len, num_heads, head_dim)  # the layout transformers' attention returns
     scale = float(scaling) if scaling is not None else head_dim**-0.5
     d_pad = max(16, 1 << (head_dim - 1).bit_length())
     rows_pad = max(16, 1 << (plan.rows - 1).bit_length())
@@ -193,12 +194,16 @@ def triton_ragged_attention(
             plan.acc.stride(2),
             plan.lse.stride(0),
             plan.lse.stride(1),
+            layer.num_kv_heads,
+            groups,
             output.stride(0),
             output.stride(1),
+            output.stride(2),
             D=head_dim,
             D_PAD=d_pad,
+            Q_LEN=q_len,
             PARTS_PAD=max(PARTS_BLOCK, 1 << (plan.parts - 1).bit_length()),
             PARTS_BLOCK=PARTS_BLOCK,
             CHUNK=plan.chunk,
         )
-    return output.reshape(bsz, num_heads, q_len, head_dim).transpose(1, 2).contiguous()
+    return output

@@ -109,10 +109,14 @@ def combine_kernel(
     stride_ar,
     stride_ls,
     stride_lp,
-    stride_os,
-    stride_or,
+    kv_heads,
+    groups,
+    stride_ob,
+    stride_oq,
+    stride_oh,
     D: tl.constexpr,
     D_PAD: tl.constexpr,
+    Q_LEN: tl.constexpr,
     PARTS_PAD: tl.constexpr,
     PARTS_BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -147,4 +151,7 @@ def combine_kernel(
         norms += weight
     norm = tl.sum(norms, 0)
     out = tl.sum(sums, 0) / tl.where(norm > 0, norm, 1.0)
-    tl.store(OUT + seg * stride_os + r * stride_or + d, out.to(OUT.dtype.element_ty), mask=d_ok)
+    # straight into the attention output's (batch, query, head, dim) layout: segment (b, kv head), row (member, query)
+    head = (seg % kv_heads) * groups + r // Q_LEN
+    target = OUT + (seg // kv_heads) * stride_ob + (r % Q_LEN) * stride_oq + head * stride_oh + d
+    tl.store(target, out.to(OUT.dtype.element_ty), mask=d_ok)
