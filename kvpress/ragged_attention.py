@@ -75,14 +75,17 @@ def effective_backend(device: torch.device) -> str:
     return f"reference ({name} failed)" if name in _state["failed"] else name
 
 
-def _visible_by_mask(layer: RaggedLayer, attention_mask, q_len: int, positions: torch.Tensor) -> Optional[torch.Tensor]:
-    """The model's mask `(B or 1, 1, q, W)` read at the entries' logical `positions` `(S, L)`: `(S, q, L)` bool
-    (True = visible), or None when the mask hides nothing beyond causality."""
-    if not isinstance(attention_mask, torch.Tensor):
-        return None
-    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[2] != q_len:
+def allowed_columns(layer: RaggedLayer, attention_mask: torch.Tensor, q_len: Optional[int] = None) -> torch.Tensor:
+    """The model's mask `(B or 1, 1, q, W)` over the layer's logical positions, checked: `(B or 1, q, logical)` bool
+    (True = visible). `q_len`, when given, is the number of query rows the mask must have."""
+    rows = "queries" if q_len is None else q_len
+    if (
+        attention_mask.dim() != 4
+        or attention_mask.shape[1] != 1
+        or (q_len is not None and attention_mask.shape[2] != q_len)
+    ):
         raise ValueError(
-            f"ragged attention takes a (batch, 1, {q_len}, keys) attention mask, got {tuple(attention_mask.shape)}"
+            f"ragged attention takes a (batch, 1, {rows}, keys) attention mask, got {tuple(attention_mask.shape)}"
         )
     width = attention_mask.shape[-1]
     if width < layer.logical_length:
@@ -91,7 +94,15 @@ def _visible_by_mask(layer: RaggedLayer, attention_mask, q_len: int, positions: 
             "it from the cache's get_mask_sizes"
         )
     allowed = attention_mask[:, 0, :, width - layer.logical_length :]
-    allowed = allowed if allowed.dtype == torch.bool else allowed == 0
+    return allowed if allowed.dtype == torch.bool else allowed == 0
+
+
+def _visible_by_mask(layer: RaggedLayer, attention_mask, q_len: int, positions: torch.Tensor) -> Optional[torch.Tensor]:
+    """The model's mask `(B or 1, 1, q, W)` read at the entries' logical `positions` `(S, L)`: `(S, q, L)` bool
+    (True = visible), or None when the mask hides nothing beyond causality."""
+    if not isinstance(attention_mask, torch.Tensor):
+        return None
+    allowed = allowed_columns(layer, attention_mask, q_len)
     segment_batch = torch.arange(layer.num_segments, device=allowed.device) // layer.num_kv_heads
     allowed = allowed[segment_batch] if allowed.shape[0] > 1 else allowed.expand(layer.num_segments, -1, -1)
     # rows out of use may hold stale positions (from before a rollback): clamped, they are hidden anyway
@@ -150,18 +161,7 @@ class PaddingRows:
                 self.row_visible.fill_(True)
                 self.padded = False
             return
-        if attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
-            raise ValueError(
-                f"ragged attention takes a (batch, 1, queries, keys) attention mask, got {tuple(attention_mask.shape)}"
-            )
-        width = attention_mask.shape[-1]
-        if width < layer.logical_length:
-            raise ValueError(
-                f"the attention mask covers {width} positions but the ragged layer holds {layer.logical_length}; "
-                "build it from the cache's get_mask_sizes"
-            )
-        allowed = attention_mask[:, 0, -1, width - layer.logical_length :]
-        allowed = allowed if allowed.dtype == torch.bool else allowed == 0
+        allowed = allowed_columns(layer, attention_mask)[:, -1]
         batch = self.row_batch if allowed.shape[0] > 1 else torch.zeros_like(self.row_batch)
         column = layer.positions.long().clamp(0, max(layer.logical_length - 1, 0))
         self.row_visible.copy_(allowed[batch, column])

@@ -134,3 +134,15 @@ def test_triton_combines_many_parts(monkeypatch):
     got = triton_ragged_attention(layer, query)
     assert layer.plans[("triton", 1, 2)].parts > ragged_triton.PARTS_BLOCK
     torch.testing.assert_close(got, reference_ragged_attention(layer, query), **TOLERANCE)
+
+
+def test_bad_masks_are_refused_by_every_path():
+    layer = _layer(bsz=1, empty_head=False, seed=4)
+    query = torch.randn(1, layer.num_kv_heads, 1, layer.keys.shape[-1], device=DEVICE)
+    short = torch.zeros(1, 1, 1, layer.logical_length - 1, device=DEVICE)
+    flat = torch.zeros(1, layer.logical_length, device=DEVICE)
+    for attend in (triton_ragged_attention, reference_ragged_attention):
+        with pytest.raises(ValueError, match="covers 149 positions but the ragged layer holds 150"):
+            attend(layer, query, short)
+        with pytest.raises(ValueError, match=r"takes a \(batch, 1, .*, keys\) attention mask, got \(1, 150\)"):
+            attend(layer, query, flat)
