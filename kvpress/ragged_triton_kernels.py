@@ -90,11 +90,12 @@ def partial_kernel(
     seen = total > 0
     out = acc / tl.where(seen, total, 1.0)[:, None]
     lse = tl.where(seen, m + tl.log2(tl.where(seen, total, 1.0)), float("-inf"))
-    active = lo < length
+    # a program past its segment's end stores nothing (the mask as a block: Triton's interpreter refuses a scalar one)
+    active = (lo + r * 0) < length
     tl.store(
         ACC + seg * stride_as + part * stride_ap + r[:, None] * stride_ar + d[None, :],
         out,
-        mask=active & row_ok[:, None] & d_ok[None, :],
+        mask=(active & row_ok)[:, None] & d_ok[None, :],
     )
     tl.store(LSE + seg * stride_ls + part * stride_lp + r, lse, mask=active & row_ok)
 
