@@ -120,16 +120,15 @@ class GraphedDecodeStep:
             forward = torch.compile(self._forward, mode=compile_mode, dynamic=False)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        masks = without_mask_building(model) if self.ragged else nullcontext()
-        with masks, torch.no_grad(), torch.cuda.stream(stream):
-            for _ in range(warmup):  # kernels choose their algorithms and allocate their workspaces outside capture
-                forward()
-                cache.rollback(lengths)
-        torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        masks = without_mask_building(model) if self.ragged else nullcontext()
-        with masks, torch.no_grad(), torch.cuda.graph(self.graph):
-            self.logits = forward()
+        with without_mask_building(model) if self.ragged else nullcontext(), torch.no_grad():
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):  # kernels choose their algorithms and allocate workspaces outside capture
+                    forward()
+                    cache.rollback(lengths)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            with torch.cuda.graph(self.graph):
+                self.logits = forward()
         if self.ragged:
             self._check_ragged_capture()
             cache.rollback(lengths, release=True)  # type: ignore[call-arg]

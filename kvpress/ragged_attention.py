@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from kvpress.ragged_cache import RaggedLayer, ragged_layer_of
+from kvpress.ragged_triton import triton_ragged_attention  # imports Triton only when it runs
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def ragged_backend(device: torch.device) -> str:
 
 
 def effective_backend(device: torch.device) -> str:
-    """The backend decoding steps use on `device` ("reference" after a failure of the compiled FlexAttention)."""
+    """The backend decoding steps use on `device` ("reference (<name> failed)" after a failure of flex or triton)."""
     name = ragged_backend(device)
     return f"reference ({name} failed)" if name in _state["failed"] else name
 
@@ -320,8 +321,6 @@ def run_ragged_attention(layer: RaggedLayer, query: torch.Tensor, attention_mask
     if backend in FAST_BACKENDS and (not on_cuda or query.shape[2] == 1) and backend not in _state["failed"]:
         try:
             if backend == "triton":
-                from kvpress.ragged_triton import triton_ragged_attention
-
                 return triton_ragged_attention(layer, query, attention_mask, scaling, softcap)
             return flex_ragged_attention(layer, query, attention_mask, scaling, softcap)
         except Exception as error:  # noqa: BLE001 - any compile/runtime failure falls back, said once
