@@ -3,9 +3,11 @@
 # SPDX-License-Identifier: Apache-2.0
 # Issue 26's GPU runs of the 32k reference model, one part or several per call, from the repository root on the GPU
 # machine: `bash reference/gpu_runs.sh OUT` with any of
-#   POLISH=1   a polish run of reference/model-32k weighted to the uuid needles (reference/train.py, POLISH_S seconds
-#              of budget, default 270), exported, then the held-out check at 8k, 16k and 32k (reference/evaluate.py,
-#              10 rows per task); all of it in OUT/polish.tgz (model/, train logs, heldout_<length>.json);
+#   POLISH=1   a polish run of reference/model-32k (or of the checkpoint POLISH_FROM names) weighted to the uuid
+#              needles (reference/train.py, POLISH_S seconds of budget, default 270; task weights POLISH_WEIGHTS,
+#              default niah_single_uuid=2; learning rate POLISH_LR, default 1.5e-4), exported, then the held-out
+#              check at 8k, 16k and 32k (reference/evaluate.py, 10 rows per task); all of it in OUT/polish.tgz
+#              (model/, train logs, heldout_<length>.json);
 #   QUALITY=1  the quality table at Q_LENGTH tokens (default 32768; `--presses long`, ratios 0.5/0.75/0.9, 5 rows per
 #              task, Q_WORKERS workers, default 14, Q_S seconds, default 420) in OUT/quality/, resumed from
 #              reference/results/model-32k/quality_<length>.json when it is there and of the same checkpoint;
@@ -28,10 +30,11 @@ if [ "${POLISH:-0}" = 1 ]; then
     work=/tmp/polish
     mkdir -p "$work"
     budget=${POLISH_S:-270}
-    timeout $((budget + 90)) python reference/train.py --recipe long32k --init_from reference/model-32k \
-        --output_dir "$work" --no-save_model --start_context_length 32768 --curriculum_steps 0 \
-        --task_weights niah_single_uuid=2 --lr 1.5e-4 --warmup_steps 30 --time_budget_s "$budget" \
-        --eval_reserve_s 75 --eval_lengths 32768 > "$work/train.out" 2>&1
+    start=${POLISH_FROM:-reference/model-32k}
+    timeout $((budget + 90)) python reference/train.py --recipe long32k --init_from "$start" --output_dir "$work" \
+        --no-save_model --start_context_length 32768 --curriculum_steps 0 \
+        --task_weights "${POLISH_WEIGHTS:-niah_single_uuid=2}" --lr "${POLISH_LR:-1.5e-4}" --warmup_steps 30 \
+        --time_budget_s "$budget" --eval_reserve_s 75 --eval_lengths 32768 > "$work/train.out" 2>&1
     echo "polish train rc $?"
     python reference/train.py --resume "$work/resume" --export_to "$work/model" > "$work/export.out" 2>&1
     echo "polish export rc $?"
