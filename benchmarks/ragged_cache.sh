@@ -12,7 +12,8 @@
 #      on the same entries, wall and kernel time per call and the compiled call's host events
 #      (benchmarks/attention_call_overhead.py, in overhead/).
 # Results go to $1 (default benchmark_results/ragged): run1 ... runN (SPEED_REPEATS runs of the speed part, default 1,
-# per ragged backend of RAGGED_BACKENDS, default "flex"; another backend's runs and ratio files end in _<backend>,
+# per ragged backend of RAGGED_BACKENDS, default "triton"; runs and ratio files of a backend other than flex end in
+# _<backend>,
 # one after the other so that drift on the host touches every row alike), longest/ and headwise/, each with
 # results.jsonl and table.txt; decode_ratio.json, every row's decode time against Knorm's (in-place loop, same ratio)
 # over the runs (benchmarks/decode_ratio.py); env.txt (GPU and versions) and log.txt (everything printed). Every file
@@ -38,8 +39,9 @@ loops=inplace,ragged
 [ "${RAGGED_GRAPH:-0}" = 1 ] && loops=inplace,ragged,graph,ragged_graph
 loops=${SPEED_LOOPS:-$loops}  # SPEED_LOOPS replaces the list (keep Knorm's baseline loop, inplace or graph)
 [ "${SKIP_SPEED:-0}" = 1 ] && repeats=0 || repeats=${SPEED_REPEATS:-1}
-# RAGGED_BACKENDS: the ragged attention backends to time, each in its own runs (default flex; e.g. "flex triton")
-for backend in ${RAGGED_BACKENDS:-flex}; do
+# RAGGED_BACKENDS: the ragged attention backends to time, each in its own runs (default triton, what "auto" picks on
+# CUDA; e.g. "triton flex")
+for backend in ${RAGGED_BACKENDS:-triton}; do
     [ "$backend" = flex ] && suffix= || suffix=_$backend
     runs=()
     for run in $(seq 1 "$repeats"); do
@@ -51,14 +53,15 @@ for backend in ${RAGGED_BACKENDS:-flex}; do
             --presses "${SPEED_PRESSES:-knorm:0.5,knorm:0.8,adakv_snapkv:0.5,adakv_snapkv:0.8,expected_attention:0.5,expected_attention:0.8}"
         echo "speed run $run ($backend) rc $?"
     done
-    if [ "$repeats" -gt 0 ]; then
+    # each ratio file needs its baseline loop among the timed ones: inplace for the eager ratio, graph for the other
+    if [ "$repeats" -gt 0 ] && [[ ",$loops," == *,inplace,* ]]; then
         python benchmarks/decode_ratio.py --runs "${runs[@]}" --output "$out/decode_ratio$suffix.json"
         echo "decode ratio ($backend) rc $?"
-        if [ "${RAGGED_GRAPH:-0}" = 1 ]; then  # graph against graph: Knorm replayed from a CUDA graph as the baseline
-            python benchmarks/decode_ratio.py --runs "${runs[@]}" --baseline_loop graph \
-                --output "$out/decode_ratio_graph$suffix.json"
-            echo "decode ratio (graph, $backend) rc $?"
-        fi
+    fi
+    if [ "$repeats" -gt 0 ] && [[ ",$loops," == *,graph,* ]]; then  # Knorm replayed from a CUDA graph as the baseline
+        python benchmarks/decode_ratio.py --runs "${runs[@]}" --baseline_loop graph \
+            --output "$out/decode_ratio_graph$suffix.json"
+        echo "decode ratio (graph, $backend) rc $?"
     fi
 done
 if [ "${SKIP_LONGEST:-0}" != 1 ]; then

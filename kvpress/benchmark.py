@@ -337,6 +337,26 @@ def run_press(
     prefill_chunk_size: Optional[int] = None,
     profile_steps: int = 0,
 ) -> dict[str, Any]:
+    """`measure_press`, leaving `model` attached to no cache whatever it raised: a cache left attached to the model's
+    modules (a loop refused after its conversion, an out-of-memory error) would stay resident through the next row
+    and count in its peaks (seen on an H100: the refused graph loop's 4 GiB in-place copy of AdaKV's masked cache in
+    the next row's prefill and decode peaks)."""
+    try:
+        return measure_press(model, request, input_ids, max_new_tokens, loop, prefill_chunk_size, profile_steps)
+    finally:
+        InPlaceCache.detach(model)
+        RaggedCache.detach(model)
+
+
+def measure_press(
+    model: PreTrainedModel,
+    request: PressRequest,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    loop: str = "dynamic",
+    prefill_chunk_size: Optional[int] = None,
+    profile_steps: int = 0,
+) -> dict[str, Any]:
     """Prefill `input_ids` with the press, then decode greedily; times and memory of both phases.
 
     `loop`: `dynamic` is the copying loop (a DynamicCache that concatenates every step, as upstream), `inplace` the
@@ -435,39 +455,35 @@ def run_press(
     profile = None
     _reset_peak(device)
     start = time.perf_counter()
-    try:
-        with press(model) if decoding else contextlib.nullcontext():
-            if loop in RAGGED_LOOPS:
-                warmup_steps = ragged_warmup(step)
-                if loop == "ragged_graph":
-                    # every row the graph will write, reserved before capture: a growth would replace its buffers
-                    reserve_ragged_rows(decode_cache, max_new_tokens + profile_steps + 4)
-                    if not graphable(model, decode_cache):
-                        raise NotApplicable("the ragged_graph loop needs CUDA and the flex or triton ragged backend")
-                    captured = time.perf_counter()
-                    step_fn = GraphedDecodeStep(model, decode_cache, batch_size=batch)
-                    _sync(device)
-                    capture = time.perf_counter() - captured
-                else:
-                    reserve_ragged_rows(decode_cache, max_new_tokens - 1)  # the timed steps append without growing
+    with press(model) if decoding else contextlib.nullcontext():
+        if loop in RAGGED_LOOPS:
+            warmup_steps = ragged_warmup(step)
+            if loop == "ragged_graph":
+                # every row the graph will write, reserved before capture: a growth would replace its buffers
+                reserve_ragged_rows(decode_cache, max_new_tokens + profile_steps + 4)
+                if not graphable(model, decode_cache):
+                    raise NotApplicable("the ragged_graph loop needs CUDA and the flex or triton ragged backend")
+                captured = time.perf_counter()
+                step_fn = GraphedDecodeStep(model, decode_cache, batch_size=batch)
                 _sync(device)
-                warmup = time.perf_counter() - start
-                _reset_peak(device)  # as for the graph loops, whose capture runs before: the steady decode's peak
-                start = time.perf_counter()
-            compiles = compile_count()
-            _, blocks = timed_steps(step, max_new_tokens - 1, device)
-            decode = time.perf_counter() - start  # from `start`, as before (entering the press's context included)
-            compiles_after = compile_count()
-            peak_decode = _peak(device)
-            after = kv_statistics(decode_cache, model)
-            if profile_steps:
-                # room first, untimed: a profiled step that outran the spare rows would grow every layer (a copy of
-                # the whole cache) and show that copy as its kernels (H100, 2026-12-07: 2.3 of 14.5 ms per step at 32k)
-                reserve_ragged_rows(decode_cache, profile_steps)
-                profile = run_profile(step, profile_steps, device)
-    finally:
-        InPlaceCache.detach(model)
-        RaggedCache.detach(model)
+                capture = time.perf_counter() - captured
+            else:
+                reserve_ragged_rows(decode_cache, max_new_tokens - 1)  # the timed steps append without growing
+            _sync(device)
+            warmup = time.perf_counter() - start
+            _reset_peak(device)  # as for the graph loops, whose capture runs before: the steady decode's peak
+            start = time.perf_counter()
+        compiles = compile_count()
+        _, blocks = timed_steps(step, max_new_tokens - 1, device)
+        decode = time.perf_counter() - start  # from `start`, as before (entering the press's context included)
+        compiles_after = compile_count()
+        peak_decode = _peak(device)
+        after = kv_statistics(decode_cache, model)
+        if profile_steps:
+            # room first, untimed: a profiled step that outran the spare rows would grow every layer (a copy of
+            # the whole cache) and show that copy as its kernels (H100, 2026-12-07: 2.3 of 14.5 ms per step at 32k)
+            reserve_ragged_rows(decode_cache, profile_steps)
+            profile = run_profile(step, profile_steps, device)
     steps = max(1, max_new_tokens - 1)
     return {
         "graph_capture_s": capture,

@@ -230,3 +230,27 @@ def test_the_ragged_warm_up_runs_until_a_step_compiles_nothing(monkeypatch):
     assert bench.ragged_warmup(lambda: calls.append(1)) == bench.RAGGED_MAX_WARMUP_STEPS
     monkeypatch.setattr(bench, "compile_count", lambda: None)  # no counter: the minimum
     assert bench.ragged_warmup(lambda: None) == bench.RAGGED_WARMUP_STEPS
+
+
+def test_a_refused_loop_leaves_no_cache_attached_to_the_model():
+    """The graph loop is refused off CUDA after the in-place conversion: its buffers must not stay attached to the
+    model (they would stay resident through the next row and count in its peaks)."""
+    from kvpress.inplace_cache import InPlaceCache
+    from kvpress.transformers_adapter import cache_kwargs
+    from tests.fixtures import get_model
+
+    model = get_model("llama")
+    ids = torch.randint(3, 100, (1, 48))
+    attached = {"_kvpress_inplace_layer", "_kvpress_ragged_layer"}
+    with pytest.raises(benchmark.NotApplicable, match="graph loop needs CUDA"):
+        benchmark.run_press(model, PressRequest.parse("knorm:0.5"), ids, 4, loop="graph")
+    assert not [name for name, module in model.named_modules() if attached & set(module.__dict__)]
+    # the attribute the check looks for is the one a conversion sets
+    cache = benchmark.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(model, cache))
+    InPlaceCache.from_cache(cache, extra_tokens=2, model=model)
+    try:
+        assert [name for name, module in model.named_modules() if attached & set(module.__dict__)]
+    finally:
+        InPlaceCache.detach(model)

@@ -5,6 +5,8 @@ causality among several new tokens, padding, softcap; and end to end through a m
 with a GPU the kernels compile for it; without one they run on CPU under Triton's interpreter (`tests/conftest.py`
 sets TRITON_INTERPRET=1 before Triton is imported)."""
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -94,6 +96,20 @@ def test_split_size_balances_the_programs():
     assert parts <= ragged_triton.MAX_PARTS and chunk * parts >= 1_000_000
 
 
+def test_auto_picks_triton_on_cuda_when_it_imports(monkeypatch):
+    import kvpress.ragged_attention as ragged_attention
+
+    set_ragged_backend("auto")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ragged_attention.ragged_backend(cpu) == "reference"
+    monkeypatch.setattr(ragged_attention, "triton_importable", lambda: True)
+    assert ragged_attention.ragged_backend(cuda) == "triton"
+    monkeypatch.setattr(ragged_attention, "triton_importable", lambda: False)
+    assert ragged_attention.ragged_backend(cuda) == "flex"  # every CUDA build of torch has FlexAttention
+    set_ragged_backend("flex")
+    assert ragged_attention.ragged_backend(cuda) == "flex"  # a backend asked for by name is kept
+
+
 def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     layer = RaggedLayer(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), torch.ones(1, 1, 4, dtype=torch.bool), 1)
@@ -102,9 +118,10 @@ def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
 
 
 def test_triton_backend_decodes_like_the_reference_backend():
-    """A model's decoding steps over a ragged cache (AdaKV(SnapKV), batch 2): the same logits with either backend."""
-    model = get_model("llama")
-    ids = random_input_ids(2, 40)
+    """A model's decoding steps over a ragged cache (AdaKV(SnapKV), batch 2): the same logits with either backend.
+    On a GPU machine a copy of the shared model runs on the GPU (the triton backend refuses a CPU query there)."""
+    model = get_model("llama") if DEVICE.type == "cpu" else copy.deepcopy(get_model("llama")).to(DEVICE)
+    ids = random_input_ids(2, 40).to(DEVICE)
     logits = {}
     for backend in ("reference", "triton"):
         set_ragged_backend(backend)
@@ -116,8 +133,8 @@ def test_triton_backend_decodes_like_the_reference_backend():
             steps = []
             with torch.no_grad():
                 for step in range(3):
-                    token = torch.tensor([[5 + step], [9 + step]])
-                    position = torch.full((2, 1), 40 + step)
+                    token = torch.tensor([[5 + step], [9 + step]], device=DEVICE)
+                    position = torch.full((2, 1), 40 + step, device=DEVICE)
                     out = model(input_ids=token, position_ids=position, **cache_kwargs(model, ragged))
                     steps.append(out.logits)
         finally:
