@@ -12,7 +12,8 @@ Backends (`set_ragged_backend`, or `KVPRESS_RAGGED_BACKEND`):
   float32; exact, any device. The default on CPU.
 - `"flex"`: FlexAttention over the flat buffer with a block mask built once from the segment offsets (`FlexPlan`;
   appends and evictions change the tensors its mask_mod reads, in place, not the mask); compiled on CUDA, where it
-  is the default when Triton does not import. On CPU it runs unfused (tests use it to check the CUDA path's masks). Two layouts:
+  is the default when Triton does not import. On CPU it runs unfused (tests use it to check the CUDA path's masks).
+  Two layouts:
   - packed (a decoding step: fewer than 128 query rows in all): one query "head" holding every segment's query
     rows, one key "head" (the flat buffer), every block visited once. FlexAttention then runs its decoding kernel,
     which splits the keys across the GPU's multiprocessors (measured on an H100, 8B shape, 32k, AdaKV 0.5: 2.7 ms
