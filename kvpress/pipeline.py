@@ -267,6 +267,7 @@ class KVPressTextGenerationPipeline(Pipeline):
             # press acting during decoding evicts head by head inside the segments (rolled back for each question).
             state = ragged.state()
             try:
+                graph = {"decode_step": self._ragged_graph_step(ragged, decoding, compile_mode)} if cuda_graph else {}
                 with decoding_context:
                     press_snapshot = snapshot_press_state(press, self.model) if decoding else None
                     answers = []
@@ -275,7 +276,9 @@ class KVPressTextGenerationPipeline(Pipeline):
                         if press_snapshot is not None and index > 0:
                             restore_press_state(press_snapshot, self.model)
                         question_ids = question_ids.to(self.model.device)
-                        answers.append(self.generate_answer(question_ids, ragged, context_length, max_new_tokens))
+                        answers.append(
+                            self.generate_answer(question_ids, ragged, context_length, max_new_tokens, **graph)
+                        )
             finally:
                 RaggedCache.detach(self.model)
             return answers
@@ -338,6 +341,23 @@ class KVPressTextGenerationPipeline(Pipeline):
                 restore_cache(cache, context_snapshot)
         return answers
 
+    def _ragged_graph_step(
+        self, ragged: RaggedCache, decoding: bool, compile_mode: Optional[str]
+    ) -> Optional[GraphedDecodeStep]:
+        """The CUDA-graph decoding step over `ragged` (captured once, replayed for every question: the questions'
+        tokens and answers are appended in place, in the spare rows reserved for them), or None, said in the log,
+        where it does not apply."""
+        single = getattr(ragged.layers[0], "batch_size", None) == 1
+        if decoding or not graphable(self.model, ragged) or not single:
+            logger.info(
+                "cuda_graph: not applicable to this ragged cache (no CUDA, a backend other than flex or triton, a "
+                "press acting during decoding, or a batch); decoding without it"
+            )
+            return None
+        if compile_mode is not None:
+            logger.info("compile_mode: the ragged cache's graph step is not compiled (its attention kernel is)")
+        return GraphedDecodeStep(self.model, ragged)
+
     def generate_answer(
         self,
         question_ids: torch.Tensor,
@@ -347,7 +367,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         decode_step: Optional[GraphedDecodeStep] = None,
     ) -> str:
         """Greedy decoding of one answer. The question continues at position `context_length` (logical positions).
-        With `decode_step` (a CUDA graph over an in-place cache), each new token is one graph replay."""
+        With `decode_step` (a CUDA graph over an in-place or ragged cache), each new token is one graph replay."""
         position_ids = torch.arange(context_length, context_length + question_ids.shape[1], device=self.model.device)
         position_ids = position_ids.unsqueeze(0)
         with_cache = cache_kwargs(self.model, cache)

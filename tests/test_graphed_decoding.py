@@ -134,12 +134,61 @@ def test_ragged_graph_tokens_equal_the_eager_ragged_loop(backend):
         set_ragged_backend("auto")
 
 
+@needs_cuda
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_pipeline_ragged_graph_answers_equal_the_eager_ragged_loop(backend, monkeypatch):
+    """`ragged_cache=True, cuda_graph=True`: the step is captured once over the ragged cache and replayed for every
+    token of both questions; the answers are those of the eager ragged loop and of the masking path."""
+    import kvpress.pipeline as pipeline_module
+    from harness.reference_model import REFERENCE_MODEL_DIR
+    from kvpress.ragged_attention import set_ragged_backend
+
+    replays = []
+
+    class CountingStep(GraphedDecodeStep):
+        def __call__(self, token, position_ids):
+            replays.append(1)
+            return super().__call__(token, position_ids)
+
+    monkeypatch.setattr(pipeline_module, "GraphedDecodeStep", CountingStep)
+    model = AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL_DIR, dtype=torch.float32).cuda().eval()
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL_DIR)
+    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer, device="cuda")
+    set_ragged_backend(backend)
+    try:
+        answers = {}
+        for mode in ("masked", "ragged", "ragged_graph"):
+            options = {"ragged_cache": mode != "masked", "cuda_graph": mode == "ragged_graph"}
+            press = AdaKVPress(SnapKVPress(0.5))
+            answers[mode] = pipe(CONTEXT, questions=QUESTIONS, press=press, max_new_tokens=12, **options)["answers"]
+    finally:
+        set_ragged_backend("auto")
+    assert answers["ragged_graph"] == answers["ragged"] == answers["masked"], answers
+    assert len(replays) >= len(QUESTIONS)  # the graph answered (at least one replay per question)
+
+
 if __name__ == "__main__":
     test_graph_answers_equal_the_eager_loops()
     test_compiled_graph_tokens_equal_the_eager_loop()
     test_ragged_graph_tokens_equal_the_eager_ragged_loop("flex")
     test_ragged_graph_tokens_equal_the_eager_ragged_loop("triton")
     print("graph answers equal the eager loops")
+
+
+def test_pipeline_ragged_graph_is_said_not_applicable_off_cuda(caplog):
+    import logging
+
+    from tests.fixtures import get_model, load_tokenizer
+
+    pipe = KVPressTextGenerationPipeline(model=get_model("llama"), tokenizer=load_tokenizer(False), device="cpu")
+    answers = {}
+    with caplog.at_level(logging.INFO, logger="kvpress.pipeline"):
+        for graph in (False, True):
+            press = AdaKVPress(SnapKVPress(0.5))
+            out = pipe(CONTEXT, questions=QUESTIONS, press=press, max_new_tokens=4, ragged_cache=True, cuda_graph=graph)
+            answers[graph] = out["answers"]
+    assert "cuda_graph: not applicable to this ragged cache" in caplog.text
+    assert answers[True] == answers[False]
 
 
 def test_compile_mode_is_checked():
