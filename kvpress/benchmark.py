@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -327,28 +328,26 @@ class NotApplicable(ValueError):
     """A decoding loop that cannot serve this press or model (the row records why)."""
 
 
+def leaves_no_cache_attached(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function(model, ...)`, leaving `model` attached to no cache whatever it raised: a cache left attached to the
+    model's modules (a loop refused after its conversion, an out-of-memory error) would stay resident through the next
+    row and count in its peaks (seen on an H100: the refused graph loop's 4 GiB in-place copy of AdaKV's masked cache
+    in the next row's prefill and decode peaks)."""
+
+    @functools.wraps(function)
+    def wrapper(model: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(model, *args, **kwargs)
+        finally:
+            InPlaceCache.detach(model)
+            RaggedCache.detach(model)
+
+    return wrapper
+
+
 @torch.no_grad()
+@leaves_no_cache_attached
 def run_press(
-    model: PreTrainedModel,
-    request: PressRequest,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    loop: str = "dynamic",
-    prefill_chunk_size: Optional[int] = None,
-    profile_steps: int = 0,
-) -> dict[str, Any]:
-    """`measure_press`, leaving `model` attached to no cache whatever it raised: a cache left attached to the model's
-    modules (a loop refused after its conversion, an out-of-memory error) would stay resident through the next row
-    and count in its peaks (seen on an H100: the refused graph loop's 4 GiB in-place copy of AdaKV's masked cache in
-    the next row's prefill and decode peaks)."""
-    try:
-        return measure_press(model, request, input_ids, max_new_tokens, loop, prefill_chunk_size, profile_steps)
-    finally:
-        InPlaceCache.detach(model)
-        RaggedCache.detach(model)
-
-
-def measure_press(
     model: PreTrainedModel,
     request: PressRequest,
     input_ids: torch.Tensor,
