@@ -31,6 +31,7 @@ check them there against the reference path.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Optional
 
@@ -46,6 +47,7 @@ MAX_ROWS = 128  # query rows per segment (groups x q_len) the kernels hold in re
 _kernels: dict[bool, Any] = {}
 
 
+@functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401

@@ -138,13 +138,14 @@ def test_flex_attention_with_the_plan_matches_the_reference_path(q_len):
         torch.testing.assert_close(flex, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_flex_backend_with_decoding_eviction_matches_the_reference_backend():
-    """DecodingPress over AdaKV evicting while decoding: the flex backend's logits are the reference backend's."""
+def test_fast_backends_with_decoding_eviction_match_the_reference_backend():
+    """DecodingPress over AdaKV evicting while decoding: the flex and triton backends' logits are the reference
+    backend's (triton under Triton's interpreter on CPU)."""
     model = get_model("qwen3")
     ids = random_input_ids(2, 40)
     question = random_input_ids(2, 2, seed=6)
     logits = {}
-    for backend in ("reference", "flex"):
+    for backend in ("reference", "flex", "triton"):
         set_ragged_backend(backend)
         press = DecodingPress(AdaKVPress(SnapKVPress(window_size=2)), compression_interval=2, target_size=24)
         cache = DynamicCache(config=model.config)
@@ -164,6 +165,7 @@ def test_flex_backend_with_decoding_eviction_matches_the_reference_backend():
         assert min(layer.used_rows() for layer in ragged.ragged_layers()) < 2 * 2 * 47  # it evicted
         logits[backend] = torch.stack(steps)
     torch.testing.assert_close(logits["flex"], logits["reference"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits["triton"], logits["reference"], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(
