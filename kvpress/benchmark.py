@@ -45,7 +45,7 @@ from kvpress.decode_profile import profile_steps as run_profile
 from kvpress.decoding_loop import next_greedy_token
 from kvpress.float32_attention import repeat_kv_heads_in_float32
 from kvpress.graphed_decoding import GraphedDecodeStep, graphable
-from kvpress.headwise_masks import clear_masks, get_masks
+from kvpress.headwise_masks import get_masks
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.presses.base_press import BasePress
 from kvpress.ragged_attention import effective_backend
@@ -53,6 +53,7 @@ from kvpress.ragged_cache import (
     RaggedCache,
     RaggedLayer,
     decoding_eviction_problem,
+    forget_applied_masks,
     ragged_problem,
     release_dense_layers,
 )
@@ -420,8 +421,7 @@ def run_press(
             dense_prefill_bytes = stats["kv_bytes"]
             release_dense_layers(cache)
         if not decoding:  # a press evicting while decoding reads its masks back; others need them no more
-            for module in get_language_model(model).layers:
-                clear_masks(module.self_attn)  # applied: the ragged layers hold only the kept entries
+            forget_applied_masks(model)
         del cache
         stats = {
             **kv_statistics(decode_cache, model),

@@ -15,14 +15,13 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress.chunked_prefill import check_chunk_size, chunked_prefill
 from kvpress.graphed_decoding import COMPILE_MODES, GraphedDecodeStep, graphable
-from kvpress.headwise_masks import clear_masks
 from kvpress.inplace_cache import InPlaceCache, can_decode_in_place
 from kvpress.press_state import restore_press_state, snapshot_press_state
 from kvpress.presses.base_press import BasePress
-from kvpress.ragged_cache import RaggedCache, ragged_cache_for
+from kvpress.ragged_cache import RaggedCache, forget_applied_masks, ragged_cache_for
 from kvpress.ragged_prefill import compacts_during_prefill, ragged_prefill
 from kvpress.transformers_adapter import cache_kwargs
-from kvpress.utils import get_language_model, restore_cache, snapshot_cache, write_keys_and_values
+from kvpress.utils import restore_cache, snapshot_cache, write_keys_and_values
 
 logger = logging.getLogger(__name__)
 
@@ -264,9 +263,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         elif ragged_cache:
             ragged = ragged_cache_for(self.model, cache, press if decoding else None, extra + 2, own_cache)
             if ragged is not None and own_cache and not decoding:
-                # applied: the ragged layers hold only the kept entries (a cache the user passed keeps its masks)
-                for layer in get_language_model(self.model).layers:
-                    clear_masks(layer.self_attn)
+                forget_applied_masks(self.model)  # a cache the user passed keeps its masks
         if ragged is not None:
             # Only the entries each head kept are copied (kvpress.ragged_cache); answers are appended in place, and a
             # press acting during decoding evicts head by head inside the segments (rolled back for each question).
@@ -352,8 +349,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         """The CUDA-graph decoding step over `ragged` (captured once, replayed for every question: the questions'
         tokens and answers are appended in place, in the spare rows reserved for them), or None, said in the log,
         where it does not apply."""
-        single = getattr(ragged.layers[0], "batch_size", None) == 1
-        if decoding or not graphable(self.model, ragged) or not single:
+        if decoding or not graphable(self.model, ragged):  # the pipeline's cache holds one context: batch 1
             logger.info(
                 "cuda_graph: not applicable to this ragged cache (no CUDA, a backend other than flex or triton, a "
                 "press acting during decoding, or head-wise masks kept for a cache you passed); decoding without it"

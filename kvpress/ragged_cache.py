@@ -36,7 +36,7 @@ import torch
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
-from kvpress.headwise_masks import attach_mask_sink, detach_mask_sink, masks_as_bool
+from kvpress.headwise_masks import attach_mask_sink, clear_masks, detach_mask_sink, masks_as_bool
 from kvpress.transformers_adapter import CannotCompressError
 
 logger = logging.getLogger(__name__)
@@ -459,6 +459,13 @@ def attention_modules_by_layer(model: torch.nn.Module) -> dict[int, torch.nn.Mod
         if isinstance(layer_idx, int) and hasattr(module, "o_proj"):
             found[layer_idx] = module
     return found
+
+
+def forget_applied_masks(model: torch.nn.Module) -> None:
+    """Drop the head-wise masks of every attention module of `model` once a RaggedCache holds only the kept entries
+    (they are applied; a press that evicts while decoding reads them back, so keep them for one)."""
+    for module in attention_modules_by_layer(model).values():
+        clear_masks(module)
 
 
 def ragged_problem(cache: Cache) -> Optional[str]:
