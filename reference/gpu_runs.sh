@@ -5,7 +5,9 @@
 # machine: `bash reference/gpu_runs.sh OUT` with any of
 #   POLISH=1   a polish run of reference/model-32k (or of the checkpoint POLISH_FROM names) weighted to the uuid
 #              needles (reference/train.py, POLISH_S seconds of budget, default 270; task weights POLISH_WEIGHTS,
-#              default niah_single_uuid=2; learning rate POLISH_LR, default 1.5e-4), exported, then the held-out
+#              default niah_single_uuid=2; learning rate POLISH_LR, default 1.5e-4; the fitted schedule is given
+#              POLISH_MARGIN, default 0.4, of slack so that it ends on its learning rate's floor rather than being cut
+#              off by the budget, as the 0.15 default was at 2275 of 2768 steps), exported, then the held-out
 #              check at 8k, 16k and 32k (reference/evaluate.py, 10 rows per task); all of it in OUT/polish.tgz
 #              (model/, train logs, heldout_<length>.json);
 #   QUALITY=1  the quality table at Q_LENGTH tokens (default 32768; `--presses long`, ratios 0.5/0.75/0.9, 5 rows per
@@ -34,7 +36,8 @@ if [ "${POLISH:-0}" = 1 ]; then
     timeout $((budget + 90)) python reference/train.py --recipe long32k --init_from "$start" --output_dir "$work" \
         --no-save_model --start_context_length 32768 --curriculum_steps 0 \
         --task_weights "${POLISH_WEIGHTS:-niah_single_uuid=2}" --lr "${POLISH_LR:-1.5e-4}" --warmup_steps 30 \
-        --time_budget_s "$budget" --eval_reserve_s 75 --eval_lengths 32768 > "$work/train.out" 2>&1
+        --time_budget_s "$budget" --calibration_margin "${POLISH_MARGIN:-0.4}" --eval_reserve_s 40 \
+        --eval_lengths 32768 --eval_rows 1 > "$work/train.out" 2>&1
     echo "polish train rc $?"
     python reference/train.py --resume "$work/resume" --export_to "$work/model" > "$work/export.out" 2>&1
     echo "polish export rc $?"
