@@ -8,8 +8,8 @@
 #              default niah_single_uuid=2; learning rate POLISH_LR, default 1.5e-4; the fitted schedule is given
 #              POLISH_MARGIN, default 0.4, of slack so that it ends on its learning rate's floor rather than being cut
 #              off by the budget, as the 0.15 default was at 2275 of 2768 steps), exported, then the held-out
-#              check at 8k, 16k and 32k (reference/evaluate.py, 10 rows per task); all of it in OUT/polish.tgz
-#              (model/, train logs, heldout_<length>.json);
+#              check at 8k, 16k and 32k side by side (reference/evaluate.py, 10 rows per task); all of it in
+#              OUT/polish.tgz (model/, train logs, heldout_<length>.json);
 #   QUALITY=1  the quality table at Q_LENGTH tokens (default 32768; `--presses long`, ratios 0.5/0.75/0.9, 5 rows per
 #              task, Q_WORKERS workers, default 14, Q_S seconds, default 420) in OUT/quality/, resumed from
 #              reference/results/model-32k/quality_<length>.json when it is there and of the same checkpoint;
@@ -41,11 +41,13 @@ if [ "${POLISH:-0}" = 1 ]; then
     echo "polish train rc $?"
     python reference/train.py --resume "$work/resume" --export_to "$work/model" > "$work/export.out" 2>&1
     echo "polish export rc $?"
+    # The three lengths at once: the model is small (under 1 GiB of GPU memory at 32k), so they share the GPU.
     for length in 8192 16384 32768; do
-        timeout 100 python reference/evaluate.py --model_dir "$work/model" --context_length "$length" --rows 5 \
+        (timeout 150 python reference/evaluate.py --model_dir "$work/model" --context_length "$length" --rows 5 \
             --output "$work/heldout_$length.json" > "$work/eval_$length.out" 2>&1
-        echo "polish held-out $length rc $?"
+        echo "polish held-out $length rc $?") &
     done
+    wait
     tar czf "$out/polish.tgz" -C "$work" --exclude resume .
     grep -h '"all"\|niah_single' "$work"/heldout_*.json
 fi
