@@ -10,7 +10,7 @@ buffers, the decode loop's spare rows) is measured. This script reads `python -m
 memory size, the longest `T` whose predicted peak fits. The fit is checked against every row (the predicted and the
 measured peak are both printed), so a prediction is only as good as the longest measured row says it is.
 
-    python benchmarks/longest_context.py run/long.jsonl run/c128.jsonl --press knorm --prefill_chunk_size 8192 \
+    python benchmarks/longest_context.py run/long.jsonl run/c128.jsonl --press knorm --prefill_chunk_size 8192 \\
         --ratios 0.5,0.8,0.9 --memory_gib 74.5,139 --output longest_context.json
 
 `--decode_loop` keeps the rows of one decode loop (e.g. `ragged`, whose prefill compacts each layer); the rows that

@@ -10,7 +10,7 @@ Prints a table and writes JSON; the ratios to the eager step are the figures to 
 
     python reference/bench_train.py --new_shapes 20 --output bench_train.json                  # on the GPU machine
     python reference/bench_train.py --new_shapes 20 --cudnn_attention --no_compile --output bench_train_cudnn.json
-    python reference/bench_train.py --device cpu --tiny --lengths 200 --steps 2 --workers 0,1 --loader_seconds 2 \
+    python reference/bench_train.py --device cpu --tiny --lengths 200 --steps 2 --workers 0,1 --loader_seconds 2 \\
         --no_compile --output /tmp/b.json
 """
 

@@ -16,7 +16,7 @@ GPU's free memory (`worker_limit`: about 3 GiB a worker at 32k tokens).
 
 Long contexts (the 32k checkpoint, issue 26: its presses and ratios, both modes, one JSON file per length):
 
-    python reference/quality.py --model_dir reference/model-32k --presses long --ratios 0.5,0.75,0.9 \
+    python reference/quality.py --model_dir reference/model-32k --presses long --ratios 0.5,0.75,0.9 \\
         --context_length 8192 --rows_per_task 5 --workers 12       # then --context_length 32768
     python reference/quality.py --model_dir reference/model-32k --long_table 8192,32768   # the combined table
 """

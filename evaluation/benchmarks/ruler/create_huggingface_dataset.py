@@ -8,7 +8,7 @@ match of the task's question sentence and the answer prefix at the first answer 
 
 Generate the files with RULER's `scripts/data/prepare.py` (base template, 500 samples per task) for one length, then
 
-    python evaluation/benchmarks/ruler/create_huggingface_dataset.py --ruler_dir <dir with {task}/validation.jsonl> \
+    python evaluation/benchmarks/ruler/create_huggingface_dataset.py --ruler_dir <dir with {task}/validation.jsonl> \\
         --context_length 4096 --output ruler_4096.parquet [--push_to_hub <org/name>]
 
 and evaluate the file offline with `--dataset ruler --data_path ruler_4096.parquet`.
