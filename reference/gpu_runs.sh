@@ -7,9 +7,10 @@
 #              needles (reference/train.py, POLISH_S seconds of budget, default 270; task weights POLISH_WEIGHTS,
 #              default niah_single_uuid=2; learning rate POLISH_LR, default 1.5e-4; the fitted schedule is given
 #              POLISH_MARGIN, default 0.4, of slack so that it ends on its learning rate's floor rather than being cut
-#              off by the budget, as the 0.15 default was at 2275 of 2768 steps), exported, then the held-out
-#              check at 8k, 16k and 32k side by side (reference/evaluate.py, 10 rows per task); all of it in
-#              OUT/polish.tgz (model/, train logs, heldout_<length>.json);
+#              off by the budget, as the recipe's 0.05 was at 2275 of 2768 steps; real steps run about 30% over the
+#              calibration's synthetic ones), exported, then the held-out check at 8k, 16k and 32k side by side
+#              (reference/evaluate.py, 10 rows per task); all of it in OUT/polish.tgz (model/, train logs,
+#              heldout_<length>.json);
 #   QUALITY=1  the quality table at Q_LENGTH tokens (default 32768; `--presses long`, ratios 0.5/0.75/0.9, 5 rows per
 #              task, Q_WORKERS workers, default 14, Q_S seconds, default 420) in OUT/quality/, resumed from
 #              reference/results/model-32k/quality_<length>.json when it is there and of the same checkpoint;
