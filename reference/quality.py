@@ -197,6 +197,7 @@ def run_cell(cell: tuple[str, float, str]) -> dict:
             "mode": mode,
             "accuracy": {k: round(v, 2) for k, v in scores.items()},
             "seconds": round(time.time() - started, 1),
+            "device": torch.cuda.get_device_name() if on_cuda else "cpu",  # a table's cells may come from several
             **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)} if on_cuda else {}),
         }
     except Exception as error:  # a press that fails is skipped, with the reason

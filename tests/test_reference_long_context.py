@@ -335,6 +335,27 @@ def test_a_rerun_retries_the_failed_cells_and_a_press_that_fails_waits(tmp_path,
     assert not [key for key, cell in cells.items() if "error" in cell] and len(cells) == 2 + 2 * 2 * 2
 
 
+def test_a_quality_cell_records_its_accuracy_and_the_device_it_ran_on(tokenizer):
+    """A real cell on CPU (the 1k model, two rows of one task): a table's cells may come from several devices, so
+    each says which."""
+    from harness.synthetic.tasks import generate_rows
+    from reference import quality
+
+    rows = generate_rows("niah_single_essay", 2, 600, tokenizer, seed=5)
+    threads = torch.get_num_threads()  # a worker runs one thread
+    quality._init_worker(str(REFERENCE_MODEL_DIR), "cpu", rows)
+    try:
+        cell = quality.run_cell(("no_press", 0.0, "agnostic"))
+        pressed = quality.run_cell(("knorm", 0.5, "aware"))
+    finally:
+        quality._WORKER.clear()
+        torch.set_num_threads(threads)
+    assert cell["device"] == "cpu" and "peak_gpu_gib" not in cell and "error" not in cell
+    assert cell["accuracy"]["niah_single_essay"] == 100.0  # the 1k model finds single needles at 600 tokens
+    assert (pressed["press"], pressed["ratio"], pressed["mode"], pressed["device"]) == ("knorm", 0.5, "aware", "cpu")
+    assert 0.0 <= pressed["accuracy"]["all"] <= 100.0
+
+
 def test_quality_workers_are_capped_by_the_gpu_memory_they_need():
     from reference.quality import is_out_of_memory, worker_bytes, worker_limit
 
