@@ -238,7 +238,9 @@ def table(results: dict, ratios=RATIOS) -> str:
     return f"No compression: {base}\n\n" + "\n".join(lines)
 
 
-def plot(results: dict, path: Path, ratios=RATIOS) -> bool:
+def plot(results: dict, path: Path, ratios=RATIOS, required=REQUIRED) -> bool:
+    """Accuracy against ratio, one panel per mode. A press keeps one colour in both panels, the legend names every
+    press drawn in either, and presses outside `required` (the issue's set of the table) are dashed."""
     try:
         import matplotlib
 
@@ -248,12 +250,14 @@ def plot(results: dict, path: Path, ratios=RATIOS) -> bool:
         logger.warning("matplotlib is not installed: no plot (run again with --plot_only where it is)")
         return False
     cells = results["cells"]
+    drawn = [name for name in results.get("presses", []) if name != "no_press"]
+    palette = plt.get_cmap("tab20" if len(drawn) > 10 else "tab10")
+    colours = {name: palette(i % palette.N) for i, name in enumerate(drawn)}
+    handles: dict = {}
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
     for ax, mode in zip(axes, MODES):
         base = cells.get(cell_key("no_press", 0.0, mode), {}).get("accuracy", {}).get("all")
-        for name in results.get("presses", []):
-            if name == "no_press":
-                continue
+        for name in drawn:
             xs, ys = ([0.0], [base]) if base is not None else ([], [])
             for ratio in ratios:
                 cell = cells.get(cell_key(name, ratio, mode))
@@ -261,16 +265,19 @@ def plot(results: dict, path: Path, ratios=RATIOS) -> bool:
                     xs.append(ratio)
                     ys.append(cell["accuracy"]["all"])
             if len(xs) > 1:
-                required = name in REQUIRED
-                style = dict(linewidth=2, linestyle="-") if required else dict(linewidth=1.2, linestyle="--")
-                ax.plot(xs, ys, marker="o", label=name, **style)
+                style = dict(linewidth=2, linestyle="-") if name in required else dict(linewidth=1.2, linestyle="--")
+                (line,) = ax.plot(xs, ys, marker="o", label=name, color=colours[name], **style)
+                handles.setdefault(name, line)
         ax.set_title(f"question-{mode} ({results['meta']['context_length']} tokens)")
         ax.set_xlabel("compression ratio")
         ax.set_xlim(-0.02, 0.95)
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%), mean over the 9 synthetic tasks")
-    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    ordered = [handles[name] for name in drawn if name in handles]
+    axes[1].legend(
+        ordered, [line.get_label() for line in ordered], fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5)
+    )
     fig.suptitle(
         "kvpress reference model: accuracy against compression ratio (dashed: presses beyond the required set)"
     )
@@ -550,7 +557,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         progress.close()
 
     print(table(results, args.ratios))
-    if plot(results, png_path, args.ratios):
+    required = LONG_PRESSES if args.presses == "long" else REQUIRED
+    if plot(results, png_path, args.ratios, required):
         logger.info("wrote %s and %s", json_path, png_path)
     return results
 

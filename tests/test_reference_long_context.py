@@ -356,6 +356,33 @@ def test_a_quality_cell_records_its_accuracy_and_the_device_it_ran_on(tokenizer)
     assert 0.0 <= pressed["accuracy"]["all"] <= 100.0
 
 
+def test_the_plot_keeps_a_press_colour_in_both_panels_and_names_every_press(tmp_path, monkeypatch):
+    """A press missing from one panel (a table still filling) neither shifts the others' colours nor drops out of the
+    legend; presses outside the table's required set are dashed."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from reference import quality
+
+    cells = {quality.cell_key("no_press", 0.0, mode): {"accuracy": {"all": 90.0}} for mode in quality.MODES}
+    cells[quality.cell_key("pyramidkv", 0.5, "agnostic")] = {"accuracy": {"all": 40.0}}  # the agnostic panel only
+    for mode in quality.MODES:
+        cells[quality.cell_key("snapkv", 0.5, mode)] = {"accuracy": {"all": 30.0}}
+    results = {"meta": {"context_length": 32768}, "presses": ["no_press", "pyramidkv", "snapkv"], "cells": cells}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert quality.plot(results, tmp_path / "plot.png", ratios=(0.5,), required=("snapkv",))
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    agnostic, aware = figures[0].axes[:2]
+    lines = {mode: {line.get_label(): line for line in ax.get_lines()} for mode, ax in (("a", agnostic), ("w", aware))}
+    assert set(lines["a"]) == {"pyramidkv", "snapkv"} and set(lines["w"]) == {"snapkv"}
+    assert lines["a"]["snapkv"].get_color() == lines["w"]["snapkv"].get_color()
+    assert lines["a"]["pyramidkv"].get_color() != lines["a"]["snapkv"].get_color()
+    assert lines["a"]["pyramidkv"].get_linestyle() == "--" and lines["a"]["snapkv"].get_linestyle() == "-"
+    assert [text.get_text() for text in aware.get_legend().get_texts()] == ["pyramidkv", "snapkv"]
+    figures[0].clf()  # the patched close kept the figure
+
+
 def test_quality_workers_are_capped_by_the_gpu_memory_they_need():
     from reference.quality import is_out_of_memory, worker_bytes, worker_limit
 
