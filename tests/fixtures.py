@@ -7,8 +7,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +57,11 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 64, 4, 2, 16, 2
 
 def temp_dir(prefix: str = "kvpress-test-") -> str:
     """A new directory under the system's temporary directory, removed when this test process exits: the cached
-    fixtures (saved models, tokenizers, statistics) outlive any one test, so pytest's `tmp_path` does not fit them."""
-    path = tempfile.mkdtemp(prefix=prefix)
+    fixtures (saved models, tokenizers, statistics) outlive any one test, so pytest's `tmp_path` does not fit them.
+    The random part is hex: `mkdtemp`'s may end in `_`, which runs into the `__` between the parts of an evaluation
+    run's folder name (`<dataset>__<data_dir>__<model>__<press>...`) and makes the name read back wrong."""
+    path = os.path.join(tempfile.gettempdir(), prefix + uuid.uuid4().hex[:16])
+    os.mkdir(path)
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
