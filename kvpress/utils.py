@@ -30,42 +30,35 @@ def _is_phi3(module: nn.Module) -> bool:
     return hasattr(module, "qkv_proj")
 
 
-def get_prerope_query_states(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Queries before RoPE, `(B, H, q_len, d)`, with the Qwen3/Gemma3 per-head norm applied."""
+def _prerope_states(module: nn.Module, hidden_states: torch.Tensor, kind: str) -> torch.Tensor:
+    """Queries (`kind` "q") or keys ("k") before RoPE, `(B, heads, T, d)`, from the module's own projection (Phi-3's
+    fused `qkv_proj` sliced: queries first, then keys), with the Qwen3/Gemma3 per-head norm applied."""
     num_heads = module.config.num_attention_heads
     head_dim = module.head_dim
     if _is_phi3(module):
-        query_states = module.qkv_proj(hidden_states)[..., : num_heads * head_dim]
-    elif hasattr(module, "q_proj"):
-        query_states = module.q_proj(hidden_states)
+        start = 0 if kind == "q" else num_heads * head_dim
+        width = (num_heads if kind == "q" else module.config.num_key_value_heads) * head_dim
+        states = module.qkv_proj(hidden_states)[..., start : start + width]
+    elif hasattr(module, f"{kind}_proj"):
+        states = getattr(module, f"{kind}_proj")(hidden_states)
     else:
         raise NotImplementedError(
-            f"Press not yet implemented for {module.__class__.__name__}: it has neither `q_proj` nor `qkv_proj`."
+            f"Press not yet implemented for {module.__class__.__name__}: it has neither `{kind}_proj` nor `qkv_proj`."
         )
-    query_states = _split_heads(query_states, head_dim)
+    states = _split_heads(states, head_dim)
     if module.__class__.__name__ in _QK_NORM_MODELS:
-        query_states = module.q_norm(query_states)
-    return query_states
+        states = getattr(module, f"{kind}_norm")(states)
+    return states
+
+
+def get_prerope_query_states(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Queries before RoPE, `(B, H, q_len, d)`, with the Qwen3/Gemma3 per-head norm applied."""
+    return _prerope_states(module, hidden_states, "q")
 
 
 def get_prerope_key_states(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """Keys before RoPE, `(B, H_kv, k_len, d)`, with the Qwen3/Gemma3 per-head norm applied."""
-    num_heads = module.config.num_attention_heads
-    num_kv_heads = module.config.num_key_value_heads
-    head_dim = module.head_dim
-    if _is_phi3(module):
-        start = num_heads * head_dim
-        key_states = module.qkv_proj(hidden_states)[..., start : start + num_kv_heads * head_dim]
-    elif hasattr(module, "k_proj"):
-        key_states = module.k_proj(hidden_states)
-    else:
-        raise NotImplementedError(
-            f"Press not yet implemented for {module.__class__.__name__}: it has neither `k_proj` nor `qkv_proj`."
-        )
-    key_states = _split_heads(key_states, head_dim)
-    if module.__class__.__name__ in _QK_NORM_MODELS:
-        key_states = module.k_norm(key_states)
-    return key_states
+    return _prerope_states(module, hidden_states, "k")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from reason.shared import atomic_write_text
+from reason.telemetry import MEMORY_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +43,7 @@ MEAN_KEYS = (
     "total_decoding_tokens",
     "output_tokens_per_second",
     "peak_memory_bytes",
-    "allocated_current",
-    "allocated_peak",
-    "reserved_current",
-    "reserved_peak",
-    "fragmentation",
-    "inactive_split_bytes",
-    "segments",
-    "allocations",
-    "num_alloc_retries",
-    "num_ooms",
+    *MEMORY_KEYS,
 )
 
 

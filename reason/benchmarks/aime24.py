@@ -5,9 +5,8 @@
 Gold: the `answer` column when the data has one, else the boxed answer inside `solution` (the fork compared the
 extracted answer with the whole `solution` text, "\\boxed{204}", which can never match)."""
 
-from reason.answers import extract_answer, last_boxed, math_equal
-from reason.benchmarks import Benchmark, correct
-from reason.benchmarks.prompts import step_by_step
+from reason.answers import last_boxed
+from reason.benchmarks.math_problems import math_benchmark
 
 
 def gold_answer(row: dict) -> str:
@@ -22,14 +21,4 @@ def gold_answer(row: dict) -> str:
     raise ValueError(f'an AIME24 row needs an "answer" or a "solution" with a \\boxed answer, got {solution[-80:]!r}.')
 
 
-BENCHMARK = Benchmark(
-    name="aime24",
-    hub_id="math-ai/aime24",
-    subset=None,
-    split="test",
-    columns=("problem", "solution"),
-    format_prompt=lambda row: step_by_step(row["problem"]),
-    gold_answer=gold_answer,
-    extract=extract_answer,
-    score=lambda extracted, gold: correct(math_equal(extracted, gold)),
-)
+BENCHMARK = math_benchmark("aime24", "math-ai/aime24", columns=("problem", "solution"), gold_answer=gold_answer)

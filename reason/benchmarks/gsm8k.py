@@ -5,9 +5,7 @@
 Gold: the number after the last "####" of `answer`. Scored as numbers (the fork compared strings, so "1,000" and
 "1000", or "42.0" and "42", differed)."""
 
-from reason.answers import extract_answer, math_equal
-from reason.benchmarks import Benchmark, correct
-from reason.benchmarks.prompts import step_by_step
+from reason.benchmarks.math_problems import math_benchmark
 
 
 def gold_answer(row: dict) -> str:
@@ -17,14 +15,6 @@ def gold_answer(row: dict) -> str:
     return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-BENCHMARK = Benchmark(
-    name="gsm8k",
-    hub_id="openai/gsm8k",
-    subset="main",
-    split="test",
-    columns=("question", "answer"),
-    format_prompt=lambda row: step_by_step(row["question"]),
-    gold_answer=gold_answer,
-    extract=extract_answer,
-    score=lambda extracted, gold: correct(math_equal(extracted, gold)),
+BENCHMARK = math_benchmark(
+    "gsm8k", "openai/gsm8k", columns=("question", "answer"), gold_answer=gold_answer, subset="main"
 )

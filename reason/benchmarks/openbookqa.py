@@ -2,32 +2,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """OpenBookQA (allenai/openbookqa, subset main, split test): elementary science, choices A-D."""
 
-from reason.answers import extract_label
-from reason.benchmarks import Benchmark, correct
-from reason.benchmarks.prompts import choices_of, lettered
+from reason.benchmarks.lettered_choice import lettered_choice_benchmark
 
-
-def format_prompt(row: dict) -> str:
-    labels, texts = choices_of(row)
-    return (
-        f"Question:\n{str(row['question_stem']).strip()}\n"
-        f"Choices:\n{lettered(labels, texts)}\n"
-        'Reason step by step, then put the letter of the correct choice within "\\boxed{}".'
-    )
-
-
-def extract(response: str) -> str:
-    return extract_label(response, ("A", "B", "C", "D", "E"))
-
-
-BENCHMARK = Benchmark(
-    name="openbookqa",
-    hub_id="allenai/openbookqa",
-    subset="main",
-    split="test",
-    columns=("question_stem", "choices", "answerKey"),
-    format_prompt=format_prompt,
-    gold_answer=lambda row: str(row["answerKey"]).strip().upper(),
-    extract=extract,
-    score=lambda extracted, gold: correct(extracted.upper() == gold),
-)
+BENCHMARK = lettered_choice_benchmark("openbookqa", "allenai/openbookqa", "main", "test", "question_stem")
