@@ -206,11 +206,12 @@ def hidden_states_by_keyword(kwargs: dict) -> bool:
 
 def replace_inputs(kwargs: dict, **changes: Any) -> dict:
     """A copy of a forward's keyword arguments with `changes` applied (logical names; `cache=` is written under the
-    keyword the forward used). Unknown names raise a TypeError."""
+    keyword the forward used, or the installed transformers' keyword when it had no cache). Unknown names raise a
+    TypeError."""
     updated = dict(kwargs)
     for name, value in changes.items():
         if name == "cache":
-            keyword = next((k for k in CACHE_KEYWORDS if kwargs.get(k) is not None), CACHE_KEYWORDS[1])
+            keyword = next((k for k in CACHE_KEYWORDS if kwargs.get(k) is not None), default_cache_keyword())
             updated[keyword] = value
         elif name in _WRITABLE:
             updated[_WRITABLE[name]] = value

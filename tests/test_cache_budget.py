@@ -38,6 +38,7 @@ from kvpress.presses.scorer_press import POSITIONS, ScorerPress
 from kvpress.presses.snapkv_press import SnapKVPress
 from kvpress.presses.streaming_llm_press import StreamingLLMPress
 from kvpress.presses.tova_press import TOVAPress
+from kvpress.transformers_adapter import cache_kwargs, output_cache
 from tests.fixtures import PAD_ID, attention_modules, compressed_layers, get_model, load_tokenizer, random_input_ids
 from tests.presses.test_ea_stats_qfilter import local_ea_stats_dir, local_qfilters_dir
 
@@ -82,7 +83,7 @@ def record_steps(model, press=None):
     lengths, positions = [], []
 
     def hook(module, args, output):
-        cache = output.past_key_values
+        cache = output_cache(output)
         # the held length (an in-place layer's buffers are larger than what they hold)
         lengths.append([layer.get_seq_length() if layer.keys is not None else 0 for layer in cache.layers])
         if press is not None and isinstance(press, ScorerPress):
@@ -219,7 +220,7 @@ def test_knorm_evicts_the_highest_norm_entries_at_every_step():
         snapshots.append(
             [
                 (layer.keys.clone(), press.layer_state(i).entries[POSITIONS].clone())
-                for i, layer in enumerate(output.past_key_values.layers)
+                for i, layer in enumerate(output_cache(output).layers)
             ]
         )
 
@@ -247,9 +248,11 @@ def run_steps(model, press, input_ids, n_prompt):
     """Prefill `n_prompt` tokens with `press`, then feed the others one by one; the kept positions per layer."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
-        model(input_ids[:, :n_prompt], past_key_values=cache)
+        model(input_ids[:, :n_prompt], **cache_kwargs(model, cache))
         for t in range(n_prompt, input_ids.shape[1]):
-            model(input_ids[:, t : t + 1], past_key_values=cache, position_ids=torch.tensor([[t]] * len(input_ids)))
+            model(
+                input_ids[:, t : t + 1], position_ids=torch.tensor([[t]] * len(input_ids)), **cache_kwargs(model, cache)
+            )
     return {i: state.entries[POSITIONS] for i, state in press.decoding_states.items()}, cache
 
 

@@ -84,12 +84,12 @@ def decode_step_by_step(model, press, prompt_ids, n_new, on_step, cache=None, to
     cache = DynamicCache(config=model.config) if cache is None else cache
     position = prompt_ids.shape[1]
     with torch.no_grad(), press(model):
-        out = model(input_ids=prompt_ids, past_key_values=cache)
+        out = model(input_ids=prompt_ids, **cache_kwargs(model, cache))
         on_step(0, cache)
         for step in range(1, n_new + 1):
             token = out.logits[:, -1:].argmax(dim=-1) if tokens is None else tokens[:, step - 1 : step]
             position_ids = torch.full((prompt_ids.shape[0], 1), position)
-            out = model(input_ids=token, past_key_values=cache, position_ids=position_ids)
+            out = model(input_ids=token, position_ids=position_ids, **cache_kwargs(model, cache))
             position += 1
             on_step(step, cache)
     return cache

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache, StaticCache, pipeline
 
 from kvpress import KeyRerotationPress, KnormPress, KVPressTextGenerationPipeline, RandomPress, StreamingLLMPress
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import get_model, load_tokenizer, saved_model_dir
 
 pytestmark = pytest.mark.core
@@ -21,7 +22,7 @@ def make_pipeline(arch: str = "llama", chat: bool = False) -> KVPressTextGenerat
 def compressed_context_cache(pipe, context_ids, press):
     cache = DynamicCache()
     with press(pipe.model):
-        pipe.model.model(input_ids=context_ids, past_key_values=cache)
+        pipe.model.model(input_ids=context_ids, **cache_kwargs(pipe.model.model, cache))
     return cache
 
 
@@ -170,7 +171,7 @@ def test_generation_stops_at_eos():
 
     def answer(max_new_tokens):
         cache = DynamicCache()
-        model.model(input_ids=context_ids, past_key_values=cache)
+        model.model(input_ids=context_ids, **cache_kwargs(model.model, cache))
         return pipe.generate_answer(question_ids, cache, context_ids.shape[1], max_new_tokens)
 
     first_tokens = answer(6)

@@ -12,6 +12,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 from kvpress import KnormPress, ScorerPress
 from kvpress.presses.base_press import is_prefilling
+from kvpress.transformers_adapter import cache_kwargs, output_cache
 from tests.fixtures import compressed_layers, get_model, is_press_hook, random_input_ids
 
 pytestmark = pytest.mark.core
@@ -47,7 +48,7 @@ def test_hooks_are_removed_when_the_forward_raises():
 
     with pytest.raises(RuntimeError, match="boom"):
         with FailingPress(0.5)(model):
-            model.model(input_ids=random_input_ids(1, 16), past_key_values=DynamicCache())
+            model.model(input_ids=random_input_ids(1, 16), **cache_kwargs(model.model, DynamicCache()))
     assert hook_counts(model) == [0, 0]
 
 
@@ -70,10 +71,10 @@ def test_compresses_inside_the_context_only():
     ids = random_input_ids(2, 50)
     with KnormPress(0.2)(model):
         cache = DynamicCache()
-        model.model(input_ids=ids, past_key_values=cache)
+        model.model(input_ids=ids, **cache_kwargs(model.model, cache))
     assert [layer.keys.shape for layer in cache.layers] == [torch.Size([2, 2, 40, 16])] * 2
     cache = DynamicCache()
-    model.model(input_ids=ids, past_key_values=cache)
+    model.model(input_ids=ids, **cache_kwargs(model.model, cache))
     assert [layer.keys.shape[2] for layer in cache.layers] == [50, 50]
 
 
@@ -82,12 +83,12 @@ def test_decoding_steps_are_not_compressed():
     ids = random_input_ids(1, 40)
     cache = DynamicCache()
     with KnormPress(0.5)(model):
-        model.model(input_ids=ids, past_key_values=cache)
+        model.model(input_ids=ids, **cache_kwargs(model.model, cache))
         assert cache.get_seq_length() == 20
         # A multi-token forward on a non-empty cache (e.g. a question) is not a prefill either.
-        model.model(input_ids=ids[:, :7], past_key_values=cache, position_ids=torch.arange(40, 47)[None])
+        model.model(input_ids=ids[:, :7], position_ids=torch.arange(40, 47)[None], **cache_kwargs(model.model, cache))
         assert cache.get_seq_length() == 27
-        model.model(input_ids=ids[:, :1], past_key_values=cache, position_ids=torch.tensor([[47]]))
+        model.model(input_ids=ids[:, :1], position_ids=torch.tensor([[47]]), **cache_kwargs(model.model, cache))
         assert cache.get_seq_length() == 28
 
 
@@ -105,10 +106,10 @@ def test_model_generate_compresses_the_prompt_only():
             min_new_tokens=n_new,
         )
     # The prompt is halved; each generated token but the last is appended uncompressed.
-    assert out.past_key_values.get_seq_length() == 20 + n_new - 1
+    assert output_cache(out).get_seq_length() == 20 + n_new - 1
     assert out.sequences.shape[1] == 40 + n_new
     without = model.generate(ids, max_new_tokens=n_new, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
-    assert without.past_key_values.get_seq_length() == 40 + n_new - 1
+    assert output_cache(without).get_seq_length() == 40 + n_new - 1
 
 
 def test_is_prefilling_matches_upstream_definition():

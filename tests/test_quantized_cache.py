@@ -9,6 +9,7 @@ from transformers import QuantizedCache
 from transformers.cache_utils import Cache, QuantizedLayer
 
 from kvpress import KnormPress, KVPressTextGenerationPipeline
+from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import extract_keys_and_values, restore_cache, snapshot_cache
 from tests.fixtures import get_model, load_tokenizer, random_input_ids
 
@@ -52,7 +53,7 @@ def test_prefill_compression_writes_into_the_quantized_cache(cache_index):
     cache = caches[cache_index]
     ids = random_input_ids(1, 40)
     with KnormPress(0.5)(model):
-        model.model(input_ids=ids, past_key_values=cache)
+        model.model(input_ids=ids, **cache_kwargs(model.model, cache))
     assert cache.get_seq_length() == 20
     for layer_idx in range(len(cache.layers)):
         keys, values = extract_keys_and_values(cache, layer_idx)
@@ -61,12 +62,12 @@ def test_prefill_compression_writes_into_the_quantized_cache(cache_index):
     # The kept keys are the smallest-norm keys of the full-precision prefill, up to quantization error.
     reference = transformers.DynamicCache()
     with KnormPress(0.5)(model):
-        model.model(input_ids=ids, past_key_values=reference)
+        model.model(input_ids=ids, **cache_kwargs(model.model, reference))
     keys, _ = extract_keys_and_values(cache, 0)
     assert torch.allclose(keys, reference.layers[0].keys, atol=0.1 * reference.layers[0].keys.abs().max().item())
 
     # Decoding keeps working on the compressed quantized cache.
-    model.model(input_ids=ids[:, :6], past_key_values=cache, position_ids=torch.arange(40, 46)[None])
+    model.model(input_ids=ids[:, :6], position_ids=torch.arange(40, 46)[None], **cache_kwargs(model.model, cache))
     assert cache.get_seq_length() == 26
     assert extract_keys_and_values(cache, 0)[0].shape[2] == 26
 
@@ -96,10 +97,10 @@ def _decode_with_budget(model, press, steps: int):
     cache = Int8Cache(model.config.num_hidden_layers)
     input_ids = random_input_ids(1, 16)
     with torch.no_grad(), press(model):
-        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=input_ids, use_cache=True, **cache_kwargs(model, cache)).logits
         for _ in range(steps):
             token = logits[:, -1:].argmax(-1)
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache)).logits
     return [tuple(t.clone() for t in extract_keys_and_values(cache, i)) for i in range(len(cache.layers))]
 
 

@@ -141,6 +141,18 @@ def test_find_cache_reads_every_name():
         find_cache({"kv_cache": cache})
 
 
+def test_replace_inputs_writes_the_cache_where_the_forward_reads_it():
+    """Under the keyword the forward used; with no cache in its kwargs, under the installed release's keyword (a cache
+    written under a name the forward does not read would be swallowed by its **kwargs: nothing compressed)."""
+    old, new = DynamicCache(), DynamicCache()
+    for name in adapter.CACHE_KEYWORDS:
+        updated = adapter.replace_inputs({name: old, "position_ids": None}, cache=new)
+        assert updated[name] is new and find_cache(updated) is new
+    updated = adapter.replace_inputs({"position_ids": None}, cache=new)
+    assert list(updated) == ["position_ids", adapter.default_cache_keyword()]
+    assert adapter.default_cache_keyword() == cache_keyword(get_model("llama"))
+
+
 def test_context_as_a_keyword():
     """`pipe(context=..., question=..., press=...)`, as upstream's docstring and user scripts call it."""
     pipe = make_pipeline()

@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from kvpress import KnormPress, KVPressTextGenerationPipeline, PerLayerCompressionPress
 from kvpress.attention_patch import fit_mask_to_keys
+from kvpress.transformers_adapter import cache_kwargs, output_cache
 from kvpress.utils import restore_cache, snapshot_cache
 from tests.fixtures import get_model, load_tokenizer, random_input_ids
 
@@ -20,16 +21,18 @@ def test_multi_token_forward_equals_token_by_token_on_uneven_layers(attn_impleme
     context, question = random_input_ids(1, 48, seed=1), random_input_ids(1, 5, seed=2)
     cache = DynamicCache()
     with PerLayerCompressionPress(KnormPress(), [0.0, 0.5])(model):
-        model.model(input_ids=context, past_key_values=cache)
+        model.model(input_ids=context, **cache_kwargs(model.model, cache))
     assert [layer.keys.shape[2] for layer in cache.layers] == [48, 24]
 
     snapshot = snapshot_cache(cache)
     positions = torch.arange(48, 53)[None]
-    together = model(input_ids=question, past_key_values=cache, position_ids=positions).logits
+    together = model(input_ids=question, position_ids=positions, **cache_kwargs(model, cache)).logits
     restore_cache(cache, snapshot)
     one_by_one = torch.cat(
         [
-            model(input_ids=question[:, i : i + 1], past_key_values=cache, position_ids=positions[:, i : i + 1]).logits
+            model(
+                input_ids=question[:, i : i + 1], position_ids=positions[:, i : i + 1], **cache_kwargs(model, cache)
+            ).logits
             for i in range(5)
         ],
         dim=1,
@@ -60,7 +63,7 @@ def test_layer_emptied_by_ratio_one_is_not_prefilled_again_during_generate():
             return_dict_in_generate=True,
             pad_token_id=0,
         )
-    cache = out.past_key_values
+    cache = output_cache(out)
     # 4 generated tokens were appended to each layer (the last one is never cached) and none was evicted.
     assert [layer.keys.shape[2] for layer in cache.layers] == [20 + 4, 0 + 4]
 

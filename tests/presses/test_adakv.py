@@ -9,6 +9,7 @@ import torch
 from transformers import AttentionInterface
 
 from kvpress import AdaKVPress, ComposedPress, KnormPress, RandomPress
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, prefill, random_input_ids
 
 REFERENCE_ATTENTION = "kvpress_test_headwise_reference"
@@ -101,7 +102,7 @@ def test_eager_attention_gives_masked_entries_zero_weight(arch):
     masks = {i: _masked_bool(model, i, cache.layers[i].keys.shape[:3]) for i in layers}
 
     with torch.no_grad():
-        out = model(random_input_ids(bsz, 1, seed=3), past_key_values=cache, output_attentions=True)
+        out = model(random_input_ids(bsz, 1, seed=3), output_attentions=True, **cache_kwargs(model, cache))
     for layer_idx in layers:
         weights = out.attentions[layer_idx][:, :, -1, :seq_len]  # (B, H, T) of the new token over the context
         groups = weights.shape[1] // masks[layer_idx].shape[1]
@@ -122,7 +123,7 @@ def test_decoding_step_equals_truly_removing_entries_per_head(arch):
         cache = prefill(model, context, AdaKVPress(RandomPress(0.6, seed=0), alpha_safeguard=0.1))
         masks = {i: _masked_bool(model, i, cache.layers[i].keys.shape[:3]) for i in compressed_layers(model)}
         with torch.no_grad():
-            logits[attn] = model(new_token, past_key_values=cache).logits[:, -1]
+            logits[attn] = model(new_token, **cache_kwargs(model, cache)).logits[:, -1]
 
     reference = copy.deepcopy(get_model(arch))
     reference.set_attn_implementation(REFERENCE_ATTENTION)
@@ -131,7 +132,7 @@ def test_decoding_step_equals_truly_removing_entries_per_head(arch):
     _REMOVED.update(masks)
     try:
         with torch.no_grad():
-            expected = reference(new_token, past_key_values=cache).logits[:, -1]
+            expected = reference(new_token, **cache_kwargs(reference, cache)).logits[:, -1]
     finally:
         _REMOVED.clear()
     with torch.no_grad():
@@ -149,7 +150,7 @@ def test_masks_reset_at_next_prefill_and_persist_during_decoding():
     masks = [m.masked_key_indices for m in modules]
     assert all(mask is not None for mask in masks)
     with torch.no_grad():
-        model(random_input_ids(1, 2, seed=1), past_key_values=cache)  # decoding keeps the masks
+        model(random_input_ids(1, 2, seed=1), **cache_kwargs(model, cache))  # decoding keeps the masks
     assert all(m.masked_key_indices is masks[i] for i, m in enumerate(modules))
     prefill(model, random_input_ids(1, 40, seed=2))  # a new context without press
     assert all(m.masked_key_indices is None for m in modules)

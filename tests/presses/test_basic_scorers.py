@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress import KnormPress, RandomPress, ScorerPress, StreamingLLMPress
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, random_input_ids
 
 pytestmark = pytest.mark.core
@@ -74,7 +75,7 @@ def test_keeps_the_highest_scores_for_every_ratio(ratio):
     press = StoreKnorm(ratio)
     cache = DynamicCache()
     with press(model):
-        model.model(input_ids=random_input_ids(3, 64), past_key_values=cache)
+        model.model(input_ids=random_input_ids(3, 64), **cache_kwargs(model.model, cache))
     n_kept = int(64 * (1 - ratio))
     for layer_idx, layer in enumerate(cache.layers):
         assert layer.keys.shape == (3, 2, n_kept, 16)
@@ -142,7 +143,7 @@ def test_kept_token_counts_on_every_architecture(arch, press_cls):
     for ratio in (0.0, 0.3, 0.5, 0.9):
         cache = DynamicCache()
         with press_cls(ratio)(model):
-            model.model(input_ids=random_input_ids(1, seq_len), past_key_values=cache)
+            model.model(input_ids=random_input_ids(1, seq_len), **cache_kwargs(model.model, cache))
         for layer_idx, layer in enumerate(cache.layers):
             expected = int(seq_len * (1 - ratio)) if layer_idx in compressed else seq_len
             assert layer.keys.shape[2] == expected and layer.values.shape[2] == expected, (arch, ratio, layer_idx)

@@ -14,6 +14,7 @@ from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.scorer_press import ScorerPress, gather_tokens
 from kvpress.presses.snapkv_press import SnapKVPress
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import (
     ARCHITECTURES,
     compressed_layers,
@@ -65,7 +66,7 @@ class FixedScorePress(ScorerPress):
 
 def decode_is_finite(model, cache, bsz=2):
     with torch.no_grad():
-        logits = model(random_input_ids(bsz, 1, seed=99), past_key_values=cache).logits
+        logits = model(random_input_ids(bsz, 1, seed=99), **cache_kwargs(model, cache)).logits
     return bool(torch.isfinite(logits).all())
 
 

@@ -17,6 +17,7 @@ from kvpress.presses.expected_attention_press import ExpectedAttentionPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.presses.snapkv_press import SnapKVPress
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, prefill, random_input_ids
 
 SEQ_LEN = 40
@@ -251,7 +252,7 @@ def test_critical_adakv_masked_entries_get_zero_attention():
     layers = compressed_layers(model)
     masks = {i: masked_bool(attention_modules(model)[i], (2, 2, 48)) for i in layers}
     with torch.no_grad():
-        out = model(random_input_ids(2, 1, seed=6), past_key_values=cache, output_attentions=True)
+        out = model(random_input_ids(2, 1, seed=6), output_attentions=True, **cache_kwargs(model, cache))
     for layer_idx in layers:
         weights = out.attentions[layer_idx][:, :, -1, :48]
         masked = masks[layer_idx].repeat_interleave(2, dim=1)
@@ -316,7 +317,7 @@ def test_criticalkv_on_every_architecture(arch, inner):
             kept = reference_criticalkv_kept(-full_keys.norm(dim=-1), norms, ratio, 0.5, 1e-4)
             assert torch.equal(keys, full_keys.gather(2, kept.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])))
     with torch.no_grad():
-        logits = model(random_input_ids(2, 1, seed=8), past_key_values=cache).logits
+        logits = model(random_input_ids(2, 1, seed=8), **cache_kwargs(model, cache)).logits
     assert torch.isfinite(logits).all()
 
 
@@ -332,7 +333,7 @@ def test_critical_adakv_on_every_architecture(arch, inner):
         masked = masked_bool(attention_modules(model)[layer_idx], (2, num_kv_heads, SEQ_LEN))
         assert masked.sum().item() == 2 * num_kv_heads * (SEQ_LEN - int(SEQ_LEN * (1 - ratio)))
     with torch.no_grad():
-        logits = model(random_input_ids(2, 1, seed=10), past_key_values=cache).logits
+        logits = model(random_input_ids(2, 1, seed=10), **cache_kwargs(model, cache)).logits
     assert torch.isfinite(logits).all()
 
 

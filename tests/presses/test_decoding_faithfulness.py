@@ -24,7 +24,7 @@ from kvpress import (
 )
 from kvpress.presses.decoding_press import DecodingPress
 from kvpress.presses.prefill_decoding_press import PrefillDecodingPress
-from kvpress.transformers_adapter import find_cache
+from kvpress.transformers_adapter import cache_kwargs, find_cache
 from tests.fixtures import compressed_layers, get_model, random_input_ids
 from tests.test_decoding_compression import decode_step_by_step
 
@@ -342,11 +342,13 @@ def test_early_compression_waits_for_the_scorers_observations(base, first_compre
     lengths = []
     with torch.no_grad():
         with press(model):
-            logits = model(random_input_ids(1, 40), past_key_values=cache).logits
+            logits = model(random_input_ids(1, 40), **cache_kwargs(model, cache)).logits
         with press(model):
             token = logits[:, -1:].argmax(-1)
             for step in range(6):
-                logits = model(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[40 + step]])).logits
+                logits = model(
+                    input_ids=token, position_ids=torch.tensor([[40 + step]]), **cache_kwargs(model, cache)
+                ).logits
                 token = logits[:, -1:].argmax(-1)
                 lengths.append(cache.layers[0].keys.shape[2])
     expected = [41 + step if step + 1 < first_compression else None for step in range(6)]

@@ -9,7 +9,7 @@ from transformers import DynamicCache, pipeline
 
 from kvpress import AdaKVPress, KnormPress, RandomPress, ScorerPress, SnapKVPress, StreamingLLMPress
 from kvpress.presses.dms_press import DMSPress
-from kvpress.transformers_adapter import find_cache
+from kvpress.transformers_adapter import cache_kwargs, find_cache, output_cache
 from tests.default_presses import default_presses
 from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, random_input_ids, saved_model_dir
 from tests.test_decoding_compression import decode_step_by_step
@@ -99,7 +99,7 @@ def test_knorm_scores_against_the_keys_themselves():
     model = get_model("llama")
     prompt = random_input_ids(1, 24)
     with torch.no_grad():
-        first = model(prompt, use_cache=True).past_key_values
+        first = output_cache(model(prompt, use_cache=True))
     threshold = float((-first.layers[0].keys.norm(dim=-1)).median())
     press = DMSPress(KnormPress(), threshold=threshold, sliding_window_size=5, decoding=True)
     recorded: dict[int, list] = {0: [], 1: []}
@@ -149,13 +149,13 @@ def test_masked_entries_receive_no_attention():
     attentions = []
     with torch.no_grad(), press(model):
         cache = DynamicCache(config=model.config)
-        model(prompt, past_key_values=cache)
+        model(prompt, **cache_kwargs(model, cache))
         for position in range(16, 20):
             out = model(
                 random_input_ids(1, 1, seed=position),
-                past_key_values=cache,
                 position_ids=torch.tensor([[position]]),
                 output_attentions=True,
+                **cache_kwargs(model, cache),
             )
             attentions.append((position, out.attentions))
     for position, layer_attentions in attentions:

@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from kvpress.presses import duo_attention_press as duo
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.duo_attention_press import DuoAttentionPress, LRUCache, duo_attention_on_the_fly
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import (
     ARCHITECTURES,
     attention_modules,
@@ -67,7 +68,7 @@ def test_streaming_heads_keep_sink_and_recent_retrieval_heads_keep_all(arch, rat
     press = DuoAttentionPress(head_compression_ratio=ratio)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
-        model(random_input_ids(2, SEQ_LEN), past_key_values=cache)
+        model(random_input_ids(2, SEQ_LEN), **cache_kwargs(model, cache))
 
     streaming = expected_streaming(model, ratio)
     assert {tuple(pair) for pair in press.streaming_mask.nonzero().tolist()} == streaming
@@ -97,10 +98,10 @@ def test_masked_entries_get_zero_attention_under_eager(arch, tmp_path, monkeypat
     use_local_pattern(monkeypatch, model, write_pattern(tmp_path / "pattern"))
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), DuoAttentionPress(head_compression_ratio=0.5)(model):
-        model(random_input_ids(1, SEQ_LEN, seed=4), past_key_values=cache)
+        model(random_input_ids(1, SEQ_LEN, seed=4), **cache_kwargs(model, cache))
     masks = [masked_bool(module, (1, 2, SEQ_LEN)) for module in attention_modules(model)]
     with torch.no_grad():
-        out = model(random_input_ids(1, 1, seed=5), past_key_values=cache, output_attentions=True)
+        out = model(random_input_ids(1, 1, seed=5), output_attentions=True, **cache_kwargs(model, cache))
     for layer_idx, mask in enumerate(masks):
         weights = out.attentions[layer_idx][0, :, -1, :SEQ_LEN]  # (H, T): the new token over the context
         masked = mask[0].repeat_interleave(2, dim=0)
@@ -114,7 +115,7 @@ def test_ratio_zero_masks_nothing(tmp_path, monkeypatch):
     use_local_pattern(monkeypatch, model, write_pattern(tmp_path / "pattern"))
     press = DuoAttentionPress()
     with torch.no_grad(), press(model):
-        model(random_input_ids(1, SEQ_LEN), past_key_values=DynamicCache())
+        model(random_input_ids(1, SEQ_LEN), **cache_kwargs(model, DynamicCache()))
     assert not press.streaming_mask.any()
     assert all(module.masked_key_indices is None for module in attention_modules(model))
     assert press.compression_ratio == 0.0
@@ -259,7 +260,7 @@ def test_on_the_fly_press_uses_sink_128_recent_256(monkeypatch):
     press = DuoAttentionPress(head_compression_ratio=0.5, on_the_fly_scoring=True)
     assert press.on_the_fly_dataset == "kmfoda/booksum"  # upstream's texts by default
     with torch.no_grad(), press(model):
-        model(random_input_ids(1, SEQ_LEN), past_key_values=DynamicCache())
+        model(random_input_ids(1, SEQ_LEN), **cache_kwargs(model, DynamicCache()))
     assert (press.sink_size, press.recent_size) == (128, 256)
     lowest = set(np.argsort(scores, axis=None)[:2].tolist())
     assert set(press.streaming_mask.flatten().nonzero().flatten().tolist()) == lowest
@@ -330,7 +331,7 @@ def test_tied_head_scores_pick_the_earliest_heads(tmp_path, monkeypatch):
     use_local_pattern(monkeypatch, model, write_pattern(tmp_path / "pattern", scores=scores))
     press = DuoAttentionPress(head_compression_ratio=0.75)
     with torch.no_grad(), press(model):
-        model(random_input_ids(1, SEQ_LEN), past_key_values=DynamicCache())
+        model(random_input_ids(1, SEQ_LEN), **cache_kwargs(model, DynamicCache()))
     assert {tuple(pair) for pair in press.streaming_mask.nonzero().tolist()} == {(0, 1), (0, 0), (1, 0)}
 
 
@@ -343,7 +344,7 @@ def test_streaming_heads_keep_exactly_sink_and_recent_tokens(length, sink, recen
     use_local_pattern(monkeypatch, model, write_pattern(tmp_path / "pattern", sink=sink, recent=recent))
     press = DuoAttentionPress(head_compression_ratio=0.5)
     with torch.no_grad(), press(model):
-        model(random_input_ids(1, length), past_key_values=DynamicCache())
+        model(random_input_ids(1, length), **cache_kwargs(model, DynamicCache()))
     expected = torch.zeros(length, dtype=torch.bool)
     expected[sink : max(length - recent, sink)] = True
     n_masked = 0

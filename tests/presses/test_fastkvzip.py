@@ -15,6 +15,7 @@ from kvpress.pipeline import KVPressTextGenerationPipeline
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.fastkvzip_press import FastKVzipGate, FastKVzipPress, get_gate_id, load_fastkvzip
 from kvpress.presses.knorm_press import KnormPress
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import (
     attention_modules,
     check_questions_leave_compressed_context,
@@ -200,7 +201,7 @@ def test_head_wise_budgets_prune_the_lowest_scores(arch, layerwise, compression_
         for i in layers:  # sinks and window kept
             assert not masks[i][b, :, : press.n_sink].any() and not masks[i][b, :, seq_len - window :].any()
     with torch.no_grad():
-        out = model(input_ids=random_input_ids(bsz, 1, seed=9), past_key_values=cache)
+        out = model(input_ids=random_input_ids(bsz, 1, seed=9), **cache_kwargs(model, cache))
     assert torch.isfinite(out.logits).all()
 
 
@@ -223,7 +224,9 @@ def test_no_masks_when_the_block_raises():
 
 def run_press_then_fail(model, press):
     with torch.no_grad(), press(model):
-        model.model(input_ids=random_input_ids(1, CONTEXT_LEN), past_key_values=DynamicCache(config=model.config))
+        model.model(
+            input_ids=random_input_ids(1, CONTEXT_LEN), **cache_kwargs(model.model, DynamicCache(config=model.config))
+        )
         raise RuntimeError("boom")
 
 
@@ -270,7 +273,7 @@ def test_gate_scores_stay_float32_with_bfloat16_gates_and_model():
     press = FastKVzipPress(0.5)
     press.gates = random_gates(model, seed=2, dtype=torch.bfloat16)
     with torch.no_grad(), press(model):
-        model(random_input_ids(1, CONTEXT_LEN, seed=3), past_key_values=DynamicCache(config=model.config))
+        model(random_input_ids(1, CONTEXT_LEN, seed=3), **cache_kwargs(model, DynamicCache(config=model.config)))
     scores = torch.stack([press.score_val[layer_idx] for layer_idx in compressed_layers(model)])
     assert scores.dtype == torch.float32
     assert scores.unique().numel() > scores.bfloat16().unique().numel()

@@ -13,6 +13,7 @@ from kvpress.pipeline import KVPressTextGenerationPipeline
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.finch_press import FinchPress
 from kvpress.presses.scorer_press import gather_tokens
+from kvpress.transformers_adapter import cache_kwargs, output_cache
 from kvpress.utils import apply_rope, get_prerope_key_states, rope_cos_sin
 from tests.fixtures import (
     ARCHITECTURES,
@@ -46,10 +47,10 @@ def prefill(model, input_ids, press=None, **model_kwargs):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         if press is None:
-            model(input_ids, past_key_values=cache, **model_kwargs)
+            model(input_ids, **model_kwargs, **cache_kwargs(model, cache))
         else:
             with press(model):
-                model(input_ids, past_key_values=cache, **model_kwargs)
+                model(input_ids, **model_kwargs, **cache_kwargs(model, cache))
     return cache
 
 
@@ -258,7 +259,7 @@ def test_update_model_and_tokenizer_then_pipeline_continues_at_compressed_length
     with torch.no_grad():
         for _ in range(4):
             positions = torch.arange(position, position + tokens.shape[1])[None]
-            logits = model(tokens, past_key_values=cache, position_ids=positions).logits
+            logits = model(tokens, position_ids=positions, **cache_kwargs(model, cache)).logits
             position += tokens.shape[1]
             tokens = logits[:, -1:].argmax(dim=-1)
             generated.append(int(tokens))
@@ -282,7 +283,7 @@ def test_generate_inside_the_press(arch):
     assert out.sequences.shape[1] == with_delimiter.shape[1] + 3
     n_kept = int((N_CONTEXT + N_QUESTION) * 0.5)
     for layer_idx in compressed_layers(model):
-        assert out.past_key_values.layers[layer_idx].keys.shape[2] == n_kept + 2
+        assert output_cache(out).layers[layer_idx].keys.shape[2] == n_kept + 2
 
 
 def test_generate_continues_after_the_rerotated_cache():

@@ -13,7 +13,7 @@ from kvpress.presses.h2o_press import ATTENTION_SUM, OBSERVATIONS, H2OPress
 from kvpress.presses.observed_attention_press import ObservedAttentionPress
 from kvpress.presses.scorer_press import POSITIONS
 from kvpress.timing import EVICTION_LOG_COLUMNS
-from kvpress.transformers_adapter import find_cache, output_cache, replace_inputs
+from kvpress.transformers_adapter import cache_kwargs, find_cache, output_cache, replace_inputs
 from tests.fixtures import HEADS, KV_HEADS, PAD_ID, get_model, prefill, random_input_ids
 
 GROUPS = HEADS // KV_HEADS
@@ -23,10 +23,10 @@ def feed(model, press, input_ids, n_prompt):
     """Prefill `n_prompt` tokens with the press, then feed the rest one token at a time."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
-        model(input_ids[:, :n_prompt], past_key_values=cache)
+        model(input_ids[:, :n_prompt], **cache_kwargs(model, cache))
         for t in range(n_prompt, input_ids.shape[1]):
             position_ids = torch.full((input_ids.shape[0], 1), t)
-            model(input_ids[:, t : t + 1], past_key_values=cache, position_ids=position_ids)
+            model(input_ids[:, t : t + 1], position_ids=position_ids, **cache_kwargs(model, cache))
     return cache
 
 
@@ -155,10 +155,10 @@ def test_evictions_follow_the_lowest_mean_received_attention(tmp_path, attn_impl
     try:
         cache = DynamicCache(config=model.config)
         with torch.no_grad(), press(model):
-            model(input_ids[:, :n_prompt], past_key_values=cache)
+            model(input_ids[:, :n_prompt], **cache_kwargs(model, cache))
             check_step(n_prompt)
             for t in range(n_prompt, n_tokens):
-                model(input_ids[:, t : t + 1], past_key_values=cache, position_ids=torch.tensor([[t]]))
+                model(input_ids[:, t : t + 1], position_ids=torch.tensor([[t]]), **cache_kwargs(model, cache))
                 check_step(1)
     finally:
         for handle in handles:
@@ -182,9 +182,9 @@ def test_recent_tokens_are_always_kept():
     input_ids = random_input_ids(1, 24, seed=2)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
-        model(input_ids[:, :12], past_key_values=cache)
+        model(input_ids[:, :12], **cache_kwargs(model, cache))
         for t in range(12, 24):
-            model(input_ids[:, t : t + 1], past_key_values=cache, position_ids=torch.tensor([[t]]))
+            model(input_ids[:, t : t + 1], position_ids=torch.tensor([[t]]), **cache_kwargs(model, cache))
             for state in press.decoding_states.values():
                 kept = state.entries[POSITIONS][0]
                 assert kept.shape[-1] == 8
@@ -222,7 +222,7 @@ def test_output_attentions_flag(keep):
     with torch.no_grad(), press(model):
         handle = model.model.layers[0].self_attn.register_forward_hook(lambda m, a, out: seen.append(out[1]))
         try:
-            model(random_input_ids(1, 12), past_key_values=DynamicCache())
+            model(random_input_ids(1, 12), **cache_kwargs(model, DynamicCache()))
         finally:
             handle.remove()
     assert (seen[0] is not None) == keep

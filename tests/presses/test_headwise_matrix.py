@@ -17,6 +17,7 @@ from kvpress import (
     LUKVPress,
     SnapKVPress,
 )
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import compressed_layers, get_model, load_tokenizer, random_input_ids
 from tests.presses.test_fastkvzip import RandomGatesFastKVzipPress
 
@@ -75,7 +76,7 @@ def test_headwise_press_masks_the_ratio(arch, ratio, name, tmp_path):
     press = FACTORIES[name](ratio, tmp_path)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
-        model(random_input_ids(2, SEQ_LEN), past_key_values=cache)
+        model(random_input_ids(2, SEQ_LEN), **cache_kwargs(model, cache))
     layers = compressed_layers(model)
     for layer_idx in layers:
         assert cache.layers[layer_idx].keys.shape[2] == SEQ_LEN  # masked, not removed
@@ -89,7 +90,7 @@ def test_duo_attention_masks_streaming_heads(ratio):
     press = MockDuoAttentionPress(head_compression_ratio=ratio)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
-        model(random_input_ids(2, SEQ_LEN), past_key_values=cache)
+        model(random_input_ids(2, SEQ_LEN), **cache_kwargs(model, cache))
     n_heads = 2 * len(compressed_layers(model))
     n_streaming = int(press.streaming_mask.sum())
     assert n_streaming == round(ratio * n_heads) or n_streaming == int(ratio * n_heads)

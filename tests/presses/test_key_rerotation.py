@@ -11,6 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from kvpress import ComposedPress, KeyRerotationPress, KnormPress
 from kvpress.presses.scorer_press import gather_tokens
+from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import apply_rope, get_prerope_key_states, rope_cos_sin
 from tests.fixtures import ARCHITECTURES, SPECIAL_TOKENS, compressed_layers, get_model
 
@@ -73,7 +74,7 @@ def test_press_caches_kept_keys_at_positions_zero_to_n(arch):
 
     full = DynamicCache()
     with torch.no_grad():
-        model(input_ids, past_key_values=full)
+        model(input_ids, **cache_kwargs(model, full))
 
     hidden = {}
 
@@ -84,7 +85,7 @@ def test_press_caches_kept_keys_at_positions_zero_to_n(arch):
     cache = DynamicCache()
     try:
         with torch.no_grad(), KeyRerotationPress(KnormPress(ratio))(model):
-            model(input_ids, past_key_values=cache)
+            model(input_ids, **cache_kwargs(model, cache))
     finally:
         for handle in handles:
             handle.remove()
@@ -110,7 +111,7 @@ def test_ratio_delegation_zero_ratio_and_bad_input():
     model = get_model("llama")
     cache = DynamicCache()
     with torch.no_grad(), press(model):
-        model(_distinct_ids(40), past_key_values=cache)
+        model(_distinct_ids(40), **cache_kwargs(model, cache))
     assert cache.get_seq_length() == 40
     with pytest.raises(TypeError, match="ScorerPress"):
         KeyRerotationPress(ComposedPress([KnormPress(0.5)]))
@@ -159,11 +160,11 @@ def test_generate_inside_the_press_continues_at_the_compressed_length(arch):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         with KeyRerotationPress(KnormPress(ratio))(model):
-            logits = model(input_ids, past_key_values=cache).logits
+            logits = model(input_ids, **cache_kwargs(model, cache)).logits
         expected = [int(logits[0, -1].argmax())]
         for i in range(new_tokens - 1):
             position = torch.tensor([[n_kept + i]])
-            step = model(torch.tensor([[expected[-1]]]), past_key_values=cache, position_ids=position)
+            step = model(torch.tensor([[expected[-1]]]), position_ids=position, **cache_kwargs(model, cache))
             expected.append(int(step.logits[0, -1].argmax()))
     assert cache.get_seq_length() == n_kept + new_tokens - 1
     assert generated == expected

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.kvcompose_press import KVComposePress, MaxAggregator, MeanAggregator, aggregator_by_name
 from kvpress.presses.scorer_press import gather_tokens
+from kvpress.transformers_adapter import cache_kwargs, output_cache
 from tests.fixtures import ARCHITECTURES, attention_modules, compressed_layers, get_model, random_input_ids
 
 SEQ_LEN = 32
@@ -19,7 +20,7 @@ SEQ_LEN = 32
 def plain_cache(model, input_ids):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids, past_key_values=cache)
+        model(input_ids, **cache_kwargs(model, cache))
     return cache
 
 
@@ -31,7 +32,7 @@ def reference_scores(arch, input_ids, prompt=None, add_mean=True, v_norm=False):
     values = [cache.layers[i].values.clone() for i in compressed_layers(model)]
     replay = input_ids if prompt is None else prompt.expand(input_ids.shape[0], -1)
     with torch.no_grad():
-        attentions = model(replay, past_key_values=cache, output_attentions=True).attentions
+        attentions = model(replay, output_attentions=True, **cache_kwargs(model, cache)).attentions
     context_len = input_ids.shape[1]
     scores = []
     for layer_idx, layer_values in zip(compressed_layers(model), values):
@@ -73,7 +74,7 @@ def run_press(model, input_ids, press, prompts=None):
     with torch.no_grad(), press(model):
         if prompts is not None:
             press.register_prompt_ids(prompts)
-        model(input_ids, past_key_values=cache)
+        model(input_ids, **cache_kwargs(model, cache))
         state = {
             "scores": None if press.scores is None else press.scores.clone(),
             "per_head": press.important_per_head,
@@ -202,7 +203,7 @@ def test_every_architecture_structured_and_unstructured(arch):
     lengths = [cache.layers[i].keys.shape[2] for i in layers]
     assert sum(lengths) == int(len(layers) * SEQ_LEN * (1 - ratio))
     with torch.no_grad():
-        out = model(random_input_ids(1, 2, seed=6), past_key_values=cache)
+        out = model(random_input_ids(1, 2, seed=6), **cache_kwargs(model, cache))
     assert torch.isfinite(out.logits).all()
 
     cache, _ = run_press(model, input_ids, KVComposePress(structured=False, compression_ratio=ratio))
@@ -211,7 +212,7 @@ def test_every_architecture_structured_and_unstructured(arch):
     assert all(cache.layers[i].keys.shape[2] == SEQ_LEN for i in layers)
     assert abs(masked / (len(layers) * 2 * SEQ_LEN) - ratio) < 1e-2
     with torch.no_grad():
-        out = model(random_input_ids(1, 2, seed=6), past_key_values=cache)
+        out = model(random_input_ids(1, 2, seed=6), **cache_kwargs(model, cache))
     assert torch.isfinite(out.logits).all()
 
 
@@ -222,7 +223,7 @@ def test_generate_inside_the_press():
     with torch.no_grad(), KVComposePress(compression_ratio=0.5)(model):
         out = model.generate(input_ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape[1] == SEQ_LEN + 3
-    lengths = [layer.keys.shape[2] - 2 for layer in out.past_key_values.layers]
+    lengths = [layer.keys.shape[2] - 2 for layer in output_cache(out).layers]
     assert sum(lengths) == int(2 * SEQ_LEN * 0.5)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from kvpress.presses.adakv_press import AdaKVPress
 from kvpress.presses.kvzap_press import KVzapConfig, KVzapModel, KVzapPress
 from kvpress.presses.scorer_press import gather_tokens
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import (
     ARCHITECTURES,
     HIDDEN,
@@ -177,5 +178,5 @@ def test_kvzap_on_every_architecture(arch):
                 assert cache.layers[layer_idx].keys.shape[2] == 40
                 assert attention_modules(model)[layer_idx].masked_key_indices[0].numel() == 2 * KV_HEADS * 20
         with torch.no_grad():
-            logits = model(random_input_ids(2, 1, seed=5), past_key_values=cache).logits
+            logits = model(random_input_ids(2, 1, seed=5), **cache_kwargs(model, cache)).logits
         assert torch.isfinite(logits).all()

@@ -12,6 +12,7 @@ from kvpress.pipeline import KVPressTextGenerationPipeline
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.kvzip_press import FIRST_CHUNK_PROMPT, NEXT_CHUNK_PROMPT, KVzipPress, headwise_masks
+from kvpress.transformers_adapter import cache_kwargs
 from kvpress.utils import extract_keys_and_values
 from tests.fixtures import (
     attention_modules,
@@ -59,7 +60,9 @@ def reference_scores(arch, context_ids, repeat_ids, start, end, sink, plus=False
     cache = DynamicCache(config=model.config)
     try:
         with torch.no_grad():
-            out = model(torch.cat([context_ids, repeat_ids], dim=1), output_attentions=True, past_key_values=cache)
+            out = model(
+                torch.cat([context_ids, repeat_ids], dim=1), output_attentions=True, **cache_kwargs(model, cache)
+            )
     finally:
         for handle in handles:
             handle.remove()
@@ -187,7 +190,7 @@ def test_head_wise_masks_prune_the_lowest_scores(arch, layerwise, compression_ra
 
     # the compressed cache still decodes, and the masks change the next token's output
     with torch.no_grad():
-        out = model(input_ids=random_input_ids(bsz, 1, seed=7), past_key_values=cache)
+        out = model(input_ids=random_input_ids(bsz, 1, seed=7), **cache_kwargs(model, cache))
     assert torch.isfinite(out.logits).all()
 
 
@@ -200,7 +203,7 @@ def test_masked_entries_get_zero_attention_from_the_next_tokens(arch):
     cache = prefill_base_model(model, press, random_input_ids(bsz, seq_len, seed=8))
     modules = attention_modules(model)
     with torch.no_grad():
-        out = model(random_input_ids(bsz, 2, seed=9), past_key_values=cache, output_attentions=True)
+        out = model(random_input_ids(bsz, 2, seed=9), output_attentions=True, **cache_kwargs(model, cache))
     for layer_idx in compressed_layers(model):
         masked = masked_bool(modules[layer_idx], (bsz, 2, seq_len))
         assert masked.any()
@@ -224,7 +227,7 @@ def test_context_captured_through_the_causal_lm_and_forward_restored():
     press = KVzipPress(compression_ratio=0.5, tokenizer=load_tokenizer(False))
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
-        model(random_input_ids(1, CONTEXT_LEN), past_key_values=cache)  # full model, positional input_ids
+        model(random_input_ids(1, CONTEXT_LEN), **cache_kwargs(model, cache))  # full model, positional input_ids
     assert "forward" not in model.model.__dict__
     assert cache.get_seq_length() == CONTEXT_LEN
     assert all(m.masked_key_indices is not None for m in attention_modules(model))
@@ -236,7 +239,7 @@ def test_no_compression_when_the_block_raises():
     cache = DynamicCache(config=model.config)
     with pytest.raises(RuntimeError, match="boom"):
         with torch.no_grad(), press(model):
-            model.model(input_ids=random_input_ids(1, CONTEXT_LEN), past_key_values=cache)
+            model.model(input_ids=random_input_ids(1, CONTEXT_LEN), **cache_kwargs(model.model, cache))
             raise RuntimeError("boom")
     assert "forward" not in model.model.__dict__
     assert press.score_val is None
@@ -302,12 +305,12 @@ def test_quantized_cache_is_rolled_back_exactly_after_the_repeat_passes():
     compressed = make_caches(model)[-1]  # FP8 where transformers has it (>= 5.3), else the int8 test backend
     press = KVzipPress(compression_ratio=0.5, layerwise=True, tokenizer=load_tokenizer(False))
     with torch.no_grad(), press(model):
-        model.model(input_ids=context_ids, past_key_values=compressed)
+        model.model(input_ids=context_ids, **cache_kwargs(model.model, compressed))
     masks = [module.masked_key_indices for module in attention_modules(model)]
     assert all(mask[0].numel() == int(2 * CONTEXT_LEN * 0.5) for mask in masks)
     plain = make_caches(model)[-1]
     with torch.no_grad():
-        model.model(input_ids=context_ids, past_key_values=plain)
+        model.model(input_ids=context_ids, **cache_kwargs(model.model, plain))
     for layer_idx in range(len(plain.layers)):
         assert compressed.layers[layer_idx].cumulative_length == CONTEXT_LEN
         for got, expected in zip(
@@ -325,13 +328,13 @@ def test_telemetry_counts_the_prefill_and_the_compression_time():
     model = get_model("llama")
     press = KVzipPress(0.5, tokenizer=load_tokenizer(False))
     with torch.no_grad(), press(model):
-        model.model(input_ids=random_input_ids(1, CONTEXT_LEN, seed=3), past_key_values=DynamicCache())
+        model.model(input_ids=random_input_ids(1, CONTEXT_LEN, seed=3), **cache_kwargs(model.model, DynamicCache()))
     assert press.get_timing_metrics()["total_prefill_tokens"] == 0  # latency off: nothing recorded
 
     press.latency = True
     press.reset_timing()
     with torch.no_grad(), press(model):
-        model.model(input_ids=random_input_ids(1, CONTEXT_LEN, seed=3), past_key_values=DynamicCache())
+        model.model(input_ids=random_input_ids(1, CONTEXT_LEN, seed=3), **cache_kwargs(model.model, DynamicCache()))
     metrics = press.get_timing_metrics()
     assert metrics["total_prefill_tokens"] == CONTEXT_LEN and metrics["total_decoding_tokens"] == 0
     assert metrics["prefill_time"] > 0

@@ -22,6 +22,7 @@ from kvpress.presses.lukv_press import (
     load_budget_curve,
 )
 from kvpress.presses.snapkv_press import SnapKVPress
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import (
     ARCHITECTURES,
     attention_modules,
@@ -232,5 +233,5 @@ def test_lukv_on_every_architecture(arch, inner, curve_file):
         masked = masked_bool(attention_modules(model)[layer_idx], (2, 2, seq_len))
         assert (~masked).sum(dim=-1).tolist() == [reference_budgets(curve, ratio, layer_idx, seq_len)] * 2
     with torch.no_grad():
-        logits = model(random_input_ids(2, 1, seed=7), past_key_values=kv_cache).logits
+        logits = model(random_input_ids(2, 1, seed=7), **cache_kwargs(model, kv_cache)).logits
     assert torch.isfinite(logits).all()

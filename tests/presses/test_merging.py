@@ -12,6 +12,7 @@ from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.merging_press import _EPS, MergingPress
 from kvpress.presses.scorer_press import gather_tokens
 from kvpress.presses.snapkv_press import SnapKVPress
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, prefill, random_input_ids
 
 SEQ_LEN = 40
@@ -172,5 +173,5 @@ def test_merging_on_every_architecture(arch, inner):
         merged_somewhere |= not torch.equal(cache.layers[layer_idx].values, plain.layers[layer_idx].values)
     assert merged_somewhere
     with torch.no_grad():
-        logits = model(random_input_ids(2, 1, seed=5), past_key_values=cache).logits
+        logits = model(random_input_ids(2, 1, seed=5), **cache_kwargs(model, cache)).logits
     assert torch.isfinite(logits).all()

@@ -114,10 +114,10 @@ def test_kept_token_counts(arch):
     model, length = get_model(arch, "eager"), 48
     input_ids = random_input_ids(1, length, seed=2)
     with torch.no_grad():
-        full_lengths = [layer.keys.shape[2] for layer in model(input_ids, use_cache=True).past_key_values.layers]
+        full_lengths = [layer.keys.shape[2] for layer in output_cache(model(input_ids, use_cache=True)).layers]
     for ratio in RATIOS:
         with torch.no_grad(), ObservedAttentionPress(ratio)(model):
-            cache = model(input_ids, use_cache=True).past_key_values
+            cache = output_cache(model(input_ids, use_cache=True))
         for layer_idx, layer in enumerate(cache.layers):
             expected = int(length * (1 - ratio)) if layer_idx in compressed_layers(model) else full_lengths[layer_idx]
             assert layer.keys.shape == layer.values.shape == (1, KV_HEADS, expected, HEAD_DIM)
@@ -134,7 +134,7 @@ def test_keeps_the_most_attended_tokens():
             return scores[module.layer_idx][0]
 
     with torch.no_grad(), RecordingPress(0.75)(model):
-        cache = model(input_ids, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids, use_cache=True))
     for layer_idx, (layer_scores, full_keys) in scores.items():
         expected = layer_scores.topk(length // 4, dim=-1).indices.sort(dim=-1).values
         kept = cache.layers[layer_idx].keys
@@ -176,7 +176,7 @@ def test_attention_rows_of_other_queries_are_not_used():
     for handle in handles:
         handle.remove()
     press = ObservedAttentionPress()
-    cache = out.past_key_values
+    cache = output_cache(out)
     for layer, (kwargs, weights) in records.items():
         module = model.model.layers[layer].self_attn
         keys, values = cache.layers[layer].keys, cache.layers[layer].values

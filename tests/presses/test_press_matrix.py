@@ -19,6 +19,7 @@ from kvpress import (
     KnormPress,
     MergingPress,
 )
+from kvpress.transformers_adapter import cache_kwargs
 from tests.default_presses import default_presses, eager_presses
 from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, random_input_ids
 
@@ -39,7 +40,7 @@ def case_id(case):
 def prefill(model, press, seq_len=SEQ_LEN, batch_size=1):
     cache = DynamicCache(config=model.config)
     with press(model):
-        model.model(input_ids=random_input_ids(batch_size, seq_len), past_key_values=cache)
+        model.model(input_ids=random_input_ids(batch_size, seq_len), **cache_kwargs(model.model, cache))
     return cache
 
 
@@ -155,5 +156,7 @@ def test_eager_presses(arch, entry):
         for layer_idx in compressed_layers(model):
             assert cache.layers[layer_idx].keys.shape[2] == int(SEQ_LEN * (1 - kwargs["compression_ratio"]))
         # and the compressed cache still decodes
-        out = model(input_ids=random_input_ids(1, 1), past_key_values=cache, position_ids=torch.tensor([[SEQ_LEN]]))
+        out = model(
+            input_ids=random_input_ids(1, 1), position_ids=torch.tensor([[SEQ_LEN]]), **cache_kwargs(model, cache)
+        )
         assert torch.isfinite(out.logits).all()

@@ -22,6 +22,7 @@ from kvpress.presses.restorekv_press import (
     default_restore_repo,
     peft_required_by_transformers,
 )
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import (
     attention_modules,
     check_questions_leave_compressed_context,
@@ -106,11 +107,11 @@ def test_restore_tokens_appended_with_the_adapter_and_never_masked(layerwise):
     reference.disable_adapters()
     ref_cache = DynamicCache(config=reference.config)
     with torch.no_grad():
-        reference.model(input_ids=context_ids, past_key_values=ref_cache)
+        reference.model(input_ids=context_ids, **cache_kwargs(reference.model, ref_cache))
         reference.enable_adapters()
         embeddings = press.restore_embeddings.unsqueeze(0)
         positions = torch.arange(CONTEXT_LEN, CONTEXT_LEN + N_RESTORE).unsqueeze(0)
-        reference.model(inputs_embeds=embeddings, past_key_values=ref_cache, position_ids=positions)
+        reference.model(inputs_embeds=embeddings, position_ids=positions, **cache_kwargs(reference.model, ref_cache))
     for layer, ref_layer in zip(cache.layers, ref_cache.layers):
         assert layer.keys.shape[2] == CONTEXT_LEN + N_RESTORE
         torch.testing.assert_close(layer.keys, ref_layer.keys)

@@ -18,6 +18,7 @@ from kvpress.presses.rkv_lsh_press import (
 from kvpress.presses.rkv_press import RKVPress, key_cosine_similarity, redundancy_from_similarity
 from kvpress.presses.scorer_press import POSITIONS
 from kvpress.timing import EVICTION_LOG_COLUMNS
+from kvpress.transformers_adapter import output_cache
 from kvpress.utils import get_language_model
 from tests.fixtures import (
     ARCHITECTURES,
@@ -170,7 +171,7 @@ def test_cache_grows_by_compress_interval_then_returns_to_the_budget():
     assert press.budget_buffer == 3
     lengths = []
     handle = model.model.register_forward_hook(
-        lambda m, a, out: lengths.append([layer.keys.shape[2] for layer in out.past_key_values.layers])
+        lambda m, a, out: lengths.append([layer.keys.shape[2] for layer in output_cache(out).layers])
     )
     try:
         with torch.no_grad(), press(model):

@@ -11,6 +11,7 @@ from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from kvpress.presses.simlayerkv_press import SimLayerKVPress
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, random_input_ids
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
@@ -83,7 +84,8 @@ def test_lazy_layer_keeps_initial_and_recent_tokens_non_lazy_layer_untouched():
     n_initial, n_recent, n_last, seq_len = 2, 6, 3, 40
     input_ids = random_input_ids(1, seq_len, seed=7)
     with torch.no_grad():
-        reference = get_model("llama", "eager")(input_ids, output_attentions=True, past_key_values=DynamicCache())
+        eager = get_model("llama", "eager")
+        reference = eager(input_ids, output_attentions=True, **cache_kwargs(eager, DynamicCache()))
     scores = []
     for attentions in reference.attentions:
         before = attentions[:, :, -n_last:, : seq_len - n_last].mean(dim=(0, 1, 2))
@@ -96,9 +98,9 @@ def test_lazy_layer_keeps_initial_and_recent_tokens_non_lazy_layer_untouched():
     plain, cache = DynamicCache(), DynamicCache()
     press = SimLayerKVPress(lazy_threshold=threshold, n_last=n_last, n_recent=n_recent, n_initial=n_initial)
     with torch.no_grad():
-        model(input_ids, past_key_values=plain)
+        model(input_ids, **cache_kwargs(model, plain))
         with press(model):
-            model(input_ids, past_key_values=cache)
+            model(input_ids, **cache_kwargs(model, cache))
 
     kept = list(range(n_initial)) + list(range(seq_len - n_recent, seq_len))
     for layer_idx in range(2):
@@ -124,12 +126,12 @@ def test_every_layer_lazy_at_threshold_zero(arch):
     input_ids = random_input_ids(2, seq_len, seed=1)
     plain = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids, past_key_values=plain)
+        model(input_ids, **cache_kwargs(model, plain))
     for n_initial, n_recent, n_last in [(1, 1, 1), (4, 8, 2)]:
         cache = DynamicCache(config=model.config)
         press = SimLayerKVPress(lazy_threshold=0.0, n_last=n_last, n_recent=n_recent, n_initial=n_initial)
         with torch.no_grad(), press(model):
-            model(input_ids, past_key_values=cache)
+            model(input_ids, **cache_kwargs(model, cache))
         kept = list(range(n_initial)) + list(range(seq_len - n_recent, seq_len))
         layers = compressed_layers(model)
         for layer_idx in layers:
@@ -137,7 +139,7 @@ def test_every_layer_lazy_at_threshold_zero(arch):
         assert len(press.compression_ratios) == len(layers)
         assert press.compression_ratio == pytest.approx((seq_len - n_initial - n_recent) / seq_len)
         with torch.no_grad():
-            out = model(random_input_ids(2, 1, seed=2), past_key_values=cache)
+            out = model(random_input_ids(2, 1, seed=2), **cache_kwargs(model, cache))
         assert torch.isfinite(out.logits).all()
 
 
@@ -151,7 +153,7 @@ def test_disabled_short_sequences_and_ratio_bookkeeping(caplog):
     for _ in range(2):  # the per-layer record restarts at each prefill
         cache = DynamicCache(config=model.config)
         with torch.no_grad(), press(model):
-            model(random_input_ids(1, 30), past_key_values=cache)
+            model(random_input_ids(1, 30), **cache_kwargs(model, cache))
         assert press.compression_ratios == [0.0]
         assert cache.layers[1].keys.shape[2] == 30
 
@@ -159,7 +161,7 @@ def test_disabled_short_sequences_and_ratio_bookkeeping(caplog):
     cache = DynamicCache(config=model.config)
     with caplog.at_level(logging.WARNING, logger="kvpress.presses.simlayerkv_press"):
         with torch.no_grad(), short(model):
-            model(random_input_ids(1, 13), past_key_values=cache)
+            model(random_input_ids(1, 13), **cache_kwargs(model, cache))
     assert "shorter than n_initial + n_recent + n_last = 13" in caplog.text
     assert cache.layers[1].keys.shape[2] == 13
     assert short.compression_ratio == 0.0

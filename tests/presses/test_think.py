@@ -13,6 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 from kvpress.presses.composed_press import ComposedPress
 from kvpress.presses.knorm_press import KnormPress
 from kvpress.presses.think_press import ThinKPress
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import ARCHITECTURES, compressed_layers, get_model, prefill, random_input_ids
 
 RECORDING_ATTENTION = "kvpress_test_think_recording"
@@ -52,7 +53,7 @@ def test_zeroed_channels_equal_direct_computation(arch):
     _RECORDED.clear()
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), ThinKPress(key_channel_compression_ratio=ratio, window_size=window)(model):
-        model(random_input_ids(2, seq_len, seed=3), past_key_values=cache)
+        model(random_input_ids(2, seq_len, seed=3), **cache_kwargs(model, cache))
 
     for layer_idx in compressed_layers(model):
         query, key = _RECORDED[layer_idx]
@@ -125,13 +126,13 @@ def test_runs_alone_and_composed_on_every_architecture(arch):
     ]:
         cache = DynamicCache(config=model.config)
         with torch.no_grad(), press(model):
-            model(input_ids, past_key_values=cache)
+            model(input_ids, **cache_kwargs(model, cache))
         for layer_idx in compressed_layers(model):
             keys = cache.layers[layer_idx].keys
             assert keys.shape[2] == expected_length
             assert ((keys[:, :, :-2] == 0).all(dim=2).sum(dim=-1) >= int(16 * 0.5)).all()  # the window stays whole
         with torch.no_grad():
-            out = model(random_input_ids(1, 1, seed=1), past_key_values=cache)
+            out = model(random_input_ids(1, 1, seed=1), **cache_kwargs(model, cache))
         assert torch.isfinite(out.logits).all()
 
 
@@ -140,9 +141,9 @@ def test_ratio_zero_leaves_the_cache_and_compression_ratio_is_half_the_channel_r
     input_ids = random_input_ids(1, 30)
     plain, pressed = DynamicCache(), DynamicCache()
     with torch.no_grad():
-        model(input_ids, past_key_values=plain)
+        model(input_ids, **cache_kwargs(model, plain))
         with ThinKPress(0.0)(model):
-            model(input_ids, past_key_values=pressed)
+            model(input_ids, **cache_kwargs(model, pressed))
     for layer_plain, layer_pressed in zip(plain.layers, pressed.layers):
         torch.testing.assert_close(layer_pressed.keys, layer_plain.keys, atol=0, rtol=0)
 

@@ -23,6 +23,7 @@ from kvpress import (
     StreamingLLMPress,
 )
 from kvpress.presses.scorer_press import gather_tokens
+from kvpress.transformers_adapter import cache_kwargs
 from tests.fixtures import compressed_layers, get_model, prefill, random_input_ids, record_layers
 
 
@@ -189,9 +190,9 @@ def test_per_layer_generate_continues_with_different_layer_lengths():
         out = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
-            past_key_values=cache,
             max_new_tokens=4,
             do_sample=False,
+            **cache_kwargs(model, cache),
         )
     assert out.shape == (2, 68)
     assert [layer.keys.shape[2] for layer in cache.layers] == [32 + 3, 48 + 3]
