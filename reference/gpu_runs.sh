@@ -12,8 +12,10 @@
 #              (reference/evaluate.py, 10 rows per task); all of it in OUT/polish.tgz (model/, train logs,
 #              heldout_<length>.json);
 #   QUALITY=1  the quality table at Q_LENGTH tokens (default 32768; `--presses long`, ratios 0.5/0.75/0.9, 5 rows per
-#              task, Q_WORKERS workers, default 14, Q_S seconds, default 420) in OUT/quality/, resumed from
-#              reference/results/model-32k/quality_<length>.json when it is there and of the same checkpoint;
+#              task, Q_WORKERS workers, default 14, a deadline of Q_S seconds, default 420, at which running cells
+#              are stopped: KVzip cells at 32k did not finish in 215 s on an H100 shared by 15 workers) in
+#              OUT/quality/, resumed from reference/results/model-32k/quality_<length>.json when it is there and of
+#              the same checkpoint;
 #   NEEDLE=1   the benchmark's needle sweep (float32, 8k/16k/32k at depths 5/50/95%, N_SAMPLES needles per cell,
 #              default 10, both question modes, the ten presses at 0.5 and the full cache) in OUT/needle/, resumed
 #              from reference/results/model-32k/needle_sweep/needle.jsonl when it is there, capped at N_S seconds

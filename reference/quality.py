@@ -320,7 +320,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=2000, help="seed of the held-out rows")
     parser.add_argument("--device", default=None)
     parser.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model")
-    parser.add_argument("--time_budget_s", type=float, default=None, help="stop starting cells after this long")
+    parser.add_argument(
+        "--time_budget_s",
+        type=float,
+        default=None,
+        help="seconds: with --workers above 1 a deadline (cells still running then are stopped and left for a later "
+        "run); in one process, no cell starts after it",
+    )
     parser.add_argument("--plot_only", action="store_true", help="only print the table and draw the plot")
     parser.add_argument(
         "--long_table",
