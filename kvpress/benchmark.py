@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import math
+import os
 import platform
 import statistics
 import sys
@@ -745,7 +746,10 @@ def _read_needle_rows(path: Path) -> dict[tuple, dict]:
     for row in rows:
         done.setdefault(needle_key(row), row)
     if text and (not text.endswith("\n") or len(done) != len([line for line in text.splitlines() if line.strip()])):
-        path.write_text("".join(json.dumps(row) + "\n" for row in done.values()))
+        # rewritten beside the file, then moved over it: a kill while rewriting cannot lose the finished cells
+        rewritten = path.with_name(f".{path.name}.rewrite")
+        rewritten.write_text("".join(json.dumps(row) + "\n" for row in done.values()))
+        os.replace(rewritten, path)
     return done
 
 

@@ -45,14 +45,15 @@ def cuda_evaluation_attention() -> None:
 
 def write_report(path, report: dict) -> dict:
     """Write a script's JSON report to `path` (a str or Path; parent folders are created; None writes nothing) and
-    return the report."""
+    return the report. The file is replaced atomically: a run killed while writing (the GPU runs' `timeout`) leaves
+    the previous version, never a truncated one that a resumed run could not read."""
     import json
+
+    from harness.results import atomic_write_text
 
     if path is None:
         return report
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(Path(path), json.dumps(report, indent=1) + "\n")
     return report
 
 

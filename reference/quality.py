@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from harness.reference_model import REFERENCE_MODEL_32K_DIR, REFERENCE_MODEL_DIR, TRAINED_CONTEXT_LENGTH
+from reference import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -527,7 +528,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     logger.warning(
                         "press %s fails; its other cells wait for a later run: %s", result["press"], result["error"]
                     )
-            json_path.write_text(json.dumps(results, indent=1) + "\n")
+            write_report(json_path, results)  # atomic: a kill while writing loses no cell
 
         from tqdm import tqdm
 

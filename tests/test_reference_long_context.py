@@ -335,6 +335,35 @@ def test_a_rerun_retries_the_failed_cells_and_a_press_that_fails_waits(tmp_path,
     assert not [key for key, cell in cells.items() if "error" in cell] and len(cells) == 2 + 2 * 2 * 2
 
 
+def test_a_run_killed_while_writing_the_table_keeps_every_finished_cell(tmp_path, monkeypatch):
+    """The table is the run's resume state: a kill in the middle of rewriting it (the GPU runs end under `timeout`)
+    must leave the previous version, not a truncated file that the next run cannot read."""
+    import os
+
+    from reference import quality
+
+    def fake_run_cell(cell):
+        name, ratio, mode = cell
+        return {"press": name, "ratio": ratio, "mode": mode, "accuracy": {"all": 10.0 * ratio}}
+
+    monkeypatch.setattr(quality, "run_cell", fake_run_cell)
+    argv = ["--model_dir", str(REFERENCE_MODEL_DIR), "--output_dir", str(tmp_path), "--presses", "snapkv"]
+    argv += ["--context_length", "300", "--rows_per_task", "1", "--device", "cpu"]
+    quality.main(argv + ["--ratios", "0.5"])
+    table = tmp_path / "quality_300.json"
+    before = table.read_text()
+    assert len(json.loads(before)["cells"]) == 2 + 2  # the full cache and snapkv at 0.5, both modes
+
+    def killed(fd):  # the signal lands once part of the new table is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        quality.main(argv + ["--ratios", "0.5,0.9"])
+    assert table.read_text() == before
+    assert sorted(path.name for path in tmp_path.iterdir() if path.suffix != ".png") == ["quality_300.json"]
+
+
 def test_a_quality_cell_records_its_accuracy_and_the_device_it_ran_on(tokenizer):
     """A real cell on CPU (the 1k model, two rows of one task): a table's cells may come from several devices, so
     each says which."""
