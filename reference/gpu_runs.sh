@@ -44,6 +44,10 @@ if [ "${POLISH:-0}" = 1 ]; then
     echo "polish train rc $?"
     python reference/train.py --resume "$work/resume" --export_to "$work/model" > "$work/export.out" 2>&1
     echo "polish export rc $?"
+    # Packed now and again after the held-out check (each time whole, then moved into place): a call cut short
+    # during the check still returns the model.
+    pack() { tar czf "$work.tgz" -C "$work" --exclude resume . && mv "$work.tgz" "$out/polish.tgz"; }
+    pack
     # The three lengths at once: the model is small (under 1 GiB of GPU memory at 32k), so they share the GPU.
     for length in 8192 16384 32768; do
         (timeout 150 python reference/evaluate.py --model_dir "$work/model" --context_length "$length" --rows 5 \
@@ -51,7 +55,7 @@ if [ "${POLISH:-0}" = 1 ]; then
         echo "polish held-out $length rc $?") &
     done
     wait
-    tar czf "$out/polish.tgz" -C "$work" --exclude resume .
+    pack
     grep -h '"all"\|niah_single' "$work"/heldout_*.json
 fi
 
