@@ -57,6 +57,7 @@ def reference_redundancy(similarity: torch.Tensor, threshold: float) -> torch.Te
     return out
 
 
+@torch.no_grad()  # the logits come from the model's weights; the reference needs no graph
 def reference_rkv_scores(logits: torch.Tensor, keys: torch.Tensor, window: int, kernel: int, lam: float, threshold):
     """R-KV's scores of the candidates `(B, H_kv, T - w)` as the authors' reference code defines them, written with
     loops: importance from the group maximum of the raw window logits softmaxed over the candidates, averaged over
