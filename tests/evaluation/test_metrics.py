@@ -194,6 +194,31 @@ def test_loogle_generation_metrics():
     assert metrics["meteor"] == pytest.approx(0.996 / 2)
 
 
+def test_loogle_meteor_without_wordnet_warns_and_missing_nltk_data_raises(monkeypatch, caplog):
+    """Without WordNet, METEOR runs on exact words and stems and says so; NLTK data missing in the middle of scoring
+    raises instead of scoring the row 0."""
+    import nltk.corpus
+
+    from evaluation.benchmarks.loogle import calculate_metrics as loogle
+
+    class NotInstalled:  # what nltk's lazy loader does when the data is missing
+        def ensure_loaded(self):
+            raise LookupError("Resource wordnet not found.")
+
+    monkeypatch.setattr(nltk.corpus, "wordnet", NotInstalled())
+    with caplog.at_level("WARNING", logger=loogle.logger.name):
+        stand_in = loogle._wordnet()
+    assert stand_in.synsets("cat") == [] and "no synonyms" in caplog.text
+    assert loogle.meteor("the cat sat", "the cat sat", stand_in) > 0.9
+
+    class BrokenWordNet:
+        def synsets(self, word, pos=None):
+            raise LookupError("Resource omw-1.4 not found.")
+
+    with pytest.raises(LookupError, match="omw-1.4"):
+        loogle.meteor("the cat sat", "a dog ran", BrokenWordNet())
+
+
 # -- ZeroSCROLLS ----------------------------------------------------------------------------------------------------
 def test_zero_scrolls_private_test_set_has_no_score():
     df = frame(task=["qasper", "quality"], answer=["", ""], predicted_answer=["x", "A"])

@@ -39,7 +39,10 @@ def _wordnet():
         wordnet.ensure_loaded()
         return wordnet
     except LookupError:
-        logger.info("WordNet data is not installed: METEOR matches exact words and stems only (no synonyms).")
+        logger.warning(
+            "WordNet data is not installed: METEOR matches exact words and stems only (no synonyms), so it can score "
+            "lower than upstream's; install it with `python -m nltk.downloader wordnet` for comparable numbers."
+        )
         return _NoSynonyms()
 
 
@@ -87,7 +90,7 @@ def meteor(reference: str, hypothesis: str, wordnet=None) -> float:
                 _unique_in_order(_words(reference)), _unique_in_order(_words(hypothesis)), wordnet=wordnet
             )
         )
-    except (ZeroDivisionError, ValueError, LookupError):
+    except (ZeroDivisionError, ValueError):  # undefined (e.g. an empty hypothesis); missing NLTK data raises
         return 0.0
 
 
